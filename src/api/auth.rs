@@ -1,0 +1,160 @@
+//! Bearer-token authentication and scopes.
+//!
+//! Three kinds of token: the manager token (routes, sessions, workers), the
+//! worker bootstrap token (registration only), and per-worker tokens issued at
+//! registration (that worker's own endpoints only). A per-worker token names its
+//! worker (`apw.<id>.<secret>`); the store keeps only its SHA-256.
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Who is calling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Manager,
+    Bootstrap,
+    Worker(Uuid),
+}
+
+pub fn sha256(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn same_secret(given: &str, expected: &str) -> bool {
+    sha256(given).ct_eq(&sha256(expected)).into()
+}
+
+/// A fresh per-worker token and its hash.
+pub fn issue_worker_token(worker_id: Uuid) -> (String, [u8; 32]) {
+    let secret: [u8; 32] = rand::random();
+    let token = format!(
+        "apw.{}.{}",
+        worker_id.simple(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let hash = sha256(&token);
+    (token, hash)
+}
+
+/// Identifies the caller from `Authorization: Bearer …`.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
+    let header = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <token>"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header is not a bearer token"))?;
+    if same_secret(token, state.tokens.manager.expose()) {
+        return Ok(Caller::Manager);
+    }
+    if same_secret(token, state.tokens.worker.expose()) {
+        return Ok(Caller::Bootstrap);
+    }
+    if let Some(worker_id) = token
+        .strip_prefix("apw.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(id, _)| Uuid::try_parse(id).ok())
+    {
+        let stored = state.store.worker_token_hash(worker_id).await?;
+        if let Some(stored) = stored
+            && bool::from(sha256(token).as_slice().ct_eq(stored.as_slice()))
+        {
+            return Ok(Caller::Worker(worker_id));
+        }
+    }
+    Err(ApiError::unauthorized("the token is not valid"))
+}
+
+/// The manager token.
+pub struct ManagerOnly;
+
+impl FromRequestParts<AppState> for ManagerOnly {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match authenticate(parts, state).await? {
+            Caller::Manager => Ok(ManagerOnly),
+            _ => Err(ApiError::forbidden("this endpoint needs the manager token")),
+        }
+    }
+}
+
+/// The worker bootstrap token.
+pub struct BootstrapOnly;
+
+impl FromRequestParts<AppState> for BootstrapOnly {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match authenticate(parts, state).await? {
+            Caller::Bootstrap => Ok(BootstrapOnly),
+            _ => Err(ApiError::forbidden(
+                "registration needs the worker bootstrap token",
+            )),
+        }
+    }
+}
+
+/// The token of the worker named by the `{id}` path segment.
+pub struct WorkerSelf(pub Uuid);
+
+/// The manager token, or the token of the worker named by `{id}`.
+pub struct WorkerSelfOrManager(pub Caller);
+
+async fn path_worker(parts: &mut Parts, state: &AppState) -> Result<Uuid, ApiError> {
+    let Path(id) = Path::<Uuid>::from_request_parts(parts, state).await?;
+    Ok(id)
+}
+
+impl FromRequestParts<AppState> for WorkerSelf {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, state).await?;
+        let id = path_worker(parts, state).await?;
+        match caller {
+            Caller::Worker(w) if w == id => Ok(WorkerSelf(id)),
+            _ => Err(ApiError::forbidden(
+                "this endpoint needs the token of the worker it names",
+            )),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for WorkerSelfOrManager {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, state).await?;
+        let id = path_worker(parts, state).await?;
+        match caller {
+            Caller::Manager => Ok(WorkerSelfOrManager(caller)),
+            Caller::Worker(w) if w == id => Ok(WorkerSelfOrManager(caller)),
+            _ => Err(ApiError::forbidden(
+                "this endpoint needs the manager token or the token of the worker it names",
+            )),
+        }
+    }
+}
+
+/// Any valid token (the handler decides what it may see).
+pub struct AnyCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AnyCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state).await.map(AnyCaller)
+    }
+}

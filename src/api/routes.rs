@@ -1,0 +1,205 @@
+//! Route, session and lookup endpoints (manager token).
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::{AnyCaller, Caller, ManagerOnly};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
+use crate::domain::{Route, RoutePatch, RouteSpec};
+use crate::store::{RouteFilter, Upserted};
+
+fn created(route: Route) -> Response {
+    let location = format!("/routes/{}", route.id);
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(route),
+    )
+        .into_response()
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiJson(spec): ApiJson<RouteSpec>,
+) -> Result<Response, ApiError> {
+    let route = state
+        .store
+        .create_route(Uuid::now_v7(), spec, Utc::now())
+        .await?;
+    Ok(created(route))
+}
+
+pub async fn upsert(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(spec): ApiJson<RouteSpec>,
+) -> Result<Response, ApiError> {
+    Ok(
+        match state.store.upsert_route(id, spec, Utc::now()).await? {
+            Upserted::Created(route) => created(route),
+            Upserted::Updated(route) | Upserted::Unchanged(route) => json(StatusCode::OK, route),
+        },
+    )
+}
+
+pub async fn patch(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(patch): ApiJson<RoutePatch>,
+) -> Result<Response, ApiError> {
+    let route = state.store.patch_route(id, patch, Utc::now()).await?;
+    Ok(json(StatusCode::OK, route))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, state.store.get_route(id).await?))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_route(id, Utc::now()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    session_id: Option<Uuid>,
+    endpoint_id: Option<Uuid>,
+    worker_id: Option<Uuid>,
+    service: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<Uuid>,
+}
+
+/// A page of routes.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RouteList {
+    pub items: Vec<Route>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+pub const DEFAULT_PAGE: u32 = 100;
+pub const MAX_PAGE: u32 = 1000;
+
+pub async fn list(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!("limit must be 1..={MAX_PAGE}")));
+    }
+    let filter = RouteFilter {
+        session_id: q.session_id,
+        endpoint_id: q.endpoint_id,
+        worker_id: q.worker_id,
+        service: q.service,
+    };
+    let page = state.store.list_routes(&filter, limit, q.cursor).await?;
+    Ok(json(
+        StatusCode::OK,
+        RouteList {
+            items: page.items,
+            next_cursor: page.next_cursor.map(|c| c.to_string()),
+        },
+    ))
+}
+
+/// Every route of one session.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SessionRoutes {
+    pub items: Vec<Route>,
+}
+
+pub async fn session_routes(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(session_id): ApiPath<Uuid>,
+) -> Result<Response, ApiError> {
+    let filter = RouteFilter {
+        session_id: Some(session_id),
+        ..RouteFilter::default()
+    };
+    let mut items = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = state.store.list_routes(&filter, MAX_PAGE, cursor).await?;
+        items.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    Ok(json(StatusCode::OK, SessionRoutes { items }))
+}
+
+/// How many routes a session deletion removed.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Deleted {
+    pub deleted: u64,
+}
+
+pub async fn delete_session(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiPath(session_id): ApiPath<Uuid>,
+) -> Result<Response, ApiError> {
+    let deleted = state.store.delete_session(session_id, Utc::now()).await?;
+    Ok(json(StatusCode::OK, Deleted { deleted }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupQuery {
+    worker_id: Uuid,
+    port: Option<u16>,
+    subdomain: Option<String>,
+}
+
+/// Resolves a worker's frontend to its route: the manager, or the worker itself.
+pub async fn lookup(
+    State(state): State<AppState>,
+    AnyCaller(caller): AnyCaller,
+    ApiQuery(q): ApiQuery<LookupQuery>,
+) -> Result<Response, ApiError> {
+    match caller {
+        Caller::Manager => {}
+        Caller::Worker(w) if w == q.worker_id => {}
+        _ => {
+            return Err(ApiError::forbidden(
+                "lookup needs the manager token or the token of the worker it names",
+            ));
+        }
+    }
+    if q.port.is_some() == q.subdomain.is_some() {
+        return Err(ApiError::invalid("give exactly one of port and subdomain"));
+    }
+    let route = state
+        .store
+        .lookup(q.worker_id, q.port, q.subdomain.as_deref())
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => {
+                ApiError::not_found("no route on that worker's frontend")
+            }
+            e => e.into(),
+        })?;
+    Ok(json(StatusCode::OK, route))
+}

@@ -1,0 +1,123 @@
+//! Worker endpoints: registration (bootstrap token), heartbeats (the worker's
+//! own token), listing and removal (manager token, or the worker itself).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::{
+    BootstrapOnly, ManagerOnly, WorkerSelf, WorkerSelfOrManager, issue_worker_token,
+};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
+use crate::domain::{Revision, Route, Worker, WorkerRegistration, WorkerStatus};
+use crate::store::Removal;
+
+/// Answer to a registration: the worker, its token, and its routes as of `revision`.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Registration {
+    pub worker: Worker,
+    /// Bearer token for this worker's own endpoints; replaces any earlier one.
+    pub token: String,
+    pub revision: Revision,
+    pub routes: Vec<Route>,
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    _: BootstrapOnly,
+    ApiJson(registration): ApiJson<WorkerRegistration>,
+) -> Result<Response, ApiError> {
+    let mut token = String::new();
+    let registered = state
+        .store
+        .register_worker(registration, Utc::now(), |id| {
+            let (issued, hash) = issue_worker_token(id);
+            token = issued;
+            hash
+        })
+        .await?;
+    let status = if registered.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    tracing::info!(worker = %registered.worker.id, name = %registered.worker.name, created = registered.created, "worker registered");
+    Ok(json(
+        status,
+        Registration {
+            worker: registered.worker,
+            token,
+            revision: registered.revision,
+            routes: registered.routes,
+        },
+    ))
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The last revision the worker has applied.
+    #[serde(default)]
+    pub acked_revision: Revision,
+}
+
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HeartbeatAck {
+    pub status: WorkerStatus,
+    /// The coordinator's current revision.
+    pub revision: Revision,
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    WorkerSelf(id): WorkerSelf,
+    ApiJson(beat): ApiJson<Heartbeat>,
+) -> Result<Response, ApiError> {
+    let (status, revision) = state
+        .store
+        .heartbeat(id, beat.acked_revision, Utc::now())
+        .await?;
+    Ok(json(StatusCode::OK, HeartbeatAck { status, revision }))
+}
+
+/// Every registered worker.
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WorkerList {
+    pub items: Vec<Worker>,
+}
+
+pub async fn list(State(state): State<AppState>, _: ManagerOnly) -> Result<Response, ApiError> {
+    let items = state.store.list_workers().await?;
+    Ok(json(StatusCode::OK, WorkerList { items }))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    _: WorkerSelfOrManager,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, state.store.get_worker(id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Routes move to other workers either way; `drain` is accepted so callers
+    /// can say what they mean.
+    #[serde(default)]
+    drain: bool,
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    _: WorkerSelfOrManager,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let removal: Removal = state.store.delete_worker(id, Utc::now()).await?;
+    tracing::info!(worker = %id, drain = query.drain, moved = removal.moved, pending = removal.pending, "worker removed");
+    Ok(json(StatusCode::OK, removal))
+}

@@ -1,0 +1,426 @@
+//! Typed configuration: defaults, then a TOML file (`--config`), then
+//! `APPPROXY_*` environment variables, then flags — later sources win.
+//!
+//! Environment variables are read by clap as the fallback of each flag, so
+//! `--help` lists them next to the flag they stand for.
+
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Command line of `appproxy-coordinator`.
+#[derive(Debug, Parser)]
+#[command(name = "appproxy-coordinator", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Run the coordinator (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config,
+}
+
+/// Flags; each falls back to its `APPPROXY_*` variable, then the config file.
+#[derive(Debug, Default, Args, Serialize)]
+pub struct Options {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "APPPROXY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:6030].
+    #[arg(long, global = true, env = "APPPROXY_BIND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    /// postgres://… for PostgreSQL; the embedded SQLite file in the data directory if unset.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_DATABASE_URL",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Directory for the embedded database and generated tokens [default: ./data].
+    #[arg(long, global = true, env = "APPPROXY_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Bearer token of the manager (route and session endpoints).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_MANAGER_TOKEN",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager_token: Option<String>,
+    /// File holding the manager token.
+    #[arg(long, global = true, env = "APPPROXY_MANAGER_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager_token_file: Option<PathBuf>,
+    /// Bootstrap token workers register with.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_WORKER_TOKEN",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_token: Option<String>,
+    /// File holding the worker bootstrap token.
+    #[arg(long, global = true, env = "APPPROXY_WORKER_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_token_file: Option<PathBuf>,
+    /// PEM certificate chain; serves HTTPS when given with --tls-key.
+    #[arg(long, global = true, env = "APPPROXY_TLS_CERT", requires = "tls_key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, global = true, env = "APPPROXY_TLS_KEY", requires = "tls_cert")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, global = true, env = "APPPROXY_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Do not apply migrations at start (run `migrate` separately).
+    #[arg(long, global = true, env = "APPPROXY_NO_MIGRATE")]
+    #[serde(skip_serializing_if = "std::ops::Not::not", rename = "no_migrate")]
+    pub no_migrate: bool,
+    /// Largest accepted request body in bytes [default: 1048576].
+    #[arg(long, global = true, env = "APPPROXY_MAX_BODY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<usize>,
+    /// Database connections per process [default: 16].
+    #[arg(long, global = true, env = "APPPROXY_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// How long open connections get to finish at shutdown, e.g. "10s" [default: 10s].
+    #[arg(long, global = true, env = "APPPROXY_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A secret value: never printed, never logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub bind: SocketAddr,
+    #[serde(serialize_with = "redact_url")]
+    pub database_url: Option<String>,
+    pub data_dir: PathBuf,
+    pub manager_token: Option<Secret>,
+    pub manager_token_file: Option<PathBuf>,
+    pub worker_token: Option<Secret>,
+    pub worker_token_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub no_migrate: bool,
+    pub max_body_bytes: usize,
+    pub max_connections: u32,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 6030)),
+            database_url: None,
+            data_dir: PathBuf::from("data"),
+            manager_token: None,
+            manager_token_file: None,
+            worker_token: None,
+            worker_token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            log_format: LogFormat::Text,
+            no_migrate: false,
+            max_body_bytes: 1024 * 1024,
+            max_connections: 16,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Hides the password of a database URL.
+fn redact_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        None => s.serialize_none(),
+        Some(u) => s.serialize_str(&redacted_url(u)),
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split(':').next().unwrap_or_default();
+    let masked = if userinfo.contains(':') {
+        format!("{user}:<redacted>")
+    } else {
+        user.to_owned()
+    };
+    let mut out = format!("{scheme}://{masked}@{host}{path}");
+    if let Some(q) = out.find("password=") {
+        let end = out[q..].find('&').map_or(out.len(), |e| q + e);
+        out.replace_range(q..end, "password=<redacted>");
+    }
+    out
+}
+
+impl Config {
+    /// Merges defaults, the config file, then environment and flags.
+    pub fn load(options: &Options) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &options.config {
+            anyhow::ensure!(
+                path.is_file(),
+                "config file {} does not exist",
+                path.display()
+            );
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(Serialized::defaults(options))
+            .extract()
+            .context("invalid configuration")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "tls_cert and tls_key must be given together"
+        );
+        anyhow::ensure!(
+            self.max_body_bytes >= 1024,
+            "max_body_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "max_connections must be at least 1"
+        );
+        Ok(())
+    }
+
+    /// The configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Where the embedded database lives when no URL is configured.
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.data_dir.join("coordinator.db")
+    }
+}
+
+/// The two shared bearer tokens.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub manager: Secret,
+    pub worker: Secret,
+}
+
+/// Resolves the manager and worker bootstrap tokens: the value, else the
+/// `*_file`, else a token generated once into the data directory (mode 0600).
+/// Logs the path of any generated file, never a token.
+pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
+    let resolve = |value: &Option<Secret>,
+                   file: &Option<PathBuf>,
+                   name: &str|
+     -> anyhow::Result<Secret> {
+        if let Some(v) = value {
+            anyhow::ensure!(!v.expose().trim().is_empty(), "{name} token is empty");
+            return Ok(v.clone());
+        }
+        if let Some(path) = file {
+            return read_token(path);
+        }
+        let path = config.data_dir.join(format!("{name}.token"));
+        if path.exists() {
+            return read_token(&path);
+        }
+        generate_token(&path)?;
+        tracing::warn!(path = %path.display(), "no {name} token configured; generated one (read it from this file)");
+        read_token(&path)
+    };
+    Ok(Tokens {
+        manager: resolve(&config.manager_token, &config.manager_token_file, "manager")?,
+        worker: resolve(&config.worker_token, &config.worker_token_file, "worker")?,
+    })
+}
+
+fn read_token(path: &Path) -> anyhow::Result<Secret> {
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    let token = raw.trim();
+    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    Ok(Secret::new(token))
+}
+
+fn generate_token(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    let bytes: [u8; 32] = rand::random();
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create token file {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Creates the data directory (mode 0700) if it is missing.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_secrets_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "bind = \"0.0.0.0:7000\"\nmanager_token = \"file-secret\"\n\
+             database_url = \"postgres://app:pw@db/appproxy\"\nshutdown_timeout = \"3s\"\n",
+        )
+        .unwrap();
+        let options = Options {
+            config: Some(file),
+            bind: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Options::default()
+        };
+        let c = Config::load(&options).unwrap();
+        assert_eq!(c.bind.port(), 7001);
+        assert_eq!(c.manager_token.as_ref().unwrap().expose(), "file-secret");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
+        let shown = c.to_redacted_toml();
+        assert!(!shown.contains("file-secret"), "{shown}");
+        assert!(!shown.contains(":pw@"), "{shown}");
+        assert!(
+            shown.contains("postgres://app:<redacted>@db/appproxy"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn typos_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "bnid = \"0.0.0.0:7000\"\n").unwrap();
+        let options = Options {
+            config: Some(file),
+            ..Options::default()
+        };
+        let err = format!("{:#}", Config::load(&options).unwrap_err());
+        assert!(err.contains("bnid"), "{err}");
+    }
+
+    #[test]
+    fn generated_tokens_are_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let first = resolve_tokens(&config).unwrap();
+        let second = resolve_tokens(&config).unwrap();
+        assert_eq!(first.manager, second.manager);
+        assert_ne!(first.manager, first.worker);
+        let mode = std::fs::metadata(dir.path().join("data/manager.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn urls_without_passwords_are_left_alone() {
+        assert_eq!(redacted_url("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(
+            redacted_url("postgres://u@h/db?password=s&x=1"),
+            "postgres://u@h/db?password=<redacted>&x=1"
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! The pure core: routes, workers, validation and placement.
+//!
+//! Nothing in here performs I/O, awaits, or knows about HTTP, SQL or Kubernetes.
+//! Every decision the coordinator makes about *what* should happen lives here and
+//! is unit-tested directly; the other modules decide *how* it happens.
+
+pub mod placement;
+pub mod route;
+pub mod validate;
+pub mod worker;
+
+pub use placement::{Assignment, PlacementError};
+pub use route::{
+    Access, AppMode, Frontend, FrontendMode, FrontendRequest, HealthCheck, Protocol, Route,
+    RouteKey, RoutePatch, RouteSpec, RouteStatus, StoredRoute, Target,
+};
+pub use validate::ValidationError;
+pub use worker::{PodRef, Worker, WorkerFrontend, WorkerRegistration, WorkerStatus};
+
+/// A position in the change log. Every committed mutation gets the next one.
+pub type Revision = i64;

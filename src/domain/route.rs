@@ -1,0 +1,582 @@
+//! Routes (Backend.AI calls them *circuits*): what a manager asks for and what a
+//! worker serves.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use ipnet::IpNet;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use uuid::Uuid;
+
+use super::Revision;
+use super::worker::{Worker, WorkerFrontend, WorkerStatus};
+
+/// Whether a route belongs to one interactive session or to an inference endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AppMode {
+    #[default]
+    Interactive,
+    Inference,
+}
+
+impl AppMode {
+    pub const ALL: [AppMode; 2] = [AppMode::Interactive, AppMode::Inference];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppMode::Interactive => "interactive",
+            AppMode::Inference => "inference",
+        }
+    }
+}
+
+/// The protocol a worker speaks to users on the route's frontend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+    Grpc,
+    H2,
+    Preopen,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 5] = [
+        Protocol::Http,
+        Protocol::Tcp,
+        Protocol::Grpc,
+        Protocol::H2,
+        Protocol::Preopen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+            Protocol::Grpc => "grpc",
+            Protocol::H2 => "h2",
+            Protocol::Preopen => "preopen",
+        }
+    }
+
+    /// Subdomain (wildcard) frontends route on the HTTP `Host` header or TLS SNI,
+    /// which a raw TCP stream does not carry.
+    pub fn routable_by_host(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+macro_rules! impl_str_enum {
+    ($ty:ty, $what:literal) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::ALL
+                    .into_iter()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| format!("unknown {} {s:?}", $what))
+            }
+        }
+    };
+}
+impl_str_enum!(AppMode, "app mode");
+impl_str_enum!(Protocol, "protocol");
+
+/// One backend of a route: where the worker forwards traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// The caller's own id for this target (e.g. one replica of an endpoint).
+    #[serde(default)]
+    pub id: Option<Uuid>,
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub session_id: Option<Uuid>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Who may reach the route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    #[serde(default)]
+    pub open_to_public: bool,
+    /// CIDR blocks (a bare address means a single host).
+    #[serde(default, deserialize_with = "deserialize_cidrs")]
+    #[schemars(with = "Vec<String>")]
+    pub allowed_client_ips: Vec<IpNet>,
+}
+
+fn deserialize_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    raw.iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|net| net.trunc())
+                .map_err(|_| serde::de::Error::custom(format!("invalid CIDR {s:?}")))
+        })
+        .collect()
+}
+
+/// A probe the worker runs against the targets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval_s: u32,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u32,
+    #[serde(default = "default_expected_status")]
+    pub expected_status: u16,
+}
+
+fn default_interval() -> u32 {
+    10
+}
+fn default_timeout() -> u32 {
+    5
+}
+fn default_expected_status() -> u16 {
+    200
+}
+
+/// The frontend a caller asks for: a specific port or subdomain, or nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendRequest {
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub subdomain: Option<String>,
+}
+
+/// What a manager sends to create (or upsert) a route.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(default)]
+    pub app_mode: AppMode,
+    #[serde(default)]
+    pub session_id: Option<Uuid>,
+    #[serde(default)]
+    pub endpoint_id: Option<Uuid>,
+    pub service: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    pub targets: Vec<Target>,
+    #[serde(default)]
+    pub frontend: FrontendRequest,
+    /// Pin the route to this worker instead of letting placement choose.
+    #[serde(default)]
+    pub worker_id: Option<Uuid>,
+    #[serde(default)]
+    pub access: Access,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub args: Option<serde_json::Value>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// The identity that makes a route unique: one per (session, service) for
+/// interactive routes, one per endpoint for inference routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteKey {
+    Interactive { session_id: Uuid, service: String },
+    Inference { endpoint_id: Uuid },
+}
+
+impl RouteSpec {
+    /// The unique key of a *validated* spec.
+    pub fn key(&self) -> RouteKey {
+        match (self.app_mode, self.session_id, self.endpoint_id) {
+            (AppMode::Inference, _, Some(endpoint_id)) => RouteKey::Inference { endpoint_id },
+            (_, Some(session_id), _) => RouteKey::Interactive {
+                session_id,
+                service: self.service.clone(),
+            },
+            _ => unreachable!("key() called on an unvalidated route spec"),
+        }
+    }
+
+    /// True when `other` names the same route with the same placement inputs, so
+    /// an upsert may update it in place; identity and protocol cannot change.
+    pub fn same_identity(&self, other: &RouteSpec) -> bool {
+        self.app_mode == other.app_mode
+            && self.session_id == other.session_id
+            && self.endpoint_id == other.endpoint_id
+            && self.service == other.service
+            && self.protocol == other.protocol
+    }
+
+    /// Applies a patch, returning the new spec.
+    pub fn patched(&self, patch: RoutePatch) -> RouteSpec {
+        let mut spec = self.clone();
+        if let Some(targets) = patch.targets {
+            spec.targets = targets;
+        }
+        if let Some(access) = patch.access {
+            spec.access = access;
+        }
+        if let Some(labels) = patch.labels {
+            spec.labels = labels;
+        }
+        if let Some(envs) = patch.envs {
+            spec.envs = envs;
+        }
+        if let Some(args) = patch.args {
+            spec.args = args;
+        }
+        if let Some(health_check) = patch.health_check {
+            spec.health_check = health_check;
+        }
+        if let Some(expires_at) = patch.expires_at {
+            spec.expires_at = expires_at;
+        }
+        spec
+    }
+
+    /// The fields a worker acts on changed (anything but identity).
+    pub fn mutable_fields_equal(&self, other: &RouteSpec) -> bool {
+        self.targets == other.targets
+            && self.access == other.access
+            && self.labels == other.labels
+            && self.envs == other.envs
+            && self.args == other.args
+            && self.health_check == other.health_check
+            && self.expires_at == other.expires_at
+    }
+}
+
+/// `PATCH /routes/{id}`: absent fields stay, `null` clears an optional one.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoutePatch {
+    #[serde(default)]
+    pub targets: Option<Vec<Target>>,
+    #[serde(default)]
+    pub access: Option<Access>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub envs: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub args: Option<Option<serde_json::Value>>,
+    #[serde(default, deserialize_with = "present")]
+    pub health_check: Option<Option<HealthCheck>>,
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+/// Distinguishes a field sent as `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendMode {
+    Port,
+    Wildcard,
+}
+
+/// The frontend a route was given on its worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Frontend {
+    pub mode: Option<FrontendMode>,
+    pub port: Option<u16>,
+    pub subdomain: Option<String>,
+    /// Where users reach the route; `null` while it has no worker.
+    pub url: Option<String>,
+}
+
+impl Frontend {
+    pub const UNASSIGNED: Frontend = Frontend {
+        mode: None,
+        port: None,
+        subdomain: None,
+        url: None,
+    };
+
+    /// The frontend of a route placed on `worker` at `port` or `subdomain`.
+    pub fn on(
+        worker: &WorkerFrontend,
+        protocol: Protocol,
+        port: Option<u16>,
+        subdomain: Option<&str>,
+    ) -> Frontend {
+        match worker {
+            WorkerFrontend::Port { host, .. } => Frontend {
+                mode: Some(FrontendMode::Port),
+                port,
+                subdomain: None,
+                url: port.map(|p| format!("{}://{host}:{p}", url_scheme(protocol, false))),
+            },
+            WorkerFrontend::Wildcard { domain, port, tls } => {
+                let scheme = url_scheme(protocol, *tls);
+                let default_port = if *tls { 443 } else { 80 };
+                let suffix = if *port == default_port {
+                    String::new()
+                } else {
+                    format!(":{port}")
+                };
+                Frontend {
+                    mode: Some(FrontendMode::Wildcard),
+                    port: Some(*port),
+                    subdomain: subdomain.map(str::to_owned),
+                    url: subdomain.map(|s| format!("{scheme}://{s}.{domain}{suffix}")),
+                }
+            }
+        }
+    }
+}
+
+fn url_scheme(protocol: Protocol, tls: bool) -> &'static str {
+    match (protocol, tls) {
+        (Protocol::Tcp, _) => "tcp",
+        (_, true) => "https",
+        (_, false) => "http",
+    }
+}
+
+/// Derived state of a route, as a manager sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RouteStatus {
+    /// No worker can take it yet.
+    Pending,
+    /// Its worker has not acknowledged its latest revision.
+    Propagating,
+    /// Its worker has acknowledged its latest revision.
+    Active,
+    /// Its worker is lost; it is about to move.
+    FailingOver,
+}
+
+impl RouteStatus {
+    pub const ALL: [RouteStatus; 4] = [
+        RouteStatus::Pending,
+        RouteStatus::Propagating,
+        RouteStatus::Active,
+        RouteStatus::FailingOver,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteStatus::Pending => "Pending",
+            RouteStatus::Propagating => "Propagating",
+            RouteStatus::Active => "Active",
+            RouteStatus::FailingOver => "FailingOver",
+        }
+    }
+
+    /// A route at `revision` on `worker` (if any).
+    pub fn derive(revision: Revision, worker: Option<&Worker>) -> RouteStatus {
+        match worker {
+            None => RouteStatus::Pending,
+            Some(w) if w.status == WorkerStatus::Lost => RouteStatus::FailingOver,
+            Some(w) if w.acked_revision >= revision => RouteStatus::Active,
+            Some(_) => RouteStatus::Propagating,
+        }
+    }
+}
+
+/// A route as stored and served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Route {
+    pub id: Uuid,
+    pub app_mode: AppMode,
+    pub session_id: Option<Uuid>,
+    pub endpoint_id: Option<Uuid>,
+    pub service: String,
+    pub protocol: Protocol,
+    pub targets: Vec<Target>,
+    pub frontend: Frontend,
+    pub worker_id: Option<Uuid>,
+    pub access: Access,
+    pub labels: BTreeMap<String, String>,
+    pub envs: BTreeMap<String, String>,
+    pub args: Option<serde_json::Value>,
+    pub health_check: Option<HealthCheck>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub status: RouteStatus,
+    /// The revision of the route's last change.
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Where a route sits, as stored next to its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredRoute {
+    pub id: Uuid,
+    pub spec: RouteSpec,
+    pub worker_id: Option<Uuid>,
+    pub port: Option<u16>,
+    pub subdomain: Option<String>,
+    pub revision: Revision,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl StoredRoute {
+    /// The route as served, given its worker (looked up by the caller).
+    pub fn to_route(&self, worker: Option<&Worker>) -> Route {
+        let spec = &self.spec;
+        let worker = worker.filter(|w| Some(w.id) == self.worker_id);
+        let frontend = match worker {
+            Some(w) => Frontend::on(
+                &w.frontend,
+                spec.protocol,
+                self.port,
+                self.subdomain.as_deref(),
+            ),
+            None => Frontend::UNASSIGNED,
+        };
+        Route {
+            id: self.id,
+            app_mode: spec.app_mode,
+            session_id: spec.session_id,
+            endpoint_id: spec.endpoint_id,
+            service: spec.service.clone(),
+            protocol: spec.protocol,
+            targets: spec.targets.clone(),
+            frontend,
+            worker_id: self.worker_id,
+            access: spec.access.clone(),
+            labels: spec.labels.clone(),
+            envs: spec.envs.clone(),
+            args: spec.args.clone(),
+            health_check: spec.health_check.clone(),
+            expires_at: spec.expires_at,
+            status: RouteStatus::derive(self.revision, worker),
+            revision: self.revision,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_json() -> serde_json::Value {
+        serde_json::json!({
+            "session_id": "3f6c9a52-0d61-4a6d-9b59-2f3d6c0a1e11",
+            "service": "jupyter",
+            "targets": [{"host": "10.0.1.7", "port": 8888}]
+        })
+    }
+
+    #[test]
+    fn defaults_fill_in_mode_protocol_and_weight() {
+        let spec: RouteSpec = serde_json::from_value(spec_json()).unwrap();
+        assert_eq!(spec.app_mode, AppMode::Interactive);
+        assert_eq!(spec.protocol, Protocol::Http);
+        assert_eq!(spec.targets[0].weight, 1);
+        assert!(!spec.access.open_to_public);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let mut v = spec_json();
+        v["colour"] = "blue".into();
+        let err = serde_json::from_value::<RouteSpec>(v).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn cidrs_accept_bare_addresses_and_reject_garbage() {
+        let mut v = spec_json();
+        v["access"] =
+            serde_json::json!({"allowed_client_ips": ["10.0.0.0/8", "192.168.1.7", "10.1.2.3/16"]});
+        let spec: RouteSpec = serde_json::from_value(v.clone()).unwrap();
+        let nets: Vec<String> = spec
+            .access
+            .allowed_client_ips
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "10.1.0.0/16"]);
+
+        v["access"] = serde_json::json!({"allowed_client_ips": ["10.0.0.0/33"]});
+        let err = serde_json::from_value::<RouteSpec>(v).unwrap_err();
+        assert!(err.to_string().contains("invalid CIDR"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_ports_do_not_parse() {
+        let mut v = spec_json();
+        v["targets"][0]["port"] = 70000.into();
+        assert!(serde_json::from_value::<RouteSpec>(v).is_err());
+    }
+
+    #[test]
+    fn patch_distinguishes_null_from_absent() {
+        let p: RoutePatch = serde_json::from_str(r#"{"expires_at": null}"#).unwrap();
+        assert_eq!(p.expires_at, Some(None));
+        assert_eq!(p.health_check, None);
+        let spec: RouteSpec = serde_json::from_value(spec_json()).unwrap();
+        let mut with_expiry = spec.clone();
+        with_expiry.expires_at = Some(Utc::now());
+        assert_eq!(with_expiry.patched(p).expires_at, None);
+    }
+
+    #[test]
+    fn urls_follow_the_worker_frontend() {
+        let port = WorkerFrontend::Port {
+            host: "proxy.example.com".into(),
+            port_range: [10205, 10300],
+        };
+        let f = Frontend::on(&port, Protocol::Http, Some(10210), None);
+        assert_eq!(f.url.as_deref(), Some("http://proxy.example.com:10210"));
+        let f = Frontend::on(&port, Protocol::Tcp, Some(10211), None);
+        assert_eq!(f.url.as_deref(), Some("tcp://proxy.example.com:10211"));
+
+        let wild = WorkerFrontend::Wildcard {
+            domain: "apps.example.com".into(),
+            port: 443,
+            tls: true,
+        };
+        let f = Frontend::on(&wild, Protocol::Http, None, Some("jupyter-3f6c"));
+        assert_eq!(
+            f.url.as_deref(),
+            Some("https://jupyter-3f6c.apps.example.com")
+        );
+        let wild_http = WorkerFrontend::Wildcard {
+            domain: "apps.example.com".into(),
+            port: 8080,
+            tls: false,
+        };
+        let f = Frontend::on(&wild_http, Protocol::Http, None, Some("a"));
+        assert_eq!(f.url.as_deref(), Some("http://a.apps.example.com:8080"));
+    }
+}

@@ -1,0 +1,13 @@
+//! appproxy-coordinator: the control plane of an application proxy.
+//!
+//! - [`domain`]: the pure core (routes, workers, validation, placement).
+//! - [`store`]: PostgreSQL and embedded SQLite persistence with the change log.
+//! - [`api`]: the REST API (axum), auth and RFC 9457 errors.
+//! - [`config`], [`telemetry`]: typed configuration, logs and metrics.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod server;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,42 @@
+//! `appproxy-coordinator`: command-line wiring only.
+
+use appproxy_coordinator::config::{Cli, Command, Config};
+use appproxy_coordinator::{server, telemetry};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    server::install_crypto_provider();
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.options) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    telemetry::init_tracing(config.log_format);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => server::serve(config).await,
+        Command::Migrate => migrate(&config).await,
+        Command::Config => {
+            print!("{}", config.to_redacted_toml());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = server::open_store(config).await?;
+    server::migrate(&store).await?;
+    tracing::info!(database = store.backend(), "migrations applied");
+    store.close().await;
+    Ok(())
+}

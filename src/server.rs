@@ -1,0 +1,120 @@
+//! Startup and shutdown: open the store, resolve tokens, serve HTTP or HTTPS
+//! until SIGTERM or Ctrl-C, then drain connections.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+
+use crate::api::{self, AppState};
+use crate::config::{self, Config};
+use crate::store::Store;
+use crate::telemetry::Metrics;
+
+/// Selects the TLS implementation (ring) for the server and HTTP clients.
+/// Call once at start; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Opens the configured database: PostgreSQL if a URL is set, else the
+/// embedded SQLite file in the data directory.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = match &config.database_url {
+        Some(url) => Store::connect(url, config.max_connections).await,
+        None => {
+            config::create_private_dir(&config.data_dir)?;
+            Store::open_sqlite_file(&config.sqlite_path(), config.max_connections).await
+        }
+    };
+    let store = store.with_context(|| match &config.database_url {
+        Some(url) => format!("cannot open database {}", config::redacted_url(url)),
+        None => format!("cannot open {}", config.sqlite_path().display()),
+    })?;
+    Ok(store)
+}
+
+/// Applies migrations, naming the database in the error.
+pub async fn migrate(store: &Store) -> anyhow::Result<()> {
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("cannot migrate the {} database", store.backend()))
+}
+
+/// Runs the coordinator until a shutdown signal.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    if config.no_migrate {
+        tracing::info!("not applying migrations (no_migrate)");
+    } else {
+        migrate(&store).await?;
+    }
+    let tokens = config::resolve_tokens(&config)?;
+    let state = AppState {
+        store: store.clone(),
+        tokens: Arc::new(tokens),
+        metrics: Metrics::new(),
+    };
+    let app = api::router(state, config.max_body_bytes);
+
+    let handle = Handle::new();
+    tokio::spawn(shutdown_on_signal(handle.clone(), config.shutdown_timeout));
+    let served = {
+        let listening = handle.clone();
+        let backend = store.backend();
+        tokio::spawn(async move {
+            if let Some(addr) = listening.listening().await {
+                announce(addr, backend);
+            }
+        });
+        let service = app.into_make_service();
+        match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .context("cannot load the TLS certificate and key")?;
+                axum_server::bind_rustls(config.bind, tls)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+            _ => {
+                axum_server::bind(config.bind)
+                    .handle(handle)
+                    .serve(service)
+                    .await
+            }
+        }
+    };
+    served.with_context(|| format!("cannot serve on {}", config.bind))?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn announce(addr: SocketAddr, backend: &str) {
+    tracing::info!(%addr, database = backend, "listening on {addr}");
+}
+
+async fn shutdown_on_signal(handle: Handle, timeout: std::time::Duration) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!(timeout = ?timeout, "shutting down: no new connections, finishing open ones");
+    handle.graceful_shutdown(Some(timeout));
+}

@@ -1,0 +1,1059 @@
+//! Persistence: one interface, two backends (PostgreSQL in production, an
+//! embedded SQLite file by default). All SQL lives in this file.
+//!
+//! Every write transaction first locks the single `coordinator_state` row, so
+//! writes are serialised and the change-log revisions they append are committed
+//! in order: a reader that has seen revision N has seen everything before N.
+//! Each route or worker mutation appends its change-log row in the **same**
+//! transaction as the mutation itself.
+//!
+//! Both backends run the very same SQL text (`$N` placeholders work in SQLite
+//! too); [`with_db!`] expands a body once per backend so each arm is compiled
+//! against its own driver types.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, Database, Transaction};
+use uuid::Uuid;
+
+use crate::domain::placement::{self, Assignment, PlacementError, Used};
+use crate::domain::{
+    Revision, Route, RoutePatch, RouteSpec, RouteStatus, StoredRoute, ValidationError, Worker,
+    WorkerRegistration, WorkerStatus, validate,
+};
+
+static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// The database behind the coordinator.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// What can go wrong in the store, in terms a caller can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{message}")]
+    Conflict {
+        message: String,
+        existing: Option<Box<Route>>,
+    },
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// The database cannot be reached right now (as opposed to a bug or bad data).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        ) || matches!(self, StoreError::Database(sqlx::Error::Database(e))
+            if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Filters of `GET /routes`.
+#[derive(Clone, Debug, Default)]
+pub struct RouteFilter {
+    pub session_id: Option<Uuid>,
+    pub endpoint_id: Option<Uuid>,
+    pub worker_id: Option<Uuid>,
+    pub service: Option<String>,
+}
+
+/// One page of routes, ordered by id.
+#[derive(Clone, Debug)]
+pub struct Page {
+    pub items: Vec<Route>,
+    pub next_cursor: Option<Uuid>,
+}
+
+/// The result of a (re-)registration.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub worker: Worker,
+    pub created: bool,
+    pub revision: Revision,
+    pub routes: Vec<Route>,
+}
+
+/// The result of `PUT /routes/{id}`.
+#[derive(Clone, Debug)]
+pub enum Upserted {
+    Created(Route),
+    Updated(Route),
+    Unchanged(Route),
+}
+
+/// What `DELETE /workers/{id}` did with the worker's routes.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+pub struct Removal {
+    pub moved: u64,
+    pub pending: u64,
+}
+
+/// Route and worker counts by status, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub routes: HashMap<RouteStatus, i64>,
+    pub workers: HashMap<WorkerStatus, i64>,
+}
+
+/// Expands `$body` once per backend with `$pool` bound to the concrete pool.
+macro_rules! with_db {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+
+/// Starting a write transaction: SQLite must take its write lock up front
+/// (`BEGIN IMMEDIATE`), or two readers upgrading at once deadlock.
+trait BeginWrite {
+    type Db: Database;
+    async fn begin_write(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl BeginWrite for PgPool {
+    type Db = sqlx::Postgres;
+    async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = sqlx::Sqlite;
+    async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+macro_rules! route_columns {
+    () => {
+        "id, worker_id, frontend_port, frontend_subdomain, spec, revision, created_at, updated_at"
+    };
+}
+
+macro_rules! worker_select {
+    () => {
+        "SELECT w.id, w.spec, w.status, w.last_heartbeat, w.acked_revision, w.created_at, w.updated_at, \
+         (SELECT COUNT(*) FROM routes r WHERE r.worker_id = w.id) AS route_count FROM workers w"
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct RouteRow {
+    id: Uuid,
+    worker_id: Option<Uuid>,
+    frontend_port: Option<i32>,
+    frontend_subdomain: Option<String>,
+    spec: Json<RouteSpec>,
+    revision: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<RouteRow> for StoredRoute {
+    fn from(r: RouteRow) -> StoredRoute {
+        StoredRoute {
+            id: r.id,
+            spec: r.spec.0,
+            worker_id: r.worker_id,
+            port: r.frontend_port.and_then(|p| u16::try_from(p).ok()),
+            subdomain: r.frontend_subdomain,
+            revision: r.revision,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct WorkerRow {
+    id: Uuid,
+    spec: Json<WorkerRegistration>,
+    status: String,
+    last_heartbeat: DateTime<Utc>,
+    acked_revision: i64,
+    route_count: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<WorkerRow> for Worker {
+    fn from(r: WorkerRow) -> Worker {
+        Worker::from_parts(
+            r.id,
+            r.spec.0,
+            // The column has a CHECK constraint listing exactly these values.
+            WorkerStatus::parse(&r.status).unwrap_or(WorkerStatus::NotReady),
+            r.last_heartbeat,
+            r.acked_revision,
+            u64::try_from(r.route_count).unwrap_or_default(),
+            r.created_at,
+            r.updated_at,
+        )
+    }
+}
+
+/// Locks the revision counter for this transaction; returns its value.
+macro_rules! lock_revision {
+    ($tx:ident) => {
+        sqlx::query_scalar::<_, i64>(
+            "UPDATE coordinator_state SET revision = revision WHERE id = 1 RETURNING revision",
+        )
+        .fetch_one(&mut *$tx)
+        .await?
+    };
+}
+
+/// Records the last revision this transaction used.
+macro_rules! save_revision {
+    ($tx:ident, $rev:expr) => {
+        sqlx::query("UPDATE coordinator_state SET revision = $1 WHERE id = 1")
+            .bind($rev)
+            .execute(&mut *$tx)
+            .await?
+    };
+}
+
+/// Appends one change-log row.
+macro_rules! log_change {
+    ($tx:ident, $rev:expr, $kind:expr, route: $route_id:expr, worker: $worker_id:expr, payload: $payload:expr, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind($rev)
+        .bind($kind)
+        .bind($route_id)
+        .bind($worker_id)
+        .bind($payload)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
+macro_rules! fetch_workers {
+    ($ex:expr) => {
+        sqlx::query_as::<_, WorkerRow>(worker_select!())
+            .fetch_all($ex)
+            .await?
+            .into_iter()
+            .map(Worker::from)
+            .collect::<Vec<Worker>>()
+    };
+}
+
+macro_rules! fetch_worker {
+    ($ex:expr, $id:expr) => {
+        sqlx::query_as::<_, WorkerRow>(concat!(worker_select!(), " WHERE w.id = $1"))
+            .bind($id)
+            .fetch_optional($ex)
+            .await?
+            .map(Worker::from)
+    };
+}
+
+macro_rules! fetch_route {
+    ($ex:expr, $where:literal, $($bind:expr),+) => {{
+        let query = sqlx::query_as::<_, RouteRow>(concat!("SELECT ", route_columns!(), " FROM routes WHERE ", $where));
+        $(let query = query.bind($bind);)+
+        query.fetch_optional($ex).await?.map(StoredRoute::from)
+    }};
+}
+
+macro_rules! fetch_routes {
+    ($ex:expr, $where:literal, $($bind:expr),+) => {{
+        let query = sqlx::query_as::<_, RouteRow>(concat!("SELECT ", route_columns!(), " FROM routes WHERE ", $where));
+        $(let query = query.bind($bind);)+
+        query.fetch_all($ex).await?.into_iter().map(StoredRoute::from).collect::<Vec<StoredRoute>>()
+    }};
+}
+
+/// The route holding `spec`'s unique key (session+service or endpoint), if any.
+macro_rules! fetch_by_key {
+    ($ex:expr, $spec:expr) => {
+        match $spec.key() {
+            crate::domain::RouteKey::Interactive {
+                session_id,
+                service,
+            } => fetch_route!(
+                $ex,
+                "app_mode = 'interactive' AND session_id = $1 AND service = $2",
+                session_id,
+                service
+            ),
+            crate::domain::RouteKey::Inference { endpoint_id } => fetch_route!(
+                $ex,
+                "app_mode = 'inference' AND endpoint_id = $1",
+                endpoint_id
+            ),
+        }
+    };
+}
+
+macro_rules! fetch_used {
+    ($ex:expr, $worker_id:expr) => {{
+        let rows: Vec<(Option<i32>, Option<String>)> = sqlx::query_as(
+            "SELECT frontend_port, frontend_subdomain FROM routes WHERE worker_id = $1",
+        )
+        .bind($worker_id)
+        .fetch_all($ex)
+        .await?;
+        let mut used = Used::default();
+        for (port, sub) in rows {
+            used.ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+            used.subdomains.extend(sub);
+        }
+        used
+    }};
+}
+
+/// Chooses a worker and frontend for `spec` among `workers`, inside `$tx`.
+macro_rules! place {
+    ($tx:ident, $workers:expr, $spec:expr) => {{
+        let mut outcome: Result<(Worker, Assignment), PlacementError> = Err(
+            PlacementError::NoEligibleWorker("every eligible worker is full".to_owned()),
+        );
+        match placement::rank($workers, $spec) {
+            Err(e) => outcome = Err(e),
+            Ok(ranked) => {
+                for w in ranked {
+                    let used = fetch_used!(&mut *$tx, w.id);
+                    match placement::allocate(w, $spec, &used) {
+                        Ok(Some(a)) => {
+                            outcome = Ok((w.clone(), a));
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+            }
+        }
+        outcome
+    }};
+}
+
+macro_rules! insert_route {
+    ($tx:ident, $r:expr) => {{
+        let r: &StoredRoute = $r;
+        sqlx::query(
+            "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
+             frontend_port, frontend_subdomain, spec, expires_at, revision, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(r.id)
+        .bind(r.spec.app_mode.as_str())
+        .bind(r.spec.session_id)
+        .bind(r.spec.endpoint_id)
+        .bind(&r.spec.service)
+        .bind(r.spec.protocol.as_str())
+        .bind(r.worker_id)
+        .bind(r.port.map(i32::from))
+        .bind(r.subdomain.as_deref())
+        .bind(Json(&r.spec))
+        .bind(r.spec.expires_at)
+        .bind(r.revision)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&mut *$tx)
+        .await?
+    }};
+}
+
+macro_rules! update_route {
+    ($tx:ident, $r:expr) => {{
+        let r: &StoredRoute = $r;
+        sqlx::query(
+            "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
+             expires_at = $6, revision = $7, updated_at = $8 WHERE id = $1",
+        )
+        .bind(r.id)
+        .bind(r.worker_id)
+        .bind(r.port.map(i32::from))
+        .bind(r.subdomain.as_deref())
+        .bind(Json(&r.spec))
+        .bind(r.spec.expires_at)
+        .bind(r.revision)
+        .bind(r.updated_at)
+        .execute(&mut *$tx)
+        .await?
+    }};
+}
+
+/// Creates `spec` as route `id` inside `$tx` at revision `$rev` (already
+/// incremented by the caller). Returns the route or the reason it cannot exist.
+macro_rules! create_in_tx {
+    ($tx:ident, $rev:expr, $id:expr, $spec:expr, $now:expr) => {{
+        let spec: RouteSpec = $spec;
+        if let Some(existing) = fetch_by_key!(&mut *$tx, &spec) {
+            let worker = match existing.worker_id {
+                Some(w) => fetch_worker!(&mut *$tx, w),
+                None => None,
+            };
+            return Err(StoreError::Conflict {
+                message: conflict_message(&spec),
+                existing: Some(Box::new(existing.to_route(worker.as_ref()))),
+            });
+        }
+        let workers = fetch_workers!(&mut *$tx);
+        let (worker, assignment) = match place!($tx, &workers, &spec) {
+            Ok(placed) => placed,
+            Err(PlacementError::PortTaken(port)) => {
+                let holder = match spec.worker_id {
+                    Some(w) => fetch_route!(&mut *$tx, "worker_id = $1 AND frontend_port = $2", w, i32::from(port)),
+                    None => None,
+                };
+                let worker = holder.as_ref().and_then(|h| workers.iter().find(|w| Some(w.id) == h.worker_id));
+                return Err(StoreError::Conflict {
+                    message: format!("frontend port {port} is already in use"),
+                    existing: holder.map(|h| Box::new(h.to_route(worker))),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let stored = StoredRoute {
+            id: $id,
+            worker_id: Some(worker.id),
+            port: assignment.port(),
+            subdomain: assignment.subdomain().map(str::to_owned),
+            spec,
+            revision: $rev,
+            created_at: $now,
+            updated_at: $now,
+        };
+        insert_route!($tx, &stored);
+        let route = stored.to_route(Some(&worker));
+        log_change!($tx, $rev, "route_upsert", route: stored.id, worker: stored.worker_id, payload: Some(Json(&route)), $now);
+        route
+    }};
+}
+
+fn conflict_message(spec: &RouteSpec) -> String {
+    match spec.key() {
+        crate::domain::RouteKey::Interactive {
+            session_id,
+            service,
+        } => format!("session {session_id} already has a {service} route"),
+        crate::domain::RouteKey::Inference { endpoint_id } => {
+            format!("endpoint {endpoint_id} already has a route")
+        }
+    }
+}
+
+/// A route spec relaxed for moving to another worker: no pin, no fixed port
+/// (ports belong to a worker's host); a subdomain stays a preference.
+fn relocation_spec(spec: &RouteSpec, current_subdomain: Option<&str>) -> RouteSpec {
+    let mut s = spec.clone();
+    s.worker_id = None;
+    s.frontend.port = None;
+    if let Some(sub) = current_subdomain {
+        s.frontend.subdomain = Some(sub.to_owned());
+    }
+    s
+}
+
+impl Store {
+    /// Connects to `database_url` (`postgres://…`, `sqlite://…`).
+    pub async fn connect(database_url: &str, max_connections: u32) -> Result<Store> {
+        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(database_url)?
+                .application_name("appproxy-coordinator")
+                .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(options);
+            Ok(Store::Postgres(pool))
+        } else if database_url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(database_url)?;
+            Store::open_sqlite(options, max_connections).await
+        } else {
+            Err(StoreError::Invalid(ValidationError {
+                field: "database_url".into(),
+                message: "must start with postgres://, postgresql:// or sqlite:".into(),
+            }))
+        }
+    }
+
+    /// Opens (creating if needed) the embedded database file at `path`.
+    pub async fn open_sqlite_file(path: &Path, max_connections: u32) -> Result<Store> {
+        Store::open_sqlite(SqliteConnectOptions::new().filename(path), max_connections).await
+    }
+
+    async fn open_sqlite(options: SqliteConnectOptions, max_connections: u32) -> Result<Store> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        Ok(Store::Sqlite(pool))
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies the checked-in migrations for this backend.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
+            Store::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Answers when the database does.
+    pub async fn ping(&self) -> Result<()> {
+        with_db!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        with_db!(self, pool => pool.close().await)
+    }
+
+    /// The revision of the last committed change.
+    pub async fn current_revision(&self) -> Result<Revision> {
+        Ok(with_db!(self, pool => {
+            sqlx::query_scalar::<_, i64>("SELECT revision FROM coordinator_state WHERE id = 1")
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
+    // ---- workers -------------------------------------------------------------
+
+    /// Registers a worker, or re-registers it by name (same id, routes kept).
+    /// `mint_token` is given the worker's id and answers the hash of its new token.
+    pub async fn register_worker(
+        &self,
+        registration: WorkerRegistration,
+        now: DateTime<Utc>,
+        mint_token: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<Registered> {
+        let now = db_time(now);
+        validate::registration(&registration)?;
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM workers WHERE name = $1")
+                .bind(&registration.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let id = existing.unwrap_or_else(Uuid::now_v7);
+            let token_hash = mint_token(id);
+            match existing {
+                Some(id) => {
+                    sqlx::query(
+                        "UPDATE workers SET spec = $2, status = 'Ready', token_hash = $3, \
+                         last_heartbeat = $4, updated_at = $4 WHERE id = $1",
+                    )
+                    .bind(id)
+                    .bind(Json(&registration))
+                    .bind(&token_hash[..])
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query(
+                        "INSERT INTO workers (id, name, spec, status, token_hash, last_heartbeat, \
+                         acked_revision, created_at, updated_at) VALUES ($1, $2, $3, 'Ready', $4, $5, 0, $5, $5)",
+                    )
+                    .bind(id)
+                    .bind(&registration.name)
+                    .bind(Json(&registration))
+                    .bind(&token_hash[..])
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            let worker = fetch_worker!(&mut *tx, id).ok_or(StoreError::NotFound)?;
+            log_change!(tx, rev, "worker_upsert", route: None::<Uuid>, worker: Some(id), payload: Some(Json(&worker)), now);
+            save_revision!(tx, rev);
+            let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", id)
+                .iter()
+                .map(|r| r.to_route(Some(&worker)))
+                .collect();
+            tx.commit().await?;
+            Ok(Registered { worker, created: existing.is_none(), revision: rev, routes })
+        })
+    }
+
+    /// SHA-256 of the worker's current token.
+    pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        Ok(with_db!(self, pool => {
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT token_hash FROM workers WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    /// Records a heartbeat and the revision the worker has applied. A `Lost`
+    /// worker that heartbeats is `Ready` again.
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        acked_revision: Revision,
+        now: DateTime<Utc>,
+    ) -> Result<(WorkerStatus, Revision)> {
+        let now = db_time(now);
+        let current = self.current_revision().await?;
+        if acked_revision < 0 || acked_revision > current {
+            return Err(StoreError::Invalid(ValidationError {
+                field: "acked_revision".into(),
+                message: format!(
+                    "{acked_revision} is not a revision this coordinator has issued (current: {current})"
+                ),
+            }));
+        }
+        let status: Option<String> = with_db!(self, pool => {
+            sqlx::query_scalar(
+                "UPDATE workers SET last_heartbeat = $2, \
+                 acked_revision = CASE WHEN acked_revision < $3 THEN $3 ELSE acked_revision END \
+                 WHERE id = $1 RETURNING status",
+            )
+            .bind(id)
+            .bind(now)
+            .bind(acked_revision)
+            .fetch_optional(pool)
+            .await?
+        });
+        let status = status
+            .as_deref()
+            .and_then(WorkerStatus::parse)
+            .ok_or(StoreError::NotFound)?;
+        if status == WorkerStatus::Lost {
+            self.set_worker_status(id, WorkerStatus::Ready, now).await?;
+            return Ok((WorkerStatus::Ready, self.current_revision().await?));
+        }
+        Ok((status, current))
+    }
+
+    /// Changes a worker's status (a logged worker mutation). No-op if unchanged.
+    pub async fn set_worker_status(
+        &self,
+        id: Uuid,
+        status: WorkerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Worker> {
+        let now = db_time(now);
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            let mut worker = fetch_worker!(&mut *tx, id).ok_or(StoreError::NotFound)?;
+            if worker.status == status {
+                return Ok(worker);
+            }
+            sqlx::query("UPDATE workers SET status = $2, updated_at = $3 WHERE id = $1")
+                .bind(id)
+                .bind(status.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            worker.status = status;
+            worker.updated_at = now;
+            log_change!(tx, rev, "worker_upsert", route: None::<Uuid>, worker: Some(id), payload: Some(Json(&worker)), now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(worker)
+        })
+    }
+
+    pub async fn get_worker(&self, id: Uuid) -> Result<Worker> {
+        with_db!(self, pool => fetch_worker!(pool, id)).ok_or(StoreError::NotFound)
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<Worker>> {
+        let mut workers = with_db!(self, pool => fetch_workers!(pool));
+        workers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(workers)
+    }
+
+    /// Removes a worker. Its routes move to other eligible workers in the same
+    /// transaction (a `delete` on its stream, an `upsert` on theirs); routes
+    /// that fit nowhere become `Pending`.
+    pub async fn delete_worker(&self, id: Uuid, now: DateTime<Utc>) -> Result<Removal> {
+        let now = db_time(now);
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut rev = lock_revision!(tx);
+            let workers: Vec<Worker> = fetch_workers!(&mut *tx);
+            if !workers.iter().any(|w| w.id == id) {
+                return Err(StoreError::NotFound);
+            }
+            let mut others: Vec<Worker> = workers.into_iter().filter(|w| w.id != id).collect();
+            let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", id);
+            let mut removal = Removal::default();
+            for mut r in routes {
+                rev += 1;
+                log_change!(tx, rev, "route_delete", route: Some(r.id), worker: Some(id), payload: None::<Json<Route>>, now);
+                // Unassign first so the move never holds two frontends at once.
+                r.worker_id = None;
+                r.port = None;
+                let preferred = r.subdomain.take();
+                r.revision = rev;
+                r.updated_at = now;
+                update_route!(tx, &r);
+                rev += 1;
+                r.revision = rev;
+                let spec = relocation_spec(&r.spec, preferred.as_deref());
+                let target = match place!(tx, &others, &spec) {
+                    Ok((worker, assignment)) => {
+                        r.worker_id = Some(worker.id);
+                        r.port = assignment.port();
+                        r.subdomain = assignment.subdomain().map(str::to_owned);
+                        if let Some(w) = others.iter_mut().find(|w| w.id == worker.id) {
+                            w.route_count += 1;
+                        }
+                        removal.moved += 1;
+                        Some(worker)
+                    }
+                    Err(_) => {
+                        removal.pending += 1;
+                        None
+                    }
+                };
+                update_route!(tx, &r);
+                let route = r.to_route(target.as_ref());
+                log_change!(tx, rev, "route_upsert", route: Some(r.id), worker: r.worker_id, payload: Some(Json(&route)), now);
+            }
+            sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            rev += 1;
+            log_change!(tx, rev, "worker_delete", route: None::<Uuid>, worker: Some(id), payload: None::<Json<Worker>>, now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(removal)
+        })
+    }
+
+    // ---- routes --------------------------------------------------------------
+
+    /// Validates `spec`, places it on a worker and stores it as route `id`.
+    pub async fn create_route(
+        &self,
+        id: Uuid,
+        spec: RouteSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Route> {
+        let now = db_time(now);
+        validate::route_spec(&spec, now)?;
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            if fetch_route!(&mut *tx, "id = $1", id).is_some() {
+                return Err(StoreError::Conflict { message: format!("route {id} already exists"), existing: None });
+            }
+            let route = create_in_tx!(tx, rev, id, spec, now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(route)
+        })
+    }
+
+    /// `PUT /routes/{id}`: creates the route, or updates what may change on an
+    /// existing one; identity, protocol, pin and frontend request cannot change.
+    pub async fn upsert_route(
+        &self,
+        id: Uuid,
+        spec: RouteSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Upserted> {
+        let now = db_time(now);
+        validate::route_spec(&spec, now)?;
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            let Some(mut current) = fetch_route!(&mut *tx, "id = $1", id) else {
+                let route = create_in_tx!(tx, rev, id, spec, now);
+                save_revision!(tx, rev);
+                tx.commit().await?;
+                return Ok(Upserted::Created(route));
+            };
+            let worker = match current.worker_id {
+                Some(w) => fetch_worker!(&mut *tx, w),
+                None => None,
+            };
+            if !current.spec.same_identity(&spec)
+                || current.spec.worker_id != spec.worker_id
+                || current.spec.frontend != spec.frontend
+            {
+                return Err(StoreError::Conflict {
+                    message: format!(
+                        "route {id} exists with a different identity, protocol, worker pin or frontend; \
+                         delete it first to change those"
+                    ),
+                    existing: Some(Box::new(current.to_route(worker.as_ref()))),
+                });
+            }
+            if current.spec.mutable_fields_equal(&spec) {
+                return Ok(Upserted::Unchanged(current.to_route(worker.as_ref())));
+            }
+            current.spec = spec;
+            let route = update_spec_in_tx(&mut current, rev, now, worker.as_ref());
+            update_route!(tx, &current);
+            log_change!(tx, rev, "route_upsert", route: Some(id), worker: current.worker_id, payload: Some(Json(&route)), now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(Upserted::Updated(route))
+        })
+    }
+
+    /// `PATCH /routes/{id}`.
+    pub async fn patch_route(
+        &self,
+        id: Uuid,
+        patch: RoutePatch,
+        now: DateTime<Utc>,
+    ) -> Result<Route> {
+        let now = db_time(now);
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            let mut current = fetch_route!(&mut *tx, "id = $1", id).ok_or(StoreError::NotFound)?;
+            let worker = match current.worker_id {
+                Some(w) => fetch_worker!(&mut *tx, w),
+                None => None,
+            };
+            let spec = current.spec.patched(patch);
+            // An expiry already set in the past may stay; a new one must be in the future.
+            let check_now = if spec.expires_at == current.spec.expires_at { DateTime::<Utc>::MIN_UTC } else { now };
+            validate::route_spec(&spec, check_now)?;
+            if current.spec.mutable_fields_equal(&spec) {
+                return Ok(current.to_route(worker.as_ref()));
+            }
+            current.spec = spec;
+            let route = update_spec_in_tx(&mut current, rev, now, worker.as_ref());
+            update_route!(tx, &current);
+            log_change!(tx, rev, "route_upsert", route: Some(id), worker: current.worker_id, payload: Some(Json(&route)), now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(route)
+        })
+    }
+
+    pub async fn get_route(&self, id: Uuid) -> Result<Route> {
+        with_db!(self, pool => {
+            let stored = fetch_route!(pool, "id = $1", id).ok_or(StoreError::NotFound)?;
+            let worker = match stored.worker_id {
+                Some(w) => fetch_worker!(pool, w),
+                None => None,
+            };
+            Ok(stored.to_route(worker.as_ref()))
+        })
+    }
+
+    /// Routes matching `filter`, `limit` at a time, after `cursor` (a route id).
+    pub async fn list_routes(
+        &self,
+        filter: &RouteFilter,
+        limit: u32,
+        cursor: Option<Uuid>,
+    ) -> Result<Page> {
+        let limit = limit.clamp(1, 1000);
+        let (stored, workers) = with_db!(self, pool => {
+            let rows = fetch_routes!(
+                pool,
+                "($1 IS NULL OR session_id = $1) AND ($2 IS NULL OR endpoint_id = $2) \
+                 AND ($3 IS NULL OR worker_id = $3) AND ($4 IS NULL OR service = $4) \
+                 AND ($5 IS NULL OR id > $5) ORDER BY id LIMIT $6",
+                filter.session_id,
+                filter.endpoint_id,
+                filter.worker_id,
+                filter.service.as_deref(),
+                cursor,
+                i64::from(limit) + 1
+            );
+            let workers = if rows.is_empty() { Vec::new() } else { fetch_workers!(pool) };
+            (rows, workers)
+        });
+        Ok(page(stored, &workers, limit as usize))
+    }
+
+    /// Resolves a worker's frontend (a port or a subdomain) to its route.
+    pub async fn lookup(
+        &self,
+        worker_id: Uuid,
+        port: Option<u16>,
+        subdomain: Option<&str>,
+    ) -> Result<Route> {
+        with_db!(self, pool => {
+            let stored = match (port, subdomain) {
+                (Some(port), _) => fetch_route!(pool, "worker_id = $1 AND frontend_port = $2", worker_id, i32::from(port)),
+                (None, Some(sub)) => fetch_route!(pool, "worker_id = $1 AND frontend_subdomain = $2", worker_id, sub),
+                (None, None) => None,
+            }
+            .ok_or(StoreError::NotFound)?;
+            let worker = fetch_worker!(pool, worker_id);
+            Ok(stored.to_route(worker.as_ref()))
+        })
+    }
+
+    /// Deletes one route; `NotFound` if it does not exist.
+    pub async fn delete_route(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
+        let now = db_time(now);
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            let worker_id: Option<Option<Uuid>> = sqlx::query_scalar("DELETE FROM routes WHERE id = $1 RETURNING worker_id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let worker_id = worker_id.ok_or(StoreError::NotFound)?;
+            log_change!(tx, rev, "route_delete", route: Some(id), worker: worker_id, payload: None::<Json<Route>>, now);
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Deletes every interactive route of a session in one transaction.
+    pub async fn delete_session(&self, session_id: Uuid, now: DateTime<Utc>) -> Result<u64> {
+        let now = db_time(now);
+        with_db!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut rev = lock_revision!(tx);
+            let deleted: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+                "DELETE FROM routes WHERE app_mode = 'interactive' AND session_id = $1 RETURNING id, worker_id",
+            )
+            .bind(session_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            if deleted.is_empty() {
+                return Ok(0);
+            }
+            for (route_id, worker_id) in &deleted {
+                rev += 1;
+                log_change!(tx, rev, "route_delete", route: Some(*route_id), worker: *worker_id, payload: None::<Json<Route>>, now);
+            }
+            save_revision!(tx, rev);
+            tx.commit().await?;
+            Ok(deleted.len() as u64)
+        })
+    }
+
+    /// Route and worker counts by status.
+    pub async fn counts(&self) -> Result<Counts> {
+        // Mirrors RouteStatus::derive in SQL so a scrape does not read every route.
+        type ByStatus = Vec<(String, i64)>;
+        let (routes, workers): (ByStatus, ByStatus) = with_db!(self, pool => {
+            let routes = sqlx::query_as(
+                "SELECT CASE WHEN r.worker_id IS NULL THEN 'Pending' \
+                             WHEN w.status = 'Lost' THEN 'FailingOver' \
+                             WHEN w.acked_revision >= r.revision THEN 'Active' \
+                             ELSE 'Propagating' END AS status, COUNT(*) \
+                 FROM routes r LEFT JOIN workers w ON w.id = r.worker_id GROUP BY 1",
+            )
+            .fetch_all(pool)
+            .await?;
+            let workers = sqlx::query_as("SELECT status, COUNT(*) FROM workers GROUP BY status")
+                .fetch_all(pool)
+                .await?;
+            (routes, workers)
+        });
+        let mut counts = Counts::default();
+        for (status, n) in routes {
+            if let Some(s) = RouteStatus::ALL.into_iter().find(|s| s.as_str() == status) {
+                counts.routes.insert(s, n);
+            }
+        }
+        for (status, n) in workers {
+            if let Some(s) = WorkerStatus::parse(&status) {
+                counts.workers.insert(s, n);
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// Timestamps as both databases keep them (microseconds), so what a write
+/// answers equals what a later read returns.
+fn db_time(now: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    now.trunc_subsecs(6)
+}
+
+/// Bumps a stored route to `rev` after its spec changed; returns it as served.
+fn update_spec_in_tx(
+    current: &mut StoredRoute,
+    rev: Revision,
+    now: DateTime<Utc>,
+    worker: Option<&Worker>,
+) -> Route {
+    current.revision = rev;
+    current.updated_at = now;
+    current.to_route(worker)
+}
+
+fn page(mut stored: Vec<StoredRoute>, workers: &[Worker], limit: usize) -> Page {
+    let next_cursor = if stored.len() > limit {
+        stored.truncate(limit);
+        stored.last().map(|r| r.id)
+    } else {
+        None
+    };
+    let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
+    let items = stored
+        .iter()
+        .map(|r| r.to_route(r.worker_id.and_then(|w| by_id.get(&w).copied())))
+        .collect();
+    Page { items, next_cursor }
+}

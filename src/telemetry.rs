@@ -1,0 +1,147 @@
+//! Logs (tracing, text or JSON) and Prometheus metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+use crate::domain::{RouteStatus, WorkerStatus};
+use crate::store::Counts;
+
+/// Installs the global tracing subscriber. `RUST_LOG` sets the filter
+/// (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The route template (`/routes/{id}`), never the raw path.
+    pub path: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLatencyLabels {
+    pub method: String,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum StatusLabel {
+    Pending,
+    Propagating,
+    Active,
+    FailingOver,
+    Ready,
+    NotReady,
+    Lost,
+    Draining,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: StatusLabel,
+}
+
+impl From<RouteStatus> for StatusLabel {
+    fn from(s: RouteStatus) -> StatusLabel {
+        match s {
+            RouteStatus::Pending => StatusLabel::Pending,
+            RouteStatus::Propagating => StatusLabel::Propagating,
+            RouteStatus::Active => StatusLabel::Active,
+            RouteStatus::FailingOver => StatusLabel::FailingOver,
+        }
+    }
+}
+
+impl From<WorkerStatus> for StatusLabel {
+    fn from(s: WorkerStatus) -> StatusLabel {
+        match s {
+            WorkerStatus::Ready => StatusLabel::Ready,
+            WorkerStatus::NotReady => StatusLabel::NotReady,
+            WorkerStatus::Lost => StatusLabel::Lost,
+            WorkerStatus::Draining => StatusLabel::Draining,
+        }
+    }
+}
+
+/// Every metric the coordinator exports.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: Family<HttpLabels, Counter>,
+    pub http_latency: Family<HttpLatencyLabels, Histogram>,
+    pub routes: Family<StatusLabels, Gauge>,
+    pub workers: Family<StatusLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("appproxy");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by method, route template and status",
+            http_requests.clone(),
+        );
+        let http_latency = Family::<HttpLatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests (to the first byte of streams)",
+            http_latency.clone(),
+        );
+        let routes = Family::<StatusLabels, Gauge>::default();
+        registry.register("routes", "Routes by status", routes.clone());
+        let workers = Family::<StatusLabels, Gauge>::default();
+        registry.register("workers", "Workers by status", workers.clone());
+        Arc::new(Metrics {
+            registry,
+            http_requests,
+            http_latency,
+            routes,
+            workers,
+        })
+    }
+
+    /// Sets the by-status gauges from a fresh count.
+    pub fn observe_counts(&self, counts: &Counts) {
+        for s in RouteStatus::ALL {
+            let n = counts.routes.get(&s).copied().unwrap_or(0);
+            self.routes
+                .get_or_create(&StatusLabels { status: s.into() })
+                .set(n);
+        }
+        for s in WorkerStatus::ALL {
+            let n = counts.workers.get(&s).copied().unwrap_or(0);
+            self.workers
+                .get_or_create(&StatusLabels { status: s.into() })
+                .set(n);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,297 @@
+//! Test harness shared by the integration tests: a fresh database per test
+//! (a temporary SQLite file, or a PostgreSQL database created and dropped on
+//! the server at 127.0.0.1:5432), and the real router served on a free port.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use appproxy_coordinator::api::{self, AppState};
+use appproxy_coordinator::config::{Secret, Tokens};
+use appproxy_coordinator::store::Store;
+use appproxy_coordinator::telemetry::Metrics;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Server and role the PostgreSQL tests create their databases with.
+pub fn pg_admin_url() -> String {
+    std::env::var("APPPROXY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn pg_url_for(db: &str) -> String {
+    let admin = pg_admin_url();
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    format!("{base}/{db}")
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("coordinator.db").display());
+                TestDb {
+                    backend,
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let name = format!("appproxy_test_{}", Uuid::new_v4().simple());
+                let admin = Store::connect(&pg_admin_url(), 1).await.unwrap();
+                let Store::Postgres(pool) = &admin else {
+                    unreachable!()
+                };
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(pool)
+                    .await
+                    .expect("create the test database (is PostgreSQL running on 127.0.0.1:5432?)");
+                admin.close().await;
+                TestDb {
+                    backend,
+                    url: pg_url_for(&name),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    /// A new connection pool on this database, migrated.
+    pub async fn store(&self) -> Store {
+        let store = Store::connect(&self.url, 8).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop runs outside async; use a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = Store::connect(&pg_admin_url(), 1).await {
+                    if let Store::Postgres(pool) = &admin {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(pool)
+                        .await;
+                    }
+                    admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub const MANAGER: &str = "manager-test-token";
+pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
+
+/// The real router, served on 127.0.0.1:<free port>.
+pub struct TestApp {
+    pub url: String,
+    pub http: Client,
+    pub store: Store,
+    pub db: TestDb,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The problem `type` slug, for problem answers.
+    pub fn problem(&self) -> &str {
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "{:?}",
+            self.body
+        );
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("https://appproxy.backend.ai/problems/"))
+            .unwrap_or_else(|| panic!("no problem type in {}", self.body))
+    }
+}
+
+impl TestApp {
+    pub async fn start(backend: Backend) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        TestApp::serve(db, store, 64 * 1024).await
+    }
+
+    pub async fn serve(db: TestDb, store: Store, max_body: usize) -> TestApp {
+        let state = AppState {
+            store: store.clone(),
+            tokens: Arc::new(Tokens {
+                manager: Secret::new(MANAGER),
+                worker: Secret::new(BOOTSTRAP),
+            }),
+            metrics: Metrics::new(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = api::router(state, max_body);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestApp {
+            url: format!("http://{addr}"),
+            http: http_client(),
+            store,
+            db,
+        }
+    }
+
+    /// Sends a request with an optional bearer token and JSON body.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(req.send().await.unwrap()).await
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Answer {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        answer(req.send().await.unwrap()).await
+    }
+
+    pub async fn manager(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.call(method, path, Some(MANAGER), body).await
+    }
+
+    /// Registers a port-mode worker; returns (worker id, its token, the answer body).
+    pub async fn register(&self, name: &str, ports: [u16; 2]) -> (Uuid, String, Value) {
+        self.register_with(json!({
+            "name": name,
+            "api_url": "http://127.0.0.1:10201",
+            "frontend": {"mode": "port", "host": "proxy.test", "port_range": ports}
+        }))
+        .await
+    }
+
+    pub async fn register_with(&self, body: Value) -> (Uuid, String, Value) {
+        let a = self
+            .call(
+                Method::POST,
+                "/workers/register",
+                Some(BOOTSTRAP),
+                Some(body),
+            )
+            .await;
+        assert!(a.status.is_success(), "{:?}", a.body);
+        let id = a.body["worker"]["id"].as_str().unwrap().parse().unwrap();
+        let token = a.body["token"].as_str().unwrap().to_owned();
+        (id, token, a.body)
+    }
+
+    pub async fn create(&self, body: Value) -> Answer {
+        self.manager(Method::POST, "/routes", Some(body)).await
+    }
+
+    pub async fn revision(&self) -> i64 {
+        self.store.current_revision().await.unwrap()
+    }
+
+    pub async fn route_count(&self) -> usize {
+        let a = self.manager(Method::GET, "/routes?limit=1000", None).await;
+        a.body["items"].as_array().unwrap().len()
+    }
+}
+
+pub fn http_client() -> Client {
+    appproxy_coordinator::server::install_crypto_provider();
+    Client::new()
+}
+
+async fn answer(r: reqwest::Response) -> Answer {
+    let status = r.status();
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Answer {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// A minimal interactive route body for `session` and `service`.
+pub fn route(session: Uuid, service: &str) -> Value {
+    json!({
+        "session_id": session,
+        "service": service,
+        "targets": [{"host": "10.0.1.7", "port": 8888}]
+    })
+}
+
+/// Generates `#[tokio::test]`s running each scenario on SQLite and PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::common::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::common::Backend::Postgres).await })*
+        }
+    };
+}
