@@ -1,0 +1,427 @@
+//! The real binary: the README tour on the embedded default, restarts,
+//! PostgreSQL with `migrate`, HTTPS, configuration and shutdown.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Backend, TestDb};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_appproxy-coordinator");
+
+/// A running coordinator process and everything it logged.
+struct Coordinator {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    url: String,
+}
+
+impl Coordinator {
+    fn start(args: &[&str], envs: &[(&str, &str)], scheme: &str) -> Coordinator {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .args(["--bind", "127.0.0.1:0"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the coordinator");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Some(addr) = log
+                .lock()
+                .unwrap()
+                .split("listening on ")
+                .nth(1)
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_digit() || ".:[]".contains(*c))
+                        .collect::<String>()
+                })
+            {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not start:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Coordinator {
+            child,
+            log,
+            url: format!("{scheme}://{addr}"),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {limit:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_token(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.token")))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+async fn post(url: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    let r = common::http_client()
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn worker_body(name: &str) -> Value {
+    json!({"name": name, "api_url": "http://127.0.0.1:10201",
+           "frontend": {"mode": "port", "host": "127.0.0.1", "port_range": [10205, 10300]}})
+}
+
+#[tokio::test]
+async fn readme_tour_on_the_embedded_default() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = Coordinator::start(&["--data-dir", data.to_str().unwrap()], &[], "http");
+    let manager = read_token(&data, "manager");
+    let bootstrap = read_token(&data, "worker");
+    for name in ["manager.token", "worker.token"] {
+        let mode = std::fs::metadata(data.join(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    assert!(
+        data.join("coordinator.db").exists(),
+        "embedded SQLite in the data dir"
+    );
+
+    let (status, reg) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("worker-1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let worker = reg["worker"]["id"].as_str().unwrap().to_owned();
+    let worker_token = reg["token"].as_str().unwrap().to_owned();
+    let session = "3f6c9a52-0d61-4a6d-9b59-2f3d6c0a1e11";
+    let (status, route) = post(
+        &format!("{}/routes", c.url),
+        &manager,
+        json!({"session_id": session, "service": "jupyter", "targets": [{"host": "10.0.1.7", "port": 8888}],
+               "access": {"allowed_client_ips": ["10.0.0.0/8"]}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(route["frontend"]["url"], "http://127.0.0.1:10205");
+
+    let http = common::http_client();
+    let found: Value = http
+        .get(format!("{}/lookup?worker_id={worker}&port=10205", c.url))
+        .bearer_auth(&worker_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["id"], route["id"]);
+    let rev = route["revision"].as_i64().unwrap();
+    let (status, ack) = post(
+        &format!("{}/workers/{worker}/heartbeat", c.url),
+        &worker_token,
+        json!({"acked_revision": rev}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(ack["status"], "Ready");
+    let deleted: Value = http
+        .delete(format!("{}/sessions/{session}", c.url))
+        .bearer_auth(&manager)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(deleted, json!({"deleted": 1}));
+
+    let status = c.terminate(Duration::from_secs(10));
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
+
+#[tokio::test]
+async fn logs_name_token_files_but_never_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = Coordinator::start(
+        &["--data-dir", data.to_str().unwrap(), "--log-format", "json"],
+        &[("RUST_LOG", "debug")],
+        "http",
+    );
+    let manager = read_token(&data, "manager");
+    let bootstrap = read_token(&data, "worker");
+    let (_, reg) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("w"),
+    )
+    .await;
+    let worker_token = reg["token"].as_str().unwrap().to_owned();
+    let _ = post(&format!("{}/routes", c.url), &manager, json!({})).await;
+    let log = c.log();
+    assert!(
+        log.contains("manager.token"),
+        "the generated file is named:\n{log}"
+    );
+    for secret in [&manager, &bootstrap, &worker_token] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a token leaked into the log:\n{log}"
+        );
+    }
+    for line in log.lines() {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_and_worker_keep_ids_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap()];
+    let c = Coordinator::start(&args, &[], "http");
+    let (manager, bootstrap) = (read_token(&data, "manager"), read_token(&data, "worker"));
+    let (_, first) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("w"),
+    )
+    .await;
+    let (_, route) = post(
+        &format!("{}/routes", c.url),
+        &manager,
+        json!({"session_id": uuid::Uuid::new_v4(), "service": "ssh", "protocol": "tcp", "targets": [{"host": "10.0.1.7", "port": 22}]}),
+    )
+    .await;
+    assert_eq!(route["frontend"]["url"], "tcp://127.0.0.1:10205");
+    assert!(c.terminate(Duration::from_secs(10)).success());
+
+    let c = Coordinator::start(&args, &[], "http");
+    assert_eq!(
+        read_token(&data, "manager"),
+        manager,
+        "tokens are generated once"
+    );
+    let (status, again) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("w"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["worker"]["id"], first["worker"]["id"]);
+    assert_eq!(again["routes"][0]["id"], route["id"]);
+    assert_eq!(again["routes"][0]["frontend"], route["frontend"]);
+}
+
+#[tokio::test]
+async fn migrate_then_serve_on_postgres() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let out = Command::new(BIN)
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = Coordinator::start(
+        &["--database-url", &db.url, "--no-migrate"],
+        &[
+            ("APPPROXY_MANAGER_TOKEN", "m-secret"),
+            ("APPPROXY_WORKER_TOKEN", "w-secret"),
+        ],
+        "http",
+    );
+    assert!(c.log().contains("\"postgres\""), "{}", c.log());
+    let (status, _) = post(
+        &format!("{}/workers/register", c.url),
+        "w-secret",
+        worker_body("pg-worker"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let ready = common::http_client()
+        .get(format!("{}/readyz", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn serves_https_with_tls_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+        &[],
+        "https",
+    );
+    appproxy_coordinator::server::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let url = c.url.replace("127.0.0.1", "localhost");
+    let r = client.get(format!("{url}/livez")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let plain = common::http_client()
+        .get(format!("{}/livez", c.url.replace("https", "http")))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP is not served"
+    );
+}
+
+#[test]
+fn config_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "bind = \"0.0.0.0:7000\"\nmax_connections = 4\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "config",
+            "--config",
+            file.to_str().unwrap(),
+            "--max-connections",
+            "8",
+        ])
+        .env("APPPROXY_MANAGER_TOKEN", "super-secret-manager")
+        .env(
+            "APPPROXY_DATABASE_URL",
+            "postgres://app:db-password@db/appproxy",
+        )
+        .env("APPPROXY_BIND", "0.0.0.0:7001")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let shown: toml::Table = text.parse().unwrap();
+    assert_eq!(
+        shown["bind"].as_str(),
+        Some("0.0.0.0:7001"),
+        "environment beats the file"
+    );
+    assert_eq!(
+        shown["max_connections"].as_integer(),
+        Some(8),
+        "flags beat the file"
+    );
+    assert_eq!(shown["manager_token"].as_str(), Some("<redacted>"));
+    assert!(
+        !text.contains("super-secret-manager") && !text.contains("db-password"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["config", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.toml does not exist"));
+    let out = Command::new(BIN)
+        .args(["--database-url", "mysql://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postgres://"));
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "APPPROXY_BIND",
+        "APPPROXY_DATABASE_URL",
+        "APPPROXY_DATA_DIR",
+        "APPPROXY_MANAGER_TOKEN_FILE",
+    ] {
+        assert!(help.contains(var), "--help documents {var}");
+    }
+}
