@@ -119,6 +119,50 @@ pub struct Options {
         default
     )]
     pub shutdown_timeout: Option<Duration>,
+    /// How often idle watch streams get a bookmark [default: 10s].
+    #[arg(long, global = true, env = "APPPROXY_BOOKMARK_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub bookmark_interval: Option<Duration>,
+    /// Keep-alive comments on idle watch streams [default: 15s].
+    #[arg(long, global = true, env = "APPPROXY_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub keepalive_interval: Option<Duration>,
+    /// Safety-net poll of the change log, besides commit wake-ups [default: 1s].
+    #[arg(long, global = true, env = "APPPROXY_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub poll_interval: Option<Duration>,
+    /// Change-log rows always kept, newest first [default: 100000].
+    #[arg(long, global = true, env = "APPPROXY_LOG_RETENTION_REVISIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_retention_revisions: Option<u64>,
+    /// Change-log rows younger than this are kept too [default: 1h].
+    #[arg(long, global = true, env = "APPPROXY_LOG_RETENTION", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub log_retention: Option<Duration>,
+    /// How often the change log is compacted [default: 1m].
+    #[arg(long, global = true, env = "APPPROXY_COMPACTION_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub compaction_interval: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -175,6 +219,17 @@ pub struct Config {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub bookmark_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    pub log_retention_revisions: u64,
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub compaction_interval: Duration,
 }
 
 impl Default for Config {
@@ -194,6 +249,12 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_connections: 16,
             shutdown_timeout: Duration::from_secs(10),
+            bookmark_interval: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            poll_interval: Duration::from_secs(1),
+            log_retention_revisions: 100_000,
+            log_retention: Duration::from_secs(3600),
+            compaction_interval: Duration::from_secs(60),
         }
     }
 }
@@ -268,6 +329,15 @@ impl Config {
     /// The configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The hub's settings.
+    pub fn hub(&self) -> crate::hub::HubConfig {
+        crate::hub::HubConfig {
+            poll_interval: self.poll_interval,
+            bookmark_interval: self.bookmark_interval,
+            ..crate::hub::HubConfig::default()
+        }
     }
 
     /// Where the embedded database lives when no URL is configured.

@@ -6,8 +6,10 @@
 //! - [`config`], [`telemetry`]: typed configuration, logs and metrics.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod domain;
+pub mod hub;
 pub mod server;
 pub mod store;
 pub mod telemetry;

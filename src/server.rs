@@ -10,6 +10,7 @@ use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
 use crate::config::{self, Config};
+use crate::hub::{self, Hub};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -53,15 +54,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
+    let metrics = Metrics::new();
+    let hub = Hub::start(store.clone(), config.hub(), metrics.clone());
+    tokio::spawn(hub::compact_periodically(
+        hub.clone(),
+        config.compaction_interval,
+        config.log_retention_revisions,
+        config.log_retention,
+    ));
     let state = AppState {
         store: store.clone(),
+        hub: hub.clone(),
         tokens: Arc::new(tokens),
-        metrics: Metrics::new(),
+        metrics,
+        keep_alive: config.keepalive_interval,
     };
     let app = api::router(state, config.max_body_bytes);
 
     let handle = Handle::new();
-    tokio::spawn(shutdown_on_signal(handle.clone(), config.shutdown_timeout));
+    tokio::spawn(shutdown_on_signal(
+        handle.clone(),
+        hub,
+        config.shutdown_timeout,
+    ));
     let served = {
         let listening = handle.clone();
         let backend = store.backend();
@@ -99,7 +114,7 @@ fn announce(addr: SocketAddr, backend: &str) {
     tracing::info!(%addr, database = backend, "listening on {addr}");
 }
 
-async fn shutdown_on_signal(handle: Handle, timeout: std::time::Duration) {
+async fn shutdown_on_signal(handle: Handle, hub: Hub, timeout: std::time::Duration) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -116,5 +131,7 @@ async fn shutdown_on_signal(handle: Handle, timeout: std::time::Duration) {
         () = term => {}
     }
     tracing::info!(timeout = ?timeout, "shutting down: no new connections, finishing open ones");
+    // Streams end with a final bookmark, so their connections can close.
+    hub.shutdown();
     handle.graceful_shutdown(Some(timeout));
 }

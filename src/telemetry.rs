@@ -11,6 +11,9 @@ use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+use chrono::{DateTime, Utc};
+
+use crate::domain::events::StreamEvent;
 use crate::domain::{RouteStatus, WorkerStatus};
 use crate::store::Counts;
 
@@ -81,6 +84,16 @@ impl From<WorkerStatus> for StatusLabel {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
 /// Every metric the coordinator exports.
 pub struct Metrics {
     registry: Registry,
@@ -88,6 +101,10 @@ pub struct Metrics {
     pub http_latency: Family<HttpLatencyLabels, Histogram>,
     pub routes: Family<StatusLabels, Gauge>,
     pub workers: Family<StatusLabels, Gauge>,
+    pub open_streams: Gauge,
+    pub events_sent: Family<EventLabels, Counter>,
+    pub fanout_latency: Histogram,
+    pub ack_lag: Family<WorkerLabels, Gauge>,
 }
 
 impl Metrics {
@@ -113,12 +130,42 @@ impl Metrics {
         registry.register("routes", "Routes by status", routes.clone());
         let workers = Family::<StatusLabels, Gauge>::default();
         registry.register("workers", "Workers by status", workers.clone());
+        let open_streams = Gauge::default();
+        registry.register(
+            "open_streams",
+            "Watch streams currently open (workers and managers)",
+            open_streams.clone(),
+        );
+        let events_sent = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "stream_events_sent",
+            "Events sent on watch streams, by event",
+            events_sent.clone(),
+        );
+        let fanout_latency = Histogram::new([
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+        ]);
+        registry.register(
+            "fanout_latency_seconds",
+            "From a change's transaction to its event leaving on a stream",
+            fanout_latency.clone(),
+        );
+        let ack_lag = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "worker_ack_lag_revisions",
+            "Current revision minus the revision a worker last acknowledged",
+            ack_lag.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http_requests,
             http_latency,
             routes,
             workers,
+            open_streams,
+            events_sent,
+            fanout_latency,
+            ack_lag,
         })
     }
 
@@ -135,6 +182,19 @@ impl Metrics {
             self.workers
                 .get_or_create(&StatusLabels { status: s.into() })
                 .set(n);
+        }
+    }
+
+    /// Counts an event sent on a stream; `committed` times live changes.
+    pub fn sent(&self, event: &StreamEvent, committed: Option<DateTime<Utc>>) {
+        self.events_sent
+            .get_or_create(&EventLabels {
+                event: event.name(),
+            })
+            .inc();
+        if let Some(at) = committed {
+            let secs = (Utc::now() - at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.fanout_latency.observe(secs.max(0.0));
         }
     }
 

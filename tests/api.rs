@@ -1046,14 +1046,14 @@ async fn every_mutation_is_in_the_change_log(b: Backend) {
     app.manager(Method::DELETE, &format!("/sessions/{session}"), None)
         .await;
 
-    let rows: Vec<(i64, String, Option<Uuid>)> = match &app.store {
-        appproxy_coordinator::store::Store::Postgres(p) => {
+    let rows: Vec<(i64, String, Option<Uuid>)> = match app.store.db() {
+        appproxy_coordinator::store::Db::Postgres(p) => {
             sqlx::query_as("SELECT revision, kind, worker_id FROM change_log ORDER BY revision")
                 .fetch_all(p)
                 .await
                 .unwrap()
         }
-        appproxy_coordinator::store::Store::Sqlite(p) => {
+        appproxy_coordinator::store::Db::Sqlite(p) => {
             sqlx::query_as("SELECT revision, kind, worker_id FROM change_log ORDER BY revision")
                 .fetch_all(p)
                 .await

@@ -3,107 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Backend, TestDb};
+use common::{BIN, Backend, Coordinator, TestDb};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_appproxy-coordinator");
-
-/// A running coordinator process and everything it logged.
-struct Coordinator {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    url: String,
-}
-
-impl Coordinator {
-    fn start(args: &[&str], envs: &[(&str, &str)], scheme: &str) -> Coordinator {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .args(["--bind", "127.0.0.1:0"])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start the coordinator");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            if let Some(addr) = log
-                .lock()
-                .unwrap()
-                .split("listening on ")
-                .nth(1)
-                .map(|rest| {
-                    rest.chars()
-                        .take_while(|c| c.is_ascii_digit() || ".:[]".contains(*c))
-                        .collect::<String>()
-                })
-            {
-                break addr;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not start:\n{}",
-                log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Coordinator {
-            child,
-            log,
-            url: format!("{scheme}://{addr}"),
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, then the exit status (within `limit`).
-    fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {limit:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn read_token(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.token")))

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod openapi;
 mod routes;
+mod watch;
 mod workers;
 
 use std::sync::Arc;
@@ -18,16 +19,21 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::config::Tokens;
+use crate::hub::Hub;
 use crate::store::Store;
 use crate::telemetry::{HttpLabels, HttpLatencyLabels, Metrics};
 pub use error::ApiError;
+pub use workers::{HeartbeatAck, Registration};
 
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub hub: Hub,
     pub tokens: Arc<Tokens>,
     pub metrics: Arc<Metrics>,
+    /// Interval of keep-alive comments on idle streams.
+    pub keep_alive: std::time::Duration,
 }
 
 /// JSON body; malformed or unknown input becomes a problem answer.
@@ -56,7 +62,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/workers", get(workers::list))
         .route("/workers/{id}", get(workers::get).delete(workers::delete))
         .route("/workers/{id}/heartbeat", post(workers::heartbeat))
+        .route("/workers/{id}/watch", get(watch::worker))
         .route("/routes", get(routes::list).post(routes::create))
+        .route("/routes/watch", get(watch::routes))
         .route(
             "/routes/{id}",
             get(routes::get)

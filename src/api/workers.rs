@@ -14,6 +14,7 @@ use super::auth::{
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
 use crate::domain::{Revision, Route, Worker, WorkerRegistration, WorkerStatus};
 use crate::store::Removal;
+use crate::telemetry::WorkerLabels;
 
 /// Answer to a registration: the worker, its token, and its routes as of `revision`.
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
@@ -80,6 +81,13 @@ pub async fn heartbeat(
         .store
         .heartbeat(id, beat.acked_revision, Utc::now())
         .await?;
+    state
+        .metrics
+        .ack_lag
+        .get_or_create(&WorkerLabels {
+            worker: id.to_string(),
+        })
+        .set(revision - beat.acked_revision.min(revision));
     Ok(json(StatusCode::OK, HeartbeatAck { status, revision }))
 }
 

@@ -4,6 +4,7 @@
 //! Every decision the coordinator makes about *what* should happen lives here and
 //! is unit-tested directly; the other modules decide *how* it happens.
 
+pub mod events;
 pub mod placement;
 pub mod route;
 pub mod validate;

@@ -252,6 +252,7 @@ mod tests {
             WorkerStatus::Ready,
             now,
             0,
+            0,
             routes,
             now,
             now,

@@ -131,6 +131,8 @@ pub struct Worker {
     pub last_heartbeat: DateTime<Utc>,
     /// The last revision the worker reported as applied.
     pub acked_revision: Revision,
+    /// The current revision minus `acked_revision`: how far behind it is.
+    pub revision_lag: Revision,
     pub route_count: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -145,6 +147,7 @@ impl Worker {
         status: WorkerStatus,
         last_heartbeat: DateTime<Utc>,
         acked_revision: Revision,
+        revision_lag: Revision,
         route_count: u64,
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
@@ -172,6 +175,7 @@ impl Worker {
             status,
             last_heartbeat,
             acked_revision,
+            revision_lag,
             route_count,
             created_at,
             updated_at,

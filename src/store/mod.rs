@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -23,8 +24,10 @@ use sqlx::sqlite::{
 };
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Database, Transaction};
+use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::domain::events::{Change, ChangeKind};
 use crate::domain::placement::{self, Assignment, PlacementError, Used};
 use crate::domain::{
     Revision, Route, RoutePatch, RouteSpec, RouteStatus, StoredRoute, ValidationError, Worker,
@@ -36,10 +39,21 @@ static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sql
 
 /// The database behind the coordinator.
 #[derive(Clone, Debug)]
-pub enum Store {
+pub enum Db {
     Postgres(PgPool),
     Sqlite(SqlitePool),
 }
+
+/// The store: a database plus a signal of the last revision this process
+/// committed (the hub wakes on it; other replicas learn through NOTIFY).
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+    committed: Arc<watch::Sender<Revision>>,
+}
+
+/// PostgreSQL channel a commit notifies, with its revision as the payload.
+pub const NOTIFY_CHANNEL: &str = "appproxy_changes";
 
 /// What can go wrong in the store, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -142,30 +156,48 @@ pub struct Counts {
 macro_rules! with_db {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            Store::Postgres($pool) => $body,
-            Store::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+            Db::Sqlite($pool) => $body,
         }
     };
 }
 
-/// Starting a write transaction: SQLite must take its write lock up front
-/// (`BEGIN IMMEDIATE`), or two readers upgrading at once deadlock.
-trait BeginWrite {
+/// Where the two backends differ.
+trait Dialect {
     type Db: Database;
+    /// A write transaction. SQLite must take its write lock up front
+    /// (`BEGIN IMMEDIATE`), or two readers upgrading at once deadlock.
     async fn begin_write(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
+    /// A read-only transaction whose statements all see one snapshot.
+    async fn begin_snapshot(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
+    /// The statement that tells other replicas about a commit, if any.
+    fn notify_sql(&self) -> Option<&'static str>;
 }
 
-impl BeginWrite for PgPool {
+impl Dialect for PgPool {
     type Db = sqlx::Postgres;
     async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         self.begin().await
     }
+    async fn begin_snapshot(&self) -> Result<Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+    }
+    fn notify_sql(&self) -> Option<&'static str> {
+        Some("SELECT pg_notify('appproxy_changes', $1::text)")
+    }
 }
 
-impl BeginWrite for SqlitePool {
+impl Dialect for SqlitePool {
     type Db = sqlx::Sqlite;
     async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.begin_with("BEGIN IMMEDIATE").await
+    }
+    async fn begin_snapshot(&self) -> Result<Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin().await
+    }
+    fn notify_sql(&self) -> Option<&'static str> {
+        None
     }
 }
 
@@ -178,7 +210,8 @@ macro_rules! route_columns {
 macro_rules! worker_select {
     () => {
         "SELECT w.id, w.spec, w.status, w.last_heartbeat, w.acked_revision, w.created_at, w.updated_at, \
-         (SELECT COUNT(*) FROM routes r WHERE r.worker_id = w.id) AS route_count FROM workers w"
+         (SELECT COUNT(*) FROM routes r WHERE r.worker_id = w.id) AS route_count, \
+         (SELECT revision FROM coordinator_state WHERE id = 1) - w.acked_revision AS revision_lag FROM workers w"
     };
 }
 
@@ -216,6 +249,7 @@ struct WorkerRow {
     status: String,
     last_heartbeat: DateTime<Utc>,
     acked_revision: i64,
+    revision_lag: i64,
     route_count: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -230,6 +264,7 @@ impl From<WorkerRow> for Worker {
             WorkerStatus::parse(&r.status).unwrap_or(WorkerStatus::NotReady),
             r.last_heartbeat,
             r.acked_revision,
+            r.revision_lag.max(0),
             u64::try_from(r.route_count).unwrap_or_default(),
             r.created_at,
             r.updated_at,
@@ -248,14 +283,26 @@ macro_rules! lock_revision {
     };
 }
 
-/// Records the last revision this transaction used.
+/// Records the last revision this transaction used and, on PostgreSQL,
+/// queues a NOTIFY that other replicas receive when it commits.
 macro_rules! save_revision {
-    ($tx:ident, $rev:expr) => {
+    ($pool:ident, $tx:ident, $rev:expr) => {{
         sqlx::query("UPDATE coordinator_state SET revision = $1 WHERE id = 1")
             .bind($rev)
             .execute(&mut *$tx)
-            .await?
-    };
+            .await?;
+        if let Some(sql) = $pool.notify_sql() {
+            sqlx::query(sql).bind($rev).execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Commits and tells this process's hub.
+macro_rules! commit {
+    ($self:ident, $tx:ident, $rev:expr) => {{
+        $tx.commit().await?;
+        $self.published($rev);
+    }};
 }
 
 /// Appends one change-log row.
@@ -498,6 +545,33 @@ fn relocation_spec(spec: &RouteSpec, current_subdomain: Option<&str>) -> RouteSp
 }
 
 impl Store {
+    fn new(db: Db) -> Store {
+        Store {
+            db,
+            committed: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// The database, for the hub's listener and for tests.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The last revision this process committed; changes on every commit.
+    pub fn commits(&self) -> watch::Receiver<Revision> {
+        self.committed.subscribe()
+    }
+
+    fn published(&self, revision: Revision) {
+        self.committed.send_if_modified(|last| {
+            let newer = revision > *last;
+            if newer {
+                *last = revision;
+            }
+            newer
+        });
+    }
+
     /// Connects to `database_url` (`postgres://…`, `sqlite://…`).
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Store> {
         if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
@@ -508,7 +582,7 @@ impl Store {
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(options);
-            Ok(Store::Postgres(pool))
+            Ok(Store::new(Db::Postgres(pool)))
         } else if database_url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(database_url)?;
             Store::open_sqlite(options, max_connections).await
@@ -537,44 +611,164 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        Ok(Store::Sqlite(pool))
+        Ok(Store::new(Db::Sqlite(pool)))
     }
 
     pub fn backend(&self) -> &'static str {
-        match self {
-            Store::Postgres(_) => "postgres",
-            Store::Sqlite(_) => "sqlite",
+        match self.db {
+            Db::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
         }
     }
 
     /// Applies the checked-in migrations for this backend.
     pub async fn migrate(&self) -> Result<()> {
-        match self {
-            Store::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
-            Store::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
+        match &self.db {
+            Db::Postgres(pool) => PG_MIGRATOR.run(pool).await?,
+            Db::Sqlite(pool) => SQLITE_MIGRATOR.run(pool).await?,
         }
         Ok(())
     }
 
     /// Answers when the database does.
     pub async fn ping(&self) -> Result<()> {
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             sqlx::query("SELECT 1").execute(pool).await?;
         });
         Ok(())
     }
 
     pub async fn close(&self) {
-        with_db!(self, pool => pool.close().await)
+        with_db!(&self.db, pool => pool.close().await)
     }
 
     /// The revision of the last committed change.
     pub async fn current_revision(&self) -> Result<Revision> {
-        Ok(with_db!(self, pool => {
+        Ok(with_db!(&self.db, pool => {
             sqlx::query_scalar::<_, i64>("SELECT revision FROM coordinator_state WHERE id = 1")
                 .fetch_one(pool)
                 .await?
         }))
+    }
+
+    // ---- change log ----------------------------------------------------------
+
+    /// Change-log rows after `after`, oldest first, at most `limit`; only the
+    /// rows of one worker's stream when `worker` is given.
+    pub async fn changes_after(
+        &self,
+        after: Revision,
+        worker: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<Change>> {
+        type Row = (
+            i64,
+            String,
+            Option<Uuid>,
+            Option<Uuid>,
+            Option<Json<serde_json::Value>>,
+            DateTime<Utc>,
+        );
+        let rows: Vec<Row> = with_db!(&self.db, pool => {
+            sqlx::query_as(
+                "SELECT revision, kind, route_id, worker_id, payload, created_at FROM change_log \
+                 WHERE revision > $1 AND ($2 IS NULL OR worker_id = $2) ORDER BY revision LIMIT $3",
+            )
+            .bind(after)
+            .bind(worker)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter()
+            .map(
+                |(revision, kind, route_id, worker_id, payload, created_at)| {
+                    let kind = ChangeKind::parse(&kind).ok_or_else(|| {
+                        StoreError::Database(sqlx::Error::Decode(
+                            format!("unknown change kind {kind}").into(),
+                        ))
+                    })?;
+                    let route = match (kind, payload) {
+                        (ChangeKind::RouteUpsert, Some(Json(v))) => Some(
+                            serde_json::from_value(v)
+                                .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))?,
+                        ),
+                        _ => None,
+                    };
+                    Ok(Change {
+                        revision,
+                        kind,
+                        route_id,
+                        worker_id,
+                        route,
+                        created_at,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// `(compacted, head)`: every revision after `compacted` is still in the
+    /// log, and `head` is the last one committed.
+    pub async fn log_horizon(&self) -> Result<(Revision, Revision)> {
+        Ok(with_db!(&self.db, pool => {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT compacted_revision, revision FROM coordinator_state WHERE id = 1",
+            )
+            .fetch_one(pool)
+            .await?
+        }))
+    }
+
+    /// The routes of one worker (or all routes) exactly as of one revision.
+    pub async fn snapshot(&self, worker: Option<Uuid>) -> Result<(Revision, Vec<Route>)> {
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin_snapshot().await?;
+            let head: i64 = sqlx::query_scalar("SELECT revision FROM coordinator_state WHERE id = 1")
+                .fetch_one(&mut *tx)
+                .await?;
+            let stored = fetch_routes!(&mut *tx, "($1 IS NULL OR worker_id = $1) ORDER BY id", worker);
+            let workers = fetch_workers!(&mut *tx);
+            tx.rollback().await?;
+            let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
+            let routes = stored
+                .iter()
+                .map(|r| r.to_route(r.worker_id.and_then(|w| by_id.get(&w).copied())))
+                .collect();
+            Ok((head, routes))
+        })
+    }
+
+    /// Drops change-log rows that are both older than `older_than` and not
+    /// among the last `keep_last` revisions. Returns how many went.
+    pub async fn compact_log(&self, keep_last: u64, older_than: DateTime<Utc>) -> Result<u64> {
+        let older_than = db_time(older_than);
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            let head = lock_revision!(tx);
+            let keep_from = head.saturating_sub(i64::try_from(keep_last).unwrap_or(i64::MAX));
+            let cutoff: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(revision) FROM change_log WHERE revision <= $1 AND created_at < $2",
+            )
+            .bind(keep_from)
+            .bind(older_than)
+            .fetch_one(&mut *tx)
+            .await?;
+            let Some(cutoff) = cutoff else { return Ok(0) };
+            let deleted = sqlx::query("DELETE FROM change_log WHERE revision <= $1")
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            sqlx::query(
+                "UPDATE coordinator_state SET compacted_revision = $1 WHERE id = 1 AND compacted_revision < $1",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(deleted)
+        })
     }
 
     // ---- workers -------------------------------------------------------------
@@ -589,7 +783,7 @@ impl Store {
     ) -> Result<Registered> {
         let now = db_time(now);
         validate::registration(&registration)?;
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM workers WHERE name = $1")
@@ -627,19 +821,19 @@ impl Store {
             }
             let worker = fetch_worker!(&mut *tx, id).ok_or(StoreError::NotFound)?;
             log_change!(tx, rev, "worker_upsert", route: None::<Uuid>, worker: Some(id), payload: Some(Json(&worker)), now);
-            save_revision!(tx, rev);
+            save_revision!(pool, tx, rev);
             let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", id)
                 .iter()
                 .map(|r| r.to_route(Some(&worker)))
                 .collect();
-            tx.commit().await?;
+            commit!(self, tx, rev);
             Ok(Registered { worker, created: existing.is_none(), revision: rev, routes })
         })
     }
 
     /// SHA-256 of the worker's current token.
     pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
-        Ok(with_db!(self, pool => {
+        Ok(with_db!(&self.db, pool => {
             sqlx::query_scalar::<_, Vec<u8>>("SELECT token_hash FROM workers WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
@@ -665,7 +859,7 @@ impl Store {
                 ),
             }));
         }
-        let status: Option<String> = with_db!(self, pool => {
+        let status: Option<String> = with_db!(&self.db, pool => {
             sqlx::query_scalar(
                 "UPDATE workers SET last_heartbeat = $2, \
                  acked_revision = CASE WHEN acked_revision < $3 THEN $3 ELSE acked_revision END \
@@ -696,7 +890,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Worker> {
         let now = db_time(now);
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let mut worker = fetch_worker!(&mut *tx, id).ok_or(StoreError::NotFound)?;
@@ -712,18 +906,18 @@ impl Store {
             worker.status = status;
             worker.updated_at = now;
             log_change!(tx, rev, "worker_upsert", route: None::<Uuid>, worker: Some(id), payload: Some(Json(&worker)), now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(worker)
         })
     }
 
     pub async fn get_worker(&self, id: Uuid) -> Result<Worker> {
-        with_db!(self, pool => fetch_worker!(pool, id)).ok_or(StoreError::NotFound)
+        with_db!(&self.db, pool => fetch_worker!(pool, id)).ok_or(StoreError::NotFound)
     }
 
     pub async fn list_workers(&self) -> Result<Vec<Worker>> {
-        let mut workers = with_db!(self, pool => fetch_workers!(pool));
+        let mut workers = with_db!(&self.db, pool => fetch_workers!(pool));
         workers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(workers)
     }
@@ -733,7 +927,7 @@ impl Store {
     /// that fit nowhere become `Pending`.
     pub async fn delete_worker(&self, id: Uuid, now: DateTime<Utc>) -> Result<Removal> {
         let now = db_time(now);
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let workers: Vec<Worker> = fetch_workers!(&mut *tx);
@@ -779,8 +973,8 @@ impl Store {
             sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(&mut *tx).await?;
             rev += 1;
             log_change!(tx, rev, "worker_delete", route: None::<Uuid>, worker: Some(id), payload: None::<Json<Worker>>, now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(removal)
         })
     }
@@ -796,15 +990,15 @@ impl Store {
     ) -> Result<Route> {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             if fetch_route!(&mut *tx, "id = $1", id).is_some() {
                 return Err(StoreError::Conflict { message: format!("route {id} already exists"), existing: None });
             }
             let route = create_in_tx!(tx, rev, id, spec, now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(route)
         })
     }
@@ -819,13 +1013,13 @@ impl Store {
     ) -> Result<Upserted> {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let Some(mut current) = fetch_route!(&mut *tx, "id = $1", id) else {
                 let route = create_in_tx!(tx, rev, id, spec, now);
-                save_revision!(tx, rev);
-                tx.commit().await?;
+                save_revision!(pool, tx, rev);
+                commit!(self, tx, rev);
                 return Ok(Upserted::Created(route));
             };
             let worker = match current.worker_id {
@@ -851,8 +1045,8 @@ impl Store {
             let route = update_spec_in_tx(&mut current, rev, now, worker.as_ref());
             update_route!(tx, &current);
             log_change!(tx, rev, "route_upsert", route: Some(id), worker: current.worker_id, payload: Some(Json(&route)), now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(Upserted::Updated(route))
         })
     }
@@ -865,7 +1059,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Route> {
         let now = db_time(now);
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let mut current = fetch_route!(&mut *tx, "id = $1", id).ok_or(StoreError::NotFound)?;
@@ -884,14 +1078,14 @@ impl Store {
             let route = update_spec_in_tx(&mut current, rev, now, worker.as_ref());
             update_route!(tx, &current);
             log_change!(tx, rev, "route_upsert", route: Some(id), worker: current.worker_id, payload: Some(Json(&route)), now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(route)
         })
     }
 
     pub async fn get_route(&self, id: Uuid) -> Result<Route> {
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let stored = fetch_route!(pool, "id = $1", id).ok_or(StoreError::NotFound)?;
             let worker = match stored.worker_id {
                 Some(w) => fetch_worker!(pool, w),
@@ -909,7 +1103,7 @@ impl Store {
         cursor: Option<Uuid>,
     ) -> Result<Page> {
         let limit = limit.clamp(1, 1000);
-        let (stored, workers) = with_db!(self, pool => {
+        let (stored, workers) = with_db!(&self.db, pool => {
             let rows = fetch_routes!(
                 pool,
                 "($1 IS NULL OR session_id = $1) AND ($2 IS NULL OR endpoint_id = $2) \
@@ -935,7 +1129,7 @@ impl Store {
         port: Option<u16>,
         subdomain: Option<&str>,
     ) -> Result<Route> {
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let stored = match (port, subdomain) {
                 (Some(port), _) => fetch_route!(pool, "worker_id = $1 AND frontend_port = $2", worker_id, i32::from(port)),
                 (None, Some(sub)) => fetch_route!(pool, "worker_id = $1 AND frontend_subdomain = $2", worker_id, sub),
@@ -950,7 +1144,7 @@ impl Store {
     /// Deletes one route; `NotFound` if it does not exist.
     pub async fn delete_route(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
         let now = db_time(now);
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let worker_id: Option<Option<Uuid>> = sqlx::query_scalar("DELETE FROM routes WHERE id = $1 RETURNING worker_id")
@@ -959,8 +1153,8 @@ impl Store {
                 .await?;
             let worker_id = worker_id.ok_or(StoreError::NotFound)?;
             log_change!(tx, rev, "route_delete", route: Some(id), worker: worker_id, payload: None::<Json<Route>>, now);
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(())
         })
     }
@@ -968,7 +1162,7 @@ impl Store {
     /// Deletes every interactive route of a session in one transaction.
     pub async fn delete_session(&self, session_id: Uuid, now: DateTime<Utc>) -> Result<u64> {
         let now = db_time(now);
-        with_db!(self, pool => {
+        with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let deleted: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
@@ -984,8 +1178,8 @@ impl Store {
                 rev += 1;
                 log_change!(tx, rev, "route_delete", route: Some(*route_id), worker: *worker_id, payload: None::<Json<Route>>, now);
             }
-            save_revision!(tx, rev);
-            tx.commit().await?;
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
             Ok(deleted.len() as u64)
         })
     }
@@ -994,7 +1188,7 @@ impl Store {
     pub async fn counts(&self) -> Result<Counts> {
         // Mirrors RouteStatus::derive in SQL so a scrape does not read every route.
         type ByStatus = Vec<(String, i64)>;
-        let (routes, workers): (ByStatus, ByStatus) = with_db!(self, pool => {
+        let (routes, workers): (ByStatus, ByStatus) = with_db!(&self.db, pool => {
             let routes = sqlx::query_as(
                 "SELECT CASE WHEN r.worker_id IS NULL THEN 'Pending' \
                              WHEN w.status = 'Lost' THEN 'FailingOver' \

@@ -4,11 +4,15 @@
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
 use appproxy_coordinator::config::{Secret, Tokens};
-use appproxy_coordinator::store::Store;
+use appproxy_coordinator::hub::{Hub, HubConfig};
+use appproxy_coordinator::store::{Db, Store};
 use appproxy_coordinator::telemetry::Metrics;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
@@ -56,7 +60,7 @@ impl TestDb {
             Backend::Postgres => {
                 let name = format!("appproxy_test_{}", Uuid::new_v4().simple());
                 let admin = Store::connect(&pg_admin_url(), 1).await.unwrap();
-                let Store::Postgres(pool) = &admin else {
+                let Db::Postgres(pool) = admin.db() else {
                     unreachable!()
                 };
                 sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -95,7 +99,7 @@ impl Drop for TestDb {
                 .unwrap();
             rt.block_on(async {
                 if let Ok(admin) = Store::connect(&pg_admin_url(), 1).await {
-                    if let Store::Postgres(pool) = &admin {
+                    if let Db::Postgres(pool) = admin.db() {
                         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
                         )))
@@ -110,6 +114,15 @@ impl Drop for TestDb {
     }
 }
 
+/// Short intervals, so tests see bookmarks and polls quickly.
+pub fn hub_config() -> HubConfig {
+    HubConfig {
+        poll_interval: std::time::Duration::from_millis(200),
+        bookmark_interval: std::time::Duration::from_millis(300),
+        ..HubConfig::default()
+    }
+}
+
 pub const MANAGER: &str = "manager-test-token";
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
 
@@ -118,6 +131,7 @@ pub struct TestApp {
     pub url: String,
     pub http: Client,
     pub store: Store,
+    pub hub: Hub,
     pub db: TestDb,
 }
 
@@ -150,13 +164,21 @@ impl TestApp {
     }
 
     pub async fn serve(db: TestDb, store: Store, max_body: usize) -> TestApp {
+        TestApp::serve_with(db, store, max_body, hub_config()).await
+    }
+
+    pub async fn serve_with(db: TestDb, store: Store, max_body: usize, hub: HubConfig) -> TestApp {
+        let metrics = Metrics::new();
+        let hub = Hub::start(store.clone(), hub, metrics.clone());
         let state = AppState {
             store: store.clone(),
+            hub: hub.clone(),
+            keep_alive: std::time::Duration::from_secs(15),
             tokens: Arc::new(Tokens {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
             }),
-            metrics: Metrics::new(),
+            metrics,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -166,6 +188,7 @@ impl TestApp {
             url: format!("http://{addr}"),
             http: http_client(),
             store,
+            hub,
             db,
         }
     }
@@ -294,4 +317,98 @@ macro_rules! on_both_backends {
             async fn $name() { super::$name($crate::common::Backend::Postgres).await })*
         }
     };
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_appproxy-coordinator");
+
+/// A running coordinator process and everything it logged.
+pub struct Coordinator {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub url: String,
+}
+
+impl Coordinator {
+    pub fn start(args: &[&str], envs: &[(&str, &str)], scheme: &str) -> Coordinator {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        if !args.contains(&"--bind") {
+            cmd.args(["--bind", "127.0.0.1:0"]);
+        }
+        cmd.env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the coordinator");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Some(addr) = log
+                .lock()
+                .unwrap()
+                .split("listening on ")
+                .nth(1)
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(|c| c.is_ascii_digit() || ".:[]".contains(*c))
+                        .collect::<String>()
+                })
+            {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "coordinator did not start:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Coordinator {
+            child,
+            log,
+            url: format!("{scheme}://{addr}"),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status (within `limit`).
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {limit:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

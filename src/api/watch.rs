@@ -1,0 +1,87 @@
+//! Server-Sent Event streams: a worker's own routes, or every route for
+//! managers. The events and their order come from the hub.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+
+use super::auth::{ManagerOnly, WorkerSelf};
+use super::{ApiError, ApiQuery, AppState};
+use crate::domain::Revision;
+use crate::domain::events::{Audience, StreamEvent};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchQuery {
+    since: Option<Revision>,
+}
+
+/// `?since=` wins over `Last-Event-ID` (what browsers and SSE clients resend).
+fn resume_point(query: &WatchQuery, headers: &HeaderMap) -> Result<Option<Revision>, ApiError> {
+    if query.since.is_some() {
+        return Ok(query.since);
+    }
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<Revision>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision number")),
+    }
+}
+
+fn sse(events: impl Stream<Item = StreamEvent> + Send + 'static, keep_alive: Duration) -> Response {
+    let events = events.map(|e| {
+        Ok::<_, Infallible>(
+            Event::default()
+                .event(e.name())
+                .id(e.revision().to_string())
+                .data(e.data()),
+        )
+    });
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keep_alive))
+        .into_response();
+    // Tell buffering reverse proxies to pass events through as they come.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", "no".parse().expect("valid header"));
+    response
+}
+
+/// `GET /workers/{id}/watch`: that worker's routes.
+pub async fn worker(
+    State(state): State<AppState>,
+    WorkerSelf(id): WorkerSelf,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let since = resume_point(&query, &headers)?;
+    state.store.get_worker(id).await?;
+    Ok(sse(
+        state.hub.stream(Audience::Worker(id), since),
+        state.keep_alive,
+    ))
+}
+
+/// `GET /routes/watch`: every route change.
+pub async fn routes(
+    State(state): State<AppState>,
+    _: ManagerOnly,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let since = resume_point(&query, &headers)?;
+    Ok(sse(
+        state.hub.stream(Audience::Manager, since),
+        state.keep_alive,
+    ))
+}

@@ -1,0 +1,631 @@
+//! Route propagation: worker and manager watch streams, resume, compaction,
+//! acknowledgements, replicas and restarts — driven with the library's worker
+//! client against the real router (and the real binary for restarts).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use appproxy_coordinator::client::{Agent, EventStream, RoutingTable, WorkerClient};
+use appproxy_coordinator::domain::WorkerRegistration;
+use appproxy_coordinator::domain::events::StreamEvent;
+use common::{BOOTSTRAP, Backend, Coordinator, MANAGER, TestApp, TestDb, route};
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+on_both_backends!(
+    streams_are_ordered_without_gaps_or_duplicates_under_concurrent_writers,
+    a_dropped_stream_resumes_exactly_where_it_left_off,
+    last_event_id_resumes_too,
+    a_resume_point_older_than_the_log_gets_a_snapshot,
+    a_worker_can_only_open_its_own_stream,
+    managers_see_every_route_change,
+    acknowledgements_make_routes_active_and_lag_visible,
+    shutdown_ends_streams_with_a_final_bookmark,
+    a_restarted_coordinator_resumes_the_agent_without_a_gap,
+);
+
+fn registration(name: &str) -> WorkerRegistration {
+    serde_json::from_value(json!({
+        "name": name,
+        "api_url": "http://127.0.0.1:10201",
+        "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 29999]}
+    }))
+    .unwrap()
+}
+
+async fn connect(app_url: &str, name: &str) -> (WorkerClient, RoutingTable) {
+    let (client, answer) = WorkerClient::register(
+        &common::http_client(),
+        app_url,
+        BOOTSTRAP,
+        &registration(name),
+    )
+    .await
+    .unwrap();
+    (client, RoutingTable::new(answer.revision, answer.routes))
+}
+
+async fn next(stream: &mut EventStream) -> StreamEvent {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream is open")
+        .expect("a well-formed event")
+}
+
+/// Applies events until the table reaches `revision`; returns the data events' revisions.
+async fn follow_until(
+    stream: &mut EventStream,
+    table: &mut RoutingTable,
+    revision: i64,
+) -> Vec<i64> {
+    let mut seen = Vec::new();
+    while table.revision < revision {
+        let e = next(stream).await;
+        table
+            .apply(&e)
+            .unwrap_or_else(|err| panic!("protocol violation: {err}"));
+        if matches!(e, StreamEvent::Upsert(_) | StreamEvent::Delete(_)) {
+            seen.push(e.revision());
+        }
+    }
+    seen
+}
+
+/// The worker's routes according to the API.
+async fn routes_of(app: &TestApp, worker: Uuid) -> BTreeMap<Uuid, i64> {
+    let page = app
+        .manager(
+            Method::GET,
+            &format!("/routes?worker_id={worker}&limit=1000"),
+            None,
+        )
+        .await;
+    page.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().parse().unwrap(),
+                r["revision"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn table_view(t: &RoutingTable) -> BTreeMap<Uuid, i64> {
+    t.routes.iter().map(|(id, r)| (*id, r.revision)).collect()
+}
+
+/// Revisions of the change-log rows that belong on `worker`'s stream.
+async fn logged_for(app: &TestApp, worker: Uuid, after: i64) -> Vec<i64> {
+    app.store
+        .changes_after(after, Some(worker), 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.route_id.is_some())
+        .map(|c| c.revision)
+        .collect()
+}
+
+async fn streams_are_ordered_without_gaps_or_duplicates_under_concurrent_writers(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (wa, mut ta) = connect(&app.url, "a").await;
+    let (wb, mut tb) = connect(&app.url, "b").await;
+    let start = ta.revision.min(tb.revision);
+    let mut sa = wa.watch(Some(ta.revision)).await.unwrap();
+    let mut sb = wb.watch(Some(tb.revision)).await.unwrap();
+
+    // Eight writers create, patch and delete routes on both workers at once.
+    let writers = (0..8).map(|w| {
+        let app = &app;
+        let workers = [wa.worker_id, wb.worker_id];
+        async move {
+            for i in 0..15 {
+                let mut body = route(Uuid::new_v4(), "jupyter");
+                body["worker_id"] = json!(workers[(w + i) % 2]);
+                let created = app.create(body).await;
+                assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+                let id = created.body["id"].as_str().unwrap().to_owned();
+                if i % 3 == 0 {
+                    app.manager(
+                        Method::PATCH,
+                        &format!("/routes/{id}"),
+                        Some(json!({"labels": {"i": i.to_string()}})),
+                    )
+                    .await;
+                }
+                if i % 4 == 0 {
+                    app.manager(Method::DELETE, &format!("/routes/{id}"), None)
+                        .await;
+                }
+            }
+        }
+    });
+    futures::future::join_all(writers).await;
+    let head = app.revision().await;
+
+    let got_a = follow_until(&mut sa, &mut ta, head).await;
+    let got_b = follow_until(&mut sb, &mut tb, head).await;
+    assert_eq!(
+        got_a,
+        logged_for(&app, wa.worker_id, start)
+            .await
+            .into_iter()
+            .filter(|r| *r > start)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got_b, logged_for(&app, wb.worker_id, start).await);
+    assert!(!got_a.is_empty() && !got_b.is_empty());
+    assert_eq!(table_view(&ta), routes_of(&app, wa.worker_id).await);
+    assert_eq!(table_view(&tb), routes_of(&app, wb.worker_id).await);
+    let a_routes: BTreeSet<_> = ta.routes.keys().collect();
+    assert!(
+        tb.routes.keys().all(|id| !a_routes.contains(id)),
+        "a stream carries only its worker's routes"
+    );
+}
+
+async fn a_dropped_stream_resumes_exactly_where_it_left_off(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (w, mut table) = connect(&app.url, "w").await;
+    let start = table.revision;
+    let mut stream = w.watch(Some(table.revision)).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            app.create(route(Uuid::new_v4(), "ssh")).await.body["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let e = next(&mut stream).await;
+        table.apply(&e).unwrap();
+        seen.push(e.revision());
+    }
+    drop(stream); // the connection drops mid-stream
+    for id in &ids[..2] {
+        app.manager(Method::DELETE, &format!("/routes/{id}"), None)
+            .await;
+    }
+    app.create(route(Uuid::new_v4(), "ssh")).await;
+
+    let mut resumed = w.watch(Some(table.revision)).await.unwrap();
+    let first = next(&mut resumed).await;
+    assert!(
+        !matches!(first, StreamEvent::Snapshot(_)),
+        "a retained revision resumes without a snapshot"
+    );
+    table.apply(&first).unwrap();
+    seen.push(first.revision());
+    seen.extend(follow_until(&mut resumed, &mut table, app.revision().await).await);
+    seen.dedup();
+    assert_eq!(
+        seen,
+        logged_for(&app, w.worker_id, start).await,
+        "no gap, no duplicate across the reconnect"
+    );
+    assert_eq!(table_view(&table), routes_of(&app, w.worker_id).await);
+}
+
+async fn last_event_id_resumes_too(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (w, table) = connect(&app.url, "w").await;
+    let created = app.create(route(Uuid::new_v4(), "ssh")).await;
+    let token = {
+        let reg = app
+            .call(
+                Method::POST,
+                "/workers/register",
+                Some(BOOTSTRAP),
+                Some(serde_json::to_value(registration("w")).unwrap()),
+            )
+            .await;
+        reg.body["token"].as_str().unwrap().to_owned()
+    };
+    let response = app
+        .http
+        .get(format!("{}/workers/{}/watch", app.url, w.worker_id))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", table.revision.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let rev = created.body["revision"].as_i64().unwrap();
+    assert!(text.contains("event: upsert"), "{text}");
+    assert!(text.contains(&format!("id: {rev}\n")), "{text}");
+    let bad = app
+        .http
+        .get(format!("{}/workers/{}/watch", app.url, w.worker_id))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+}
+
+async fn a_resume_point_older_than_the_log_gets_a_snapshot(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (w, table) = connect(&app.url, "w").await;
+    let old = table.revision;
+    for _ in 0..4 {
+        app.create(route(Uuid::new_v4(), "ssh")).await;
+    }
+    let deleted = app
+        .store
+        .compact_log(1, chrono::Utc::now() + chrono::Duration::seconds(5))
+        .await
+        .unwrap();
+    assert!(deleted >= 4, "compacted {deleted}");
+    let (compacted, head) = app.store.log_horizon().await.unwrap();
+    assert_eq!(compacted, head - 1, "only the last revision is kept");
+
+    let mut stream = w.watch(Some(old)).await.unwrap();
+    let StreamEvent::Snapshot(snapshot) = next(&mut stream).await else {
+        panic!("expected a snapshot")
+    };
+    assert_eq!(snapshot.revision, head);
+    assert_eq!(snapshot.routes.len(), 4);
+    // A revision from the future (another database) is not trusted either.
+    let mut stream = w.watch(Some(head + 1000)).await.unwrap();
+    assert!(matches!(next(&mut stream).await, StreamEvent::Snapshot(_)));
+    // Still-retained revisions resume normally.
+    let mut stream = w.watch(Some(head - 1)).await.unwrap();
+    assert!(matches!(next(&mut stream).await, StreamEvent::Upsert(u) if u.revision == head));
+}
+
+async fn a_worker_can_only_open_its_own_stream(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (me, my_token, _) = app.register("me", [20000, 20100]).await;
+    let (other, _, _) = app.register("other", [20000, 20100]).await;
+    for (token, worker, status) in [
+        (Some(my_token.as_str()), other, 403),
+        (Some(MANAGER), me, 403),
+        (Some(BOOTSTRAP), me, 403),
+        (None, me, 401),
+        (Some("bogus"), me, 401),
+    ] {
+        let a = app
+            .call(
+                Method::GET,
+                &format!("/workers/{worker}/watch"),
+                token,
+                None,
+            )
+            .await;
+        assert_eq!(a.status.as_u16(), status, "{token:?} on {worker}");
+    }
+    let a = app
+        .call(Method::GET, "/routes/watch", Some(&my_token), None)
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+}
+
+async fn managers_see_every_route_change(b: Backend) {
+    let app = TestApp::start(b).await;
+    app.register("a", [20000, 20100]).await;
+    app.register("b", [20000, 20100]).await;
+    let before = app.create(route(Uuid::new_v4(), "x")).await;
+    let response = app
+        .http
+        .get(format!("{}/routes/watch", app.url))
+        .bearer_auth(MANAGER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut events = response
+        .bytes_stream()
+        .map(|r| r.map(|b| b.to_vec()))
+        .map(|r| r.map_err(std::io::Error::other));
+    let mut buffer = String::new();
+    let mut parsed = Vec::new();
+    let one = app.create(route(Uuid::new_v4(), "x")).await;
+    let two = app.create(route(Uuid::new_v4(), "x")).await;
+    app.manager(
+        Method::DELETE,
+        &format!("/routes/{}", one.body["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    while parsed.len() < 4 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let name = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .map(str::to_owned);
+            let data = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned);
+            if let (Some(n), Some(d)) = (name, data) {
+                parsed.push(StreamEvent::parse(&n, &d).unwrap());
+            }
+        }
+    }
+    let StreamEvent::Snapshot(s) = &parsed[0] else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!(s.routes.len(), 1);
+    assert_eq!(
+        s.routes[0].id.to_string(),
+        before.body["id"].as_str().unwrap()
+    );
+    let workers: BTreeSet<_> = [&parsed[1], &parsed[2]]
+        .iter()
+        .map(|e| match e {
+            StreamEvent::Upsert(u) => u.route.worker_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(workers.len(), 2, "routes on both workers reach the manager");
+    assert!(
+        matches!(&parsed[3], StreamEvent::Delete(d) if d.route_id.to_string() == one.body["id"].as_str().unwrap())
+    );
+    assert!(two.status.is_success());
+}
+
+async fn acknowledgements_make_routes_active_and_lag_visible(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (tx, mut rx) = watch::channel(RoutingTable::default());
+    let mut agent = Agent::new(&app.url, BOOTSTRAP, registration("agent"));
+    agent.heartbeat_interval = Duration::from_millis(100);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(tx, async move {
+        let _ = stop_rx.await;
+    }));
+    rx.wait_for(|t| t.revision > 0).await.unwrap();
+    // Create the route once the agent's stream is open, so it arrives live.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !app
+        .call(Method::GET, "/metrics", None, None)
+        .await
+        .body
+        .as_str()
+        .unwrap()
+        .contains("appproxy_open_streams 1")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never opened its stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let created = app.create(route(Uuid::new_v4(), "jupyter")).await;
+    let id: Uuid = created.body["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(created.body["status"], "Propagating");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|t| t.routes.contains_key(&id)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let worker = created.body["worker_id"].as_str().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app
+            .manager(Method::GET, &format!("/routes/{id}"), None)
+            .await;
+        let w = app
+            .manager(Method::GET, &format!("/workers/{worker}"), None)
+            .await;
+        if r.body["status"] == "Active" && w.body["revision_lag"] == 0 {
+            assert!(
+                w.body["acked_revision"].as_i64().unwrap()
+                    >= created.body["revision"].as_i64().unwrap()
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "route never became Active: {:?} {:?}",
+            r.body,
+            w.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("appproxy_open_streams 1"), "{text}");
+    assert!(
+        text.contains("appproxy_stream_events_sent_total{event=\"upsert\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_fanout_latency_seconds_count 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "appproxy_worker_ack_lag_revisions{{worker=\"{worker}\"}} 0"
+        )),
+        "{text}"
+    );
+    stop_tx.send(()).unwrap();
+    running.await.unwrap();
+}
+
+async fn shutdown_ends_streams_with_a_final_bookmark(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (w, mut table) = connect(&app.url, "quiet").await;
+    let (busy, _, _) = app.register("busy", [30000, 30100]).await;
+    let mut stream = w.watch(Some(table.revision)).await.unwrap();
+    let mut body = route(Uuid::new_v4(), "x");
+    body["worker_id"] = json!(busy);
+    app.create(body).await;
+    let head = app.revision().await;
+    app.hub.shutdown();
+    let mut last = None;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        let e = e.unwrap();
+        table.apply(&e).unwrap();
+        last = Some(e);
+    }
+    assert_eq!(
+        last,
+        Some(StreamEvent::Bookmark(
+            appproxy_coordinator::domain::events::Bookmark { revision: head }
+        ))
+    );
+}
+
+async fn a_restarted_coordinator_resumes_the_agent_without_a_gap(b: Backend) {
+    let db = TestDb::new(b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let bind = format!("127.0.0.1:{port}");
+    let data = dir.path().to_str().unwrap().to_owned();
+    let db_url = match b {
+        Backend::Postgres => db.url.clone(),
+        Backend::Sqlite => format!("sqlite://{data}/coordinator.db"),
+    };
+    let args = [
+        "--bind",
+        &bind,
+        "--data-dir",
+        &data,
+        "--database-url",
+        &db_url,
+        "--bookmark-interval",
+        "200ms",
+    ];
+    let envs = [
+        ("APPPROXY_MANAGER_TOKEN", MANAGER),
+        ("APPPROXY_WORKER_TOKEN", BOOTSTRAP),
+    ];
+    let coordinator = Coordinator::start(&args, &envs, "http");
+    let url = coordinator.url.clone();
+
+    let (tx, mut rx) = watch::channel(RoutingTable::default());
+    let mut agent = Agent::new(&url, BOOTSTRAP, registration("survivor"));
+    agent.heartbeat_interval = Duration::from_millis(200);
+    agent.max_backoff = Duration::from_millis(300);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(agent.run(tx, async move {
+        let _ = stop_rx.await;
+    }));
+    rx.wait_for(|t| t.revision > 0).await.unwrap();
+    let http = common::http_client();
+    let create = |session: Uuid| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http
+                .post(format!("{url}/routes"))
+                .bearer_auth(MANAGER)
+                .json(&route(session, "jupyter"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            r.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse::<Uuid>()
+                .unwrap()
+        }
+    };
+    let first = create(Uuid::new_v4()).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|t| t.routes.contains_key(&first)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let before_restart = rx.borrow().revision;
+    assert!(coordinator.terminate(Duration::from_secs(10)).success());
+
+    let coordinator = Coordinator::start(&args, &envs, "http");
+    let second = create(Uuid::new_v4()).await;
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|t| t.routes.contains_key(&second)),
+    )
+    .await
+    .expect("the agent reconnects and catches up")
+    .unwrap();
+    let table = rx.borrow().clone();
+    assert!(table.revision > before_restart);
+    assert_eq!(
+        table.routes.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([first, second])
+    );
+    stop_tx.send(()).unwrap();
+    running.await.unwrap();
+    drop(coordinator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_postgres() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let url = db.url.clone();
+    let slow_poll = appproxy_coordinator::hub::HubConfig {
+        // Long enough that only NOTIFY can explain a prompt delivery.
+        poll_interval: Duration::from_secs(60),
+        bookmark_interval: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let store_a = db.store().await;
+    let replica_a = TestApp::serve_with(db, store_a, 64 * 1024, slow_poll.clone()).await;
+    let store_b = appproxy_coordinator::store::Store::connect(&url, 4)
+        .await
+        .unwrap();
+    let replica_b = TestApp::serve_with(
+        TestDb::new(Backend::Sqlite).await,
+        store_b,
+        64 * 1024,
+        slow_poll,
+    )
+    .await;
+
+    let (w, mut table) = connect(&replica_b.url, "w").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // replica B's listener is up
+    let mut stream = w.watch(Some(table.revision)).await.unwrap();
+    let started = std::time::Instant::now();
+    let created = replica_a.create(route(Uuid::new_v4(), "jupyter")).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let e = next(&mut stream).await;
+    table.apply(&e).unwrap();
+    assert!(
+        matches!(&e, StreamEvent::Upsert(u) if u.route.id.to_string() == created.body["id"].as_str().unwrap())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "delivered through NOTIFY, not the 60 s poll"
+    );
+}
