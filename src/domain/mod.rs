@@ -5,6 +5,7 @@
 //! is unit-tested directly; the other modules decide *how* it happens.
 
 pub mod events;
+pub mod health;
 pub mod placement;
 pub mod route;
 pub mod validate;

@@ -1,0 +1,97 @@
+//! Leader election for the singleton loops (liveness sweep, failover, expiry,
+//! log compaction, the Kubernetes mirror). Every replica serves the API and
+//! streams; only the leader runs these loops.
+//!
+//! Two electors implement [`Elector`]: a PostgreSQL advisory lock (standalone)
+//! and a Kubernetes Lease. With SQLite there is one process, which always leads.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// A way to hold leadership among replicas.
+pub trait Elector: Send + Sync + 'static {
+    /// Tries to become, or to stay, the leader. `Ok(true)` while this process
+    /// holds leadership; errors count as not leading.
+    fn try_acquire(&mut self) -> impl Future<Output = anyhow::Result<bool>> + Send;
+    /// Gives leadership up so another replica can take over at once.
+    fn release(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// The single process of an embedded (SQLite) deployment: always the leader.
+pub struct Sole;
+
+impl Elector for Sole {
+    async fn try_acquire(&mut self) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+    async fn release(&mut self) {}
+}
+
+/// Whether this process leads right now, and a way to wait for changes.
+#[derive(Clone, Debug)]
+pub struct Leadership {
+    rx: watch::Receiver<bool>,
+    /// Keeps a fixed leadership's channel open.
+    _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
+}
+
+impl Leadership {
+    pub fn is_leader(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Waits until this process leads.
+    pub async fn acquired(&mut self) {
+        let _ = self.rx.wait_for(|leading| *leading).await;
+    }
+
+    /// Waits until this process no longer leads.
+    pub async fn lost(&mut self) {
+        let _ = self.rx.wait_for(|leading| !*leading).await;
+    }
+
+    /// A leadership fixed at `leading` (tests, single-process tools).
+    pub fn fixed(leading: bool) -> Leadership {
+        let (tx, rx) = watch::channel(leading);
+        Leadership {
+            rx,
+            _fixed: Some(std::sync::Arc::new(tx)),
+        }
+    }
+}
+
+/// Runs `elector` every `renew_every` until `shutdown` resolves, then releases.
+pub fn spawn<E: Elector>(
+    mut elector: E,
+    renew_every: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Leadership {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut shutdown => break,
+            }
+            let leading = match elector.try_acquire().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election failed; not leading");
+                    false
+                }
+            };
+            let was = tx.send_replace(leading);
+            if leading != was {
+                tracing::info!(leading, "leadership changed");
+            }
+        }
+        tx.send_replace(false);
+        elector.release().await;
+    });
+    Leadership { rx, _fixed: None }
+}
