@@ -163,6 +163,34 @@ pub struct Options {
         default
     )]
     pub compaction_interval: Option<Duration>,
+    /// A worker silent this long is Lost, e.g. "30s" [default: 30s].
+    #[arg(long, global = true, env = "APPPROXY_HEARTBEAT_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a Lost worker keeps its routes before they move [default: 10s].
+    #[arg(long, global = true, env = "APPPROXY_FAILOVER_GRACE", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub failover_grace: Option<Duration>,
+    /// Routes moved (or collected) per transaction [default: 100].
+    #[arg(long, global = true, env = "APPPROXY_FAILOVER_BATCH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_batch: Option<u32>,
+    /// How often the leader renews its leadership and others try to take it [default: 2s].
+    #[arg(long, global = true, env = "APPPROXY_LEADER_RENEW_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub leader_renew_interval: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -230,6 +258,13 @@ pub struct Config {
     pub log_retention: Duration,
     #[serde(with = "humantime_serde")]
     pub compaction_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failover_grace: Duration,
+    pub failover_batch: u32,
+    #[serde(with = "humantime_serde")]
+    pub leader_renew_interval: Duration,
 }
 
 impl Default for Config {
@@ -255,6 +290,10 @@ impl Default for Config {
             log_retention_revisions: 100_000,
             log_retention: Duration::from_secs(3600),
             compaction_interval: Duration::from_secs(60),
+            heartbeat_timeout: Duration::from_secs(30),
+            failover_grace: Duration::from_secs(10),
+            failover_batch: 100,
+            leader_renew_interval: Duration::from_secs(2),
         }
     }
 }
@@ -337,6 +376,15 @@ impl Config {
             poll_interval: self.poll_interval,
             bookmark_interval: self.bookmark_interval,
             ..crate::hub::HubConfig::default()
+        }
+    }
+
+    /// The health loops' settings.
+    pub fn health(&self) -> crate::health::HealthConfig {
+        crate::health::HealthConfig {
+            heartbeat_timeout: self.heartbeat_timeout,
+            failover_grace: self.failover_grace,
+            batch_size: self.failover_batch,
         }
     }
 

@@ -1,14 +1,24 @@
 //! Worker health, failover and cleanup: the loops the leader runs.
 //!
 //! Health observations (heartbeats, timeouts, pod readiness) enter through
-//! [`observe`]; the rules live in `domain::health`.
+//! [`observe`]; the rules live in `domain::health`. Failover is decided here:
+//! a worker `Lost` for longer than the grace period has its routes re-placed
+//! (by the same placement rules as new routes, in batches, one transaction
+//! each); routes that fit nowhere wait as `Pending` and are placed as soon as
+//! a worker can take them.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::domain::WorkerStatus;
 use crate::domain::health::{Observation, next_status};
-use crate::store::{Store, StoreError};
+use crate::leader::Leadership;
+use crate::store::{Moved, Store, StoreError};
+use crate::telemetry::{Metrics, OutcomeLabels};
 
 /// Applies one observation about a worker. Returns the new status if it changed.
 pub async fn observe(
@@ -23,4 +33,127 @@ pub async fn observe(
     store.set_worker_status(worker_id, next, Utc::now()).await?;
     tracing::info!(worker = %worker_id, name = %worker.name, from = worker.status.as_str(), to = next.as_str(), ?observation, "worker status changed");
     Ok(Some(next))
+}
+
+/// Timeouts and batch size of the health loops.
+#[derive(Clone, Debug)]
+pub struct HealthConfig {
+    /// A worker silent this long is `Lost`.
+    pub heartbeat_timeout: Duration,
+    /// A `Lost` worker keeps its routes this long before they move.
+    pub failover_grace: Duration,
+    /// Routes moved, placed or collected per transaction.
+    pub batch_size: u32,
+}
+
+impl HealthConfig {
+    /// How often the loops look: a fraction of the shortest timeout.
+    pub fn tick(&self) -> Duration {
+        let shortest = self
+            .heartbeat_timeout
+            .min(self.failover_grace.max(Duration::from_millis(100)));
+        (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
+/// The leader's loops: liveness sweep, failover, placing pending routes and
+/// collecting expired ones. Each pass runs only while `leadership` holds.
+pub async fn run(
+    store: Store,
+    metrics: Arc<Metrics>,
+    mut leadership: Leadership,
+    config: HealthConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(config.tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !leadership.is_leader() {
+            tokio::select! {
+                () = leadership.acquired() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+        if let Err(e) = pass(&store, &metrics, &config).await {
+            tracing::warn!(error = %e, "health pass failed; retrying");
+        }
+    }
+}
+
+/// One pass of every loop.
+pub async fn pass(
+    store: &Store,
+    metrics: &Metrics,
+    config: &HealthConfig,
+) -> Result<(), StoreError> {
+    let now = Utc::now();
+    let timeout = chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or_default();
+    for worker in store.silent_workers(now - timeout).await? {
+        observe(store, worker, Observation::HeartbeatTimeout).await?;
+    }
+    let grace = chrono::Duration::from_std(config.failover_grace).unwrap_or_default();
+    for worker in store.workers_to_fail_over(Utc::now() - grace).await? {
+        loop {
+            let moved = store
+                .relocate_routes(worker.id, config.batch_size, Utc::now())
+                .await?;
+            if moved.is_empty() {
+                break;
+            }
+            let silent_for = (Utc::now() - worker.last_heartbeat)
+                .to_std()
+                .unwrap_or_default();
+            for m in &moved {
+                record_move(metrics, m, &worker.name, Some(silent_for));
+            }
+        }
+    }
+    for m in store.place_pending(config.batch_size, Utc::now()).await? {
+        record_move(metrics, &m, "", None);
+    }
+    loop {
+        let expired = store.delete_expired(Utc::now(), config.batch_size).await?;
+        for id in &expired {
+            tracing::info!(route = %id, "expired route collected");
+        }
+        metrics.expired.inc_by(expired.len() as u64);
+        if expired.len() < config.batch_size as usize {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn record_move(metrics: &Metrics, m: &Moved, from_name: &str, silent_for: Option<Duration>) {
+    match (m.from, m.to) {
+        (Some(from), Some(to)) => {
+            tracing::info!(route = %m.route_id, %from, worker = from_name, %to, "route failed over");
+            metrics
+                .failovers
+                .get_or_create(&OutcomeLabels { outcome: "moved" })
+                .inc();
+            if let Some(d) = silent_for {
+                metrics.failover_seconds.observe(d.as_secs_f64());
+            }
+        }
+        (Some(from), None) => {
+            tracing::warn!(route = %m.route_id, %from, worker = from_name, reason = m.reason.as_deref().unwrap_or(""), "route pending: no worker can take it");
+            metrics
+                .failovers
+                .get_or_create(&OutcomeLabels { outcome: "pending" })
+                .inc();
+        }
+        (None, Some(to)) => {
+            tracing::info!(route = %m.route_id, %to, "pending route placed");
+            metrics
+                .failovers
+                .get_or_create(&OutcomeLabels { outcome: "placed" })
+                .inc();
+        }
+        (None, None) => {}
+    }
 }

@@ -88,29 +88,44 @@ impl Hub {
         self.inner.shutdown.send_replace(true);
     }
 
+    /// A receiver that turns `true` at shutdown.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Resolves at shutdown.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.shutdown.subscribe();
+        async move { stopped(&mut rx).await }
+    }
+
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
 
-    /// The events `audience` should see, starting after `since` when that
-    /// revision is still in the log, else with a snapshot.
-    pub fn stream(
+    /// Opens a stream of the events `audience` should see: the changes after
+    /// `since` when that revision is still in the log, else a snapshot first.
+    /// The opening (snapshot or catch-up) is read before this returns, so a
+    /// change committed after it is an event on the stream; `Err` when the
+    /// database cannot be read.
+    pub async fn open(
         &self,
         audience: Audience,
         since: Option<Revision>,
-    ) -> impl Stream<Item = StreamEvent> + Send + 'static {
+    ) -> Result<impl Stream<Item = StreamEvent> + Send + 'static, ()> {
         let inner = self.inner.clone();
         let mut batches = inner.batches.subscribe();
         let mut shutdown = inner.shutdown.subscribe();
-        async_stream::stream! {
+        let mut events = Vec::new();
+        let mut cursor = start(&inner, audience, since, &mut events).await?;
+        Ok(async_stream::stream! {
             let metrics = inner.metrics.clone();
             metrics.open_streams.inc();
             let _open = scopeguard(move || { metrics.open_streams.dec(); });
-            let mut events = Vec::new();
-            let Ok(mut cursor) = start(&inner, audience, since, &mut events).await else { return };
             let mut last_sent = cursor;
             for e in events.drain(..) {
                 inner.metrics.sent(&e, None);
+                last_sent = e.revision();
                 yield e;
             }
             let mut bookmarks = tokio::time::interval(inner.config.bookmark_interval);
@@ -178,7 +193,7 @@ impl Hub {
                     }
                 }
             }
-        }
+        })
     }
 }
 
@@ -394,6 +409,7 @@ async fn listen(store: &Store) -> Option<PgListener> {
 /// Deletes change-log rows beyond retention, every `interval`, until shutdown.
 pub async fn compact_periodically(
     hub: Hub,
+    leadership: crate::leader::Leadership,
     interval: Duration,
     keep_revisions: u64,
     keep_for: Duration,
@@ -403,6 +419,9 @@ pub async fn compact_periodically(
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stopped(&mut shutdown) => return,
+        }
+        if !leadership.is_leader() {
+            continue;
         }
         let older_than = Utc::now() - chrono::Duration::from_std(keep_for).unwrap_or_default();
         match hub.store().compact_log(keep_revisions, older_than).await {

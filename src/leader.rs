@@ -95,3 +95,60 @@ pub fn spawn<E: Elector>(
     });
     Leadership { rx, _fixed: None }
 }
+
+/// Standalone leader election on PostgreSQL: a session advisory lock held on
+/// one dedicated connection. If the leader dies, its connection closes and
+/// PostgreSQL releases the lock; another replica takes it on its next try.
+pub struct AdvisoryLock {
+    pool: sqlx::PgPool,
+    key: i64,
+    /// Detached from the pool: dropping it closes the session, and with it the lock.
+    held: Option<sqlx::PgConnection>,
+}
+
+impl AdvisoryLock {
+    /// The lock every coordinator sharing a database competes for.
+    pub const KEY: i64 = 0x6170_7078_636f_6f72; // "appxcoor"
+
+    pub fn new(pool: sqlx::PgPool) -> AdvisoryLock {
+        AdvisoryLock {
+            pool,
+            key: AdvisoryLock::KEY,
+            held: None,
+        }
+    }
+}
+
+impl Elector for AdvisoryLock {
+    async fn try_acquire(&mut self) -> anyhow::Result<bool> {
+        if let Some(conn) = self.held.as_mut() {
+            // Still leading as long as the session holding the lock is alive.
+            match sqlx::query("SELECT 1").execute(&mut *conn).await {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    self.held = None;
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut conn = self.pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.key)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            self.held = Some(conn);
+        }
+        Ok(got)
+    }
+
+    async fn release(&mut self) {
+        if let Some(mut conn) = self.held.take() {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(self.key)
+                .execute(&mut conn)
+                .await;
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+}

@@ -10,8 +10,10 @@ use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
 use crate::config::{self, Config};
+use crate::health;
 use crate::hub::{self, Hub};
-use crate::store::Store;
+use crate::leader::{self, AdvisoryLock, Leadership};
+use crate::store::{Db, Store};
 use crate::telemetry::Metrics;
 
 /// Selects the TLS implementation (ring) for the server and HTTP clients.
@@ -56,11 +58,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tokens = config::resolve_tokens(&config)?;
     let metrics = Metrics::new();
     let hub = Hub::start(store.clone(), config.hub(), metrics.clone());
+    let leadership = elect_leader(&store, &config, hub.stopped());
     tokio::spawn(hub::compact_periodically(
         hub.clone(),
+        leadership.clone(),
         config.compaction_interval,
         config.log_retention_revisions,
         config.log_retention,
+    ));
+    tokio::spawn(health::run(
+        store.clone(),
+        metrics.clone(),
+        leadership,
+        config.health(),
+        hub.shutdown_signal(),
     ));
     let state = AppState {
         store: store.clone(),
@@ -68,6 +79,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tokens: Arc::new(tokens),
         metrics,
         keep_alive: config.keepalive_interval,
+        batch_size: config.failover_batch,
     };
     let app = api::router(state, config.max_body_bytes);
 
@@ -108,6 +120,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Who runs the singleton loops: with PostgreSQL, the replica holding the
+/// advisory lock; with SQLite, the one process.
+fn elect_leader(
+    store: &Store,
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Leadership {
+    match store.db() {
+        Db::Postgres(pool) => leader::spawn(
+            AdvisoryLock::new(pool.clone()),
+            config.leader_renew_interval,
+            shutdown,
+        ),
+        Db::Sqlite(_) => leader::spawn(leader::Sole, config.leader_renew_interval, shutdown),
+    }
 }
 
 fn announce(addr: SocketAddr, backend: &str) {

@@ -90,6 +90,11 @@ pub struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
 }
@@ -105,6 +110,9 @@ pub struct Metrics {
     pub events_sent: Family<EventLabels, Counter>,
     pub fanout_latency: Histogram,
     pub ack_lag: Family<WorkerLabels, Gauge>,
+    pub failovers: Family<OutcomeLabels, Counter>,
+    pub failover_seconds: Histogram,
+    pub expired: Counter,
 }
 
 impl Metrics {
@@ -156,7 +164,29 @@ impl Metrics {
             "Current revision minus the revision a worker last acknowledged",
             ack_lag.clone(),
         );
+        let failovers = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "failover_routes",
+            "Routes moved off lost or removed workers (moved), left pending, or placed from pending",
+            failovers.clone(),
+        );
+        let failover_seconds =
+            Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0]);
+        registry.register(
+            "failover_seconds",
+            "From a lost worker's last heartbeat to its route being placed elsewhere",
+            failover_seconds.clone(),
+        );
+        let expired = Counter::default();
+        registry.register(
+            "expired_routes",
+            "Routes collected after expires_at",
+            expired.clone(),
+        );
         Arc::new(Metrics {
+            failovers,
+            failover_seconds,
+            expired,
             registry,
             http_requests,
             http_latency,

@@ -34,6 +34,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Interval of keep-alive comments on idle streams.
     pub keep_alive: std::time::Duration,
+    /// Routes moved per transaction when a worker is removed.
+    pub batch_size: u32,
 }
 
 /// JSON body; malformed or unknown input becomes a problem answer.

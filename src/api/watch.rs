@@ -66,10 +66,12 @@ pub async fn worker(
 ) -> Result<Response, ApiError> {
     let since = resume_point(&query, &headers)?;
     state.store.get_worker(id).await?;
-    Ok(sse(
-        state.hub.stream(Audience::Worker(id), since),
-        state.keep_alive,
-    ))
+    let events = state
+        .hub
+        .open(Audience::Worker(id), since)
+        .await
+        .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
+    Ok(sse(events, state.keep_alive))
 }
 
 /// `GET /routes/watch`: every route change.
@@ -80,8 +82,10 @@ pub async fn routes(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let since = resume_point(&query, &headers)?;
-    Ok(sse(
-        state.hub.stream(Audience::Manager, since),
-        state.keep_alive,
-    ))
+    let events = state
+        .hub
+        .open(Audience::Manager, since)
+        .await
+        .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
+    Ok(sse(events, state.keep_alive))
 }

@@ -12,7 +12,9 @@ use super::auth::{
     BootstrapOnly, ManagerOnly, WorkerSelf, WorkerSelfOrManager, issue_worker_token,
 };
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
+use crate::domain::health::Observation;
 use crate::domain::{Revision, Route, Worker, WorkerRegistration, WorkerStatus};
+use crate::health;
 use crate::store::Removal;
 use crate::telemetry::WorkerLabels;
 
@@ -77,10 +79,13 @@ pub async fn heartbeat(
     WorkerSelf(id): WorkerSelf,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Response, ApiError> {
-    let (status, revision) = state
+    let (mut status, revision) = state
         .store
         .heartbeat(id, beat.acked_revision, Utc::now())
         .await?;
+    if let Some(next) = health::observe(&state.store, id, Observation::Heartbeat).await? {
+        status = next;
+    }
     state
         .metrics
         .ack_lag
@@ -125,7 +130,10 @@ pub async fn delete(
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<Response, ApiError> {
-    let removal: Removal = state.store.delete_worker(id, Utc::now()).await?;
+    let removal: Removal = state
+        .store
+        .delete_worker(id, state.batch_size, Utc::now())
+        .await?;
     tracing::info!(worker = %id, drain = query.drain, moved = removal.moved, pending = removal.pending, "worker removed");
     Ok(json(StatusCode::OK, removal))
 }

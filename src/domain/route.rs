@@ -427,6 +427,8 @@ pub struct Route {
     pub health_check: Option<HealthCheck>,
     pub expires_at: Option<DateTime<Utc>>,
     pub status: RouteStatus,
+    /// Why no worker could take the route, while it is `Pending`.
+    pub pending_reason: Option<String>,
     /// The revision of the route's last change.
     pub revision: Revision,
     pub created_at: DateTime<Utc>,
@@ -441,6 +443,7 @@ pub struct StoredRoute {
     pub worker_id: Option<Uuid>,
     pub port: Option<u16>,
     pub subdomain: Option<String>,
+    pub pending_reason: Option<String>,
     pub revision: Revision,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -477,6 +480,11 @@ impl StoredRoute {
             health_check: spec.health_check.clone(),
             expires_at: spec.expires_at,
             status: RouteStatus::derive(self.revision, worker),
+            pending_reason: self
+                .worker_id
+                .is_none()
+                .then(|| self.pending_reason.clone())
+                .flatten(),
             revision: self.revision,
             created_at: self.created_at,
             updated_at: self.updated_at,

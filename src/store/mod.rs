@@ -128,6 +128,16 @@ pub enum Upserted {
     Unchanged(Route),
 }
 
+/// A route that left its worker (`from`), or left `Pending`; `to` is `None`
+/// when it found no place, with the `reason`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    pub route_id: Uuid,
+    pub from: Option<Uuid>,
+    pub to: Option<Uuid>,
+    pub reason: Option<String>,
+}
+
 /// What `DELETE /workers/{id}` did with the worker's routes.
 #[derive(
     Clone,
@@ -203,7 +213,7 @@ impl Dialect for SqlitePool {
 
 macro_rules! route_columns {
     () => {
-        "id, worker_id, frontend_port, frontend_subdomain, spec, revision, created_at, updated_at"
+        "id, worker_id, frontend_port, frontend_subdomain, pending_reason, spec, revision, created_at, updated_at"
     };
 }
 
@@ -221,6 +231,7 @@ struct RouteRow {
     worker_id: Option<Uuid>,
     frontend_port: Option<i32>,
     frontend_subdomain: Option<String>,
+    pending_reason: Option<String>,
     spec: Json<RouteSpec>,
     revision: i64,
     created_at: DateTime<Utc>,
@@ -235,6 +246,7 @@ impl From<RouteRow> for StoredRoute {
             worker_id: r.worker_id,
             port: r.frontend_port.and_then(|p| u16::try_from(p).ok()),
             subdomain: r.frontend_subdomain,
+            pending_reason: r.pending_reason,
             revision: r.revision,
             created_at: r.created_at,
             updated_at: r.updated_at,
@@ -457,7 +469,7 @@ macro_rules! update_route {
         let r: &StoredRoute = $r;
         sqlx::query(
             "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
-             expires_at = $6, revision = $7, updated_at = $8 WHERE id = $1",
+             expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9 WHERE id = $1",
         )
         .bind(r.id)
         .bind(r.worker_id)
@@ -467,6 +479,7 @@ macro_rules! update_route {
         .bind(r.spec.expires_at)
         .bind(r.revision)
         .bind(r.updated_at)
+        .bind(r.pending_reason.as_deref())
         .execute(&mut *$tx)
         .await?
     }};
@@ -508,6 +521,7 @@ macro_rules! create_in_tx {
             worker_id: Some(worker.id),
             port: assignment.port(),
             subdomain: assignment.subdomain().map(str::to_owned),
+            pending_reason: None,
             spec,
             revision: $rev,
             created_at: $now,
@@ -841,8 +855,9 @@ impl Store {
         }))
     }
 
-    /// Records a heartbeat and the revision the worker has applied. A `Lost`
-    /// worker that heartbeats is `Ready` again.
+    /// Records a heartbeat and the revision the worker has applied; answers
+    /// the worker's status and the current revision. (What a heartbeat does to
+    /// the status is `health::observe`'s business.)
     pub async fn heartbeat(
         &self,
         id: Uuid,
@@ -875,10 +890,6 @@ impl Store {
             .as_deref()
             .and_then(WorkerStatus::parse)
             .ok_or(StoreError::NotFound)?;
-        if status == WorkerStatus::Lost {
-            self.set_worker_status(id, WorkerStatus::Ready, now).await?;
-            return Ok((WorkerStatus::Ready, self.current_revision().await?));
-        }
         Ok((status, current))
     }
 
@@ -922,28 +933,72 @@ impl Store {
         Ok(workers)
     }
 
-    /// Removes a worker. Its routes move to other eligible workers in the same
-    /// transaction (a `delete` on its stream, an `upsert` on theirs); routes
-    /// that fit nowhere become `Pending`.
-    pub async fn delete_worker(&self, id: Uuid, now: DateTime<Utc>) -> Result<Removal> {
+    /// Removes a worker: marks it `Draining` (it takes no new routes), moves its
+    /// routes away in batches of `batch` (each one transaction), then deletes
+    /// it. Routes that fit nowhere become `Pending`.
+    pub async fn delete_worker(&self, id: Uuid, batch: u32, now: DateTime<Utc>) -> Result<Removal> {
+        self.set_worker_status(id, WorkerStatus::Draining, now)
+            .await?;
+        let mut removal = Removal::default();
+        loop {
+            let moved = self.relocate_routes(id, batch, now).await?;
+            if moved.is_empty() {
+                break;
+            }
+            for m in &moved {
+                if m.to.is_some() {
+                    removal.moved += 1;
+                } else {
+                    removal.pending += 1;
+                }
+            }
+        }
+        let now = db_time(now);
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            let rev = lock_revision!(tx) + 1;
+            // Draining workers are never chosen, so nothing new landed on it.
+            let deleted = sqlx::query("DELETE FROM workers WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if deleted == 0 {
+                return Err(StoreError::NotFound);
+            }
+            log_change!(tx, rev, "worker_delete", route: None::<Uuid>, worker: Some(id), payload: None::<Json<Worker>>, now);
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
+            Ok(removal)
+        })
+    }
+
+    /// Moves up to `limit` routes off worker `from` in one transaction: each
+    /// gets a `delete` on `from`'s stream and an `upsert` on its new worker's,
+    /// or becomes `Pending` (with the reason) if no worker can take it.
+    pub async fn relocate_routes(
+        &self,
+        from: Uuid,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Moved>> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
-            let workers: Vec<Worker> = fetch_workers!(&mut *tx);
-            if !workers.iter().any(|w| w.id == id) {
-                return Err(StoreError::NotFound);
+            let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id LIMIT $2", from, i64::from(limit));
+            if routes.is_empty() {
+                return Ok(Vec::new());
             }
-            let mut others: Vec<Worker> = workers.into_iter().filter(|w| w.id != id).collect();
-            let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", id);
-            let mut removal = Removal::default();
+            let mut others: Vec<Worker> = fetch_workers!(&mut *tx).into_iter().filter(|w| w.id != from).collect();
+            let mut moved = Vec::with_capacity(routes.len());
             for mut r in routes {
                 rev += 1;
-                log_change!(tx, rev, "route_delete", route: Some(r.id), worker: Some(id), payload: None::<Json<Route>>, now);
-                // Unassign first so the move never holds two frontends at once.
+                log_change!(tx, rev, "route_delete", route: Some(r.id), worker: Some(from), payload: None::<Json<Route>>, now);
+                // Free the old frontend before taking a new one.
+                let preferred = r.subdomain.take();
                 r.worker_id = None;
                 r.port = None;
-                let preferred = r.subdomain.take();
                 r.revision = rev;
                 r.updated_at = now;
                 update_route!(tx, &r);
@@ -955,27 +1010,140 @@ impl Store {
                         r.worker_id = Some(worker.id);
                         r.port = assignment.port();
                         r.subdomain = assignment.subdomain().map(str::to_owned);
+                        r.pending_reason = None;
                         if let Some(w) = others.iter_mut().find(|w| w.id == worker.id) {
                             w.route_count += 1;
                         }
-                        removal.moved += 1;
                         Some(worker)
                     }
-                    Err(_) => {
-                        removal.pending += 1;
+                    Err(e) => {
+                        r.pending_reason = Some(e.to_string());
                         None
                     }
                 };
                 update_route!(tx, &r);
                 let route = r.to_route(target.as_ref());
                 log_change!(tx, rev, "route_upsert", route: Some(r.id), worker: r.worker_id, payload: Some(Json(&route)), now);
+                moved.push(Moved { route_id: r.id, from: Some(from), to: r.worker_id, reason: r.pending_reason.clone() });
             }
-            sqlx::query("DELETE FROM workers WHERE id = $1").bind(id).execute(&mut *tx).await?;
-            rev += 1;
-            log_change!(tx, rev, "worker_delete", route: None::<Uuid>, worker: Some(id), payload: None::<Json<Worker>>, now);
             save_revision!(pool, tx, rev);
             commit!(self, tx, rev);
-            Ok(removal)
+            Ok(moved)
+        })
+    }
+
+    /// Places up to `limit` `Pending` routes on workers that can now take
+    /// them, in one transaction. Routes that still fit nowhere keep waiting.
+    pub async fn place_pending(&self, limit: u32, now: DateTime<Utc>) -> Result<Vec<Moved>> {
+        let now = db_time(now);
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut rev = lock_revision!(tx);
+            let pending = fetch_routes!(&mut *tx, "worker_id IS NULL ORDER BY id LIMIT $1", i64::from(limit));
+            if pending.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut workers = fetch_workers!(&mut *tx);
+            let mut placed = Vec::new();
+            for mut r in pending {
+                let spec = relocation_spec(&r.spec, r.spec.frontend.subdomain.clone().as_deref());
+                let spec = if r.spec.worker_id.is_some() { RouteSpec { worker_id: r.spec.worker_id, ..spec } } else { spec };
+                match place!(tx, &workers, &spec) {
+                    Ok((worker, assignment)) => {
+                        rev += 1;
+                        r.worker_id = Some(worker.id);
+                        r.port = assignment.port();
+                        r.subdomain = assignment.subdomain().map(str::to_owned);
+                        r.pending_reason = None;
+                        r.revision = rev;
+                        r.updated_at = now;
+                        update_route!(tx, &r);
+                        let route = r.to_route(Some(&worker));
+                        log_change!(tx, rev, "route_upsert", route: Some(r.id), worker: r.worker_id, payload: Some(Json(&route)), now);
+                        if let Some(w) = workers.iter_mut().find(|w| w.id == worker.id) {
+                            w.route_count += 1;
+                        }
+                        placed.push(Moved { route_id: r.id, from: None, to: Some(worker.id), reason: None });
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        if r.pending_reason.as_deref() != Some(reason.as_str()) {
+                            // The reason is status, not spec: no revision, no event.
+                            sqlx::query("UPDATE routes SET pending_reason = $2 WHERE id = $1")
+                                .bind(r.id)
+                                .bind(&reason)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                    }
+                }
+            }
+            if placed.is_empty() {
+                tx.commit().await?;
+                return Ok(placed);
+            }
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
+            Ok(placed)
+        })
+    }
+
+    /// Ready or NotReady workers whose last heartbeat is older than `cutoff`.
+    pub async fn silent_workers(&self, cutoff: DateTime<Utc>) -> Result<Vec<Uuid>> {
+        let cutoff = db_time(cutoff);
+        Ok(with_db!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT id FROM workers WHERE status IN ('Ready', 'NotReady') AND last_heartbeat < $1 ORDER BY id",
+            )
+            .bind(cutoff)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+
+    /// Lost workers that became lost before `cutoff` and still hold routes.
+    pub async fn workers_to_fail_over(&self, cutoff: DateTime<Utc>) -> Result<Vec<Worker>> {
+        let cutoff = db_time(cutoff);
+        Ok(with_db!(&self.db, pool => {
+            sqlx::query_as::<_, WorkerRow>(concat!(
+                worker_select!(),
+                " WHERE w.status = 'Lost' AND w.updated_at < $1 \
+                  AND EXISTS (SELECT 1 FROM routes r WHERE r.worker_id = w.id) ORDER BY w.id"
+            ))
+            .bind(cutoff)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(Worker::from)
+            .collect()
+        }))
+    }
+
+    /// Deletes up to `limit` routes whose `expires_at` has passed, in one
+    /// transaction. Returns their ids.
+    pub async fn delete_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>> {
+        let now = db_time(now);
+        with_db!(&self.db, pool => {
+            let mut tx = pool.begin_write().await?;
+            let mut rev = lock_revision!(tx);
+            let expired: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
+                "SELECT id, worker_id FROM routes WHERE expires_at IS NOT NULL AND expires_at < $1 ORDER BY expires_at LIMIT $2",
+            )
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            if expired.is_empty() {
+                return Ok(Vec::new());
+            }
+            for (route_id, worker_id) in &expired {
+                sqlx::query("DELETE FROM routes WHERE id = $1").bind(route_id).execute(&mut *tx).await?;
+                rev += 1;
+                log_change!(tx, rev, "route_delete", route: Some(*route_id), worker: *worker_id, payload: None::<Json<Route>>, now);
+            }
+            save_revision!(pool, tx, rev);
+            commit!(self, tx, rev);
+            Ok(expired.into_iter().map(|(id, _)| id).collect())
         })
     }
 

@@ -174,6 +174,7 @@ impl TestApp {
             store: store.clone(),
             hub: hub.clone(),
             keep_alive: std::time::Duration::from_secs(15),
+            batch_size: 100,
             tokens: Arc::new(Tokens {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
