@@ -1046,8 +1046,8 @@ impl Store {
             let mut workers = fetch_workers!(&mut *tx);
             let mut placed = Vec::new();
             for mut r in pending {
+                // Pending routes come from failover, where the pin was already given up.
                 let spec = relocation_spec(&r.spec, r.spec.frontend.subdomain.clone().as_deref());
-                let spec = if r.spec.worker_id.is_some() { RouteSpec { worker_id: r.spec.worker_id, ..spec } } else { spec };
                 match place!(tx, &workers, &spec) {
                     Ok((worker, assignment)) => {
                         rev += 1;

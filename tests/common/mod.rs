@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
 use appproxy_coordinator::config::{Secret, Tokens};
+use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
+use appproxy_coordinator::leader::Leadership;
 use appproxy_coordinator::store::{Db, Store};
 use appproxy_coordinator::telemetry::Metrics;
 use reqwest::{Client, Method, StatusCode};
@@ -132,6 +134,7 @@ pub struct TestApp {
     pub http: Client,
     pub store: Store,
     pub hub: Hub,
+    pub metrics: Arc<Metrics>,
     pub db: TestDb,
 }
 
@@ -167,10 +170,26 @@ impl TestApp {
         TestApp::serve_with(db, store, max_body, hub_config()).await
     }
 
+    /// The router plus the leader's health loops with `health` timeouts.
+    pub async fn start_with_health(backend: Backend, health: HealthConfig) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let app = TestApp::serve(db, store, 64 * 1024).await;
+        tokio::spawn(appproxy_coordinator::health::run(
+            app.store.clone(),
+            app.metrics.clone(),
+            Leadership::fixed(true),
+            health,
+            app.hub.shutdown_signal(),
+        ));
+        app
+    }
+
     pub async fn serve_with(db: TestDb, store: Store, max_body: usize, hub: HubConfig) -> TestApp {
         let metrics = Metrics::new();
         let hub = Hub::start(store.clone(), hub, metrics.clone());
         let state = AppState {
+            metrics: metrics.clone(),
             store: store.clone(),
             hub: hub.clone(),
             keep_alive: std::time::Duration::from_secs(15),
@@ -179,7 +198,6 @@ impl TestApp {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
             }),
-            metrics,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -190,6 +208,7 @@ impl TestApp {
             http: http_client(),
             store,
             hub,
+            metrics,
             db,
         }
     }
