@@ -280,6 +280,8 @@ fn config_prints_the_effective_configuration_without_secrets() {
             "postgres://app:db-password@db/appproxy",
         )
         .env("APPPROXY_BIND", "0.0.0.0:7001")
+        .env("APPPROXY_HEARTBEAT_TIMEOUT", "3s")
+        .env("APPPROXY_FAILOVER_GRACE", "1s 500ms")
         .output()
         .unwrap();
     assert!(
@@ -300,6 +302,8 @@ fn config_prints_the_effective_configuration_without_secrets() {
         "flags beat the file"
     );
     assert_eq!(shown["manager_token"].as_str(), Some("<redacted>"));
+    assert_eq!(shown["heartbeat_timeout"].as_str(), Some("3s"));
+    assert_eq!(shown["failover_grace"].as_str(), Some("1s 500ms"));
     assert!(
         !text.contains("super-secret-manager") && !text.contains("db-password"),
         "{text}"
