@@ -22,3 +22,13 @@ fmt: ## Format the code
 
 check: ## Everything CI runs
 	bash .ci/run
+
+.PHONY: chart-check image
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+IMAGE ?= appproxy-coordinator:$(VERSION)
+
+chart-check: ## Helm chart checks: lint, render, Kubernetes schemas, values schema, RBAC (sets up .venv-chart)
+	bash scripts/chart-check.sh
+
+image: ## Container image (needs a Docker engine): make image IMAGE=registry/appproxy-coordinator:TAG
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .

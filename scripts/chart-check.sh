@@ -1,0 +1,516 @@
+#!/usr/bin/env bash
+# Checks of the Helm chart in charts/appproxy-coordinator, runnable from a fresh
+# clone with nothing but python3 (and, optionally, kubectl):
+#
+#   bash scripts/chart-check.sh
+#
+# The real Helm engine comes from the PyPI package helm-python-sdk: its wheel
+# bundles libhelm_c, Helm's Go SDK (v4) built as a C library, and binds to it
+# with ctypes. There is no `helm` binary and nothing is downloaded besides the
+# wheels, so this works wherever PyPI is reachable (and fully offline once the
+# venv exists). Every rendered document is validated against the Kubernetes
+# OpenAPI schemas of Kubernetes $KUBE_VERSION bundled in kubernetes-validate.
+#
+# Checks (one line each, then a summary line):
+#   - `helm lint --strict` with the required values and with the production values
+#   - rendering with the defaults (+ the required values) and with
+#     ci/production-values.yaml; each document validated (strict: unknown
+#     fields are errors); CRD-based kinds without a schema are skipped by name
+#   - ci/bad-values.yaml (replicaCount: "two") rejected by values.schema.json
+#   - other values the chart must reject with a clear message
+#   - the Role grants exactly the expected resources and verbs
+#   - the Deployment keeps its production properties (security context,
+#     probes, grace period, env from the Secret, ...)
+#   - the rendered config.toml is accepted by the coordinator binary, if built
+#   - `kubectl apply --dry-run=client`, if kubectl reaches an API server
+#     (kubectl needs API discovery even for a client-side dry run)
+#
+# Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN
+# (default target/debug/appproxy-coordinator when it exists).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CHART=charts/appproxy-coordinator
+VENV=${CHART_CHECK_VENV:-.venv-chart}
+KUBE_VERSION=1.30.0
+# Pinned; update together and re-run. helm-python-sdk 0.2.2 = Helm SDK v4.2.3.
+REQUIREMENTS=(
+    "helm-python-sdk==0.2.2"
+    "kubernetes-validate==1.37.0"
+)
+
+start=$(date +%s)
+
+# The venv is rebuilt only when it is missing or the pins changed; the stamp is
+# written last, so an interrupted install is redone on the next run.
+stamp="$VENV/.chart-check-requirements"
+if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]]; then
+    echo "== setting up $VENV (${REQUIREMENTS[*]})"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "${REQUIREMENTS[@]}"
+    printf '%s' "${REQUIREMENTS[*]}" >"$stamp"
+fi
+
+bin=${APPPROXY_COORDINATOR_BIN:-}
+if [[ -z "$bin" && -x target/debug/appproxy-coordinator ]]; then
+    bin=target/debug/appproxy-coordinator
+fi
+
+status=0
+CHART="$CHART" KUBE_VERSION="$KUBE_VERSION" COORDINATOR_BIN="$bin" START="$start" \
+    "$VENV/bin/python" - <<'PY' || status=$?
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from importlib.metadata import version
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+CHART = os.environ["CHART"]
+KUBE_VERSION = os.environ["KUBE_VERSION"]
+COORDINATOR_BIN = os.environ.get("COORDINATOR_BIN", "")
+RELEASE, NAMESPACE = "appproxy", "appproxy"
+FULLNAME = f"{RELEASE}-appproxy-coordinator"
+
+# Kinds defined by CRDs of other projects: kubernetes-validate has no schema
+# for them, so they are skipped by name (and checked structurally below).
+SKIP_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+# What the coordinator calls, resource by resource. The chart must grant
+# exactly this: no more (least privilege), no less (the calls would fail).
+EXPECTED_RBAC = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("appproxy.backend.ai", "appproxyroutes"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("appproxy.backend.ai", "appproxyroutes/status"): {"get", "patch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update", "patch"},
+    ("", "events"): {"create"},
+    ("events.k8s.io", "events"): {"create"},
+}
+
+# The keys of config.toml the coordinator understands (src/config.rs).
+CONFIG_KEYS = {"bind", "data_dir", "log_format", "max_body_bytes", "max_connections", "shutdown_timeout"}
+
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+
+passed, failed, skipped = 0, 0, 0
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def ensure(condition, message):
+    if not condition:
+        raise CheckFailed(message)
+
+
+@contextlib.contextmanager
+def native_stderr():
+    """Collects what libhelm_c logs on fd 2 (Helm's warnings), so that it is
+    shown only when a check fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def check(name, fn):
+    global passed, failed, skipped
+    with native_stderr() as log:
+        try:
+            detail = fn()
+            outcome = None
+        except CheckFailed as e:
+            outcome = str(e)
+        except helm.HelmError as e:
+            outcome = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug in a check is a failure too
+            outcome = f"{type(e).__name__}: {e}"
+        log.seek(0)
+        native_log = log.read().decode(errors="replace").strip()
+    if outcome is None and isinstance(detail, Skip):
+        skipped += 1
+        print(f"SKIP  {name}: {detail.reason}", flush=True)
+    elif outcome is None:
+        passed += 1
+        print(f"PASS  {name}" + (f" ({detail})" if detail else ""), flush=True)
+    else:
+        failed += 1
+        print(f"FAIL  {name}: {outcome}", flush=True)
+        if native_log:
+            print("      helm said:\n      " + native_log.replace("\n", "\n      "), flush=True)
+
+
+class Skip:
+    def __init__(self, reason):
+        self.reason = reason
+
+
+def load_values(*files):
+    merged = {}
+    for f in files:
+        with open(os.path.join(CHART, f)) as fh:
+            data = yaml.safe_load(fh) or {}
+        merged = deep_merge(merged, data)
+    return merged
+
+
+def deep_merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render(values):
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def documents(rendered):
+    """The manifests of a render, in template order, without NOTES.txt."""
+    docs = []
+    for path in sorted(rendered):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(rendered[path]):
+            if doc:
+                docs.append((path, doc))
+    return docs
+
+
+def find(docs, kind):
+    return [d for _, d in docs if d.get("kind") == kind]
+
+
+def one(docs, kind):
+    found = find(docs, kind)
+    ensure(len(found) == 1, f"expected one {kind}, rendered {len(found)}")
+    return found[0]
+
+
+def validate_all(docs):
+    """Validates every document against the Kubernetes schemas (strict)."""
+    kinds, skipped_kinds = [], []
+    seen = set()
+    for path, doc in docs:
+        kind, api = doc.get("kind"), doc.get("apiVersion")
+        name = doc.get("metadata", {}).get("name")
+        key = (api, kind, name)
+        ensure(key not in seen, f"{kind}/{name} rendered twice")
+        seen.add(key)
+        labels = doc.get("metadata", {}).get("labels", {})
+        missing = [l for l in STANDARD_LABELS if l not in labels]
+        ensure(not missing, f"{kind}/{name} lacks the labels {missing}")
+        ensure(doc["metadata"].get("namespace") == NAMESPACE, f"{kind}/{name} is not in the release namespace")
+        if (api, kind) in SKIP_KINDS:
+            skipped_kinds.append(f"{kind}/{name}")
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path)
+            raise CheckFailed(f"{path}: {kind}/{name} at {where}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            raise CheckFailed(f"{path}: {e.message} (add it to SKIP_KINDS only if it is a CRD kind)")
+        kinds.append(kind)
+    detail = f"{len(kinds)} documents valid against Kubernetes {KUBE_VERSION}: {', '.join(kinds)}"
+    if skipped_kinds:
+        detail += f"; skipped (CRD kind, no schema in kubernetes-validate): {', '.join(skipped_kinds)}"
+    return detail
+
+
+def lint(values_files):
+    values = load_values(*values_files)
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    # Severity: 1 info, 2 warning, 3 error; --strict fails on warnings too.
+    problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+    problems_text = "; ".join(f"{m['path']}: {m['error'].strip()}" for m in problems)
+    ensure(not problems and not report.get("errors"), problems_text or "; ".join(report["errors"]))
+    infos = [m["error"] for m in report.get("messages", []) if m.get("severity") == 1]
+    return f"{report['total_charts_linted']} chart, 0 warnings, 0 errors" + (f"; info: {'; '.join(infos)}" if infos else "")
+
+
+def expect_rejected(values, *needles):
+    """Rendering must fail, and the message must name the problem."""
+    try:
+        render(values)
+    except helm.HelmError as e:
+        message = str(e)
+        for needle in needles:
+            ensure(needle in message, f"rejected, but the message does not mention {needle!r}: {message}")
+        return "rejected: " + " ".join(message.split())[:160]
+    raise CheckFailed("the chart rendered; it must refuse these values")
+
+
+# ---------------------------------------------------------------------------
+
+print(
+    f"== chart checks: {CHART} with Helm SDK {helm.helm_sdk_version()} (helm-python-sdk {version('helm-python-sdk')}), "
+    f"kubernetes-validate {version('kubernetes-validate')} against Kubernetes {KUBE_VERSION}",
+    flush=True,
+)
+
+required = ["ci/required-values.yaml"]
+production = ["ci/production-values.yaml"]
+rendered = {}
+
+
+def render_and_validate(label, files):
+    def run():
+        values = load_values(*files)
+        rendered[label] = documents(render(values))
+        return validate_all(rendered[label])
+    return run
+
+
+check("helm lint --strict (defaults + ci/required-values.yaml)", lambda: lint(required))
+check("helm lint --strict (ci/production-values.yaml)", lambda: lint(production))
+check("render + validate: defaults + ci/required-values.yaml", render_and_validate("default", required))
+check("render + validate: ci/production-values.yaml", render_and_validate("production", production))
+
+
+def bad_values():
+    values = load_values("ci/bad-values.yaml")
+    try:
+        render(values)
+    except helm.HelmValuesError as e:
+        message = str(e)
+        ensure("replicaCount" in message, f"rejected, but not for replicaCount: {message}")
+        return "rejected by values.schema.json: " + " ".join(message.split("\n")[-2:]).strip()
+    except helm.HelmError as e:
+        raise CheckFailed(f"rejected by a template, not by values.schema.json: {e}")
+    raise CheckFailed("ci/bad-values.yaml rendered; values.schema.json must reject replicaCount: \"two\"")
+
+
+check("schema rejects ci/bad-values.yaml (replicaCount: \"two\")", bad_values)
+
+
+def rejections():
+    base = load_values(*required)
+    cases = [
+        ("no credentials", {}, ["database.url is required"]),
+        ("unknown key", deep_merge(base, {"replicas": 2}), ["additional properties", "replicas"]),
+        ("unknown nested key", deep_merge(base, {"config": {"bnid": "0.0.0.0:1"}}), ["additional properties", "bnid"]),
+        ("pod label overriding a selector label",
+         deep_merge(base, {"podLabels": {"app.kubernetes.io/name": "x"}}), ["app.kubernetes.io/name"]),
+        ("replicaCount 0", deep_merge(base, {"replicaCount": 0}), ["replicaCount"]),
+        ("non-postgres URL", deep_merge(base, {"database": {"url": "sqlite://data/x.db"}}), ["database"]),
+        ("short token", deep_merge(base, {"auth": {"managerToken": "short"}}), ["managerToken"]),
+        ("equal tokens", deep_merge(base, {"auth": {"workerToken": base["auth"]["managerToken"]}}), ["must differ"]),
+        ("existingSecret and inline values", deep_merge(base, {"existingSecret": "creds"}), ["existingSecret is set"]),
+        ("grace period <= shutdown timeout",
+         deep_merge(base, {"terminationGracePeriodSeconds": 20}), ["terminationGracePeriodSeconds"]),
+        ("grace period <= preStop + shutdown",
+         deep_merge(base, {"preStopSleepSeconds": 15}), ["terminationGracePeriodSeconds"]),
+    ]
+    for label, values, needles in cases:
+        try:
+            expect_rejected(values, *needles)
+        except CheckFailed as e:
+            raise CheckFailed(f"{label}: {e}")
+    return f"{len(cases)} cases: " + ", ".join(label for label, _, _ in cases)
+
+
+check("chart rejects invalid values with a clear message", rejections)
+
+
+def rbac():
+    for label in ("default", "production"):
+        docs = rendered.get(label)
+        ensure(docs is not None, f"the {label} render failed")
+        ensure(not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding"), "cluster-wide RBAC rendered")
+        role = one(docs, "Role")
+        granted = {}
+        for rule in role["rules"]:
+            ensure(not rule.get("resourceNames") and not rule.get("nonResourceURLs"), f"unexpected rule {rule}")
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    granted.setdefault((group, resource), set()).update(rule["verbs"])
+        for key, verbs in granted.items():
+            ensure("*" not in verbs and "*" not in key, f"wildcard in {key}: {sorted(verbs)}")
+        extra = {k: sorted(v - EXPECTED_RBAC.get(k, set())) for k, v in granted.items() if v - EXPECTED_RBAC.get(k, set())}
+        missing = {k: sorted(v - granted.get(k, set())) for k, v in EXPECTED_RBAC.items() if v - granted.get(k, set())}
+        ensure(not extra, f"grants more than the coordinator calls: {extra}")
+        ensure(not missing, f"lacks what the coordinator calls: {missing}")
+        binding = one(docs, "RoleBinding")
+        sa = one(docs, "ServiceAccount")["metadata"]["name"]
+        ensure(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]},
+               f"RoleBinding refers to {binding['roleRef']}")
+        ensure(binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}],
+               f"RoleBinding subjects {binding['subjects']}")
+    n = sum(len(v) for v in EXPECTED_RBAC.values())
+    return f"namespaced Role, {len(EXPECTED_RBAC)} resources, {n} verbs, bound to the chart's ServiceAccount"
+
+
+check("RBAC grants exactly the expected resources and verbs", rbac)
+
+
+def container_of(deployment):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    ensure(len(containers) == 1, f"{len(containers)} containers")
+    return containers[0]
+
+
+def deployment_properties():
+    for label, replicas, secret in (("default", 1, FULLNAME), ("production", 3, "appproxy-coordinator-credentials")):
+        docs = rendered.get(label)
+        ensure(docs is not None, f"the {label} render failed")
+        dep = one(docs, "Deployment")
+        pod = dep["spec"]["template"]["spec"]
+        c = container_of(dep)
+        where = f"{label}: "
+        ensure(dep["spec"]["replicas"] == replicas, where + f"replicas {dep['spec']['replicas']}")
+        psc, csc = pod["securityContext"], c["securityContext"]
+        ensure(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001, where + f"pod securityContext {psc}")
+        ensure(psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where + "pod seccomp")
+        ensure(csc.get("runAsNonRoot") is True and csc.get("runAsUser") == 10001, where + f"container securityContext {csc}")
+        ensure(csc.get("readOnlyRootFilesystem") is True, where + "root filesystem is writable")
+        ensure(csc.get("allowPrivilegeEscalation") is False, where + "privilege escalation allowed")
+        ensure(csc.get("capabilities", {}).get("drop") == ["ALL"], where + f"capabilities {csc.get('capabilities')}")
+        ensure(csc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where + "container seccomp")
+        ensure(c["ports"] == [{"name": "http", "containerPort": 6030, "protocol": "TCP"}], where + f"ports {c['ports']}")
+        ensure(c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}, where + "liveness probe")
+        ensure(c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}, where + "readiness probe")
+        ensure(c["args"] == ["serve", "--config", "/etc/appproxy/config.toml"], where + f"args {c['args']}")
+        env = {e["name"]: e for e in c["env"]}
+        ensure(env["APPPROXY_BIND"].get("value") == "0.0.0.0:6030", where + "APPPROXY_BIND")
+        ensure(env["APPPROXY_DATA_DIR"].get("value") == "/data", where + "APPPROXY_DATA_DIR")
+        ensure(env["APPPROXY_LOG_FORMAT"].get("value") == "json", where + "APPPROXY_LOG_FORMAT")
+        ensure(env["APPPROXY_SHUTDOWN_TIMEOUT"].get("value") == "20s", where + "APPPROXY_SHUTDOWN_TIMEOUT")
+        for var, key in (("APPPROXY_DATABASE_URL", "database-url"), ("APPPROXY_MANAGER_TOKEN", "manager-token"),
+                         ("APPPROXY_WORKER_TOKEN", "worker-token")):
+            ref = env[var].get("valueFrom", {}).get("secretKeyRef")
+            ensure(ref == {"name": secret, "key": key}, where + f"{var} from {ref}")
+        for var, field in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+            ensure(env[var].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == field, where + var)
+        shutdown = int(env["APPPROXY_SHUTDOWN_TIMEOUT"]["value"].rstrip("s"))
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        grace = pod["terminationGracePeriodSeconds"]
+        ensure(grace > pre_stop + shutdown, where + f"grace {grace}s <= preStop {pre_stop}s + shutdown {shutdown}s")
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        ensure("emptyDir" in volumes[mounts["/data"]], where + "/data is not an emptyDir")
+        ensure(volumes[mounts["/etc/appproxy"]]["configMap"]["name"] == FULLNAME, where + "config volume")
+        annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+        ensure(len(annotations.get("checksum/config", "")) == 64, where + "no checksum/config annotation")
+        ensure(("checksum/secret" in annotations) == (label == "default"), where + "checksum/secret annotation")
+        ensure(resources_set(c), where + "no resource requests/limits")
+        secrets = find(docs, "Secret")
+        if label == "default":
+            ensure(len(secrets) == 1 and set(secrets[0]["data"]) == {"database-url", "manager-token", "worker-token"},
+                   where + "chart Secret keys")
+        else:
+            ensure(not secrets, where + "a Secret was rendered although existingSecret is set")
+        svc = one(docs, "Service")
+        ensure(svc["spec"]["type"] == "ClusterIP", where + "Service type")
+        ensure(svc["spec"]["ports"][0]["name"] == "http" and svc["spec"]["ports"][0]["port"] == 6030, where + "Service port")
+        pdb = one(docs, "PodDisruptionBudget")["spec"]
+        expected_pdb = {"minAvailable": 1} if replicas > 1 else {"maxUnavailable": 1}
+        ensure({k: v for k, v in pdb.items() if k != "selector"} == expected_pdb, where + f"PDB {pdb}")
+        ensure(pdb["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"], where + "PDB selector")
+    # Production only: the optional resources.
+    docs = rendered["production"]
+    sm = one(docs, "ServiceMonitor")
+    ensure(sm["spec"]["endpoints"][0]["port"] == "http" and sm["spec"]["endpoints"][0]["path"] == "/metrics",
+           "ServiceMonitor endpoint")
+    svc_labels = one(docs, "Service")["metadata"]["labels"]
+    ensure(all(svc_labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),
+           "ServiceMonitor selector does not match the Service")
+    np = one(docs, "NetworkPolicy")["spec"]
+    ensure(np["policyTypes"] == ["Ingress", "Egress"], f"NetworkPolicy policyTypes {np['policyTypes']}")
+    ensure(np["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}], "NetworkPolicy ingress port")
+    ensure(not find(rendered["default"], "ServiceMonitor") and not find(rendered["default"], "NetworkPolicy"),
+           "ServiceMonitor/NetworkPolicy rendered although disabled by default")
+    return "security context, probes, env from Secret, grace > preStop + shutdown, PDB, ServiceMonitor, NetworkPolicy"
+
+
+def resources_set(c):
+    r = c.get("resources", {})
+    return bool(r.get("requests")) and bool(r.get("limits", {}).get("memory"))
+
+
+check("Deployment and companions keep their production properties", deployment_properties)
+
+
+def config_toml():
+    docs = rendered.get("default")
+    ensure(docs is not None, "the default render failed")
+    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    parsed = tomllib.loads(text)
+    unknown = set(parsed) - CONFIG_KEYS
+    ensure(not unknown, f"config.toml has keys the coordinator does not know: {sorted(unknown)}")
+    if not COORDINATOR_BIN:
+        return f"keys {sorted(parsed)} known; coordinator binary not built, its own parse not run"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.toml")
+        with open(path, "w") as fh:
+            fh.write(text)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APPPROXY_")}
+        out = subprocess.run([COORDINATOR_BIN, "config", "--config", path], env=env,
+                             capture_output=True, text=True, timeout=60)
+        ensure(out.returncode == 0, f"{COORDINATOR_BIN} rejects it: {out.stderr.strip() or out.stdout.strip()}")
+        effective = tomllib.loads(out.stdout)
+        for key in parsed:
+            ensure(effective.get(key) == parsed[key], f"{key}: the coordinator read {effective.get(key)!r}, not {parsed[key]!r}")
+    return f"accepted by {COORDINATOR_BIN} config --config"
+
+
+check("config.toml is one the coordinator accepts", config_toml)
+
+
+def kubectl_dry_run():
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return Skip("kubectl not installed")
+    probe = subprocess.run([kubectl, "version", "--request-timeout=5s", "-o", "json"],
+                           capture_output=True, text=True, timeout=60)
+    server = json.loads(probe.stdout or "{}").get("serverVersion") if probe.stdout.strip().startswith("{") else None
+    if not server:
+        return Skip("no reachable Kubernetes API server, and kubectl apply --dry-run=client needs one for "
+                    "API discovery (with or without --validate=false)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in ("default", "production"):
+            docs = [d for _, d in rendered[label] if (d["apiVersion"], d["kind"]) not in SKIP_KINDS]
+            path = os.path.join(tmp, f"{label}.yaml")
+            with open(path, "w") as fh:
+                yaml.safe_dump_all(docs, fh)
+            out = subprocess.run([kubectl, "apply", "--dry-run=client", "--validate=false", "-f", path],
+                                 capture_output=True, text=True, timeout=120)
+            ensure(out.returncode == 0, f"{label}: {out.stderr.strip()}")
+    return f"against server {server.get('gitVersion')}"
+
+
+check("kubectl apply --dry-run=client", kubectl_dry_run)
+
+elapsed = time.time() - int(os.environ["START"])
+print(f"== chart checks took {elapsed:.0f}s", flush=True)
+summary = f"chart-checks: {passed} passed, {failed} failed"
+if skipped:
+    summary += f", {skipped} skipped"
+print(summary, flush=True)
+sys.exit(1 if failed else 0)
+PY
+exit "$status"
