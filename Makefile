@@ -32,3 +32,12 @@ chart-check: ## Helm chart checks: lint, render, Kubernetes schemas, values sche
 
 image: ## Container image (needs a Docker engine): make image IMAGE=registry/appproxy-coordinator:TAG
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+.PHONY: bench
+bench: ## Benchmarks against PostgreSQL on 127.0.0.1:5432; writes bench/results.json (see BENCHMARKS.md)
+	cargo build --release --locked --bin appproxy-coordinator --example bench
+	target/release/examples/bench
+
+.PHONY: faults
+faults: ## Fault tests, including a PostgreSQL restart under load (stops the local server briefly)
+	cargo test --locked --test faults -- --include-ignored --test-threads=1

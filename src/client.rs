@@ -60,6 +60,16 @@ async fn checked(response: reqwest::Response) -> Result<reqwest::Response, Clien
 }
 
 impl WorkerClient {
+    /// A client for an already registered worker whose token the caller kept.
+    pub fn new(http: &reqwest::Client, base: &str, worker_id: Uuid, token: &str) -> WorkerClient {
+        WorkerClient {
+            http: http.clone(),
+            base: base.trim_end_matches('/').to_owned(),
+            worker_id,
+            token: token.to_owned(),
+        }
+    }
+
     /// Registers (or re-registers) with the bootstrap token.
     pub async fn register(
         http: &reqwest::Client,

@@ -500,7 +500,11 @@ macro_rules! create_in_tx {
                 existing: Some(Box::new(existing.to_route(worker.as_ref()))),
             });
         }
-        let workers = fetch_workers!(&mut *$tx);
+        // A pinned route only needs its worker; otherwise every worker is a candidate.
+        let workers = match spec.worker_id {
+            Some(pinned) => fetch_worker!(&mut *$tx, pinned).into_iter().collect(),
+            None => fetch_workers!(&mut *$tx),
+        };
         let (worker, assignment) = match place!($tx, &workers, &spec) {
             Ok(placed) => placed,
             Err(PlacementError::PortTaken(port)) => {

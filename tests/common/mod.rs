@@ -408,6 +408,12 @@ impl Coordinator {
         self.log.lock().unwrap().clone()
     }
 
+    /// SIGKILL: no shutdown of any kind.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// SIGTERM, then the exit status (within `limit`).
     pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();

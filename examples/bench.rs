@@ -1,0 +1,571 @@
+//! The benchmark harness (`make bench`). Drives the release binary over HTTP
+//! on loopback against the PostgreSQL at 127.0.0.1:5432 and reports every
+//! figure next to a baseline measured in the same run. Prints a table and
+//! writes `bench/results.json`. Every load is bounded in count and time.
+//!
+//! What it measures: route creates (throughput, p50/p99) at 1, 8 and 32
+//! concurrent clients beside `pgbench` doing the same number of single-row
+//! inserts at the same concurrency on the same database; creates on the
+//! embedded SQLite; create-to-event propagation latency with 10, 100 and 1,000
+//! connected worker streams; the snapshot of a worker holding 10,000 routes;
+//! resident memory with 100,000 routes and 1,000 connected workers; and the
+//! time a failover takes beyond its configured timeouts.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use appproxy_coordinator::client::{Agent, RoutingTable, WorkerClient};
+use appproxy_coordinator::domain::WorkerRegistration;
+use appproxy_coordinator::domain::events::StreamEvent;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const MANAGER: &str = "bench-manager-token";
+const BOOTSTRAP: &str = "bench-worker-token";
+
+fn admin_url() -> String {
+    std::env::var("APPPROXY_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A scratch PostgreSQL database, dropped at the end.
+struct Database {
+    name: String,
+}
+
+impl Database {
+    fn create(tag: &str) -> Database {
+        let name = format!("appproxy_bench_{tag}_{}", std::process::id());
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {name}"));
+        psql("postgres", &format!("CREATE DATABASE {name}"));
+        Database { name }
+    }
+    fn url(&self) -> String {
+        let admin = admin_url();
+        format!("{}/{}", admin.rsplit_once('/').unwrap().0, self.name)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn psql(db: &str, sql: &str) -> String {
+    let admin = admin_url();
+    let url = format!("{}/{db}", admin.rsplit_once('/').unwrap().0);
+    let out = Command::new("psql")
+        .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The release coordinator as a child process.
+struct Coordinator {
+    child: Child,
+    url: String,
+}
+
+impl Coordinator {
+    fn start(args: &[&str]) -> Coordinator {
+        let bin =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/appproxy-coordinator");
+        let mut child = Command::new(&bin)
+            .args(args)
+            .args(["--bind", "127.0.0.1:0", "--log-format", "text"])
+            .env("APPPROXY_MANAGER_TOKEN", MANAGER)
+            .env("APPPROXY_WORKER_TOKEN", BOOTSTRAP)
+            .env("RUST_LOG", "warn,appproxy_coordinator::server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {}: {e} (run `cargo build --release` first)",
+                    bin.display()
+                )
+            });
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || ".:".contains(*c))
+                        .collect();
+                    let _ = tx.send(addr);
+                } else if line.contains("ERROR") {
+                    eprintln!("coordinator: {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the coordinator starts");
+        Coordinator {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http() -> reqwest::Client {
+    appproxy_coordinator::server::install_crypto_provider();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(2048)
+        .build()
+        .unwrap()
+}
+
+fn registration(name: &str, ports: [u16; 2]) -> WorkerRegistration {
+    serde_json::from_value(json!({
+        "name": name,
+        "api_url": "http://127.0.0.1:1",
+        "frontend": {"mode": "port", "host": "127.0.0.1", "port_range": ports}
+    }))
+    .unwrap()
+}
+
+async fn register(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+    ports: [u16; 2],
+) -> (WorkerClient, i64) {
+    let (client, answer) = WorkerClient::register(http, url, BOOTSTRAP, &registration(name, ports))
+        .await
+        .unwrap();
+    (client, answer.revision)
+}
+
+fn route_body(worker: Option<Uuid>) -> Value {
+    json!({
+        "session_id": Uuid::new_v4(),
+        "service": "jupyter",
+        "targets": [{"host": "10.0.1.7", "port": 8888}],
+        "worker_id": worker,
+    })
+}
+
+async fn create(http: &reqwest::Client, url: &str, body: &Value) -> Value {
+    let r = http
+        .post(format!("{url}/routes"))
+        .bearer_auth(MANAGER)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "create failed: {status} {v}");
+    v
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Load {
+    throughput: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `total` creates from `concurrency` clients; throughput and latency.
+async fn create_load(url: &str, concurrency: usize, total: usize) -> Load {
+    let http = http();
+    let per = total / concurrency;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = Instant::now();
+                    create(&http, &url, &route_body(None)).await;
+                    lat.push(ms(t.elapsed()));
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Load {
+        throughput: lat.len() as f64 / wall,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
+/// pgbench: `total` single-row inserts from `concurrency` clients, same database.
+fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
+    psql(
+        &db.name,
+        "CREATE TABLE IF NOT EXISTS bench_insert (id BIGSERIAL PRIMARY KEY, payload JSONB NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    );
+    let script = std::env::temp_dir().join(format!("appproxy-bench-{}.sql", std::process::id()));
+    std::fs::write(&script, "INSERT INTO bench_insert (payload) VALUES ('{\"service\": \"jupyter\", \"targets\": [{\"host\": \"10.0.1.7\", \"port\": 8888}]}');\n").unwrap();
+    let out = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            &concurrency.to_string(),
+            "-j",
+            &concurrency.min(2).to_string(),
+            "-t",
+            &(total / concurrency).to_string(),
+            "-f",
+            script.to_str().unwrap(),
+            &db.url(),
+        ])
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .expect("pgbench prints tps")
+}
+
+/// Create-to-event latency with `workers` connected streams.
+async fn propagation(url: &str, workers: usize, samples: usize) -> (f64, f64) {
+    let http = http();
+    let arrivals: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let mut clients = Vec::new();
+    for i in 0..workers {
+        let (client, rev) =
+            register(&http, url, &format!("prop-{workers}-{i}"), [10000, 60000]).await;
+        let mut stream = client.watch(Some(rev)).await.unwrap();
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = stream.next().await {
+                if let StreamEvent::Upsert(u) = e {
+                    arrivals.lock().unwrap().insert(u.route.id, Instant::now());
+                }
+            }
+        });
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut lat = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let worker = clients[i % clients.len()].worker_id;
+        let sent = Instant::now();
+        let v = create(&http, url, &route_body(Some(worker))).await;
+        let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(at) = arrivals.lock().unwrap().get(&id) {
+                lat.push(ms(at.duration_since(sent)));
+                break;
+            }
+            assert!(Instant::now() < deadline, "event for {id} never arrived");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    (percentile(&lat, 0.5), percentile(&lat, 0.99))
+}
+
+/// Median time to receive the snapshot of a worker holding `routes` routes.
+async fn resync(url: &str, routes: usize) -> f64 {
+    let http = http();
+    let (client, _) = register(&http, url, "resync", [1, 65535]).await;
+    let bodies: Vec<Value> = (0..routes)
+        .map(|_| route_body(Some(client.worker_id)))
+        .collect();
+    futures::stream::iter(bodies)
+        .for_each_concurrent(32, |b| {
+            let http = http.clone();
+            async move {
+                create(&http, url, &b).await;
+            }
+        })
+        .await;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        let mut stream = client.watch(None).await.unwrap();
+        match stream.next().await {
+            Some(Ok(StreamEvent::Snapshot(s))) => assert_eq!(s.routes.len(), routes),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        times.push(ms(t.elapsed()));
+    }
+    times.sort_by(f64::total_cmp);
+    percentile(&times, 0.5)
+}
+
+/// RSS of a coordinator holding `routes` routes across `workers` connected workers.
+async fn memory(db: &Database, routes: usize, workers: usize) -> f64 {
+    let coordinator =
+        Coordinator::start(&["--database-url", &db.url(), "--bookmark-interval", "30s"]);
+    let url = coordinator.url.clone();
+    let http = http();
+    let mut clients = Vec::new();
+    for i in 0..workers {
+        clients.push(
+            register(&http, &url, &format!("mem-{i}"), [10000, 60000])
+                .await
+                .0,
+        );
+    }
+    // Bulk-load the routes in SQL (the API path is measured above); each
+    // worker gets routes/workers of them on consecutive ports.
+    let per = routes / workers;
+    psql(
+        &db.name,
+        &format!(
+            "INSERT INTO routes (id, app_mode, session_id, service, protocol, worker_id, frontend_port, spec, revision, created_at, updated_at) \
+             SELECT gen_random_uuid(), 'interactive', s.sid, 'jupyter', 'http', w.id, 10000 + (n / {workers}), \
+                    jsonb_build_object('session_id', s.sid, 'service', 'jupyter', 'targets', jsonb_build_array(jsonb_build_object('host', '10.0.1.7', 'port', 8888))), \
+                    1, now(), now() \
+             FROM generate_series(0, {routes} - 1) AS n \
+             CROSS JOIN LATERAL (SELECT gen_random_uuid() AS sid) s \
+             JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM workers) w ON w.k = n % {workers}"
+        ),
+    );
+    let mut streams = Vec::new();
+    for c in &clients {
+        let mut s = c.watch(None).await.unwrap();
+        match s.next().await {
+            Some(Ok(StreamEvent::Snapshot(snap))) => assert_eq!(snap.routes.len(), per),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        streams.push(s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = coordinator.rss_mb();
+    drop(streams);
+    rss
+}
+
+/// Seconds a failover takes beyond heartbeat_timeout + failover_grace.
+async fn failover(db: &Database, timeout: Duration, grace: Duration, routes: usize) -> f64 {
+    let timeout_s = format!("{}ms", timeout.as_millis());
+    let grace_s = format!("{}ms", grace.as_millis());
+    let coordinator = Coordinator::start(&[
+        "--database-url",
+        &db.url(),
+        "--heartbeat-timeout",
+        &timeout_s,
+        "--failover-grace",
+        &grace_s,
+    ]);
+    let url = coordinator.url.clone();
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let (tx_a, mut rx_a) = tokio::sync::watch::channel(RoutingTable::default());
+    let (tx_b, mut rx_b) = tokio::sync::watch::channel(RoutingTable::default());
+    let mut agent_a = Agent::new(&url, BOOTSTRAP, registration("doomed", [10000, 20000]));
+    agent_a.heartbeat_interval = Duration::from_millis(200);
+    let mut agent_b = Agent::new(&url, BOOTSTRAP, registration("heir", [30000, 40000]));
+    agent_b.heartbeat_interval = Duration::from_millis(200);
+    tokio::spawn(agent_a.run(tx_a, async move {
+        let _ = stopped_a.await;
+    }));
+    tokio::spawn(agent_b.run(tx_b, std::future::pending()));
+    rx_a.wait_for(|t| t.revision > 0).await.unwrap();
+    rx_b.wait_for(|t| t.revision > 0).await.unwrap();
+    let http = http();
+    let workers: Value = http
+        .get(format!("{url}/workers"))
+        .bearer_auth(MANAGER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let doomed: Uuid = workers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "doomed")
+        .and_then(|w| w["id"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap();
+    for _ in 0..routes {
+        create(&http, &url, &route_body(Some(doomed))).await;
+    }
+    rx_a.wait_for(|t| t.routes.len() == routes).await.unwrap();
+    stop_a.send(()).unwrap(); // the worker dies: no more heartbeats
+    let died = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        rx_b.wait_for(|t| t.routes.len() == routes),
+    )
+    .await
+    .expect("routes reach the other worker")
+    .unwrap();
+    (died.elapsed().as_secs_f64() - (timeout + grace).as_secs_f64()).max(0.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let scale = if quick { 10 } else { 1 };
+    let mut results = serde_json::Map::new();
+    let mut table = Vec::new();
+
+    // Route creates on PostgreSQL against pgbench on the same database.
+    let db = Database::create("create");
+    let coordinator = Coordinator::start(&["--database-url", &db.url()]);
+    let http = http();
+    for i in 0..4 {
+        register(&http, &coordinator.url, &format!("w{i}"), [1, 65535]).await;
+    }
+    let mut create_results = serde_json::Map::new();
+    for (label, c, total) in [
+        ("c1", 1, 1000 / scale),
+        ("c8", 8, 4000 / scale),
+        ("c32", 32, 8000 / scale),
+    ] {
+        create_load(&coordinator.url, c, 64.min(total)).await; // warm up connections
+        let load = create_load(&coordinator.url, c, total).await;
+        let baseline = pgbench_baseline(&db, c, total);
+        let ratio = load.throughput / baseline;
+        table.push(format!(
+            "create {label:<4} {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms   pgbench {:>8.0} inserts/s   ratio {:.2}",
+            load.throughput, load.p50_ms, load.p99_ms, baseline, ratio
+        ));
+        create_results.insert(
+            label.into(),
+            json!({"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "baseline_tps": baseline, "ratio": ratio, "requests": total}),
+        );
+    }
+    results.insert("create".into(), create_results.into());
+
+    // Propagation with 10, 100 and 1,000 connected streams.
+    let mut prop = serde_json::Map::new();
+    for (label, workers) in [("w10", 10), ("w100", 100), ("w1000", 1000)] {
+        let (p50, p99) = propagation(&coordinator.url, workers, 300 / scale).await;
+        table.push(format!(
+            "propagation {label:<6} p50 {p50:>6.2} ms  p99 {p99:>6.2} ms"
+        ));
+        prop.insert(label.into(), json!({"p50_ms": p50, "p99_ms": p99}));
+    }
+    results.insert("propagation".into(), prop.into());
+
+    let resync_ms = resync(&coordinator.url, 10_000 / scale).await;
+    table.push(format!(
+        "resync of {} routes  {resync_ms:.1} ms (median of 7)",
+        10_000 / scale
+    ));
+    results.insert("resync".into(), json!({"routes10000_ms": resync_ms}));
+    drop(coordinator);
+    drop(db);
+
+    // Creates on the embedded SQLite.
+    let dir = std::env::temp_dir().join(format!("appproxy-bench-sqlite-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let sqlite = Coordinator::start(&["--data-dir", dir.to_str().unwrap()]);
+    register(&http, &sqlite.url, "w", [1, 65535]).await;
+    create_load(&sqlite.url, 32, 64).await;
+    let load = create_load(&sqlite.url, 32, 4000 / scale).await;
+    table.push(format!(
+        "create sqlite c32 {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+        load.throughput, load.p50_ms, load.p99_ms
+    ));
+    results.insert("create_sqlite".into(), json!({"c32": {"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}}));
+    drop(sqlite);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Memory with 100,000 routes and 1,000 connected workers.
+    let db = Database::create("memory");
+    let rss = memory(&db, 100_000 / scale, 1000 / scale).await;
+    table.push(format!(
+        "memory  {rss:.1} MB RSS with {} routes and {} workers streaming",
+        100_000 / scale,
+        1000 / scale
+    ));
+    results.insert(
+        "memory".into(),
+        json!({"rss_mb": rss, "routes": 100_000 / scale, "workers": 1000 / scale}),
+    );
+    drop(db);
+
+    // Failover beyond its timeouts.
+    let db = Database::create("failover");
+    let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
+    let beyond = failover(&db, timeout, grace, 100).await;
+    table.push(format!(
+        "failover of 100 routes  {beyond:.2} s beyond heartbeat_timeout {}s + failover_grace {}s",
+        timeout.as_secs(),
+        grace.as_secs()
+    ));
+    results.insert(
+        "failover".into(),
+        json!({"seconds_beyond_timeouts": beyond, "heartbeat_timeout_s": timeout.as_secs_f64(), "failover_grace_s": grace.as_secs_f64(), "routes": 100}),
+    );
+    drop(db);
+
+    results.insert(
+        "machine".into(),
+        json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "quick": quick}),
+    );
+    println!("\n{}", table.join("\n"));
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results.json");
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&Value::Object(results)).unwrap(),
+    )
+    .unwrap();
+    println!("\nwrote {}", out.display());
+}
