@@ -71,6 +71,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let app = api::router(state, config.max_body_bytes);
 
+    // Kubernetes mode (src/k8s): Lease election; the leader runs the
+    // AppProxyRoute mirror and the worker-pod watcher.
+    let (k8s_stop, k8s_stopped) = tokio::sync::watch::channel(false);
+    let kubernetes = match crate::k8s::Settings::from_config(&config) {
+        Some(settings) => {
+            let client = crate::k8s::client()
+                .await
+                .context("Kubernetes mode is on, but no cluster configuration was found")?;
+            tracing::info!(namespace = %settings.namespace, identity = %settings.identity, "Kubernetes mode");
+            let mut stopped = k8s_stopped;
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            Some(crate::k8s::start(client, settings, hub.clone(), shutdown))
+        }
+        None => None,
+    };
+
     let handle = Handle::new();
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
@@ -105,6 +123,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     served.with_context(|| format!("cannot serve on {}", config.bind))?;
+    if let Some(k8s) = kubernetes {
+        k8s_stop.send_replace(true);
+        k8s.released(std::time::Duration::from_secs(5)).await;
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
