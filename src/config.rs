@@ -35,6 +35,8 @@ pub enum Command {
     Migrate,
     /// Print the effective configuration (secrets redacted) and exit.
     Config,
+    /// Print the AppProxyRoute CustomResourceDefinition (YAML) and exit.
+    Crdgen,
 }
 
 /// Flags; each falls back to its `APPPROXY_*` variable, then the config file.
@@ -191,6 +193,32 @@ pub struct Options {
         default
     )]
     pub leader_renew_interval: Option<Duration>,
+
+    // ---- Kubernetes mode (src/k8s) ------------------------------------------
+    /// Kubernetes mode: Lease election, AppProxyRoute mirror, worker-pod health
+    /// [default: on when running in a cluster]. `--kubernetes=false` forces it off.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_KUBERNETES",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<bool>,
+    /// Namespace of the AppProxyRoutes, the Lease and the worker pods [default: $POD_NAMESPACE, else "default"].
+    #[arg(long, global = true, env = "APPPROXY_NAMESPACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Label selector of the worker pods [default: app.kubernetes.io/component=appproxy-worker].
+    #[arg(long, global = true, env = "APPPROXY_WORKER_SELECTOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_selector: Option<String>,
+    /// Name of the leader-election Lease [default: appproxy-coordinator].
+    #[arg(long, global = true, env = "APPPROXY_LEASE_NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -265,6 +293,11 @@ pub struct Config {
     pub failover_batch: u32,
     #[serde(with = "humantime_serde")]
     pub leader_renew_interval: Duration,
+    /// Kubernetes mode; `None` detects a cluster.
+    pub kubernetes: Option<bool>,
+    pub namespace: Option<String>,
+    pub worker_selector: String,
+    pub lease_name: String,
 }
 
 impl Default for Config {
@@ -294,6 +327,10 @@ impl Default for Config {
             failover_grace: Duration::from_secs(10),
             failover_batch: 100,
             leader_renew_interval: Duration::from_secs(2),
+            kubernetes: None,
+            namespace: None,
+            worker_selector: crate::k8s::DEFAULT_WORKER_SELECTOR.to_owned(),
+            lease_name: crate::k8s::DEFAULT_LEASE_NAME.to_owned(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod health;
 pub mod hub;
+pub mod k8s;
 pub mod leader;
 pub mod server;
 pub mod store;

@@ -8,6 +8,11 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     server::install_crypto_provider();
     let cli = Cli::parse();
+    if cli.command == Some(Command::Crdgen) {
+        // Needs no configuration: the CRD is generated from the Rust type.
+        print!("{}", appproxy_coordinator::k8s::crd::crd_yaml());
+        return std::process::ExitCode::SUCCESS;
+    }
     let config = match Config::load(&cli.options) {
         Ok(c) => c,
         Err(e) => {
@@ -23,6 +28,7 @@ async fn main() -> std::process::ExitCode {
             print!("{}", config.to_redacted_toml());
             Ok(())
         }
+        Command::Crdgen => unreachable!("handled before loading the configuration"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

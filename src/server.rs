@@ -58,7 +58,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let tokens = config::resolve_tokens(&config)?;
     let metrics = Metrics::new();
     let hub = Hub::start(store.clone(), config.hub(), metrics.clone());
-    let leadership = elect_leader(&store, &config, hub.stopped());
+    // Kubernetes mode (src/k8s): a Lease elects the leader, which also runs
+    // the AppProxyRoute mirror and the worker-pod watcher. Otherwise the
+    // PostgreSQL advisory lock (or, with SQLite, the one process) leads.
+    let (k8s_stop, k8s_stopped) = tokio::sync::watch::channel(false);
+    let kubernetes = match crate::k8s::Settings::from_config(&config) {
+        Some(settings) => {
+            let client = crate::k8s::client()
+                .await
+                .context("Kubernetes mode is on, but no cluster configuration was found")?;
+            tracing::info!(namespace = %settings.namespace, identity = %settings.identity, "Kubernetes mode");
+            let mut stopped = k8s_stopped;
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            Some(crate::k8s::start(client, settings, hub.clone(), shutdown))
+        }
+        None => None,
+    };
+    let leadership = match &kubernetes {
+        Some(k8s) => k8s.leadership.clone(),
+        None => elect_leader(&store, &config, hub.stopped()),
+    };
     tokio::spawn(hub::compact_periodically(
         hub.clone(),
         leadership.clone(),
@@ -117,6 +138,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     served.with_context(|| format!("cannot serve on {}", config.bind))?;
+    if let Some(k8s) = kubernetes {
+        k8s_stop.send_replace(true);
+        k8s.released(std::time::Duration::from_secs(5)).await;
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())

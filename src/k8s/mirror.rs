@@ -1,0 +1,529 @@
+//! The CR mirror (leader only): keeps one `AppProxyRoute` per route.
+//!
+//! It follows the manager's route stream from the hub, the workers (for
+//! status: acknowledgement and health), and the managed CRs themselves through
+//! a kube-runtime watcher, so a CR deleted or edited by hand is rewritten as
+//! soon as the watch reports it. A full list-and-diff runs at start and every
+//! `repair_interval` as a safety net. Writes go out in batches through a token
+//! bucket, with bounded concurrency.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use uuid::Uuid;
+
+use super::crd::{
+    AppProxyRoute, AppProxyRouteSpec, AppProxyRouteStatus, FIELD_MANAGER, MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE, ROUTE_ID_LABEL, managed_selector, route_id_of,
+};
+use super::events::{Reason, Recorder};
+use super::plan::{self, Action, Desired, Observed, TokenBucket};
+use crate::domain::events::{Audience, StreamEvent};
+use crate::domain::{Route, Worker, WorkerStatus};
+use crate::hub::Hub;
+
+/// How the mirror paces itself.
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    pub namespace: String,
+    /// Full list-and-diff against the API server.
+    pub repair_interval: Duration,
+    /// How often worker health and acknowledgements are re-read for status.
+    pub status_interval: Duration,
+    /// Average writes per second to the API server, and the burst allowed.
+    pub writes_per_second: f64,
+    pub burst: u32,
+    /// Writes per batch, and how many of a batch run at once.
+    pub batch_size: usize,
+    pub concurrency: usize,
+    /// Changes arriving within this window are written together.
+    pub debounce: Duration,
+}
+
+impl MirrorConfig {
+    pub fn new(namespace: &str) -> MirrorConfig {
+        MirrorConfig {
+            namespace: namespace.to_owned(),
+            repair_interval: Duration::from_secs(300),
+            status_interval: Duration::from_secs(2),
+            writes_per_second: 50.0,
+            burst: 100,
+            batch_size: 200,
+            concurrency: 8,
+            debounce: Duration::from_millis(100),
+        }
+    }
+}
+
+struct Mirror {
+    api: Api<AppProxyRoute>,
+    hub: Hub,
+    recorder: Recorder,
+    config: MirrorConfig,
+    limiter: Arc<Mutex<TokenBucket>>,
+    routes: BTreeMap<Uuid, Route>,
+    routes_ready: bool,
+    workers: HashMap<Uuid, Worker>,
+    observed: BTreeMap<String, Observed>,
+    observed_ready: bool,
+    /// CRs listed since the watcher's last `Init`, swapped in at `InitDone`.
+    relisting: Option<BTreeMap<String, Observed>>,
+    /// The spec this process last wrote per CR: a CR that differs from it was
+    /// changed by someone else (drift); one that vanished was deleted by hand.
+    written: HashMap<String, AppProxyRouteSpec>,
+    /// Events to record once their CR exists.
+    events: HashMap<String, Vec<(Reason, String)>>,
+}
+
+/// Runs the mirror until the route stream ends or the API fails for good.
+pub async fn run(
+    client: kube::Client,
+    hub: Hub,
+    recorder: Recorder,
+    config: MirrorConfig,
+) -> anyhow::Result<()> {
+    let api: Api<AppProxyRoute> = Api::namespaced(client, &config.namespace);
+    let limiter = Arc::new(Mutex::new(TokenBucket::new(
+        config.writes_per_second,
+        config.burst,
+        Instant::now(),
+    )));
+    let mut m = Mirror {
+        api: api.clone(),
+        hub: hub.clone(),
+        recorder,
+        config: config.clone(),
+        limiter,
+        routes: BTreeMap::new(),
+        routes_ready: false,
+        workers: HashMap::new(),
+        observed: BTreeMap::new(),
+        observed_ready: false,
+        relisting: None,
+        written: HashMap::new(),
+        events: HashMap::new(),
+    };
+    m.refresh_workers().await?;
+    let mut routes = hub
+        .open(Audience::Manager, None)
+        .await
+        .map_err(|()| anyhow::anyhow!("cannot read the change log"))?
+        .boxed();
+    let mut crs = watcher(api, watcher::Config::default().labels(&managed_selector()))
+        .default_backoff()
+        .boxed();
+    let mut repair = tokio::time::interval(config.repair_interval);
+    repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    repair.tick().await; // the watcher's initial list is the first full diff
+    let mut status = tokio::time::interval(config.status_interval);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = true;
+    tracing::info!(namespace = %config.namespace, "AppProxyRoute mirror started");
+    loop {
+        let ready = m.routes_ready && m.observed_ready;
+        let settle = async {
+            if dirty && ready {
+                tokio::time::sleep(config.debounce).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            event = routes.next() => match event {
+                Some(e) => { m.on_route_event(e).await; dirty = true; }
+                None => anyhow::bail!("the route stream ended"),
+            },
+            event = crs.next() => match event {
+                Some(Ok(e)) => dirty |= m.on_cr_event(e),
+                Some(Err(e)) => tracing::warn!(error = %e, "AppProxyRoute watch failed; retrying"),
+                None => anyhow::bail!("the AppProxyRoute watch ended"),
+            },
+            _ = repair.tick() => {
+                match m.relist().await {
+                    Ok(()) => dirty = true,
+                    Err(e) => tracing::warn!(error = %e, "cannot list AppProxyRoutes for repair"),
+                }
+            }
+            _ = status.tick() => {
+                match m.refresh_workers().await {
+                    Ok(changed) => dirty |= changed,
+                    Err(e) => tracing::warn!(error = %e, "cannot read workers"),
+                }
+            }
+            () = settle => dirty = m.reconcile().await,
+        }
+    }
+}
+
+fn observed_of(cr: &AppProxyRoute) -> Observed {
+    Observed {
+        spec: Some(cr.spec.clone()),
+        status: cr.status.clone(),
+        generation: cr.metadata.generation,
+        uid: cr.metadata.uid.clone(),
+        resource_version: cr.metadata.resource_version.clone(),
+    }
+}
+
+/// True when `candidate` is older than `current` (etcd resource versions are
+/// increasing integers; anything else is taken as new).
+fn is_older(candidate: Option<&str>, current: Option<&str>) -> bool {
+    match (
+        candidate.and_then(|v| v.parse::<u64>().ok()),
+        current.and_then(|v| v.parse::<u64>().ok()),
+    ) {
+        (Some(a), Some(b)) => a < b,
+        _ => false,
+    }
+}
+
+impl Mirror {
+    async fn on_route_event(&mut self, event: StreamEvent) {
+        match event {
+            StreamEvent::Snapshot(s) => {
+                self.routes = s.routes.into_iter().map(|r| (r.id, r)).collect();
+                self.routes_ready = true;
+            }
+            StreamEvent::Upsert(u) => {
+                let route = *u.route;
+                if route
+                    .worker_id
+                    .is_some_and(|w| !self.workers.contains_key(&w))
+                {
+                    let _ = self.refresh_workers().await;
+                }
+                // A route seen for the first time gets its placement event when
+                // its CR is created; here only changes of known routes count.
+                let known = self.routes.get(&route.id).map(|r| r.worker_id);
+                let name_of = |w: Uuid| {
+                    self.workers
+                        .get(&w)
+                        .map_or_else(|| w.to_string(), |w| w.name.clone())
+                };
+                let note = match (known, route.worker_id) {
+                    (Some(None), Some(w)) => Some((
+                        Reason::Placed,
+                        format!(
+                            "placed on worker {} at {}",
+                            name_of(w),
+                            route.frontend.url.as_deref().unwrap_or("-")
+                        ),
+                    )),
+                    (Some(Some(a)), Some(b)) if a != b => Some((
+                        Reason::FailedOver,
+                        format!(
+                            "moved from worker {} to {} at {}",
+                            name_of(a),
+                            name_of(b),
+                            route.frontend.url.as_deref().unwrap_or("-")
+                        ),
+                    )),
+                    _ => None,
+                };
+                if let Some(n) = note {
+                    self.events
+                        .entry(super::crd::cr_name(route.id))
+                        .or_default()
+                        .push(n);
+                }
+                self.routes.insert(route.id, route);
+            }
+            StreamEvent::Delete(d) => {
+                self.routes.remove(&d.route_id);
+                self.events.remove(&super::crd::cr_name(d.route_id));
+            }
+            StreamEvent::Bookmark(_) => {}
+        }
+    }
+
+    /// Returns true when the observed CRs changed.
+    fn on_cr_event(&mut self, event: watcher::Event<AppProxyRoute>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(cr) => {
+                if let (Some(list), Some(name)) =
+                    (self.relisting.as_mut(), cr.metadata.name.clone())
+                {
+                    list.insert(name, observed_of(&cr));
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(list) = self.relisting.take() {
+                    self.observed = list;
+                }
+                self.observed_ready = true;
+                true
+            }
+            watcher::Event::Apply(cr) => {
+                let Some(name) = cr.metadata.name.clone() else {
+                    return false;
+                };
+                let current = self
+                    .observed
+                    .get(&name)
+                    .and_then(|o| o.resource_version.as_deref());
+                if is_older(cr.metadata.resource_version.as_deref(), current) {
+                    return false;
+                }
+                let o = observed_of(&cr);
+                let changed = self.observed.get(&name) != Some(&o);
+                self.observed.insert(name, o);
+                changed
+            }
+            watcher::Event::Delete(cr) => {
+                let Some(name) = cr.metadata.name.as_deref() else {
+                    return false;
+                };
+                self.observed.remove(name).is_some()
+            }
+        }
+    }
+
+    /// A full list of the managed CRs replaces what the watch reported.
+    async fn relist(&mut self) -> anyhow::Result<()> {
+        let list = self
+            .api
+            .list(&ListParams::default().labels(&managed_selector()))
+            .await?;
+        self.observed = list
+            .items
+            .iter()
+            .filter_map(|cr| Some((cr.metadata.name.clone()?, observed_of(cr))))
+            .collect();
+        self.observed_ready = true;
+        Ok(())
+    }
+
+    /// Re-reads the workers; true when anything a status shows changed.
+    async fn refresh_workers(&mut self) -> anyhow::Result<bool> {
+        let workers: HashMap<Uuid, Worker> = self
+            .hub
+            .store()
+            .list_workers()
+            .await?
+            .into_iter()
+            .map(|w| (w.id, w))
+            .collect();
+        let key = |w: &Worker| (w.name.clone(), w.status, w.acked_revision);
+        let changed = workers.len() != self.workers.len()
+            || workers
+                .iter()
+                .any(|(id, w)| self.workers.get(id).map(key) != Some(key(w)));
+        for (id, w) in &workers {
+            let was_lost = self.workers.get(id).map(|o| o.status) == Some(WorkerStatus::Lost);
+            if w.status == WorkerStatus::Lost && !was_lost && !self.workers.is_empty() {
+                for r in self.routes.values().filter(|r| r.worker_id == Some(*id)) {
+                    self.events
+                        .entry(super::crd::cr_name(r.id))
+                        .or_default()
+                        .push((
+                            Reason::FailingOver,
+                            format!("worker {} is lost; the route is about to move", w.name),
+                        ));
+                }
+            }
+        }
+        self.workers = workers;
+        Ok(changed)
+    }
+
+    /// Writes one batch of the plan; true when more remains.
+    async fn reconcile(&mut self) -> bool {
+        let desired = plan::desired(&self.routes, &self.workers);
+        let actions = plan::plan(&desired, &self.observed);
+        let more = actions.len() > self.config.batch_size;
+        let jobs: Vec<Job> = actions
+            .into_iter()
+            .take(self.config.batch_size)
+            .map(|action| {
+                let name = action.name().to_owned();
+                let observed = self.observed.get(&name).cloned();
+                let repair = match (&action, self.written.get(&name)) {
+                    (Action::Create(_), Some(_)) => Some(Reason::Restored),
+                    (Action::ApplySpec(_), Some(last))
+                        if observed.as_ref().and_then(|o| o.spec.as_ref()) != Some(last) =>
+                    {
+                        Some(Reason::DriftRepaired)
+                    }
+                    _ => None,
+                };
+                Job {
+                    desired: desired.get(&name).cloned(),
+                    action,
+                    observed,
+                    repair,
+                }
+            })
+            .collect();
+        if !jobs.is_empty() {
+            tracing::debug!(
+                writes = jobs.len(),
+                more,
+                "mirroring routes to AppProxyRoutes"
+            );
+        }
+        let results: Vec<(Job, anyhow::Result<Option<AppProxyRoute>>)> =
+            futures::stream::iter(jobs)
+                .map(|job| {
+                    let api = self.api.clone();
+                    let limiter = self.limiter.clone();
+                    async move {
+                        let result = job.run(&api, &limiter).await;
+                        (job, result)
+                    }
+                })
+                .buffer_unordered(self.config.concurrency.max(1))
+                .collect()
+                .await;
+        let mut failed = false;
+        for (job, result) in results {
+            let name = job.action.name().to_owned();
+            match result {
+                Ok(Some(cr)) => {
+                    if let Some(d) = &job.desired {
+                        let placed =
+                            matches!(job.action, Action::Create(_)) && job.repair.is_none();
+                        if let (true, Some(worker)) = (placed, &d.status.worker) {
+                            let url = d.spec.frontend.url.as_deref().unwrap_or("-");
+                            self.events.entry(name.clone()).or_default().push((
+                                Reason::Placed,
+                                format!("placed on worker {worker} at {url}"),
+                            ));
+                        }
+                        self.written.insert(name.clone(), d.spec.clone());
+                    }
+                    if let Some(reason) = job.repair {
+                        let note = match reason {
+                            Reason::Restored => {
+                                "deleted by hand; recreated from the coordinator's database"
+                            }
+                            _ => "spec edited by hand; reverted to the coordinator's database",
+                        };
+                        tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
+                        self.events
+                            .entry(name.clone())
+                            .or_default()
+                            .push((reason, note.to_owned()));
+                    }
+                    self.observed.insert(name, observed_of(&cr));
+                }
+                Ok(None) => {
+                    self.observed.remove(&name);
+                    self.written.remove(&name);
+                }
+                Err(e) => {
+                    failed = true;
+                    tracing::warn!(cr = %name, error = %e, "cannot write an AppProxyRoute");
+                }
+            }
+        }
+        self.flush_events().await;
+        if failed {
+            // Back off a little before retrying a failing API server.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        more || failed
+    }
+
+    async fn flush_events(&mut self) {
+        let ready: Vec<String> = self
+            .events
+            .keys()
+            .filter(|n| self.observed.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in ready {
+            let uid = self.observed.get(&name).and_then(|o| o.uid.clone());
+            for (reason, note) in self.events.remove(&name).unwrap_or_default() {
+                let wait = self.limiter.lock().expect("limiter").take(Instant::now());
+                tokio::time::sleep(wait).await;
+                self.recorder
+                    .record(&name, uid.as_deref(), reason, &note)
+                    .await;
+            }
+        }
+    }
+}
+
+/// One write of a batch, with everything it needs owned.
+struct Job {
+    action: Action,
+    desired: Option<Desired>,
+    observed: Option<Observed>,
+    repair: Option<Reason>,
+}
+
+impl Job {
+    /// The CR after the write, or `None` once deleted.
+    async fn run(
+        &self,
+        api: &Api<AppProxyRoute>,
+        limiter: &Mutex<TokenBucket>,
+    ) -> anyhow::Result<Option<AppProxyRoute>> {
+        let pace = || {
+            let wait = limiter.lock().expect("limiter").take(Instant::now());
+            tokio::time::sleep(wait)
+        };
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let name = self.action.name();
+        let (generation, previous) = match (&self.action, &self.desired) {
+            (Action::Delete(_), _) => {
+                pace().await;
+                return match api.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => Ok(None),
+                    Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            (_, None) => anyhow::bail!("no desired state for {name}"),
+            (Action::Create(_) | Action::ApplySpec(_), Some(d)) => {
+                pace().await;
+                let route_id = route_id_of(name)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                let body = serde_json::json!({
+                    "apiVersion": AppProxyRoute::api_version(&()),
+                    "kind": AppProxyRoute::kind(&()),
+                    "metadata": {
+                        "name": name,
+                        "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, ROUTE_ID_LABEL: route_id},
+                    },
+                    "spec": d.spec,
+                });
+                let cr = api.patch(name, &params, &Patch::Apply(&body)).await?;
+                (cr.metadata.generation, cr.status)
+            }
+            (Action::ApplyStatus(_), Some(_)) => {
+                let o = self.observed.as_ref();
+                (
+                    o.and_then(|o| o.generation),
+                    o.and_then(|o| o.status.clone()),
+                )
+            }
+        };
+        let d = self.desired.as_ref().expect("checked above");
+        let status: AppProxyRouteStatus =
+            plan::stamp(d.status.clone(), previous.as_ref(), generation, Utc::now());
+        let body = serde_json::json!({
+            "apiVersion": AppProxyRoute::api_version(&()),
+            "kind": AppProxyRoute::kind(&()),
+            "metadata": {"name": name},
+            "status": status,
+        });
+        pace().await;
+        Ok(Some(
+            api.patch_status(name, &params, &Patch::Apply(&body))
+                .await?,
+        ))
+    }
+}

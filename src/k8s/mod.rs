@@ -1,0 +1,209 @@
+//! Kubernetes mode: the `AppProxyRoute` CRD and its mirror, worker-pod
+//! health, Lease leader election and Events.
+//!
+//! - [`crd`]: the custom resource type (and `crdgen`).
+//! - [`plan`]: the pure diff of routes against CRs, status derivation, pacing.
+//! - [`mirror`]: the controller that writes the CRs (leader only).
+//! - [`pods`]: worker pods → [`crate::health::observe`] (leader only).
+//! - [`lease`]: a `coordination.k8s.io/v1` Lease [`Elector`](crate::leader::Elector).
+//! - [`events`]: `events.k8s.io/v1` Events on the CRs.
+//!
+//! Outside Kubernetes none of this runs.
+
+pub mod crd;
+pub mod events;
+pub mod lease;
+pub mod mirror;
+pub mod plan;
+pub mod pods;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Api;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::leader::{self, Leadership};
+
+/// The default label selector of worker pods.
+pub const DEFAULT_WORKER_SELECTOR: &str = "app.kubernetes.io/component=appproxy-worker";
+/// The default name of the leader-election Lease.
+pub const DEFAULT_LEASE_NAME: &str = "appproxy-coordinator";
+
+/// Everything Kubernetes mode needs to know.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub namespace: String,
+    pub worker_selector: String,
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    pub identity: String,
+    /// How long the Lease stays valid without renewal.
+    pub lease_duration: Duration,
+    /// How often the holder renews (and others retry).
+    pub renew_every: Duration,
+    pub mirror: mirror::MirrorConfig,
+}
+
+impl Settings {
+    /// Settings for `namespace`, with production timings.
+    pub fn new(namespace: &str, identity: &str) -> Settings {
+        Settings {
+            namespace: namespace.to_owned(),
+            worker_selector: DEFAULT_WORKER_SELECTOR.to_owned(),
+            lease_name: DEFAULT_LEASE_NAME.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+            mirror: mirror::MirrorConfig::new(namespace),
+        }
+    }
+
+    /// Kubernetes settings when Kubernetes mode is on: forced by
+    /// `kubernetes = true`, or detected in a cluster (`KUBERNETES_SERVICE_HOST`)
+    /// unless `kubernetes = false`.
+    pub fn from_config(config: &Config) -> Option<Settings> {
+        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+        if !enabled(config.kubernetes, in_cluster) {
+            return None;
+        }
+        let namespace = config
+            .namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|n| !n.is_empty())
+            })
+            .unwrap_or_else(|| "default".to_owned());
+        let identity = std::env::var("POD_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|n| !n.is_empty()))
+            .map_or_else(
+                || format!("appproxy-coordinator-{}", uuid::Uuid::new_v4().simple()),
+                |host| format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            );
+        let mut settings = Settings::new(&namespace, &identity);
+        settings.worker_selector = config.worker_selector.clone();
+        settings.lease_name = config.lease_name.clone();
+        Some(settings)
+    }
+}
+
+/// Whether Kubernetes mode is on, given the `kubernetes` setting and whether
+/// we run in a cluster.
+pub fn enabled(setting: Option<bool>, in_cluster: bool) -> bool {
+    setting.unwrap_or(in_cluster)
+}
+
+/// A client from the environment: the in-cluster service account, or a kubeconfig.
+pub async fn client() -> anyhow::Result<kube::Client> {
+    let config = kube::Config::infer().await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Kubernetes mode, running.
+pub struct Running {
+    pub leadership: Leadership,
+    released: Arc<Notify>,
+}
+
+impl Running {
+    /// Waits (at most `limit`) for the Lease to be released after shutdown.
+    pub async fn released(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.released.notified()).await;
+    }
+}
+
+/// Starts Lease election; while this replica leads, the CR mirror and the
+/// worker-pod watcher run. `shutdown` ends the election and releases the Lease.
+pub fn start(
+    client: kube::Client,
+    settings: Settings,
+    hub: Hub,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Running {
+    let elector = lease::LeaseElector::new(
+        Api::namespaced(client.clone(), &settings.namespace),
+        &settings.lease_name,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    let released = elector.released();
+    let leadership = leader::spawn(elector, settings.renew_every, shutdown);
+    let recorder = events::Recorder::new(client.clone(), &settings.namespace, &settings.identity);
+    {
+        let (client, hub, config) = (client.clone(), hub.clone(), settings.mirror.clone());
+        tokio::spawn(while_leading(leadership.clone(), "mirror", move || {
+            mirror::run(
+                client.clone(),
+                hub.clone(),
+                recorder.clone(),
+                config.clone(),
+            )
+        }));
+    }
+    {
+        let (ns, selector, store) = (
+            settings.namespace.clone(),
+            settings.worker_selector.clone(),
+            hub.store().clone(),
+        );
+        tokio::spawn(while_leading(
+            leadership.clone(),
+            "pod watcher",
+            move || {
+                let (client, ns, selector, store) =
+                    (client.clone(), ns.clone(), selector.clone(), store.clone());
+                async move {
+                    pods::watch(client, &ns, &selector, store).await;
+                    Ok(())
+                }
+            },
+        ));
+    }
+    Running {
+        leadership,
+        released,
+    }
+}
+
+/// Runs `task` whenever this replica leads, stopping it when leadership is
+/// lost and restarting it (after a pause) if it ends on its own.
+pub async fn while_leading<F, Fut>(mut leadership: Leadership, what: &'static str, mut task: F)
+where
+    F: FnMut() -> Fut + Send,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    loop {
+        leadership.acquired().await;
+        if !leadership.is_leader() {
+            return; // the election ended
+        }
+        tracing::info!(task = what, "leading: starting");
+        tokio::select! {
+            result = task() => {
+                if let Err(e) = result {
+                    tracing::warn!(task = what, error = %e, "stopped; restarting");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            () = leadership.lost() => tracing::info!(task = what, "no longer leading: stopped"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kubernetes_mode_is_detected_unless_switched_off() {
+        assert!(super::enabled(None, true));
+        assert!(!super::enabled(None, false));
+        assert!(super::enabled(Some(true), false));
+        assert!(!super::enabled(Some(false), true));
+    }
+}

@@ -1,0 +1,621 @@
+//! Kubernetes mode against an in-process API server (tests/k8s/fake_apiserver.rs)
+//! that the real `kube::Client` talks to over HTTP: the AppProxyRoute mirror,
+//! worker-pod health, Lease election and Events, plus `crdgen`.
+
+mod common;
+#[path = "k8s/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::future::Future;
+use std::time::Duration;
+
+use appproxy_coordinator::domain::WorkerStatus;
+use appproxy_coordinator::k8s::crd::{AppProxyRoute, FIELD_MANAGER, cr_name};
+use appproxy_coordinator::k8s::events::Recorder;
+use appproxy_coordinator::k8s::lease::LeaseElector;
+use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
+use appproxy_coordinator::k8s::{self, pods};
+use appproxy_coordinator::leader::{self, Elector};
+use common::{Backend, TestApp, route};
+use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use reqwest::Method;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const NS: &str = "appproxy";
+const CRS: &str = "apis/appproxy.backend.ai/v1alpha1";
+const EVENTS: &str = "apis/events.k8s.io/v1";
+
+/// Waits up to 10 s for `check` to return `Some`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn fast_mirror() -> MirrorConfig {
+    MirrorConfig {
+        // Long on purpose: repairs in these tests come from the watch, not the timer.
+        repair_interval: Duration::from_secs(600),
+        status_interval: Duration::from_millis(100),
+        writes_per_second: 500.0,
+        burst: 100,
+        debounce: Duration::from_millis(20),
+        ..MirrorConfig::new(NS)
+    }
+}
+
+struct Env {
+    app: TestApp,
+    api: FakeApiServer,
+    client: kube::Client,
+}
+
+async fn env() -> Env {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let api = FakeApiServer::start().await;
+    let client = api.client();
+    Env { app, api, client }
+}
+
+impl Env {
+    fn start_mirror(&self) -> tokio::task::JoinHandle<()> {
+        let (client, hub) = (self.client.clone(), self.app.hub.clone());
+        let recorder = Recorder::new(client.clone(), NS, "test-replica");
+        tokio::spawn(async move {
+            mirror::run(client, hub, recorder, fast_mirror())
+                .await
+                .unwrap();
+        })
+    }
+
+    fn cr(&self, id: Uuid) -> Option<Value> {
+        self.api.get(CRS, NS, "appproxyroutes", &cr_name(id))
+    }
+
+    async fn cr_where(&self, id: Uuid, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, || async { self.cr(id).filter(|c| f(c)) }).await
+    }
+
+    fn event_reasons(&self, id: Uuid) -> Vec<String> {
+        self.api
+            .objects(EVENTS, NS, "events")
+            .values()
+            .filter(|e| e["regarding"]["name"] == cr_name(id))
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    async fn create_route(&self, service: &str) -> Uuid {
+        let a = self.app.create(route(Uuid::new_v4(), service)).await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        a.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn ack(&self, worker: Uuid, token: &str) {
+        let rev = self.app.revision().await;
+        let a = self
+            .app
+            .call(
+                Method::POST,
+                &format!("/workers/{worker}/heartbeat"),
+                Some(token),
+                Some(json!({"acked_revision": rev})),
+            )
+            .await;
+        assert!(a.status.is_success(), "{:?}", a.body);
+    }
+}
+
+#[tokio::test]
+async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes_it() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+
+    let cr = e
+        .cr_where(id, "a Propagating CR", |c| {
+            c["status"]["phase"] == "Propagating"
+        })
+        .await;
+    assert_eq!(cr["spec"]["service"], "jupyter");
+    assert_eq!(cr["spec"]["routeId"], id.to_string());
+    assert_eq!(cr["spec"]["workerId"], worker.to_string());
+    assert_eq!(cr["spec"]["frontend"]["url"], "http://proxy.test:20000");
+    assert_eq!(
+        cr["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "appproxy-coordinator"
+    );
+    assert_eq!(cr["status"]["worker"], "worker-1");
+    assert_eq!(cr["status"]["url"], "http://proxy.test:20000");
+
+    // The worker acknowledges: Active, Propagated, for the current generation.
+    e.ack(worker, &token).await;
+    let cr = e
+        .cr_where(id, "an Active CR", |c| c["status"]["phase"] == "Active")
+        .await;
+    assert_eq!(cr["status"]["ackedRevision"], cr["status"]["revision"]);
+    assert_eq!(
+        cr["status"]["observedGeneration"],
+        cr["metadata"]["generation"]
+    );
+    let conditions = cr["status"]["conditions"].as_array().unwrap();
+    for (t, want) in [("Ready", "True"), ("Propagated", "True")] {
+        let c = conditions.iter().find(|c| c["type"] == t).unwrap();
+        assert_eq!(c["status"], want, "{c}");
+        assert!(c["lastTransitionTime"].is_string());
+    }
+
+    // Every write is a server-side apply under the one field manager.
+    let writes: Vec<_> = e
+        .api
+        .log()
+        .into_iter()
+        .filter(|l| l.path.contains("/appproxyroutes/") && l.method == "PATCH")
+        .collect();
+    assert!(writes.iter().any(|l| l.path.ends_with("/status")));
+    for w in &writes {
+        assert_eq!(w.content_type, "application/apply-patch+yaml", "{w:?}");
+        assert!(
+            w.query.contains(&format!("fieldManager={FIELD_MANAGER}")),
+            "{w:?}"
+        );
+        assert!(w.query.contains("force=true"), "{w:?}");
+    }
+    // A placement event on the CR.
+    eventually("a Placed event", || async {
+        e.event_reasons(id)
+            .contains(&"Placed".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // The route goes: so does its CR.
+    let a = e
+        .app
+        .manager(Method::DELETE, &format!("/routes/{id}"), None)
+        .await;
+    assert!(a.status.is_success());
+    eventually("the CR to go", || async {
+        e.cr(id).is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+    let first = e
+        .cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
+        .await;
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.client.clone(), NS);
+
+    crs.delete(&cr_name(id), &DeleteParams::default())
+        .await
+        .unwrap();
+    let restored = e
+        .cr_where(id, "the CR back", |c| {
+            c["metadata"]["uid"] != first["metadata"]["uid"] && c["status"]["phase"].is_string()
+        })
+        .await;
+    assert_eq!(restored["spec"], first["spec"]);
+    eventually("a Restored event", || async {
+        e.event_reasons(id)
+            .contains(&"Restored".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // kubectl edit: a merge patch by another field manager.
+    let edit = json!({"spec": {"targets": [{"host": "evil.example", "port": 1, "weight": 1}], "service": "ssh"}});
+    crs.patch(&cr_name(id), &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
+    let reverted = e
+        .cr_where(id, "the edit reverted", |c| {
+            c["spec"] == first["spec"]
+                && c["metadata"]["generation"] != restored["metadata"]["generation"]
+        })
+        .await;
+    assert_eq!(reverted["spec"]["targets"][0]["host"], "10.0.1.7");
+    // Its status describes the reverted generation.
+    e.cr_where(id, "status for the new generation", |c| {
+        c["status"]["observedGeneration"] == c["metadata"]["generation"]
+    })
+    .await;
+    eventually("a DriftRepaired event", || async {
+        e.event_reasons(id)
+            .contains(&"DriftRepaired".to_owned())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_first_diff_repairs_what_was_missed_and_leaves_foreign_crs_alone() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let id = e.create_route("jupyter").await;
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.client.clone(), NS);
+    // Left over from a route deleted while the coordinator was down.
+    let orphan = Uuid::new_v4();
+    let mut stale: AppProxyRoute = serde_json::from_value(json!({
+        "apiVersion": "appproxy.backend.ai/v1alpha1", "kind": "AppProxyRoute",
+        "metadata": {"name": cr_name(orphan), "labels": {"app.kubernetes.io/managed-by": "appproxy-coordinator"}},
+        "spec": {"routeId": orphan, "appMode": "interactive", "service": "old", "protocol": "http"}
+    }))
+    .unwrap();
+    crs.create(&PostParams::default(), &stale).await.unwrap();
+    // Somebody else's CR (no managed-by label) is not ours to delete.
+    stale.metadata.name = Some("handmade".into());
+    stale.metadata.labels = None;
+    crs.create(&PostParams::default(), &stale).await.unwrap();
+
+    e.start_mirror();
+    e.cr_where(id, "the missing CR", |c| c["status"]["phase"].is_string())
+        .await;
+    eventually("the orphan to go", || async {
+        e.cr(orphan).is_none().then_some(())
+    })
+    .await;
+    assert!(e.api.get(CRS, NS, "appproxyroutes", "handmade").is_some());
+}
+
+#[tokio::test]
+async fn an_expired_watch_relists_and_converges() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let a = e.create_route("jupyter").await;
+    let b = e.create_route("ssh").await;
+    e.cr_where(a, "CR a", |c| c["status"]["phase"].is_string())
+        .await;
+    e.cr_where(b, "CR b", |c| c["status"]["phase"].is_string())
+        .await;
+
+    // The history is compacted, and meanwhile CR a vanishes and CR b is edited:
+    // no watch event will ever say so. Only a relist can notice.
+    e.api.expire_watches(|objects| {
+        let crs = objects
+            .get_mut(&(CRS.to_owned(), NS.to_owned(), "appproxyroutes".to_owned()))
+            .unwrap();
+        crs.remove(&cr_name(a));
+        crs.get_mut(&cr_name(b)).unwrap()["spec"]["service"] = "tampered".into();
+    });
+    e.cr_where(a, "CR a restored", |c| c["status"]["phase"].is_string())
+        .await;
+    e.cr_where(b, "CR b reverted", |c| c["spec"]["service"] == "ssh")
+        .await;
+    let log = e.api.log();
+    assert!(e.api.gone() >= 1, "the resumed watch was not told 410 Gone");
+    // The watcher asked for bookmarks, was told 410 Gone (in-stream), and relisted.
+    assert!(
+        log.iter()
+            .any(|l| l.query.contains("allowWatchBookmarks=true"))
+    );
+    let lists = log
+        .iter()
+        .filter(|l| {
+            l.method == "GET"
+                && l.path.ends_with("/appproxyroutes")
+                && !l.query.contains("watch=true")
+        })
+        .count();
+    assert!(
+        lists >= 2,
+        "expected a relist after 410, saw {lists} list(s)"
+    );
+}
+
+fn pod(name: &str, ready: bool) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/component": "appproxy-worker"}},
+        "spec": {"containers": [{"name": "worker", "image": "appproxy-worker"}]},
+        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+    }))
+    .unwrap()
+}
+
+async fn set_ready(pods: &Api<Pod>, name: &str, ready: bool) {
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+async fn worker_status(app: &TestApp, id: Uuid, want: WorkerStatus) {
+    eventually(&format!("worker {want:?}"), || async {
+        (app.store.get_worker(id).await.unwrap().status == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pod_readiness_drives_worker_health_through_the_health_logic() {
+    let e = env().await;
+    let pods: Api<Pod> = Api::namespaced(e.client.clone(), NS);
+    let p1 = pods
+        .create(&PostParams::default(), &pod("worker-0", true))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("worker-1", true))
+        .await
+        .unwrap();
+    // Not selected: not a worker pod, even with a matching name.
+    let mut other = pod("unrelated", false);
+    other.metadata.labels = None;
+    pods.create(&PostParams::default(), &other).await.unwrap();
+
+    let worker_json = |name: &str, pod: Value| {
+        json!({"name": name, "api_url": "http://127.0.0.1:10201",
+               "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
+               "pod": pod})
+    };
+    // One worker reports its pod's uid, the other only its name.
+    let (w0, _, _) = e
+        .app
+        .register_with(worker_json(
+            "w0",
+            json!({"namespace": NS, "name": "worker-0", "uid": p1.metadata.uid}),
+        ))
+        .await;
+    let (w1, _, _) = e
+        .app
+        .register_with(worker_json(
+            "w1",
+            json!({"namespace": NS, "name": "worker-1"}),
+        ))
+        .await;
+    let (client, store) = (e.client.clone(), e.app.store.clone());
+    tokio::spawn(async move { pods::watch(client, NS, k8s::DEFAULT_WORKER_SELECTOR, store).await });
+
+    set_ready(&pods, "worker-0", false).await;
+    worker_status(&e.app, w0, WorkerStatus::NotReady).await;
+    set_ready(&pods, "worker-1", false).await;
+    worker_status(&e.app, w1, WorkerStatus::NotReady).await;
+    set_ready(&pods, "worker-0", true).await;
+    worker_status(&e.app, w0, WorkerStatus::Ready).await;
+
+    pods.delete("worker-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    worker_status(&e.app, w0, WorkerStatus::Lost).await;
+    assert_eq!(
+        e.app.store.get_worker(w1).await.unwrap().status,
+        WorkerStatus::NotReady
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
+    let e = env().await;
+    let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
+    let p = pods
+        .create(&PostParams::default(), &pod("worker-0", true))
+        .await
+        .unwrap();
+    let (w0, _, _) = e
+        .app
+        .register_with(json!({"name": "w0", "api_url": "http://127.0.0.1:10201",
+            "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
+            "pod": {"namespace": NS, "name": "worker-0", "uid": p.metadata.uid}}))
+        .await;
+    let (w1, _, _) = e
+        .app
+        .register_with(json!({"name": "w1", "api_url": "http://127.0.0.1:10202",
+            "frontend": {"mode": "port", "host": "proxy.test", "port_range": [30000, 30100]}}))
+        .await;
+    let id = e.create_route("jupyter").await;
+
+    // The whole Kubernetes mode, as `serve` starts it: Lease, mirror, pod watcher.
+    let mut settings = k8s::Settings::new(NS, "replica-a");
+    settings.renew_every = Duration::from_millis(100);
+    settings.lease_duration = Duration::from_secs(2);
+    settings.mirror = fast_mirror();
+    let running = k8s::start(
+        e.client.clone(),
+        settings,
+        e.app.hub.clone(),
+        std::future::pending(),
+    );
+    let mut leadership = running.leadership.clone();
+    tokio::time::timeout(Duration::from_secs(5), leadership.acquired())
+        .await
+        .unwrap();
+    e.cr_where(id, "the CR on w0", |c| c["status"]["worker"] == "w0")
+        .await;
+
+    pods.delete("worker-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    worker_status(&e.app, w0, WorkerStatus::Lost).await;
+    // Within the failover grace, the CR says the route is failing over.
+    e.cr_where(id, "a FailingOver CR", |c| {
+        c["status"]["phase"] == "FailingOver"
+    })
+    .await;
+    eventually("a FailingOver event", || async {
+        e.event_reasons(id)
+            .contains(&"FailingOver".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // The leader's failover loop moves the route; the CR follows it to w1.
+    tokio::spawn(appproxy_coordinator::health::run(
+        e.app.store.clone(),
+        e.app.metrics.clone(),
+        running.leadership.clone(),
+        appproxy_coordinator::health::HealthConfig {
+            heartbeat_timeout: Duration::from_secs(60),
+            failover_grace: Duration::from_millis(300),
+            batch_size: 10,
+        },
+        e.app.hub.shutdown_signal(),
+    ));
+    e.cr_where(id, "the CR on its new worker", |c| {
+        c["status"]["worker"] == "w1" && c["spec"]["workerId"] == json!(w1)
+    })
+    .await;
+
+    // Route deleted: its CR goes too. With that, this scenario has made every
+    // kind of call the coordinator makes to the API server.
+    e.app
+        .manager(Method::DELETE, &format!("/routes/{id}"), None)
+        .await;
+    eventually("the CR of the deleted route is gone", || async {
+        e.api
+            .get(CRS, NS, "appproxyroutes", &cr_name(id))
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        e.api.authorizations(),
+        chart_role_rules(),
+        "the chart's Role must grant exactly what the coordinator calls"
+    );
+}
+
+/// `(api group, resource, verb)` granted by the chart's Role.
+fn chart_role_rules() -> std::collections::BTreeSet<(String, String, String)> {
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/appproxy-coordinator/templates/rbac.yaml"
+    ))
+    .unwrap();
+    // The Role is plain YAML but for template lines; drop those.
+    let role: String = template
+        .split("\n---")
+        .next()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("{{"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let role: Value = serde_saphyr::from_str(&role).unwrap();
+    assert_eq!(role["kind"], "Role");
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    granted.insert((
+                        group.as_str().unwrap().to_owned(),
+                        resource.as_str().unwrap().to_owned(),
+                        verb.as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    granted
+}
+
+#[tokio::test]
+async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
+    let api = FakeApiServer::start().await;
+    let leases: Api<Lease> = Api::namespaced(api.client(), NS);
+    let mut a = LeaseElector::new(leases.clone(), "coord", "a", Duration::from_secs(1));
+    let mut b = LeaseElector::new(leases.clone(), "coord", "b", Duration::from_secs(1));
+
+    // Racing for a Lease that does not exist yet: exactly one wins.
+    let (ra, rb) = tokio::join!(a.try_acquire(), b.try_acquire());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "a: {ra}, b: {rb}");
+    let (holder, waiter) = if ra {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(holder.try_acquire().await.unwrap(), "the holder renews");
+    assert!(!waiter.try_acquire().await.unwrap());
+
+    // The holder stops renewing; after the lease duration the other takes over.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !waiter.try_acquire().await.unwrap(),
+        "too early to take over"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        waiter.try_acquire().await.unwrap(),
+        "takes over an expired lease"
+    );
+    assert!(
+        !holder.try_acquire().await.unwrap(),
+        "the old holder lost it"
+    );
+    let lease = leases.get("coord").await.unwrap().spec.unwrap();
+    assert_eq!(lease.lease_transitions, Some(1));
+    assert_eq!(lease.lease_duration_seconds, Some(1));
+
+    // Through leader::spawn: one leader; a graceful stop hands over at once.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let c = LeaseElector::new(leases.clone(), "spawned", "c", Duration::from_secs(30));
+    let d = LeaseElector::new(leases.clone(), "spawned", "d", Duration::from_secs(30));
+    let lc = leader::spawn(c, Duration::from_millis(50), async move {
+        let _ = stop_rx.await;
+    });
+    let mut lc_wait = lc.clone();
+    tokio::time::timeout(Duration::from_secs(5), lc_wait.acquired())
+        .await
+        .unwrap();
+    let ld = leader::spawn(d, Duration::from_millis(50), std::future::pending());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(lc.is_leader() && !ld.is_leader());
+    stop_tx.send(()).unwrap();
+    let mut ld_wait = ld.clone();
+    // Far sooner than the 30 s lease duration: c released it.
+    tokio::time::timeout(Duration::from_secs(3), ld_wait.acquired())
+        .await
+        .unwrap();
+    assert!(!lc.is_leader());
+}
+
+#[test]
+fn crdgen_prints_the_committed_crds() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_appproxy-coordinator"))
+        .arg("crdgen")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for path in [
+        "crds/appproxyroute.yaml",
+        "charts/appproxy-coordinator/crds/appproxyroute.yaml",
+    ] {
+        let committed = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_default();
+        assert!(
+            committed == printed,
+            "{path} differs from `appproxy-coordinator crdgen`; regenerate it with \
+             `cargo run -- crdgen > {path}`"
+        );
+    }
+}

@@ -1,0 +1,617 @@
+//! An in-process Kubernetes API server, just enough of one for the real
+//! `kube::Client` to talk to over HTTP: list and watch (resourceVersion,
+//! bookmarks, `410 Gone` for a compacted resourceVersion), get, create,
+//! replace (with optimistic concurrency), server-side apply and merge patch,
+//! the status subresource, and delete — for any namespaced resource (CRs,
+//! pods, Leases, Events).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
+
+/// `(api prefix, namespace, plural)`, e.g. `("apis/appproxy.backend.ai/v1alpha1", "ns", "appproxyroutes")`.
+type Collection = (String, String, String);
+
+#[derive(Clone, Debug)]
+pub struct WatchEvent {
+    pub rv: u64,
+    pub collection: Collection,
+    pub kind: &'static str,
+    pub object: Value,
+}
+
+/// One request as received, for assertions.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub status: u16,
+    /// Sent by the test itself (playing kubelet or an operator), not the coordinator.
+    pub by_test: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<Collection, BTreeMap<String, Value>>,
+    history: Vec<WatchEvent>,
+    /// Watches from a resourceVersion at or below this get `410 Gone`.
+    compacted: u64,
+    log: Vec<Logged>,
+    /// Watches answered with `410 Gone`.
+    gone: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeApiServer {
+    inner: Arc<Mutex<Inner>>,
+    events: broadcast::Sender<WatchEvent>,
+    /// Bumped to close every open watch.
+    kick: Arc<watch::Sender<u64>>,
+    pub url: String,
+    pub bookmark_interval: Duration,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    });
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn ok(object: &Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        object.to_string(),
+    )
+        .into_response()
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+/// `a=b,c=d` equality selectors.
+fn matches_labels(object: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    selector.split(',').all(|term| {
+        let (k, v) = term.split_once('=').unwrap_or((term, ""));
+        let v = v.trim_start_matches('=');
+        object["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+/// Splits `/api/v1/namespaces/ns/pods/name/status` into parts.
+fn parse_path(path: &str) -> Option<(Collection, Option<String>, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (prefix, rest) = match *parts.first()? {
+        "api" => (parts[..2].join("/"), &parts[2..]),
+        "apis" => (parts[..3].join("/"), &parts[3..]),
+        _ => return None,
+    };
+    if rest.first() != Some(&"namespaces") || rest.len() < 3 {
+        return None;
+    }
+    let collection = (prefix, rest[1].to_owned(), rest[2].to_owned());
+    Some((
+        collection,
+        rest.get(3).map(|s| (*s).to_owned()),
+        rest.get(4).map(|s| (*s).to_owned()),
+    ))
+}
+
+/// Resources whose main endpoint ignores `status` (it has a subresource).
+fn has_status_subresource(plural: &str) -> bool {
+    matches!(plural, "appproxyroutes" | "pods")
+}
+
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "appproxyroutes" => "AppProxyRoute",
+        "pods" => "Pod",
+        "leases" => "Lease",
+        "events" => "Event",
+        _ => "Unknown",
+    }
+}
+
+impl FakeApiServer {
+    pub async fn start() -> FakeApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = FakeApiServer {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            events: broadcast::channel(4096).0,
+            kick: Arc::new(watch::channel(0).0),
+            url: format!("http://{addr}"),
+            bookmark_interval: Duration::from_millis(300),
+        };
+        let app = Router::new().fallback(handle).with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        server
+    }
+
+    /// A client for the test's own calls (a kubelet, an operator with kubectl),
+    /// kept out of [`FakeApiServer::authorizations`].
+    pub fn actor_client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_namespace = "appproxy".into();
+        config
+            .headers
+            .push(("x-fake-actor".parse().unwrap(), "test".parse().unwrap()));
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// A real client pointed at this server.
+    pub fn client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_namespace = "appproxy".into();
+        kube::Client::try_from(config).unwrap()
+    }
+
+    // ---- direct access for tests ---------------------------------------------
+
+    pub fn objects(&self, prefix: &str, ns: &str, plural: &str) -> BTreeMap<String, Value> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .objects
+            .get(&(prefix.to_owned(), ns.to_owned(), plural.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn get(&self, prefix: &str, ns: &str, plural: &str, name: &str) -> Option<Value> {
+        self.objects(prefix, ns, plural).remove(name)
+    }
+
+    /// How many watches were answered with `410 Gone`.
+    pub fn gone(&self) -> u64 {
+        self.inner.lock().unwrap().gone
+    }
+
+    pub fn log(&self) -> Vec<Logged> {
+        self.inner.lock().unwrap().log.clone()
+    }
+
+    /// What the requests so far needed from RBAC, as Kubernetes authorizes
+    /// them: `(api group, resource[/subresource], verb)`. A server-side apply
+    /// that creates its object needs `create` as well as `patch`.
+    pub fn authorizations(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        let mut needed = std::collections::BTreeSet::new();
+        for l in self.log().into_iter().filter(|l| !l.by_test) {
+            let Some(((prefix, _, plural), name, sub)) = parse_path(&l.path) else {
+                continue;
+            };
+            let group = match prefix.split('/').collect::<Vec<_>>()[..] {
+                ["apis", group, _] => group.to_owned(),
+                _ => String::new(),
+            };
+            let resource = match sub {
+                Some(sub) => format!("{plural}/{sub}"),
+                None => plural,
+            };
+            let watching = l
+                .query
+                .split('&')
+                .any(|kv| kv == "watch=true" || kv == "watch=1");
+            let verbs: &[&str] = match (l.method.as_str(), name.is_some()) {
+                ("GET", false) if watching => &["watch"],
+                ("GET", false) => &["list"],
+                ("GET", true) => &["get"],
+                ("POST", _) => &["create"],
+                ("PUT", _) => &["update"],
+                ("PATCH", _) if l.status == 201 => &["patch", "create"],
+                ("PATCH", _) => &["patch"],
+                ("DELETE", _) => &["delete"],
+                _ => &[],
+            };
+            for verb in verbs {
+                needed.insert((group.clone(), resource.clone(), (*verb).to_owned()));
+            }
+        }
+        needed
+    }
+
+    /// Compacts the watch history (every open watch is closed, and resuming
+    /// from any resourceVersion seen so far answers `410 Gone`), running `gap`
+    /// on the objects meanwhile — changes no watch will ever report.
+    pub fn expire_watches(
+        &self,
+        gap: impl FnOnce(&mut BTreeMap<Collection, BTreeMap<String, Value>>),
+    ) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.rv += 1;
+        inner.compacted = inner.rv;
+        inner.history.clear();
+        gap(&mut inner.objects);
+        self.kick.send_modify(|k| *k += 1);
+    }
+
+    // ---- the API -------------------------------------------------------------
+
+    fn emit(&self, inner: &mut Inner, collection: &Collection, kind: &'static str, object: Value) {
+        let e = WatchEvent {
+            rv: inner.rv,
+            collection: collection.clone(),
+            kind,
+            object,
+        };
+        inner.history.push(e.clone());
+        let _ = self.events.send(e);
+    }
+
+    fn write(
+        &self,
+        collection: &Collection,
+        name: &str,
+        mut object: Value,
+        created: bool,
+    ) -> Value {
+        let mut inner = self.inner.lock().unwrap();
+        inner.rv += 1;
+        let rv = inner.rv;
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        inner
+            .objects
+            .entry(collection.clone())
+            .or_default()
+            .insert(name.to_owned(), object.clone());
+        self.emit(
+            &mut inner,
+            collection,
+            if created { "ADDED" } else { "MODIFIED" },
+            object.clone(),
+        );
+        object
+    }
+
+    fn create(&self, collection: &Collection, mut object: Value) -> Response {
+        let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+            return status(422, "Invalid", "metadata.name is required");
+        };
+        if self
+            .get(&collection.0, &collection.1, &collection.2, &name)
+            .is_some()
+        {
+            return status(409, "AlreadyExists", &format!("{name} already exists"));
+        }
+        object["metadata"]["namespace"] = collection.1.clone().into();
+        object["metadata"]["uid"] = uuid::Uuid::new_v4().to_string().into();
+        object["metadata"]["creationTimestamp"] = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+            .into();
+        object["metadata"]["generation"] = 1.into();
+        if let Some(obj) = object.as_object_mut() {
+            obj.entry("kind")
+                .or_insert_with(|| kind_of(&collection.2).into());
+        }
+        let written = self.write(collection, &name, object, true);
+        (
+            StatusCode::CREATED,
+            [("content-type", "application/json")],
+            written.to_string(),
+        )
+            .into_response()
+    }
+
+    /// Writes `next` over `current` unless nothing changed (a no-op write keeps
+    /// the resourceVersion, as a real API server does).
+    fn update(
+        &self,
+        collection: &Collection,
+        name: &str,
+        current: &Value,
+        mut next: Value,
+    ) -> Response {
+        for k in ["uid", "creationTimestamp", "namespace", "name"] {
+            next["metadata"][k] = current["metadata"][k].clone();
+        }
+        next["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+        let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+        next["metadata"]["generation"] =
+            (generation + i64::from(next.get("spec") != current.get("spec"))).into();
+        if &next == current {
+            return ok(current);
+        }
+        ok(&self.write(collection, name, next, false))
+    }
+
+    async fn watch(&self, collection: Collection, q: &BTreeMap<String, String>) -> Response {
+        let selector = q.get("labelSelector").cloned();
+        let bookmarks = q.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .map_or(Duration::from_secs(290), Duration::from_secs);
+        let from: Option<u64> = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v > 0);
+        let mut live = self.events.subscribe();
+        let mut kick = self.kick.subscribe();
+        let (backlog, head, gone) = {
+            let mut inner = self.inner.lock().unwrap();
+            let gone = from.is_some_and(|rv| rv <= inner.compacted);
+            inner.gone += u64::from(gone);
+            let backlog: Vec<WatchEvent> = match from {
+                Some(rv) => inner
+                    .history
+                    .iter()
+                    .filter(|e| e.rv > rv && e.collection == collection)
+                    .cloned()
+                    .collect(),
+                None => inner
+                    .objects
+                    .get(&collection)
+                    .map(|objs| {
+                        objs.values()
+                            .map(|o| WatchEvent {
+                                rv: inner.rv,
+                                collection: collection.clone(),
+                                kind: "ADDED",
+                                object: o.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            (backlog, inner.rv, gone)
+        };
+        let server = self.clone();
+        let (api_version, kind) = (
+            collection
+                .0
+                .trim_start_matches("apis/")
+                .trim_start_matches("api/")
+                .to_owned(),
+            kind_of(&collection.2),
+        );
+        let stream = async_stream::stream! {
+            let line = |v: Value| Ok::<Bytes, std::io::Error>(Bytes::from(format!("{v}\n")));
+            if gone {
+                yield line(json!({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": "too old resource version", "reason": "Expired", "code": 410}}));
+                return;
+            }
+            let mut last = from.unwrap_or(0);
+            for e in backlog {
+                if matches_labels(&e.object, selector.as_deref()) {
+                    yield line(json!({"type": e.kind, "object": e.object}));
+                }
+                last = last.max(e.rv);
+            }
+            last = last.max(head);
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut tick = tokio::time::interval(server.bookmark_interval);
+            tick.reset();
+            loop {
+                tokio::select! {
+                    received = live.recv() => match received {
+                        Ok(e) if e.rv > last && e.collection == collection => {
+                            last = e.rv;
+                            if matches_labels(&e.object, selector.as_deref()) {
+                                yield line(json!({"type": e.kind, "object": e.object}));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    },
+                    _ = tick.tick(), if bookmarks => {
+                        let rv = server.inner.lock().unwrap().rv;
+                        yield line(json!({"type": "BOOKMARK", "object": {
+                            "apiVersion": api_version, "kind": kind,
+                            "metadata": {"resourceVersion": rv.to_string()}}}));
+                    }
+                    _ = kick.changed() => return,
+                    () = &mut deadline => return,
+                }
+            }
+        };
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap()
+    }
+}
+
+async fn handle(
+    State(server): State<FakeApiServer>,
+    method: Method,
+    uri: Uri,
+    Query(q): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let response = serve(&server, &method, uri.path(), &q, &content_type, &body).await;
+    server.inner.lock().unwrap().log.push(Logged {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or_default().to_owned(),
+        content_type,
+        status: response.status().as_u16(),
+        by_test: headers.contains_key("x-fake-actor"),
+    });
+    response
+}
+
+async fn serve(
+    server: &FakeApiServer,
+    method: &Method,
+    path: &str,
+    q: &BTreeMap<String, String>,
+    content_type: &str,
+    body: &[u8],
+) -> Response {
+    let Some((collection, name, sub)) = parse_path(path) else {
+        return status(404, "NotFound", &format!("no route for {path}"));
+    };
+    let body: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return status(400, "BadRequest", &format!("body is not JSON: {e}")),
+        }
+    };
+    let current = name
+        .as_deref()
+        .and_then(|n| server.get(&collection.0, &collection.1, &collection.2, n));
+    let status_only = sub.as_deref() == Some("status");
+    match (method.clone(), name.as_deref()) {
+        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            server.watch(collection, q).await
+        }
+        (Method::GET, None) => {
+            let inner = server.inner.lock().unwrap();
+            let items: Vec<Value> = inner
+                .objects
+                .get(&collection)
+                .map(|objs| {
+                    objs.values()
+                        .filter(|o| matches_labels(o, q.get("labelSelector").map(String::as_str)))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            ok(&json!({
+                "apiVersion": collection.0.trim_start_matches("apis/").trim_start_matches("api/"),
+                "kind": format!("{}List", kind_of(&collection.2)),
+                "metadata": {"resourceVersion": inner.rv.to_string()},
+                "items": items,
+            }))
+        }
+        (Method::GET, Some(n)) => match current {
+            Some(o) => ok(&o),
+            None => status(404, "NotFound", &format!("{n} not found")),
+        },
+        (Method::POST, None) => server.create(&collection, body),
+        (Method::PUT, Some(n)) => {
+            let Some(current) = current else {
+                return status(404, "NotFound", &format!("{n} not found"));
+            };
+            let sent_rv = body["metadata"]["resourceVersion"].as_str();
+            if sent_rv.is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str())
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version",
+                );
+            }
+            let next = if status_only {
+                let mut next = current.clone();
+                next["status"] = body["status"].clone();
+                next
+            } else {
+                let mut next = body.clone();
+                if has_status_subresource(&collection.2) {
+                    next["status"] = current["status"].clone();
+                }
+                next
+            };
+            server.update(&collection, n, &current, next)
+        }
+        (Method::PATCH, Some(n)) => {
+            let apply = content_type.starts_with("application/apply-patch");
+            let merge = content_type.starts_with("application/merge-patch")
+                || content_type.starts_with("application/strategic-merge-patch");
+            if !apply && !merge {
+                return status(415, "UnsupportedMediaType", content_type);
+            }
+            if apply && q.get("fieldManager").is_none_or(String::is_empty) {
+                return status(422, "Invalid", "fieldManager is required for apply patch");
+            }
+            let mut patch = body.clone();
+            if let Some(p) = patch.as_object_mut() {
+                p.remove("apiVersion");
+                p.remove("kind");
+                if status_only {
+                    p.retain(|k, _| k == "status");
+                } else if has_status_subresource(&collection.2) {
+                    p.remove("status");
+                }
+            }
+            match current {
+                Some(current) => {
+                    let mut next = current.clone();
+                    merge_patch(&mut next, &patch);
+                    server.update(&collection, n, &current, next)
+                }
+                None if apply && !status_only => {
+                    let mut object = body.clone();
+                    if has_status_subresource(&collection.2) {
+                        object.as_object_mut().map(|o| o.remove("status"));
+                    }
+                    object["metadata"]["name"] = n.into();
+                    server.create(&collection, object)
+                }
+                None => status(404, "NotFound", &format!("{n} not found")),
+            }
+        }
+        (Method::DELETE, Some(n)) => {
+            let mut inner = server.inner.lock().unwrap();
+            let removed = inner
+                .objects
+                .get_mut(&collection)
+                .and_then(|objs| objs.remove(n));
+            match removed {
+                Some(mut o) => {
+                    inner.rv += 1;
+                    o["metadata"]["resourceVersion"] = inner.rv.to_string().into();
+                    server.emit(&mut inner, &collection, "DELETED", o);
+                    ok(
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
+                    )
+                }
+                None => status(404, "NotFound", &format!("{n} not found")),
+            }
+        }
+        _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
+    }
+}
