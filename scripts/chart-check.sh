@@ -98,7 +98,8 @@ EXPECTED_RBAC = {
 }
 
 # The keys of config.toml the coordinator understands (src/config.rs).
-CONFIG_KEYS = {"bind", "data_dir", "log_format", "max_body_bytes", "max_connections", "shutdown_timeout"}
+CONFIG_KEYS = {"bind", "data_dir", "log_format", "max_body_bytes", "max_connections", "shutdown_timeout",
+               "heartbeat_timeout", "failover_grace"}
 
 STANDARD_LABELS = (
     "app.kubernetes.io/name",
