@@ -1015,6 +1015,8 @@ async fn probes_metrics_and_openapi(b: Backend) {
         ("/routes/{id}", "patch"),
         ("/sessions/{session_id}", "delete"),
         ("/lookup", "get"),
+        ("/workers/{id}/watch", "get"),
+        ("/routes/watch", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

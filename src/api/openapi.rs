@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::routes::{Deleted, RouteList, SessionRoutes};
 use super::workers::{Heartbeat, HeartbeatAck, Registration, WorkerList};
+use crate::domain::events::{Bookmark, Delete, Snapshot, Upsert};
 use crate::domain::{Route, RoutePatch, RouteSpec, Worker, WorkerRegistration};
 use crate::store::Removal;
 
@@ -316,6 +317,47 @@ fn build() -> Value {
             .as_object_mut()
             .expect("path items are objects")
             .insert(e.method.into(), op.into());
+    }
+    // The two Server-Sent Event streams.
+    for (path, summary, security, mut params) in [
+        (
+            "/workers/{id}/watch",
+            "A worker's routes as Server-Sent Events: snapshot, upsert, delete, bookmark",
+            json!([{"worker": []}]),
+            vec![
+                json!({"name": "id", "in": "path", "required": true, "schema": param_schema("uuid")}),
+            ],
+        ),
+        (
+            "/routes/watch",
+            "Every route change as Server-Sent Events (snapshot, upsert, delete, bookmark)",
+            json!([{"manager": []}]),
+            vec![],
+        ),
+    ] {
+        params.push(json!({"name": "since", "in": "query", "required": false, "schema": {"type": "integer"},
+            "description": "Resume after this revision (or send Last-Event-ID); absent or no longer retained: a snapshot first"}));
+        let events = json!({"oneOf": [
+            generator.subschema_for::<Snapshot>(),
+            generator.subschema_for::<Upsert>(),
+            generator.subschema_for::<Delete>(),
+            generator.subschema_for::<Bookmark>(),
+        ]});
+        let op = json!({
+            "summary": summary,
+            "operationId": operation_id("get", path),
+            "security": security,
+            "parameters": params,
+            "responses": {
+                "200": {"description": "An event stream; each event's id is its revision and its data one of these",
+                        "content": {"text/event-stream": {"schema": events}}},
+                "400": {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                "401": {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                "403": {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}},
+                "503": {"description": "Problem", "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+            }
+        });
+        paths.insert(path.into(), json!({ "get": op }));
     }
     generator.subschema_for::<Route>();
     let mut schemas = generator.take_definitions(true);
