@@ -323,8 +323,9 @@ async fn propagation(url: &str, workers: usize, samples: usize) -> (f64, f64) {
     (percentile(&lat, 0.5), percentile(&lat, 0.99))
 }
 
-/// Median time to receive the snapshot of a worker holding `routes` routes.
-async fn resync(url: &str, routes: usize) -> f64 {
+/// Median time to serve the snapshot of a worker holding `routes` routes,
+/// and to receive and parse it with the worker client.
+async fn resync(url: &str, routes: usize) -> (f64, f64) {
     let http = http();
     let (client, _) = register(&http, url, "resync", [1, 65535]).await;
     let bodies: Vec<Value> = (0..routes)
@@ -338,18 +339,58 @@ async fn resync(url: &str, routes: usize) -> f64 {
             }
         })
         .await;
-    let mut times = Vec::new();
+    // Served: from the request until the last byte of the snapshot event.
+    let answer: Value = http
+        .post(format!("{url}/workers/register"))
+        .bearer_auth(BOOTSTRAP)
+        .json(&registration("resync", [1, 65535]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["token"].as_str().unwrap().to_owned();
+    let mut served = Vec::new();
     for _ in 0..7 {
+        let t = Instant::now();
+        let response = http
+            .get(format!("{url}/workers/{}/watch", client.worker_id))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let mut body = response.bytes_stream();
+        let mut tail: Vec<u8> = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.unwrap();
+            bytes += chunk.len();
+            tail.extend_from_slice(&chunk);
+            if tail.windows(2).any(|w| w == b"\n\n") {
+                break;
+            }
+            let keep = tail.len().saturating_sub(1);
+            tail.drain(..keep);
+        }
+        served.push(ms(t.elapsed()));
+        assert!(bytes > routes * 100, "a whole snapshot: {bytes} bytes");
+    }
+    served.sort_by(f64::total_cmp);
+    // Applied: the worker client receiving and parsing it into its table.
+    let client = WorkerClient::new(&http, url, client.worker_id, &token);
+    let mut applied = Vec::new();
+    for _ in 0..3 {
         let t = Instant::now();
         let mut stream = client.watch(None).await.unwrap();
         match stream.next().await {
             Some(Ok(StreamEvent::Snapshot(s))) => assert_eq!(s.routes.len(), routes),
             other => panic!("expected a snapshot, got {other:?}"),
         }
-        times.push(ms(t.elapsed()));
+        applied.push(ms(t.elapsed()));
     }
-    times.sort_by(f64::total_cmp);
-    percentile(&times, 0.5)
+    applied.sort_by(f64::total_cmp);
+    (percentile(&served, 0.5), percentile(&applied, 0.5))
 }
 
 /// RSS of a coordinator holding `routes` routes across `workers` connected workers.
@@ -377,7 +418,7 @@ async fn memory(db: &Database, routes: usize, workers: usize) -> f64 {
                     jsonb_build_object('session_id', s.sid, 'service', 'jupyter', 'targets', jsonb_build_array(jsonb_build_object('host', '10.0.1.7', 'port', 8888))), \
                     1, now(), now() \
              FROM generate_series(0, {routes} - 1) AS n \
-             CROSS JOIN LATERAL (SELECT gen_random_uuid() AS sid) s \
+             CROSS JOIN LATERAL (SELECT gen_random_uuid() AS sid, n AS row) s \
              JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM workers) w ON w.k = n % {workers}"
         ),
     );
@@ -457,6 +498,12 @@ async fn failover(db: &Database, timeout: Duration, grace: Duration, routes: usi
     (died.elapsed().as_secs_f64() - (timeout + grace).as_secs_f64()).max(0.0)
 }
 
+/// Prints a result as soon as it is measured, and keeps it for the summary.
+fn report(table: &mut Vec<String>, line: String) {
+    eprintln!("{line}");
+    table.push(line);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -466,7 +513,9 @@ async fn main() {
 
     // Route creates on PostgreSQL against pgbench on the same database.
     let db = Database::create("create");
-    let coordinator = Coordinator::start(&["--database-url", &db.url()]);
+    // The simulated workers do not heartbeat; liveness is measured separately.
+    let coordinator =
+        Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
     let http = http();
     for i in 0..4 {
         register(&http, &coordinator.url, &format!("w{i}"), [1, 65535]).await;
@@ -481,10 +530,13 @@ async fn main() {
         let load = create_load(&coordinator.url, c, total).await;
         let baseline = pgbench_baseline(&db, c, total);
         let ratio = load.throughput / baseline;
-        table.push(format!(
-            "create {label:<4} {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms   pgbench {:>8.0} inserts/s   ratio {:.2}",
-            load.throughput, load.p50_ms, load.p99_ms, baseline, ratio
-        ));
+        report(
+            &mut table,
+            format!(
+                "create {label:<4} {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms   pgbench {:>8.0} inserts/s   ratio {:.2}",
+                load.throughput, load.p50_ms, load.p99_ms, baseline, ratio
+            ),
+        );
         create_results.insert(
             label.into(),
             json!({"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "baseline_tps": baseline, "ratio": ratio, "requests": total}),
@@ -496,33 +548,48 @@ async fn main() {
     let mut prop = serde_json::Map::new();
     for (label, workers) in [("w10", 10), ("w100", 100), ("w1000", 1000)] {
         let (p50, p99) = propagation(&coordinator.url, workers, 300 / scale).await;
-        table.push(format!(
-            "propagation {label:<6} p50 {p50:>6.2} ms  p99 {p99:>6.2} ms"
-        ));
+        report(
+            &mut table,
+            format!("propagation {label:<6} p50 {p50:>6.2} ms  p99 {p99:>6.2} ms"),
+        );
         prop.insert(label.into(), json!({"p50_ms": p50, "p99_ms": p99}));
     }
     results.insert("propagation".into(), prop.into());
 
-    let resync_ms = resync(&coordinator.url, 10_000 / scale).await;
-    table.push(format!(
-        "resync of {} routes  {resync_ms:.1} ms (median of 7)",
-        10_000 / scale
-    ));
-    results.insert("resync".into(), json!({"routes10000_ms": resync_ms}));
+    let (resync_ms, applied_ms) = resync(&coordinator.url, 10_000 / scale).await;
+    report(
+        &mut table,
+        format!(
+            "resync of {} routes  served in {resync_ms:.1} ms, received and parsed by the client in {applied_ms:.1} ms (medians)",
+            10_000 / scale
+        ),
+    );
+    results.insert(
+        "resync".into(),
+        json!({"routes10000_ms": resync_ms, "client_apply_ms": applied_ms}),
+    );
     drop(coordinator);
     drop(db);
 
     // Creates on the embedded SQLite.
     let dir = std::env::temp_dir().join(format!("appproxy-bench-sqlite-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let sqlite = Coordinator::start(&["--data-dir", dir.to_str().unwrap()]);
+    let sqlite = Coordinator::start(&[
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--heartbeat-timeout",
+        "1h",
+    ]);
     register(&http, &sqlite.url, "w", [1, 65535]).await;
     create_load(&sqlite.url, 32, 64).await;
     let load = create_load(&sqlite.url, 32, 4000 / scale).await;
-    table.push(format!(
-        "create sqlite c32 {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
-        load.throughput, load.p50_ms, load.p99_ms
-    ));
+    report(
+        &mut table,
+        format!(
+            "create sqlite c32 {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            load.throughput, load.p50_ms, load.p99_ms
+        ),
+    );
     results.insert("create_sqlite".into(), json!({"c32": {"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}}));
     drop(sqlite);
     let _ = std::fs::remove_dir_all(&dir);
@@ -530,11 +597,14 @@ async fn main() {
     // Memory with 100,000 routes and 1,000 connected workers.
     let db = Database::create("memory");
     let rss = memory(&db, 100_000 / scale, 1000 / scale).await;
-    table.push(format!(
-        "memory  {rss:.1} MB RSS with {} routes and {} workers streaming",
-        100_000 / scale,
-        1000 / scale
-    ));
+    report(
+        &mut table,
+        format!(
+            "memory  {rss:.1} MB RSS with {} routes and {} workers streaming",
+            100_000 / scale,
+            1000 / scale
+        ),
+    );
     results.insert(
         "memory".into(),
         json!({"rss_mb": rss, "routes": 100_000 / scale, "workers": 1000 / scale}),
@@ -545,11 +615,14 @@ async fn main() {
     let db = Database::create("failover");
     let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
     let beyond = failover(&db, timeout, grace, 100).await;
-    table.push(format!(
-        "failover of 100 routes  {beyond:.2} s beyond heartbeat_timeout {}s + failover_grace {}s",
-        timeout.as_secs(),
-        grace.as_secs()
-    ));
+    report(
+        &mut table,
+        format!(
+            "failover of 100 routes  {beyond:.2} s beyond heartbeat_timeout {}s + failover_grace {}s",
+            timeout.as_secs(),
+            grace.as_secs()
+        ),
+    );
     results.insert(
         "failover".into(),
         json!({"seconds_beyond_timeouts": beyond, "heartbeat_timeout_s": timeout.as_secs_f64(), "failover_grace_s": grace.as_secs_f64(), "routes": 100}),

@@ -220,7 +220,7 @@ macro_rules! route_columns {
 macro_rules! worker_select {
     () => {
         "SELECT w.id, w.spec, w.status, w.last_heartbeat, w.acked_revision, w.created_at, w.updated_at, \
-         (SELECT COUNT(*) FROM routes r WHERE r.worker_id = w.id) AS route_count, \
+         w.route_count, \
          (SELECT revision FROM coordinator_state WHERE id = 1) - w.acked_revision AS revision_lag FROM workers w"
     };
 }
