@@ -50,6 +50,9 @@ pub enum Db {
 pub struct Store {
     db: Db,
     committed: Arc<watch::Sender<Revision>>,
+    /// SQLite has one writer at a time; writers queue here, in order, instead
+    /// of spinning on SQLITE_BUSY. (PostgreSQL queues on the revision row.)
+    sqlite_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// PostgreSQL channel a commit notifies, with its revision as the payload.
@@ -567,6 +570,15 @@ impl Store {
         Store {
             db,
             committed: Arc::new(watch::channel(0).0),
+            sqlite_writer: Arc::default(),
+        }
+    }
+
+    /// Held for the whole of a write transaction on SQLite; nothing on PostgreSQL.
+    async fn write_gate(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.db {
+            Db::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Db::Postgres(_) => None,
         }
     }
 
@@ -762,6 +774,7 @@ impl Store {
     pub async fn compact_log(&self, keep_last: u64, older_than: DateTime<Utc>) -> Result<u64> {
         let older_than = db_time(older_than);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let head = lock_revision!(tx);
             let keep_from = head.saturating_sub(i64::try_from(keep_last).unwrap_or(i64::MAX));
@@ -802,6 +815,7 @@ impl Store {
         let now = db_time(now);
         validate::registration(&registration)?;
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM workers WHERE name = $1")
@@ -906,6 +920,7 @@ impl Store {
     ) -> Result<Worker> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let mut worker = fetch_worker!(&mut *tx, id).ok_or(StoreError::NotFound)?;
@@ -959,6 +974,7 @@ impl Store {
         }
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             // Draining workers are never chosen, so nothing new landed on it.
@@ -988,6 +1004,7 @@ impl Store {
     ) -> Result<Vec<Moved>> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id LIMIT $2", from, i64::from(limit));
@@ -1041,6 +1058,7 @@ impl Store {
     pub async fn place_pending(&self, limit: u32, now: DateTime<Utc>) -> Result<Vec<Moved>> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let pending = fetch_routes!(&mut *tx, "worker_id IS NULL ORDER BY id LIMIT $1", i64::from(limit));
@@ -1128,6 +1146,7 @@ impl Store {
     pub async fn delete_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let expired: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
@@ -1163,6 +1182,7 @@ impl Store {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             if fetch_route!(&mut *tx, "id = $1", id).is_some() {
@@ -1186,6 +1206,7 @@ impl Store {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let Some(mut current) = fetch_route!(&mut *tx, "id = $1", id) else {
@@ -1232,6 +1253,7 @@ impl Store {
     ) -> Result<Route> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let mut current = fetch_route!(&mut *tx, "id = $1", id).ok_or(StoreError::NotFound)?;
@@ -1317,6 +1339,7 @@ impl Store {
     pub async fn delete_route(&self, id: Uuid, now: DateTime<Utc>) -> Result<()> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let worker_id: Option<Option<Uuid>> = sqlx::query_scalar("DELETE FROM routes WHERE id = $1 RETURNING worker_id")
@@ -1335,6 +1358,7 @@ impl Store {
     pub async fn delete_session(&self, session_id: Uuid, now: DateTime<Utc>) -> Result<u64> {
         let now = db_time(now);
         with_db!(&self.db, pool => {
+            let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let deleted: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
