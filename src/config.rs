@@ -193,6 +193,14 @@ pub struct Options {
         default
     )]
     pub leader_renew_interval: Option<Duration>,
+    /// Collect routes nobody created or re-sent (PUT) for this long, e.g. "24h" [default: never].
+    #[arg(long, global = true, env = "APPPROXY_ROUTE_IDLE_TTL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub route_idle_ttl: Option<Duration>,
 
     // ---- Kubernetes mode (src/k8s) ------------------------------------------
     /// Kubernetes mode: Lease election, AppProxyRoute mirror, worker-pod health
@@ -293,6 +301,8 @@ pub struct Config {
     pub failover_batch: u32,
     #[serde(with = "humantime_serde")]
     pub leader_renew_interval: Duration,
+    #[serde(with = "humantime_serde::option")]
+    pub route_idle_ttl: Option<Duration>,
     /// Kubernetes mode; `None` detects a cluster.
     pub kubernetes: Option<bool>,
     pub namespace: Option<String>,
@@ -327,6 +337,7 @@ impl Default for Config {
             failover_grace: Duration::from_secs(10),
             failover_batch: 100,
             leader_renew_interval: Duration::from_secs(2),
+            route_idle_ttl: None,
             kubernetes: None,
             namespace: None,
             worker_selector: crate::k8s::DEFAULT_WORKER_SELECTOR.to_owned(),
@@ -422,6 +433,7 @@ impl Config {
             heartbeat_timeout: self.heartbeat_timeout,
             failover_grace: self.failover_grace,
             batch_size: self.failover_batch,
+            route_idle_ttl: self.route_idle_ttl,
         }
     }
 

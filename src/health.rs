@@ -44,6 +44,8 @@ pub struct HealthConfig {
     pub failover_grace: Duration,
     /// Routes moved, placed or collected per transaction.
     pub batch_size: u32,
+    /// Routes nobody created or re-sent for this long are collected; `None`: never.
+    pub route_idle_ttl: Option<Duration>,
 }
 
 impl HealthConfig {
@@ -115,10 +117,15 @@ pub async fn pass(
     for m in store.place_pending(config.batch_size, Utc::now()).await? {
         record_move(metrics, &m, "", None);
     }
+    let idle_before = config
+        .route_idle_ttl
+        .map(|ttl| Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default());
     loop {
-        let expired = store.delete_expired(Utc::now(), config.batch_size).await?;
+        let expired = store
+            .delete_expired(Utc::now(), idle_before, config.batch_size)
+            .await?;
         for id in &expired {
-            tracing::info!(route = %id, "expired route collected");
+            tracing::info!(route = %id, "expired or idle route collected");
         }
         metrics.expired.inc_by(expired.len() as u64);
         if expired.len() < config.batch_size as usize {

@@ -25,6 +25,7 @@ on_both_backends!(
     routes_that_fit_nowhere_wait_as_pending_until_capacity_appears,
     a_returning_worker_gets_only_what_is_still_its_own,
     expired_routes_are_collected_as_deletes,
+    idle_routes_are_collected_unless_re_sent,
 );
 
 const TIMEOUT: Duration = Duration::from_millis(1000);
@@ -35,6 +36,7 @@ fn health() -> HealthConfig {
         heartbeat_timeout: TIMEOUT,
         failover_grace: GRACE,
         batch_size: 4,
+        route_idle_ttl: None,
     }
 }
 
@@ -496,4 +498,66 @@ async fn a_leader_that_dies_without_releasing_is_replaced() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
+    let idle_ttl = Duration::from_millis(800);
+    let app = TestApp::start_with_health(
+        b,
+        HealthConfig {
+            route_idle_ttl: Some(idle_ttl),
+            ..health()
+        },
+    )
+    .await;
+    let w = SimWorker::start(&app, "w", [20000, 20100]).await;
+    let forgotten = create_on(&app, w.id()).await;
+    let kept_id = Uuid::now_v7();
+    let mut kept = route(Uuid::new_v4(), "jupyter");
+    kept["worker_id"] = json!(w.id());
+    let put = app
+        .manager(
+            Method::PUT,
+            &format!("/routes/{kept_id}"),
+            Some(kept.clone()),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::CREATED);
+    wait_for("the worker has both", Duration::from_secs(5), async || {
+        w.routes().len() == 2
+    })
+    .await;
+    let revision = app.revision().await;
+    // The manager keeps re-sending one of them, unchanged.
+    let started = Instant::now();
+    while started.elapsed() < idle_ttl * 2 {
+        let again = app
+            .manager(
+                Method::PUT,
+                &format!("/routes/{kept_id}"),
+                Some(kept.clone()),
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for(
+        "the idle route is collected",
+        Duration::from_secs(5),
+        async || !w.routes().contains_key(&forgotten),
+    )
+    .await;
+    assert!(
+        w.routes().contains_key(&kept_id),
+        "a re-sent route is not idle"
+    );
+    assert_eq!(
+        app.revision().await,
+        revision + 1,
+        "re-sending changed nothing; the collection is one delete"
+    );
+    let gone = app
+        .manager(Method::GET, &format!("/routes/{forgotten}"), None)
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
 }

@@ -471,6 +471,7 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
             heartbeat_timeout: Duration::from_secs(60),
             failover_grace: Duration::from_millis(300),
             batch_size: 10,
+            route_idle_ttl: None,
         },
         e.app.hub.shutdown_signal(),
     ));

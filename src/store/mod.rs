@@ -1141,19 +1141,28 @@ impl Store {
         }))
     }
 
-    /// Deletes up to `limit` routes whose `expires_at` has passed, in one
-    /// transaction. Returns their ids.
-    pub async fn delete_expired(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Uuid>> {
+    /// Deletes up to `limit` routes whose `expires_at` has passed or, when
+    /// `idle_before` is given, that nobody created or re-sent since then, in
+    /// one transaction. Returns their ids.
+    pub async fn delete_expired(
+        &self,
+        now: DateTime<Utc>,
+        idle_before: Option<DateTime<Utc>>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>> {
         let now = db_time(now);
+        let idle_before = idle_before.map(db_time);
         with_db!(&self.db, pool => {
             let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let mut rev = lock_revision!(tx);
             let expired: Vec<(Uuid, Option<Uuid>)> = sqlx::query_as(
-                "SELECT id, worker_id FROM routes WHERE expires_at IS NOT NULL AND expires_at < $1 ORDER BY expires_at LIMIT $2",
+                "SELECT id, worker_id FROM routes WHERE (expires_at IS NOT NULL AND expires_at < $1) \
+                 OR ($3 IS NOT NULL AND updated_at < $3) ORDER BY id LIMIT $2",
             )
             .bind(now)
             .bind(i64::from(limit))
+            .bind(idle_before)
             .fetch_all(&mut *tx)
             .await?;
             if expired.is_empty() {
@@ -1232,6 +1241,15 @@ impl Store {
                 });
             }
             if current.spec.mutable_fields_equal(&spec) {
+                // Re-sending a route unchanged keeps it from going idle; it is
+                // not a change, so no revision and no event.
+                sqlx::query("UPDATE routes SET updated_at = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                current.updated_at = now;
                 return Ok(Upserted::Unchanged(current.to_route(worker.as_ref())));
             }
             current.spec = spec;
