@@ -10,6 +10,10 @@
 //! connected worker streams; the snapshot of a worker holding 10,000 routes;
 //! resident memory with 100,000 routes and 1,000 connected workers; and the
 //! time a failover takes beyond its configured timeouts.
+//!
+//! `--quick` runs every part at a tenth of the size; `--only=create,resync`
+//! runs only the named parts (create, propagation, resync, sqlite, memory,
+//! failover) and leaves `bench/results.json` alone.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -508,6 +512,10 @@ fn report(table: &mut Vec<String>, line: String) {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
+    let only: Option<Vec<String>> = std::env::args()
+        .find_map(|a| a.strip_prefix("--only=").map(str::to_owned))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    let runs = |part: &str| only.as_ref().is_none_or(|o| o.iter().any(|p| p == part));
     let mut results = serde_json::Map::new();
     let mut table = Vec::new();
 
@@ -526,6 +534,9 @@ async fn main() {
         ("c8", 8, 4000 / scale),
         ("c32", 32, 8000 / scale),
     ] {
+        if !runs("create") {
+            break;
+        }
         create_load(&coordinator.url, c, 64.min(total)).await; // warm up connections
         let load = create_load(&coordinator.url, c, total).await;
         let baseline = pgbench_baseline(&db, c, total);
@@ -547,6 +558,9 @@ async fn main() {
     // Propagation with 10, 100 and 1,000 connected streams.
     let mut prop = serde_json::Map::new();
     for (label, workers) in [("w10", 10), ("w100", 100), ("w1000", 1000)] {
+        if !runs("propagation") {
+            break;
+        }
         let (p50, p99) = propagation(&coordinator.url, workers, 300 / scale).await;
         report(
             &mut table,
@@ -556,84 +570,93 @@ async fn main() {
     }
     results.insert("propagation".into(), prop.into());
 
-    let (resync_ms, applied_ms) = resync(&coordinator.url, 10_000 / scale).await;
-    report(
-        &mut table,
-        format!(
-            "resync of {} routes  served in {resync_ms:.1} ms, received and parsed by the client in {applied_ms:.1} ms (medians)",
-            10_000 / scale
-        ),
-    );
-    results.insert(
-        "resync".into(),
-        json!({"routes10000_ms": resync_ms, "client_apply_ms": applied_ms}),
-    );
+    if runs("resync") {
+        let (resync_ms, applied_ms) = resync(&coordinator.url, 10_000 / scale).await;
+        report(
+            &mut table,
+            format!(
+                "resync of {} routes  served in {resync_ms:.1} ms, received and parsed by the client in {applied_ms:.1} ms (medians)",
+                10_000 / scale
+            ),
+        );
+        results.insert(
+            "resync".into(),
+            json!({"routes10000_ms": resync_ms, "client_apply_ms": applied_ms}),
+        );
+    }
     drop(coordinator);
     drop(db);
 
-    // Creates on the embedded SQLite.
-    let dir = std::env::temp_dir().join(format!("appproxy-bench-sqlite-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let sqlite = Coordinator::start(&[
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--heartbeat-timeout",
-        "1h",
-    ]);
-    register(&http, &sqlite.url, "w", [1, 65535]).await;
-    create_load(&sqlite.url, 32, 64).await;
-    let load = create_load(&sqlite.url, 32, 4000 / scale).await;
-    report(
-        &mut table,
-        format!(
-            "create sqlite c32 {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
-            load.throughput, load.p50_ms, load.p99_ms
-        ),
-    );
-    results.insert("create_sqlite".into(), json!({"c32": {"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}}));
-    drop(sqlite);
-    let _ = std::fs::remove_dir_all(&dir);
-
-    // Memory with 100,000 routes and 1,000 connected workers.
-    let db = Database::create("memory");
-    let rss = memory(&db, 100_000 / scale, 1000 / scale).await;
-    report(
-        &mut table,
-        format!(
-            "memory  {rss:.1} MB RSS with {} routes and {} workers streaming",
-            100_000 / scale,
-            1000 / scale
-        ),
-    );
-    results.insert(
-        "memory".into(),
-        json!({"rss_mb": rss, "routes": 100_000 / scale, "workers": 1000 / scale}),
-    );
-    drop(db);
-
-    // Failover beyond its timeouts.
-    let db = Database::create("failover");
-    let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
-    let beyond = failover(&db, timeout, grace, 100).await;
-    report(
-        &mut table,
-        format!(
-            "failover of 100 routes  {beyond:.2} s beyond heartbeat_timeout {}s + failover_grace {}s",
-            timeout.as_secs(),
-            grace.as_secs()
-        ),
-    );
-    results.insert(
-        "failover".into(),
-        json!({"seconds_beyond_timeouts": beyond, "heartbeat_timeout_s": timeout.as_secs_f64(), "failover_grace_s": grace.as_secs_f64(), "routes": 100}),
-    );
-    drop(db);
-
+    if runs("sqlite") {
+        // Creates on the embedded SQLite.
+        let dir =
+            std::env::temp_dir().join(format!("appproxy-bench-sqlite-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sqlite = Coordinator::start(&[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--heartbeat-timeout",
+            "1h",
+        ]);
+        register(&http, &sqlite.url, "w", [1, 65535]).await;
+        create_load(&sqlite.url, 32, 64).await;
+        let load = create_load(&sqlite.url, 32, 4000 / scale).await;
+        report(
+            &mut table,
+            format!(
+                "create sqlite c32 {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                load.throughput, load.p50_ms, load.p99_ms
+            ),
+        );
+        results.insert("create_sqlite".into(), json!({"c32": {"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms}}));
+        drop(sqlite);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if runs("memory") {
+        // Memory with 100,000 routes and 1,000 connected workers.
+        let db = Database::create("memory");
+        let rss = memory(&db, 100_000 / scale, 1000 / scale).await;
+        report(
+            &mut table,
+            format!(
+                "memory  {rss:.1} MB RSS with {} routes and {} workers streaming",
+                100_000 / scale,
+                1000 / scale
+            ),
+        );
+        results.insert(
+            "memory".into(),
+            json!({"rss_mb": rss, "routes": 100_000 / scale, "workers": 1000 / scale}),
+        );
+        drop(db);
+    }
+    if runs("failover") {
+        // Failover beyond its timeouts.
+        let db = Database::create("failover");
+        let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
+        let beyond = failover(&db, timeout, grace, 100).await;
+        report(
+            &mut table,
+            format!(
+                "failover of 100 routes  {beyond:.2} s beyond heartbeat_timeout {}s + failover_grace {}s",
+                timeout.as_secs(),
+                grace.as_secs()
+            ),
+        );
+        results.insert(
+            "failover".into(),
+            json!({"seconds_beyond_timeouts": beyond, "heartbeat_timeout_s": timeout.as_secs_f64(), "failover_grace_s": grace.as_secs_f64(), "routes": 100}),
+        );
+        drop(db);
+    }
     results.insert(
         "machine".into(),
         json!({"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "quick": quick}),
     );
     println!("\n{}", table.join("\n"));
+    if only.is_some() {
+        return;
+    }
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results.json");
     std::fs::write(
         &out,

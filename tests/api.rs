@@ -16,6 +16,7 @@ on_both_backends!(
     put_is_an_idempotent_upsert,
     parallel_creates_of_one_session_service_yield_one_route,
     parallel_creates_on_one_worker_never_share_a_port,
+    concurrent_creates_are_answered_each_on_its_own,
     placement_prefers_the_least_loaded_worker_and_reports_no_capacity,
     sessions_are_listed_and_deleted_together,
     lookup_resolves_ports_and_subdomains,
@@ -238,6 +239,90 @@ async fn parallel_creates_on_one_worker_never_share_a_port(b: Backend) {
     }
     let expected: HashSet<u64> = (30000..30040).collect();
     assert_eq!(ports, expected, "the lowest free ports, each once");
+}
+
+/// Concurrent creates are committed together; one that conflicts or finds no
+/// room must not fail, or take the place of, the others.
+async fn concurrent_creates_are_answered_each_on_its_own(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (worker, _, _) = app.register("w", [31000, 31023]).await;
+    let mut held = route(Uuid::new_v4(), "jupyter");
+    held["worker_id"] = json!(worker);
+    held["frontend"] = json!({"port": 31000});
+    let held = app.create(held).await;
+    assert_eq!(held.status, StatusCode::CREATED);
+
+    let session = Uuid::new_v4();
+    let mut bodies: Vec<Value> = (0..8).map(|_| route(session, "jupyter")).collect();
+    let mut taken = route(Uuid::new_v4(), "jupyter");
+    taken["worker_id"] = json!(worker);
+    taken["frontend"] = json!({"port": 31000});
+    bodies.push(taken);
+    bodies.extend((0..30).map(|_| route(Uuid::new_v4(), "jupyter")));
+    let answers = futures::future::join_all(bodies.into_iter().map(|b| app.create(b))).await;
+
+    // Eight creates of one (session, service): one wins, seven see the winner.
+    let same: Vec<_> = answers[..8].iter().collect();
+    let winners: Vec<_> = same
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one create of the session wins");
+    for a in same.iter().filter(|a| a.status != StatusCode::CREATED) {
+        assert_eq!(a.status, StatusCode::CONFLICT, "{:?}", a.body);
+        assert_eq!(a.body["existing"]["id"], winners[0].body["id"]);
+    }
+    // The pinned port was held before: a conflict naming the holder.
+    assert_eq!(
+        answers[8].status,
+        StatusCode::CONFLICT,
+        "{:?}",
+        answers[8].body
+    );
+    assert_eq!(answers[8].body["existing"]["id"], held.body["id"]);
+    // 23 ports were free for 31 routes: 22 of the 30 fit, 8 are turned away.
+    let fresh = &answers[9..];
+    let placed = fresh
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(placed, 22, "every free port used once");
+    for a in fresh.iter().filter(|a| a.status != StatusCode::CREATED) {
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", a.body);
+        assert_eq!(a.problem(), "no-eligible-worker");
+    }
+
+    let created: Vec<&common::Answer> = std::iter::once(&held)
+        .chain(answers.iter())
+        .filter(|a| a.status == StatusCode::CREATED)
+        .collect();
+    let ports: HashSet<u64> = created
+        .iter()
+        .map(|a| a.body["frontend"]["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, (31000..=31023).collect(), "each port once");
+    let revisions: HashSet<i64> = created
+        .iter()
+        .map(|a| a.body["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        revisions.len(),
+        created.len(),
+        "each create has its own revision"
+    );
+    assert_eq!(app.route_count().await, 24);
+    // What was answered is what is stored.
+    for a in &created {
+        let stored = app
+            .manager(
+                Method::GET,
+                &format!("/routes/{}", a.body["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        assert_eq!(stored.body["frontend"], a.body["frontend"]);
+        assert_eq!(stored.body["revision"], a.body["revision"]);
+    }
 }
 
 async fn placement_prefers_the_least_loaded_worker_and_reports_no_capacity(b: Backend) {

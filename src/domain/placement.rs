@@ -168,9 +168,22 @@ pub fn allocate(
     }
 }
 
-/// The lowest port of the inclusive range not in `used`.
+/// The lowest port of the inclusive range not in `used`. Walks the used ports
+/// in order to the first gap, so a densely packed range costs one pass over
+/// what is used instead of a lookup per port.
 pub fn lowest_free_port(range: [u16; 2], used: &BTreeSet<u16>) -> Option<u16> {
-    (range[0]..=range[1]).find(|p| !used.contains(p))
+    let [low, high] = range;
+    if low > high {
+        return None;
+    }
+    let mut candidate = low;
+    for &port in used.range(low..=high) {
+        if port != candidate {
+            break;
+        }
+        candidate = candidate.checked_add(1)?;
+    }
+    (candidate <= high).then_some(candidate)
 }
 
 /// One DNS label from arbitrary text: lowercase, IDNA (punycode) for non-ASCII,
@@ -377,6 +390,32 @@ mod tests {
         );
         used.ports.extend([1001, 1003]);
         assert_eq!(allocate(&w, &spec(), &used).unwrap(), None);
+    }
+
+    #[test]
+    fn lowest_free_port_finds_the_first_gap() {
+        let set = |ports: &[u16]| ports.iter().copied().collect::<BTreeSet<u16>>();
+        assert_eq!(lowest_free_port([100, 200], &set(&[])), Some(100));
+        assert_eq!(
+            lowest_free_port([100, 200], &set(&[100, 101, 102])),
+            Some(103)
+        );
+        assert_eq!(
+            lowest_free_port([100, 200], &set(&[100, 102, 103])),
+            Some(101)
+        );
+        // Ports outside the range neither count nor block.
+        assert_eq!(
+            lowest_free_port([100, 200], &set(&[5, 99, 100, 201])),
+            Some(101)
+        );
+        assert_eq!(lowest_free_port([100, 102], &set(&[100, 101, 102])), None);
+        let all: BTreeSet<u16> = (65000..=65535).collect();
+        assert_eq!(lowest_free_port([65000, 65535], &all), None);
+        assert_eq!(lowest_free_port([65535, 65535], &set(&[])), Some(65535));
+        assert_eq!(lowest_free_port([200, 100], &set(&[])), None);
+        let dense: BTreeSet<u16> = (1..40_000).collect();
+        assert_eq!(lowest_free_port([1, 65535], &dense), Some(40_000));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use sqlx::sqlite::{
 };
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Database, Transaction};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::domain::events::{Change, ChangeKind};
@@ -53,6 +53,39 @@ pub struct Store {
     /// SQLite has one writer at a time; writers queue here, in order, instead
     /// of spinning on SQLITE_BUSY. (PostgreSQL queues on the revision row.)
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
+    /// Route creates queue here for the create writer, which commits
+    /// everything queued in one transaction (see [`Store::create_routes`]).
+    /// `None` in the writer's own copy.
+    creates: Option<mpsc::Sender<NewRoute>>,
+}
+
+/// Most creates the create writer commits in one transaction.
+const CREATE_BATCH_MAX: usize = 64;
+
+/// The frontends taken on each worker as of `revision`, kept by the create
+/// writer between batches. Every change to a route's placement takes a new
+/// revision, so the cache holds while the revision is still the one the
+/// writer itself committed; any other write in between empties it.
+#[derive(Debug, Default)]
+struct UsedCache {
+    revision: Revision,
+    workers: HashMap<Uuid, Used>,
+}
+
+/// A `POST /routes` waiting for the create writer.
+struct NewRoute {
+    id: Uuid,
+    spec: RouteSpec,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Route>>,
+}
+
+impl std::fmt::Debug for NewRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewRoute")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// PostgreSQL channel a commit notifies, with its revision as the payload.
@@ -74,6 +107,9 @@ pub enum StoreError {
     Invalid(#[from] ValidationError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database failed a transaction that carried this request with others.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -81,17 +117,19 @@ pub enum StoreError {
 impl StoreError {
     /// The database cannot be reached right now (as opposed to a bug or bad data).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Database(
-                sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Io(_)
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::WorkerCrashed
+        matches!(self, StoreError::Unavailable(_))
+            || matches!(
+                self,
+                StoreError::Database(
+                    sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::WorkerCrashed
+                )
             )
-        ) || matches!(self, StoreError::Database(sqlx::Error::Database(e))
+            || matches!(self, StoreError::Database(sqlx::Error::Database(e))
             if e.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
     }
 }
@@ -375,28 +413,6 @@ macro_rules! fetch_routes {
     }};
 }
 
-/// The route holding `spec`'s unique key (session+service or endpoint), if any.
-macro_rules! fetch_by_key {
-    ($ex:expr, $spec:expr) => {
-        match $spec.key() {
-            crate::domain::RouteKey::Interactive {
-                session_id,
-                service,
-            } => fetch_route!(
-                $ex,
-                "app_mode = 'interactive' AND session_id = $1 AND service = $2",
-                session_id,
-                service
-            ),
-            crate::domain::RouteKey::Inference { endpoint_id } => fetch_route!(
-                $ex,
-                "app_mode = 'inference' AND endpoint_id = $1",
-                endpoint_id
-            ),
-        }
-    };
-}
-
 macro_rules! fetch_used {
     ($ex:expr, $worker_id:expr) => {{
         let rows: Vec<(Option<i32>, Option<String>)> = sqlx::query_as(
@@ -440,33 +456,6 @@ macro_rules! place {
     }};
 }
 
-macro_rules! insert_route {
-    ($tx:ident, $r:expr) => {{
-        let r: &StoredRoute = $r;
-        sqlx::query(
-            "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
-             frontend_port, frontend_subdomain, spec, expires_at, revision, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(r.id)
-        .bind(r.spec.app_mode.as_str())
-        .bind(r.spec.session_id)
-        .bind(r.spec.endpoint_id)
-        .bind(&r.spec.service)
-        .bind(r.spec.protocol.as_str())
-        .bind(r.worker_id)
-        .bind(r.port.map(i32::from))
-        .bind(r.subdomain.as_deref())
-        .bind(Json(&r.spec))
-        .bind(r.spec.expires_at)
-        .bind(r.revision)
-        .bind(r.created_at)
-        .bind(r.updated_at)
-        .execute(&mut *$tx)
-        .await?
-    }};
-}
-
 macro_rules! update_route {
     ($tx:ident, $r:expr) => {{
         let r: &StoredRoute = $r;
@@ -485,59 +474,6 @@ macro_rules! update_route {
         .bind(r.pending_reason.as_deref())
         .execute(&mut *$tx)
         .await?
-    }};
-}
-
-/// Creates `spec` as route `id` inside `$tx` at revision `$rev` (already
-/// incremented by the caller). Returns the route or the reason it cannot exist.
-macro_rules! create_in_tx {
-    ($tx:ident, $rev:expr, $id:expr, $spec:expr, $now:expr) => {{
-        let spec: RouteSpec = $spec;
-        if let Some(existing) = fetch_by_key!(&mut *$tx, &spec) {
-            let worker = match existing.worker_id {
-                Some(w) => fetch_worker!(&mut *$tx, w),
-                None => None,
-            };
-            return Err(StoreError::Conflict {
-                message: conflict_message(&spec),
-                existing: Some(Box::new(existing.to_route(worker.as_ref()))),
-            });
-        }
-        // A pinned route only needs its worker; otherwise every worker is a candidate.
-        let workers = match spec.worker_id {
-            Some(pinned) => fetch_worker!(&mut *$tx, pinned).into_iter().collect(),
-            None => fetch_workers!(&mut *$tx),
-        };
-        let (worker, assignment) = match place!($tx, &workers, &spec) {
-            Ok(placed) => placed,
-            Err(PlacementError::PortTaken(port)) => {
-                let holder = match spec.worker_id {
-                    Some(w) => fetch_route!(&mut *$tx, "worker_id = $1 AND frontend_port = $2", w, i32::from(port)),
-                    None => None,
-                };
-                let worker = holder.as_ref().and_then(|h| workers.iter().find(|w| Some(w.id) == h.worker_id));
-                return Err(StoreError::Conflict {
-                    message: format!("frontend port {port} is already in use"),
-                    existing: holder.map(|h| Box::new(h.to_route(worker))),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let stored = StoredRoute {
-            id: $id,
-            worker_id: Some(worker.id),
-            port: assignment.port(),
-            subdomain: assignment.subdomain().map(str::to_owned),
-            pending_reason: None,
-            spec,
-            revision: $rev,
-            created_at: $now,
-            updated_at: $now,
-        };
-        insert_route!($tx, &stored);
-        let route = stored.to_route(Some(&worker));
-        log_change!($tx, $rev, "route_upsert", route: stored.id, worker: stored.worker_id, payload: Some(Json(&route)), $now);
-        route
     }};
 }
 
@@ -566,11 +502,69 @@ fn relocation_spec(spec: &RouteSpec, current_subdomain: Option<&str>) -> RouteSp
 }
 
 impl Store {
+    /// A store on `db`, with its create writer running on the current runtime.
     fn new(db: Db) -> Store {
-        Store {
+        let writer = Store {
             db,
             committed: Arc::new(watch::channel(0).0),
             sqlite_writer: Arc::default(),
+            creates: None,
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(writer.clone().write_creates(rx));
+        Store {
+            creates: Some(tx),
+            ..writer
+        }
+    }
+
+    /// The create writer: takes whatever creates are queued (up to
+    /// [`CREATE_BATCH_MAX`]) and commits them together, so that concurrent
+    /// creates share one revision lock and one commit instead of queueing on
+    /// the lock one transaction at a time. Ends when every other copy of the
+    /// store is dropped.
+    async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
+        let mut batch = Vec::with_capacity(CREATE_BATCH_MAX);
+        let mut cache = UsedCache::default();
+        while queue.recv_many(&mut batch, CREATE_BATCH_MAX).await > 0 {
+            let requests: Vec<NewRoute> = std::mem::take(&mut batch);
+            let answers = match self.create_routes(&requests, &mut cache).await {
+                Ok(answers) => answers,
+                Err(e) if e.is_unavailable() || requests.len() == 1 => {
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    requests
+                        .iter()
+                        .map(|_| {
+                            Err(first
+                                .take()
+                                .unwrap_or_else(|| StoreError::Unavailable(message.clone())))
+                        })
+                        .collect()
+                }
+                // Something in the batch broke the transaction: give each
+                // request its own, so one cannot fail the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, size = requests.len(), "create batch failed; retrying its creates one by one");
+                    let mut answers = Vec::with_capacity(requests.len());
+                    for r in &requests {
+                        answers.push(
+                            match self
+                                .create_routes(std::slice::from_ref(r), &mut cache)
+                                .await
+                            {
+                                Ok(mut one) => one.pop().unwrap_or(Err(StoreError::NotFound)),
+                                Err(e) => Err(e),
+                            },
+                        );
+                    }
+                    answers
+                }
+            };
+            for (request, answer) in requests.into_iter().zip(answers) {
+                // The caller may have gone; the route exists all the same.
+                let _ = request.reply.send(answer);
+            }
         }
     }
 
@@ -1182,6 +1176,10 @@ impl Store {
     // ---- routes --------------------------------------------------------------
 
     /// Validates `spec`, places it on a worker and stores it as route `id`.
+    ///
+    /// Creates go through one writer that commits every create queued at the
+    /// moment in one transaction (see [`Store::create_routes`]); the answer
+    /// comes after the commit.
     pub async fn create_route(
         &self,
         id: Uuid,
@@ -1190,17 +1188,234 @@ impl Store {
     ) -> Result<Route> {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
+        let (reply, answer) = oneshot::channel();
+        let request = NewRoute {
+            id,
+            spec,
+            now,
+            reply,
+        };
+        let Some(queue) = &self.creates else {
+            return self.create_one(request).await;
+        };
+        if let Err(mpsc::error::SendError(request)) = queue.send(request).await {
+            // The writer is gone (its runtime is shutting down).
+            return self.create_one(request).await;
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the create writer stopped before answering".to_owned(),
+            ))
+        })
+    }
+
+    async fn create_one(&self, request: NewRoute) -> Result<Route> {
+        let mut answers = self
+            .create_routes(std::slice::from_ref(&request), &mut UsedCache::default())
+            .await?;
+        answers.pop().unwrap_or(Err(StoreError::NotFound))
+    }
+
+    /// Creates `requests` in one transaction: one revision lock, one commit,
+    /// consecutive revisions in request order. Each request gets its own
+    /// answer: one that conflicts (with a stored route or an earlier request of
+    /// the batch) or fits nowhere does not fail the others. `Err` only when
+    /// the transaction itself fails, and then nothing was created.
+    async fn create_routes(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut UsedCache,
+    ) -> Result<Vec<Result<Route>>> {
         with_db!(&self.db, pool => {
             let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
-            let rev = lock_revision!(tx) + 1;
-            if fetch_route!(&mut *tx, "id = $1", id).is_some() {
-                return Err(StoreError::Conflict { message: format!("route {id} already exists"), existing: None });
+            let mut rev = lock_revision!(tx);
+            // Filled from the cache, then holding this batch's placements,
+            // uncommitted: the cache gets it back only after the commit.
+            let mut used = if cache.revision == rev {
+                std::mem::take(&mut cache.workers)
+            } else {
+                HashMap::new()
+            };
+            cache.workers.clear();
+
+            // Stored routes that hold a requested id or unique key.
+            let mut query = sqlx::QueryBuilder::new(concat!("SELECT ", route_columns!(), " FROM routes WHERE id IN ("));
+            let mut ids = query.separated(", ");
+            for r in requests {
+                ids.push_bind(r.id);
             }
-            let route = create_in_tx!(tx, rev, id, spec, now);
+            query.push(")");
+            let sessions: Vec<Uuid> = requests.iter().filter_map(|r| match r.spec.key() {
+                crate::domain::RouteKey::Interactive { session_id, .. } => Some(session_id),
+                crate::domain::RouteKey::Inference { .. } => None,
+            }).collect();
+            let endpoints: Vec<Uuid> = requests.iter().filter_map(|r| match r.spec.key() {
+                crate::domain::RouteKey::Inference { endpoint_id } => Some(endpoint_id),
+                crate::domain::RouteKey::Interactive { .. } => None,
+            }).collect();
+            if !sessions.is_empty() {
+                query.push(" OR (app_mode = 'interactive' AND session_id IN (");
+                let mut list = query.separated(", ");
+                for s in sessions {
+                    list.push_bind(s);
+                }
+                query.push("))");
+            }
+            if !endpoints.is_empty() {
+                query.push(" OR (app_mode = 'inference' AND endpoint_id IN (");
+                let mut list = query.separated(", ");
+                for e in endpoints {
+                    list.push_bind(e);
+                }
+                query.push("))");
+            }
+            let stored: Vec<StoredRoute> = query
+                .build_query_as::<RouteRow>()
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(StoredRoute::from)
+                .collect();
+
+            let mut workers = fetch_workers!(&mut *tx);
+            let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+            let mut answers = Vec::with_capacity(requests.len());
+            for request in requests {
+                let spec = &request.spec;
+                let key = spec.key();
+                let taken = stored.iter().chain(created.iter().map(|(s, _)| s));
+                let mut taken_key = None;
+                for r in taken {
+                    if r.id == request.id {
+                        taken_key = Some(Err(StoreError::Conflict {
+                            message: format!("route {} already exists", request.id),
+                            existing: None,
+                        }));
+                        break;
+                    }
+                    if taken_key.is_none() && r.spec.key() == key {
+                        let worker = workers.iter().find(|w| Some(w.id) == r.worker_id);
+                        taken_key = Some(Err(StoreError::Conflict {
+                            message: conflict_message(spec),
+                            existing: Some(Box::new(r.to_route(worker))),
+                        }));
+                    }
+                }
+                if let Some(conflict) = taken_key {
+                    answers.push(conflict);
+                    continue;
+                }
+                let ranked = match placement::rank(&workers, spec) {
+                    Ok(ranked) => ranked,
+                    Err(e) => {
+                        answers.push(Err(e.into()));
+                        continue;
+                    }
+                };
+                let mut outcome: Result<(usize, Assignment), PlacementError> = Err(
+                    PlacementError::NoEligibleWorker("every eligible worker is full".to_owned()),
+                );
+                for w in ranked {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = used.entry(w.id) {
+                        slot.insert(fetch_used!(&mut *tx, w.id));
+                    }
+                    match placement::allocate(w, spec, &used[&w.id]) {
+                        Ok(Some(a)) => {
+                            let index = workers.iter().position(|x| x.id == w.id).unwrap_or_default();
+                            outcome = Ok((index, a));
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => outcome = Err(e),
+                    }
+                }
+                let (index, assignment) = match outcome {
+                    Ok(placed) => placed,
+                    Err(PlacementError::PortTaken(port)) => {
+                        let worker = spec.worker_id.and_then(|id| workers.iter().find(|w| w.id == id));
+                        let holder = match worker {
+                            Some(w) => match created.iter().find(|(s, _)| s.worker_id == Some(w.id) && s.port == Some(port)) {
+                                Some((s, _)) => Some(s.clone()),
+                                None => fetch_route!(&mut *tx, "worker_id = $1 AND frontend_port = $2", w.id, i32::from(port)),
+                            },
+                            None => None,
+                        };
+                        answers.push(Err(StoreError::Conflict {
+                            message: format!("frontend port {port} is already in use"),
+                            existing: holder.map(|h| Box::new(h.to_route(worker))),
+                        }));
+                        continue;
+                    }
+                    Err(e) => {
+                        answers.push(Err(e.into()));
+                        continue;
+                    }
+                };
+                let worker = &mut workers[index];
+                let taken = used.entry(worker.id).or_default();
+                taken.ports.extend(assignment.port());
+                taken.subdomains.extend(assignment.subdomain().map(str::to_owned));
+                worker.route_count += 1;
+                rev += 1;
+                let route = StoredRoute {
+                    id: request.id,
+                    worker_id: Some(worker.id),
+                    port: assignment.port(),
+                    subdomain: assignment.subdomain().map(str::to_owned),
+                    pending_reason: None,
+                    spec: spec.clone(),
+                    revision: rev,
+                    created_at: request.now,
+                    updated_at: request.now,
+                };
+                let wire = route.to_route(Some(worker));
+                answers.push(Ok(wire.clone()));
+                created.push((route, wire));
+            }
+            if created.is_empty() {
+                tx.rollback().await?;
+                *cache = UsedCache { revision: rev, workers: used };
+                return Ok(answers);
+            }
+
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
+                 frontend_port, frontend_subdomain, spec, expires_at, revision, created_at, updated_at) ",
+            );
+            insert.push_values(&created, |mut row, (r, _)| {
+                row.push_bind(r.id)
+                    .push_bind(r.spec.app_mode.as_str())
+                    .push_bind(r.spec.session_id)
+                    .push_bind(r.spec.endpoint_id)
+                    .push_bind(r.spec.service.clone())
+                    .push_bind(r.spec.protocol.as_str())
+                    .push_bind(r.worker_id)
+                    .push_bind(r.port.map(i32::from))
+                    .push_bind(r.subdomain.clone())
+                    .push_bind(Json(r.spec.clone()))
+                    .push_bind(r.spec.expires_at)
+                    .push_bind(r.revision)
+                    .push_bind(r.created_at)
+                    .push_bind(r.updated_at);
+            });
+            insert.build().execute(&mut *tx).await?;
+            let mut log = sqlx::QueryBuilder::new(
+                "INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) ",
+            );
+            log.push_values(&created, |mut row, (r, wire)| {
+                row.push_bind(r.revision)
+                    .push_bind("route_upsert")
+                    .push_bind(r.id)
+                    .push_bind(r.worker_id)
+                    .push_bind(Json(wire.clone()))
+                    .push_bind(r.created_at);
+            });
+            log.build().execute(&mut *tx).await?;
             save_revision!(pool, tx, rev);
             commit!(self, tx, rev);
-            Ok(route)
+            *cache = UsedCache { revision: rev, workers: used };
+            Ok(answers)
         })
     }
 
@@ -1214,21 +1429,47 @@ impl Store {
     ) -> Result<Upserted> {
         let now = db_time(now);
         validate::route_spec(&spec, now)?;
+        // Update in place if the route exists, else create; a PUT that loses a
+        // race to create the same id finds it on the second pass.
+        for first_pass in [true, false] {
+            if let Some(updated) = self.update_route(id, &spec, now).await? {
+                return Ok(updated);
+            }
+            match self.create_route(id, spec.clone(), now).await {
+                Ok(route) => return Ok(Upserted::Created(route)),
+                Err(StoreError::Conflict { existing: None, .. }) if first_pass => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict {
+            message: format!("route {id} was created and deleted concurrently; retry"),
+            existing: None,
+        })
+    }
+
+    /// The update half of [`Store::upsert_route`]; `None` if route `id` does not exist.
+    async fn update_route(
+        &self,
+        id: Uuid,
+        spec: &RouteSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Upserted>> {
         with_db!(&self.db, pool => {
+            // Most PUTs of a new id create it: find that out without the lock.
+            if fetch_route!(pool, "id = $1", id).is_none() {
+                return Ok(None);
+            }
             let _gate = self.write_gate().await;
             let mut tx = pool.begin_write().await?;
             let rev = lock_revision!(tx) + 1;
             let Some(mut current) = fetch_route!(&mut *tx, "id = $1", id) else {
-                let route = create_in_tx!(tx, rev, id, spec, now);
-                save_revision!(pool, tx, rev);
-                commit!(self, tx, rev);
-                return Ok(Upserted::Created(route));
+                return Ok(None);
             };
             let worker = match current.worker_id {
                 Some(w) => fetch_worker!(&mut *tx, w),
                 None => None,
             };
-            if !current.spec.same_identity(&spec)
+            if !current.spec.same_identity(spec)
                 || current.spec.worker_id != spec.worker_id
                 || current.spec.frontend != spec.frontend
             {
@@ -1240,7 +1481,7 @@ impl Store {
                     existing: Some(Box::new(current.to_route(worker.as_ref()))),
                 });
             }
-            if current.spec.mutable_fields_equal(&spec) {
+            if current.spec.mutable_fields_equal(spec) {
                 // Re-sending a route unchanged keeps it from going idle; it is
                 // not a change, so no revision and no event.
                 sqlx::query("UPDATE routes SET updated_at = $2 WHERE id = $1")
@@ -1250,15 +1491,15 @@ impl Store {
                     .await?;
                 tx.commit().await?;
                 current.updated_at = now;
-                return Ok(Upserted::Unchanged(current.to_route(worker.as_ref())));
+                return Ok(Some(Upserted::Unchanged(current.to_route(worker.as_ref()))));
             }
-            current.spec = spec;
+            current.spec = spec.clone();
             let route = update_spec_in_tx(&mut current, rev, now, worker.as_ref());
             update_route!(tx, &current);
             log_change!(tx, rev, "route_upsert", route: Some(id), worker: current.worker_id, payload: Some(Json(&route)), now);
             save_revision!(pool, tx, rev);
             commit!(self, tx, rev);
-            Ok(Upserted::Updated(route))
+            Ok(Some(Upserted::Updated(route)))
         })
     }
 
