@@ -221,8 +221,9 @@ trait Dialect {
     async fn begin_write(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
     /// A read-only transaction whose statements all see one snapshot.
     async fn begin_snapshot(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
-    /// The statement that tells other replicas about a commit, if any.
-    fn notify_sql(&self) -> Option<&'static str>;
+    /// The statement that records a transaction's last revision and, on
+    /// PostgreSQL, queues a NOTIFY that other replicas receive at commit.
+    fn save_revision_sql(&self) -> &'static str;
 }
 
 impl Dialect for PgPool {
@@ -234,8 +235,9 @@ impl Dialect for PgPool {
         self.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
     }
-    fn notify_sql(&self) -> Option<&'static str> {
-        Some("SELECT pg_notify('appproxy_changes', $1::text)")
+    fn save_revision_sql(&self) -> &'static str {
+        "WITH saved AS (UPDATE coordinator_state SET revision = $1::bigint WHERE id = 1) \
+         SELECT pg_notify('appproxy_changes', $1::bigint::text)"
     }
 }
 
@@ -247,8 +249,8 @@ impl Dialect for SqlitePool {
     async fn begin_snapshot(&self) -> Result<Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.begin().await
     }
-    fn notify_sql(&self) -> Option<&'static str> {
-        None
+    fn save_revision_sql(&self) -> &'static str {
+        "UPDATE coordinator_state SET revision = $1 WHERE id = 1"
     }
 }
 
@@ -340,13 +342,10 @@ macro_rules! lock_revision {
 /// queues a NOTIFY that other replicas receive when it commits.
 macro_rules! save_revision {
     ($pool:ident, $tx:ident, $rev:expr) => {{
-        sqlx::query("UPDATE coordinator_state SET revision = $1 WHERE id = 1")
+        sqlx::query($pool.save_revision_sql())
             .bind($rev)
             .execute(&mut *$tx)
             .await?;
-        if let Some(sql) = $pool.notify_sql() {
-            sqlx::query(sql).bind($rev).execute(&mut *$tx).await?;
-        }
     }};
 }
 
