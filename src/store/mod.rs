@@ -7,6 +7,12 @@
 //! Each route or worker mutation appends its change-log row in the **same**
 //! transaction as the mutation itself.
 //!
+//! Because writes are serialised, route creates — the hot path — do not each
+//! take the lock: they queue for one create writer that commits whatever is
+//! queued in one transaction, giving each request its own answer
+//! (`Store::create_routes`). Concurrent creates thus share the lock and the
+//! commit's fsync, as PostgreSQL's group commit would share independent ones.
+//!
 //! Both backends run the very same SQL text (`$N` placeholders work in SQLite
 //! too); [`with_db!`] expands a body once per backend so each arm is compiled
 //! against its own driver types.
@@ -54,7 +60,7 @@ pub struct Store {
     /// of spinning on SQLITE_BUSY. (PostgreSQL queues on the revision row.)
     sqlite_writer: Arc<tokio::sync::Mutex<()>>,
     /// Route creates queue here for the create writer, which commits
-    /// everything queued in one transaction (see [`Store::create_routes`]).
+    /// everything queued in one transaction (see `Store::create_routes`).
     /// `None` in the writer's own copy.
     creates: Option<mpsc::Sender<NewRoute>>,
 }
@@ -751,7 +757,11 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await?;
             let stored = fetch_routes!(&mut *tx, "($1 IS NULL OR worker_id = $1) ORDER BY id", worker);
-            let workers = fetch_workers!(&mut *tx);
+            // A worker's snapshot needs only that worker.
+            let workers = match worker {
+                Some(w) => fetch_worker!(&mut *tx, w).into_iter().collect(),
+                None => fetch_workers!(&mut *tx),
+            };
             tx.rollback().await?;
             let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
             let routes = stored
@@ -1177,7 +1187,7 @@ impl Store {
     /// Validates `spec`, places it on a worker and stores it as route `id`.
     ///
     /// Creates go through one writer that commits every create queued at the
-    /// moment in one transaction (see [`Store::create_routes`]); the answer
+    /// moment in one transaction (see `Store::create_routes`); the answer
     /// comes after the commit.
     pub async fn create_route(
         &self,
@@ -1277,7 +1287,21 @@ impl Store {
                 .map(StoredRoute::from)
                 .collect();
 
-            let mut workers = fetch_workers!(&mut *tx);
+            // Pinned routes need only their workers; otherwise every worker
+            // is a candidate.
+            let pinned: Option<Vec<Uuid>> = requests.iter().map(|r| r.spec.worker_id).collect();
+            let mut workers = match pinned {
+                Some(ids) => {
+                    let mut query = sqlx::QueryBuilder::new(concat!(worker_select!(), " WHERE w.id IN ("));
+                    let mut list = query.separated(", ");
+                    for id in ids {
+                        list.push_bind(id);
+                    }
+                    query.push(")");
+                    query.build_query_as::<WorkerRow>().fetch_all(&mut *tx).await?.into_iter().map(Worker::from).collect()
+                }
+                None => fetch_workers!(&mut *tx),
+            };
             let mut created: Vec<(StoredRoute, Route)> = Vec::new();
             let mut answers = Vec::with_capacity(requests.len());
             for request in requests {
