@@ -452,7 +452,12 @@ pub struct StoredRoute {
 impl StoredRoute {
     /// The route as served, given its worker (looked up by the caller).
     pub fn to_route(&self, worker: Option<&Worker>) -> Route {
-        let spec = &self.spec;
+        self.clone().into_route(worker)
+    }
+
+    /// [`StoredRoute::to_route`], consuming the stored route instead of copying it.
+    pub fn into_route(self, worker: Option<&Worker>) -> Route {
+        let spec = self.spec;
         let worker = worker.filter(|w| Some(w.id) == self.worker_id);
         let frontend = match worker {
             Some(w) => Frontend::on(
@@ -468,23 +473,19 @@ impl StoredRoute {
             app_mode: spec.app_mode,
             session_id: spec.session_id,
             endpoint_id: spec.endpoint_id,
-            service: spec.service.clone(),
+            service: spec.service,
             protocol: spec.protocol,
-            targets: spec.targets.clone(),
+            targets: spec.targets,
             frontend,
             worker_id: self.worker_id,
-            access: spec.access.clone(),
-            labels: spec.labels.clone(),
-            envs: spec.envs.clone(),
-            args: spec.args.clone(),
-            health_check: spec.health_check.clone(),
+            access: spec.access,
+            labels: spec.labels,
+            envs: spec.envs,
+            args: spec.args,
+            health_check: spec.health_check,
             expires_at: spec.expires_at,
             status: RouteStatus::derive(self.revision, worker),
-            pending_reason: self
-                .worker_id
-                .is_none()
-                .then(|| self.pending_reason.clone())
-                .flatten(),
+            pending_reason: self.pending_reason.filter(|_| self.worker_id.is_none()),
             revision: self.revision,
             created_at: self.created_at,
             updated_at: self.updated_at,

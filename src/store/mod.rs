@@ -411,9 +411,9 @@ macro_rules! fetch_route {
 }
 
 macro_rules! fetch_routes {
-    ($ex:expr, $where:literal, $($bind:expr),+) => {{
+    ($ex:expr, $where:literal $(, $bind:expr)*) => {{
         let query = sqlx::query_as::<_, RouteRow>(concat!("SELECT ", route_columns!(), " FROM routes WHERE ", $where));
-        $(let query = query.bind($bind);)+
+        $(let query = query.bind($bind);)*
         query.fetch_all($ex).await?.into_iter().map(StoredRoute::from).collect::<Vec<StoredRoute>>()
     }};
 }
@@ -756,7 +756,11 @@ impl Store {
             let head: i64 = sqlx::query_scalar("SELECT revision FROM coordinator_state WHERE id = 1")
                 .fetch_one(&mut *tx)
                 .await?;
-            let stored = fetch_routes!(&mut *tx, "($1 IS NULL OR worker_id = $1) ORDER BY id", worker);
+            // Two statements, so each gets a plan that uses its index.
+            let stored = match worker {
+                Some(w) => fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", w),
+                None => fetch_routes!(&mut *tx, "TRUE ORDER BY id"),
+            };
             // A worker's snapshot needs only that worker.
             let workers = match worker {
                 Some(w) => fetch_worker!(&mut *tx, w).into_iter().collect(),
@@ -765,8 +769,11 @@ impl Store {
             tx.rollback().await?;
             let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
             let routes = stored
-                .iter()
-                .map(|r| r.to_route(r.worker_id.and_then(|w| by_id.get(&w).copied())))
+                .into_iter()
+                .map(|r| {
+                    let worker = r.worker_id.and_then(|w| by_id.get(&w).copied());
+                    r.into_route(worker)
+                })
                 .collect();
             Ok((head, routes))
         })
@@ -858,8 +865,8 @@ impl Store {
             log_change!(tx, rev, "worker_upsert", route: None::<Uuid>, worker: Some(id), payload: Some(Json(&worker)), now);
             save_revision!(pool, tx, rev);
             let routes = fetch_routes!(&mut *tx, "worker_id = $1 ORDER BY id", id)
-                .iter()
-                .map(|r| r.to_route(Some(&worker)))
+                .into_iter()
+                .map(|r| r.into_route(Some(&worker)))
                 .collect();
             commit!(self, tx, rev);
             Ok(Registered { worker, created: existing.is_none(), revision: rev, routes })
@@ -1567,7 +1574,7 @@ impl Store {
                 Some(w) => fetch_worker!(pool, w),
                 None => None,
             };
-            Ok(stored.to_route(worker.as_ref()))
+            Ok(stored.into_route(worker.as_ref()))
         })
     }
 
@@ -1613,7 +1620,7 @@ impl Store {
             }
             .ok_or(StoreError::NotFound)?;
             let worker = fetch_worker!(pool, worker_id);
-            Ok(stored.to_route(worker.as_ref()))
+            Ok(stored.into_route(worker.as_ref()))
         })
     }
 
@@ -1724,8 +1731,11 @@ fn page(mut stored: Vec<StoredRoute>, workers: &[Worker], limit: usize) -> Page 
     };
     let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
     let items = stored
-        .iter()
-        .map(|r| r.to_route(r.worker_id.and_then(|w| by_id.get(&w).copied())))
+        .into_iter()
+        .map(|r| {
+            let worker = r.worker_id.and_then(|w| by_id.get(&w).copied());
+            r.into_route(worker)
+        })
         .collect();
     Page { items, next_cursor }
 }
