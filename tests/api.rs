@@ -261,33 +261,42 @@ async fn concurrent_creates_are_answered_each_on_its_own(b: Backend) {
     bodies.extend((0..30).map(|_| route(Uuid::new_v4(), "jupyter")));
     let answers = futures::future::join_all(bodies.into_iter().map(|b| app.create(b))).await;
 
-    // Eight creates of one (session, service): one wins, seven see the winner.
-    let same: Vec<_> = answers[..8].iter().collect();
+    // The 23 free ports go to 23 creates, whatever order they arrive in.
+    let placed = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(placed, 23, "every free port used once");
+    // Eight creates of one (session, service): at most one wins; the others
+    // see the winner, or — had the ports run out first — no room.
+    let same = &answers[..8];
     let winners: Vec<_> = same
         .iter()
         .filter(|a| a.status == StatusCode::CREATED)
         .collect();
-    assert_eq!(winners.len(), 1, "exactly one create of the session wins");
+    assert!(winners.len() <= 1, "one create of the session at most");
     for a in same.iter().filter(|a| a.status != StatusCode::CREATED) {
-        assert_eq!(a.status, StatusCode::CONFLICT, "{:?}", a.body);
-        assert_eq!(a.body["existing"]["id"], winners[0].body["id"]);
+        match a.status {
+            StatusCode::CONFLICT => assert_eq!(a.body["existing"]["id"], winners[0].body["id"]),
+            _ => assert_eq!(a.problem(), "no-eligible-worker", "{:?}", a.body),
+        }
     }
-    // The pinned port was held before: a conflict naming the holder.
-    assert_eq!(
-        answers[8].status,
-        StatusCode::CONFLICT,
-        "{:?}",
-        answers[8].body
-    );
-    assert_eq!(answers[8].body["existing"]["id"], held.body["id"]);
-    // 23 ports were free for 31 routes: 22 of the 30 fit, 8 are turned away.
-    let fresh = &answers[9..];
-    let placed = fresh
+    // The pinned port was held before: a conflict naming the holder (or, had
+    // the worker filled up first, no room).
+    match answers[8].status {
+        StatusCode::CONFLICT => assert_eq!(answers[8].body["existing"]["id"], held.body["id"]),
+        _ => assert_eq!(
+            answers[8].problem(),
+            "no-eligible-worker",
+            "{:?}",
+            answers[8].body
+        ),
+    }
+    // The routes that found no room are told so.
+    for a in answers[9..]
         .iter()
-        .filter(|a| a.status == StatusCode::CREATED)
-        .count();
-    assert_eq!(placed, 22, "every free port used once");
-    for a in fresh.iter().filter(|a| a.status != StatusCode::CREATED) {
+        .filter(|a| a.status != StatusCode::CREATED)
+    {
         assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", a.body);
         assert_eq!(a.problem(), "no-eligible-worker");
     }
