@@ -56,7 +56,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&store);
     let hub = Hub::start(store.clone(), config.hub(), metrics.clone());
     // Kubernetes mode (src/k8s): a Lease elects the leader, which also runs
     // the AppProxyRoute mirror and the worker-pod watcher. Otherwise the

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::events::StreamEvent;
 use crate::domain::{RouteStatus, WorkerStatus};
-use crate::store::Counts;
+use crate::store::{Counts, Store};
 
 /// Installs the global tracing subscriber. `RUST_LOG` sets the filter
 /// (default `info`).
@@ -116,8 +116,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
+    /// The coordinator's metrics, with those `store` keeps itself.
+    pub fn new(store: &Store) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("appproxy");
+        registry.register(
+            "create_batch_size",
+            "Route creates committed together in one transaction by the create writer",
+            store.create_batch_sizes(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -1092,6 +1092,9 @@ async fn probes_metrics_and_openapi(b: Backend) {
         "appproxy_routes{status=\"Active\"} 0",
         "appproxy_workers{status=\"Ready\"} 1",
         "appproxy_http_requests_total{method=\"POST\",path=\"/routes\",status=\"201\"} 1",
+        // The one create was committed in a batch of one.
+        "appproxy_create_batch_size_count 1",
+        "appproxy_create_batch_size_bucket{le=\"1.0\"} 1",
     ] {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::histogram::Histogram;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -63,6 +64,8 @@ pub struct Store {
     /// everything queued in one transaction (see `Store::create_routes`).
     /// `None` in the writer's own copy.
     creates: Option<mpsc::Sender<NewRoute>>,
+    /// How many creates each of the writer's transactions committed.
+    create_batches: Histogram,
 }
 
 /// Most creates the create writer commits in one transaction.
@@ -514,6 +517,7 @@ impl Store {
             committed: Arc::new(watch::channel(0).0),
             sqlite_writer: Arc::default(),
             creates: None,
+            create_batches: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
         };
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(writer.clone().write_creates(rx));
@@ -533,6 +537,7 @@ impl Store {
         let mut cache = UsedCache::default();
         while queue.recv_many(&mut batch, CREATE_BATCH_MAX).await > 0 {
             let requests: Vec<NewRoute> = std::mem::take(&mut batch);
+            self.create_batches.observe(requests.len() as f64);
             let answers = match self.create_routes(&requests, &mut cache).await {
                 Ok(answers) => answers,
                 Err(e) if e.is_unavailable() || requests.len() == 1 => {
@@ -579,6 +584,11 @@ impl Store {
             Db::Sqlite(_) => Some(self.sqlite_writer.lock().await),
             Db::Postgres(_) => None,
         }
+    }
+
+    /// Sizes of the create writer's batches, for `/metrics`.
+    pub fn create_batch_sizes(&self) -> Histogram {
+        self.create_batches.clone()
     }
 
     /// The database, for the hub's listener and for tests.

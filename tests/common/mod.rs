@@ -186,7 +186,7 @@ impl TestApp {
     }
 
     pub async fn serve_with(db: TestDb, store: Store, max_body: usize, hub: HubConfig) -> TestApp {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(&store);
         let hub = Hub::start(store.clone(), hub, metrics.clone());
         let state = AppState {
             metrics: metrics.clone(),
