@@ -17,6 +17,7 @@ on_both_backends!(
     parallel_creates_of_one_session_service_yield_one_route,
     parallel_creates_on_one_worker_never_share_a_port,
     concurrent_creates_are_answered_each_on_its_own,
+    a_create_the_database_refuses_fails_alone,
     placement_prefers_the_least_loaded_worker_and_reports_no_capacity,
     sessions_are_listed_and_deleted_together,
     lookup_resolves_ports_and_subdomains,
@@ -332,6 +333,58 @@ async fn concurrent_creates_are_answered_each_on_its_own(b: Backend) {
         assert_eq!(stored.body["frontend"], a.body["frontend"]);
         assert_eq!(stored.body["revision"], a.body["revision"]);
     }
+}
+
+/// A create the database itself refuses (here: a trigger the test installs)
+/// fails alone, however it was batched with others, and leaves no trace.
+async fn a_create_the_database_refuses_fails_alone(b: Backend) {
+    let app = TestApp::start(b).await;
+    app.register("w", [32000, 32099]).await;
+    match app.store.db() {
+        appproxy_coordinator::store::Db::Postgres(p) => {
+            sqlx::raw_sql(
+                "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN RAISE EXCEPTION 'poisoned route'; END; $$; \
+                 CREATE TRIGGER refuse_poison BEFORE INSERT ON routes FOR EACH ROW \
+                 WHEN (NEW.service = 'poison') EXECUTE FUNCTION refuse_poison();",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+        }
+        appproxy_coordinator::store::Db::Sqlite(p) => {
+            sqlx::raw_sql(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON routes \
+                 WHEN NEW.service = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned route'); END;",
+            )
+            .execute(p)
+            .await
+            .unwrap();
+        }
+    }
+    let bodies: Vec<Value> = (0..24)
+        .map(|i| route(Uuid::new_v4(), if i == 11 { "poison" } else { "jupyter" }))
+        .collect();
+    let answers = futures::future::join_all(bodies.into_iter().map(|b| app.create(b))).await;
+    for (i, a) in answers.iter().enumerate() {
+        if i == 11 {
+            assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR, "{:?}", a.body);
+            assert_eq!(a.problem(), "internal");
+        } else {
+            assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        }
+    }
+    assert_eq!(app.route_count().await, 23);
+    let ports: HashSet<u64> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .map(|a| a.body["frontend"]["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        (32000..32023).collect(),
+        "the refused create took no port"
+    );
 }
 
 async fn placement_prefers_the_least_loaded_worker_and_reports_no_capacity(b: Backend) {
