@@ -1272,27 +1272,24 @@ impl Store {
                 ids.push_bind(r.id);
             }
             query.push(")");
-            let sessions: Vec<Uuid> = requests.iter().filter_map(|r| match r.spec.key() {
-                crate::domain::RouteKey::Interactive { session_id, .. } => Some(session_id),
-                crate::domain::RouteKey::Inference { .. } => None,
-            }).collect();
-            let endpoints: Vec<Uuid> = requests.iter().filter_map(|r| match r.spec.key() {
-                crate::domain::RouteKey::Inference { endpoint_id } => Some(endpoint_id),
-                crate::domain::RouteKey::Interactive { .. } => None,
-            }).collect();
-            if !sessions.is_empty() {
-                query.push(" OR (app_mode = 'interactive' AND session_id IN (");
-                let mut list = query.separated(", ");
-                for s in sessions {
-                    list.push_bind(s);
+            let (mut sessions, mut endpoints) = (Vec::new(), Vec::new());
+            for r in requests {
+                match r.spec.key() {
+                    crate::domain::RouteKey::Interactive { session_id, .. } => sessions.push(session_id),
+                    crate::domain::RouteKey::Inference { endpoint_id } => endpoints.push(endpoint_id),
                 }
-                query.push("))");
             }
-            if !endpoints.is_empty() {
-                query.push(" OR (app_mode = 'inference' AND endpoint_id IN (");
+            for (condition, keys) in [
+                (" OR (app_mode = 'interactive' AND session_id IN (", sessions),
+                (" OR (app_mode = 'inference' AND endpoint_id IN (", endpoints),
+            ] {
+                if keys.is_empty() {
+                    continue;
+                }
+                query.push(condition);
                 let mut list = query.separated(", ");
-                for e in endpoints {
-                    list.push_bind(e);
+                for key in keys {
+                    list.push_bind(key);
                 }
                 query.push("))");
             }
