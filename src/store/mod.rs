@@ -438,20 +438,27 @@ macro_rules! fetch_used {
     }};
 }
 
-/// Chooses a worker and frontend for `spec` among `workers`, inside `$tx`.
+/// Chooses a worker and frontend for `$spec` among `$workers`, inside `$tx`,
+/// and records the choice: the frontend in `$used` (each worker's taken
+/// frontends, read once per worker and then kept current in memory) and one
+/// more route on the worker. Returns the chosen worker and frontend.
 macro_rules! place {
-    ($tx:ident, $workers:expr, $spec:expr) => {{
-        let mut outcome: Result<(Worker, Assignment), PlacementError> = Err(
+    ($tx:ident, $workers:expr, $used:expr, $spec:expr) => {{
+        let workers: &mut Vec<Worker> = $workers;
+        let used: &mut HashMap<Uuid, Used> = $used;
+        let mut outcome: Result<(Uuid, Assignment), PlacementError> = Err(
             PlacementError::NoEligibleWorker("every eligible worker is full".to_owned()),
         );
-        match placement::rank($workers, $spec) {
+        match placement::rank(workers, $spec) {
             Err(e) => outcome = Err(e),
             Ok(ranked) => {
                 for w in ranked {
-                    let used = fetch_used!(&mut *$tx, w.id);
-                    match placement::allocate(w, $spec, &used) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = used.entry(w.id) {
+                        slot.insert(fetch_used!(&mut *$tx, w.id));
+                    }
+                    match placement::allocate(w, $spec, &used[&w.id]) {
                         Ok(Some(a)) => {
-                            outcome = Ok((w.clone(), a));
+                            outcome = Ok((w.id, a));
                             break;
                         }
                         Ok(None) => {}
@@ -460,7 +467,19 @@ macro_rules! place {
                 }
             }
         }
-        outcome
+        outcome.map(|(id, assignment)| {
+            let taken = used.entry(id).or_default();
+            taken.ports.extend(assignment.port());
+            taken
+                .subdomains
+                .extend(assignment.subdomain().map(str::to_owned));
+            let worker = workers
+                .iter_mut()
+                .find(|w| w.id == id)
+                .expect("placed on a candidate");
+            worker.route_count += 1;
+            (worker.clone(), assignment)
+        })
     }};
 }
 
@@ -1032,6 +1051,7 @@ impl Store {
                 return Ok(Vec::new());
             }
             let mut others: Vec<Worker> = fetch_workers!(&mut *tx).into_iter().filter(|w| w.id != from).collect();
+            let mut used = HashMap::new();
             let mut moved = Vec::with_capacity(routes.len());
             for mut r in routes {
                 rev += 1;
@@ -1046,15 +1066,12 @@ impl Store {
                 rev += 1;
                 r.revision = rev;
                 let spec = relocation_spec(&r.spec, preferred.as_deref());
-                let target = match place!(tx, &others, &spec) {
+                let target = match place!(tx, &mut others, &mut used, &spec) {
                     Ok((worker, assignment)) => {
                         r.worker_id = Some(worker.id);
                         r.port = assignment.port();
                         r.subdomain = assignment.subdomain().map(str::to_owned);
                         r.pending_reason = None;
-                        if let Some(w) = others.iter_mut().find(|w| w.id == worker.id) {
-                            w.route_count += 1;
-                        }
                         Some(worker)
                     }
                     Err(e) => {
@@ -1086,11 +1103,12 @@ impl Store {
                 return Ok(Vec::new());
             }
             let mut workers = fetch_workers!(&mut *tx);
+            let mut used = HashMap::new();
             let mut placed = Vec::new();
             for mut r in pending {
                 // Pending routes come from failover, where the pin was already given up.
                 let spec = relocation_spec(&r.spec, r.spec.frontend.subdomain.clone().as_deref());
-                match place!(tx, &workers, &spec) {
+                match place!(tx, &mut workers, &mut used, &spec) {
                     Ok((worker, assignment)) => {
                         rev += 1;
                         r.worker_id = Some(worker.id);
@@ -1102,9 +1120,6 @@ impl Store {
                         update_route!(tx, &r);
                         let route = r.to_route(Some(&worker));
                         log_change!(tx, rev, "route_upsert", route: Some(r.id), worker: r.worker_id, payload: Some(Json(&route)), now);
-                        if let Some(w) = workers.iter_mut().find(|w| w.id == worker.id) {
-                            w.route_count += 1;
-                        }
                         placed.push(Moved { route_id: r.id, from: None, to: Some(worker.id), reason: None });
                     }
                     Err(e) => {
@@ -1321,53 +1336,23 @@ impl Store {
             for request in requests {
                 let spec = &request.spec;
                 let key = spec.key();
-                let taken = stored.iter().chain(created.iter().map(|(s, _)| s));
-                let mut taken_key = None;
-                for r in taken {
-                    if r.id == request.id {
-                        taken_key = Some(Err(StoreError::Conflict {
-                            message: format!("route {} already exists", request.id),
-                            existing: None,
-                        }));
-                        break;
-                    }
-                    if taken_key.is_none() && r.spec.key() == key {
-                        let worker = workers.iter().find(|w| Some(w.id) == r.worker_id);
-                        taken_key = Some(Err(StoreError::Conflict {
-                            message: conflict_message(spec),
-                            existing: Some(Box::new(r.to_route(worker))),
-                        }));
-                    }
-                }
-                if let Some(conflict) = taken_key {
-                    answers.push(conflict);
+                let claimed = || stored.iter().chain(created.iter().map(|(s, _)| s));
+                if claimed().any(|r| r.id == request.id) {
+                    answers.push(Err(StoreError::Conflict {
+                        message: format!("route {} already exists", request.id),
+                        existing: None,
+                    }));
                     continue;
                 }
-                let ranked = match placement::rank(&workers, spec) {
-                    Ok(ranked) => ranked,
-                    Err(e) => {
-                        answers.push(Err(e.into()));
-                        continue;
-                    }
-                };
-                let mut outcome: Result<(usize, Assignment), PlacementError> = Err(
-                    PlacementError::NoEligibleWorker("every eligible worker is full".to_owned()),
-                );
-                for w in ranked {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = used.entry(w.id) {
-                        slot.insert(fetch_used!(&mut *tx, w.id));
-                    }
-                    match placement::allocate(w, spec, &used[&w.id]) {
-                        Ok(Some(a)) => {
-                            let index = workers.iter().position(|x| x.id == w.id).unwrap_or_default();
-                            outcome = Ok((index, a));
-                            break;
-                        }
-                        Ok(None) => {}
-                        Err(e) => outcome = Err(e),
-                    }
+                if let Some(r) = claimed().find(|r| r.spec.key() == key) {
+                    let worker = workers.iter().find(|w| Some(w.id) == r.worker_id);
+                    answers.push(Err(StoreError::Conflict {
+                        message: conflict_message(spec),
+                        existing: Some(Box::new(r.to_route(worker))),
+                    }));
+                    continue;
                 }
-                let (index, assignment) = match outcome {
+                let (worker, assignment) = match place!(tx, &mut workers, &mut used, spec) {
                     Ok(placed) => placed,
                     Err(PlacementError::PortTaken(port)) => {
                         let worker = spec.worker_id.and_then(|id| workers.iter().find(|w| w.id == id));
@@ -1389,11 +1374,6 @@ impl Store {
                         continue;
                     }
                 };
-                let worker = &mut workers[index];
-                let taken = used.entry(worker.id).or_default();
-                taken.ports.extend(assignment.port());
-                taken.subdomains.extend(assignment.subdomain().map(str::to_owned));
-                worker.route_count += 1;
                 rev += 1;
                 let route = StoredRoute {
                     id: request.id,
@@ -1406,7 +1386,7 @@ impl Store {
                     created_at: request.now,
                     updated_at: request.now,
                 };
-                let wire = route.to_route(Some(worker));
+                let wire = route.to_route(Some(&worker));
                 answers.push(Ok(wire.clone()));
                 created.push((route, wire));
             }
@@ -1425,12 +1405,12 @@ impl Store {
                     .push_bind(r.spec.app_mode.as_str())
                     .push_bind(r.spec.session_id)
                     .push_bind(r.spec.endpoint_id)
-                    .push_bind(r.spec.service.clone())
+                    .push_bind(r.spec.service.as_str())
                     .push_bind(r.spec.protocol.as_str())
                     .push_bind(r.worker_id)
                     .push_bind(r.port.map(i32::from))
-                    .push_bind(r.subdomain.clone())
-                    .push_bind(Json(r.spec.clone()))
+                    .push_bind(r.subdomain.as_deref())
+                    .push_bind(Json(&r.spec))
                     .push_bind(r.spec.expires_at)
                     .push_bind(r.revision)
                     .push_bind(r.created_at)
@@ -1445,7 +1425,7 @@ impl Store {
                     .push_bind("route_upsert")
                     .push_bind(r.id)
                     .push_bind(r.worker_id)
-                    .push_bind(Json(wire.clone()))
+                    .push_bind(Json(wire))
                     .push_bind(r.created_at);
             });
             log.build().execute(&mut *tx).await?;
