@@ -148,7 +148,7 @@ impl Drop for Coordinator {
 }
 
 fn http() -> reqwest::Client {
-    appproxy_coordinator::server::install_crypto_provider();
+    appproxy_coordinator::install_crypto_provider();
     reqwest::Client::builder()
         .pool_max_idle_per_host(2048)
         .build()

@@ -15,9 +15,10 @@ use reqwest::StatusCode;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::api::{HeartbeatAck, Registration};
 use crate::domain::events::StreamEvent;
 use crate::domain::{Revision, Route, WorkerRegistration};
+use crate::secret::Secret;
+use crate::wire::{Heartbeat, HeartbeatAck, Registration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -46,7 +47,7 @@ pub struct WorkerClient {
     http: reqwest::Client,
     base: String,
     pub worker_id: Uuid,
-    token: String,
+    token: Secret,
 }
 
 async fn checked(response: reqwest::Response) -> Result<reqwest::Response, ClientError> {
@@ -66,7 +67,7 @@ impl WorkerClient {
             http: http.clone(),
             base: base.trim_end_matches('/').to_owned(),
             worker_id,
-            token: token.to_owned(),
+            token: Secret::new(token),
         }
     }
 
@@ -89,7 +90,7 @@ impl WorkerClient {
             http: http.clone(),
             base,
             worker_id: answer.worker.id,
-            token: answer.token.clone(),
+            token: Secret::new(answer.token.as_str()),
         };
         Ok((client, answer))
     }
@@ -102,8 +103,8 @@ impl WorkerClient {
                 "{}/workers/{}/heartbeat",
                 self.base, self.worker_id
             ))
-            .bearer_auth(&self.token)
-            .json(&serde_json::json!({ "acked_revision": acked_revision }))
+            .bearer_auth(self.token.expose())
+            .json(&Heartbeat { acked_revision })
             .send()
             .await?;
         Ok(checked(response).await?.json().await?)
@@ -115,7 +116,7 @@ impl WorkerClient {
         let mut request = self
             .http
             .get(format!("{}/workers/{}/watch", self.base, self.worker_id))
-            .bearer_auth(&self.token);
+            .bearer_auth(self.token.expose());
         if let Some(since) = since {
             request = request.query(&[("since", since)]);
         }
@@ -176,7 +177,7 @@ impl RoutingTable {
 #[derive(Clone, Debug)]
 pub struct Agent {
     pub coordinator: String,
-    pub bootstrap_token: String,
+    pub bootstrap_token: Secret,
     pub registration: WorkerRegistration,
     pub heartbeat_interval: Duration,
     /// Longest wait between reconnect attempts (they start at 100 ms and double).
@@ -191,7 +192,7 @@ impl Agent {
     ) -> Agent {
         Agent {
             coordinator: coordinator.to_owned(),
-            bootstrap_token: bootstrap_token.to_owned(),
+            bootstrap_token: Secret::new(bootstrap_token),
             registration,
             heartbeat_interval: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
@@ -206,12 +207,12 @@ impl Agent {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
-        crate::server::install_crypto_provider();
+        crate::install_crypto_provider();
         let http = reqwest::Client::new();
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
             let registered = tokio::select! {
-                r = WorkerClient::register(&http, &self.coordinator, &self.bootstrap_token, &self.registration) => r,
+                r = WorkerClient::register(&http, &self.coordinator, self.bootstrap_token.expose(), &self.registration) => r,
                 () = &mut stop => return,
             };
             let client = match registered {

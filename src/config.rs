@@ -4,7 +4,6 @@
 //! Environment variables are read by clap as the fallback of each flag, so
 //! `--help` lists them next to the flag they stand for.
 
-use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize, Serializer};
+
+pub use crate::secret::{Secret, Tokens};
 
 /// Command line of `appproxy-coordinator`.
 #[derive(Debug, Parser)]
@@ -237,31 +238,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// A secret value: never printed, never logged.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
+/// The default label selector of worker pods.
+pub const DEFAULT_WORKER_SELECTOR: &str = "app.kubernetes.io/component=appproxy-worker";
+/// The default name of the leader-election Lease.
+pub const DEFAULT_LEASE_NAME: &str = "appproxy-coordinator";
 
 /// The effective configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -340,8 +320,8 @@ impl Default for Config {
             route_idle_ttl: None,
             kubernetes: None,
             namespace: None,
-            worker_selector: crate::k8s::DEFAULT_WORKER_SELECTOR.to_owned(),
-            lease_name: crate::k8s::DEFAULT_LEASE_NAME.to_owned(),
+            worker_selector: DEFAULT_WORKER_SELECTOR.to_owned(),
+            lease_name: DEFAULT_LEASE_NAME.to_owned(),
         }
     }
 }
@@ -418,36 +398,10 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
-    /// The hub's settings.
-    pub fn hub(&self) -> crate::hub::HubConfig {
-        crate::hub::HubConfig {
-            poll_interval: self.poll_interval,
-            bookmark_interval: self.bookmark_interval,
-            ..crate::hub::HubConfig::default()
-        }
-    }
-
-    /// The health loops' settings.
-    pub fn health(&self) -> crate::health::HealthConfig {
-        crate::health::HealthConfig {
-            heartbeat_timeout: self.heartbeat_timeout,
-            failover_grace: self.failover_grace,
-            batch_size: self.failover_batch,
-            route_idle_ttl: self.route_idle_ttl,
-        }
-    }
-
     /// Where the embedded database lives when no URL is configured.
     pub fn sqlite_path(&self) -> PathBuf {
         self.data_dir.join("coordinator.db")
     }
-}
-
-/// The two shared bearer tokens.
-#[derive(Clone, Debug)]
-pub struct Tokens {
-    pub manager: Secret,
-    pub worker: Secret,
 }
 
 /// Resolves the manager and worker bootstrap tokens: the value, else the
@@ -473,10 +427,33 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
         tracing::warn!(path = %path.display(), "no {name} token configured; generated one (read it from this file)");
         read_token(&path)
     };
-    Ok(Tokens {
+    let tokens = Tokens {
         manager: resolve(&config.manager_token, &config.manager_token_file, "manager")?,
         worker: resolve(&config.worker_token, &config.worker_token_file, "worker")?,
-    })
+    };
+    check_tokens(&tokens)?;
+    Ok(tokens)
+}
+
+/// Shortest token accepted: a guessable token is no authentication.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuses tokens that would make authentication meaningless.
+fn check_tokens(tokens: &Tokens) -> anyhow::Result<()> {
+    for (name, token) in [("manager", &tokens.manager), ("worker", &tokens.worker)] {
+        anyhow::ensure!(
+            token.expose().len() >= MIN_TOKEN_LEN,
+            "the {name} token is {} characters long; use at least {MIN_TOKEN_LEN} \
+             (e.g. `openssl rand -base64 32`)",
+            token.expose().len()
+        );
+    }
+    anyhow::ensure!(
+        tokens.manager != tokens.worker,
+        "the manager token equals the worker bootstrap token, which would make every \
+         worker a manager; give them different values"
+    );
+    Ok(())
 }
 
 fn read_token(path: &Path) -> anyhow::Result<Secret> {
@@ -580,6 +557,30 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn short_or_shared_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |manager: &str, worker: &str| Config {
+            data_dir: dir.path().to_owned(),
+            manager_token: Some(Secret::new(manager)),
+            worker_token: Some(Secret::new(worker)),
+            ..Config::default()
+        };
+        let long = "0123456789abcdef-manager";
+        let err = resolve_tokens(&with("short", "0123456789abcdef-worker")).unwrap_err();
+        assert!(
+            err.to_string().contains("manager token is 5 characters"),
+            "{err}"
+        );
+        let err = resolve_tokens(&with(long, long)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("equals the worker bootstrap token"),
+            "{err}"
+        );
+        resolve_tokens(&with(long, "0123456789abcdef-worker")).unwrap();
     }
 
     #[test]

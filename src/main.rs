@@ -1,12 +1,12 @@
 //! `appproxy-coordinator`: command-line wiring only.
 
-use appproxy_coordinator::config::{Cli, Command, Config};
+use appproxy_coordinator::config::{Cli, Command, Config, LogFormat};
 use appproxy_coordinator::{server, telemetry};
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    server::install_crypto_provider();
+    appproxy_coordinator::install_crypto_provider();
     let cli = Cli::parse();
     if cli.command == Some(Command::Crdgen) {
         // Needs no configuration: the CRD is generated from the Rust type.
@@ -20,7 +20,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init_tracing(config.log_format);
+    telemetry::init_tracing(config.log_format == LogFormat::Json);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => server::serve(config).await,
         Command::Migrate => migrate(&config).await,

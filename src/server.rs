@@ -1,5 +1,6 @@
-//! Startup and shutdown: open the store, resolve tokens, serve HTTP or HTTPS
-//! until SIGTERM or Ctrl-C, then drain connections.
+//! Startup and shutdown: open the store, resolve tokens, turn the
+//! configuration into each subsystem's settings, serve HTTP or HTTPS until
+//! SIGTERM or Ctrl-C, then drain connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +11,11 @@ use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
 use crate::config::{self, Config};
-use crate::health;
-use crate::hub::{self, Hub};
+use crate::health::{self, HealthConfig};
+use crate::hub::{self, Hub, HubConfig};
 use crate::leader::{self, AdvisoryLock, Leadership};
 use crate::store::{Db, Store};
 use crate::telemetry::Metrics;
-
-/// Selects the TLS implementation (ring) for the server and HTTP clients.
-/// Call once at start; later calls are no-ops.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
 
 /// Opens the configured database: PostgreSQL if a URL is set, else the
 /// embedded SQLite file in the data directory.
@@ -57,12 +52,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let tokens = config::resolve_tokens(&config)?;
     let metrics = Metrics::new(&store);
-    let hub = Hub::start(store.clone(), config.hub(), metrics.clone());
+    let hub = Hub::start(store.clone(), hub_settings(&config), metrics.clone());
     // Kubernetes mode (src/k8s): a Lease elects the leader, which also runs
     // the AppProxyRoute mirror and the worker-pod watcher. Otherwise the
     // PostgreSQL advisory lock (or, with SQLite, the one process) leads.
     let (k8s_stop, k8s_stopped) = tokio::sync::watch::channel(false);
-    let kubernetes = match crate::k8s::Settings::from_config(&config) {
+    let kubernetes = match kubernetes_settings(&config) {
         Some(settings) => {
             let client = crate::k8s::client()
                 .await
@@ -91,7 +86,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.clone(),
         metrics.clone(),
         leadership,
-        config.health(),
+        health_settings(&config),
         hub.shutdown_signal(),
     ));
     let state = AppState {
@@ -147,6 +142,60 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The hub's settings.
+pub fn hub_settings(config: &Config) -> HubConfig {
+    HubConfig {
+        poll_interval: config.poll_interval,
+        bookmark_interval: config.bookmark_interval,
+        ..HubConfig::default()
+    }
+}
+
+/// The health loops' settings.
+pub fn health_settings(config: &Config) -> HealthConfig {
+    HealthConfig {
+        heartbeat_timeout: config.heartbeat_timeout,
+        failover_grace: config.failover_grace,
+        batch_size: config.failover_batch,
+        route_idle_ttl: config.route_idle_ttl,
+    }
+}
+
+/// Kubernetes settings when Kubernetes mode is on: forced by
+/// `kubernetes = true`, or detected in a cluster (`KUBERNETES_SERVICE_HOST`)
+/// unless `kubernetes = false`.
+pub fn kubernetes_settings(config: &Config) -> Option<crate::k8s::Settings> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    if !kubernetes_enabled(config.kubernetes, in_cluster) {
+        return None;
+    }
+    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let namespace = config
+        .namespace
+        .clone()
+        .or_else(|| from_env("POD_NAMESPACE"))
+        .unwrap_or_else(|| "default".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let identity = from_env("POD_NAME")
+        .or_else(|| from_env("HOSTNAME"))
+        .map_or_else(
+            || format!("appproxy-coordinator-{suffix}"),
+            |host| format!("{host}-{}", &suffix[..8]),
+        );
+    Some(crate::k8s::Settings::new(
+        &namespace,
+        &identity,
+        &config.worker_selector,
+        &config.lease_name,
+    ))
+}
+
+/// Whether Kubernetes mode is on, given the `kubernetes` setting and whether
+/// we run in a cluster.
+fn kubernetes_enabled(setting: Option<bool>, in_cluster: bool) -> bool {
+    setting.unwrap_or(in_cluster)
+}
+
 /// Who runs the singleton loops: with PostgreSQL, the replica holding the
 /// advisory lock; with SQLite, the one process.
 fn elect_leader(
@@ -188,4 +237,15 @@ async fn shutdown_on_signal(handle: Handle, hub: Hub, timeout: std::time::Durati
     // Streams end with a final bookmark, so their connections can close.
     hub.shutdown();
     handle.graceful_shutdown(Some(timeout));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kubernetes_mode_is_detected_unless_switched_off() {
+        assert!(super::kubernetes_enabled(None, true));
+        assert!(!super::kubernetes_enabled(None, false));
+        assert!(super::kubernetes_enabled(Some(true), false));
+        assert!(!super::kubernetes_enabled(Some(false), true));
+    }
 }

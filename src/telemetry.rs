@@ -10,24 +10,24 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
 use chrono::{DateTime, Utc};
 
 use crate::domain::events::StreamEvent;
 use crate::domain::{RouteStatus, WorkerStatus};
 use crate::store::{Counts, Store};
 
-/// Installs the global tracing subscriber. `RUST_LOG` sets the filter
-/// (default `info`).
-pub fn init_tracing(format: LogFormat) {
+/// Installs the global tracing subscriber, logging JSON lines when `json`.
+/// `RUST_LOG` sets the filter (default `info`).
+pub fn init_tracing(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
     };
 }
 

@@ -199,15 +199,15 @@ async fn migrate_then_serve_on_postgres() {
     let c = Coordinator::start(
         &["--database-url", &db.url, "--no-migrate"],
         &[
-            ("APPPROXY_MANAGER_TOKEN", "m-secret"),
-            ("APPPROXY_WORKER_TOKEN", "w-secret"),
+            ("APPPROXY_MANAGER_TOKEN", "m-secret-0123456789"),
+            ("APPPROXY_WORKER_TOKEN", "w-secret-0123456789"),
         ],
         "http",
     );
     assert!(c.log().contains("\"postgres\""), "{}", c.log());
     let (status, _) = post(
         &format!("{}/workers/register", c.url),
-        "w-secret",
+        "w-secret-0123456789",
         worker_body("pg-worker"),
     )
     .await;
@@ -243,7 +243,7 @@ async fn serves_https_with_tls_flags() {
         &[],
         "https",
     );
-    appproxy_coordinator::server::install_crypto_provider();
+    appproxy_coordinator::install_crypto_provider();
     let client = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap()])
         .build()

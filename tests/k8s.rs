@@ -388,7 +388,15 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
         ))
         .await;
     let (client, store) = (e.client.clone(), e.app.store.clone());
-    tokio::spawn(async move { pods::watch(client, NS, k8s::DEFAULT_WORKER_SELECTOR, store).await });
+    tokio::spawn(async move {
+        pods::watch(
+            client,
+            NS,
+            appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+            store,
+        )
+        .await
+    });
 
     set_ready(&pods, "worker-0", false).await;
     worker_status(&e.app, w0, WorkerStatus::NotReady).await;
@@ -429,7 +437,12 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
     let id = e.create_route("jupyter").await;
 
     // The whole Kubernetes mode, as `serve` starts it: Lease, mirror, pod watcher.
-    let mut settings = k8s::Settings::new(NS, "replica-a");
+    let mut settings = k8s::Settings::new(
+        NS,
+        "replica-a",
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
     settings.renew_every = Duration::from_millis(100);
     settings.lease_duration = Duration::from_secs(2);
     settings.mirror = fast_mirror();

@@ -18,12 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::config::Tokens;
 use crate::hub::Hub;
+use crate::secret::Tokens;
 use crate::store::Store;
 use crate::telemetry::{HttpLabels, HttpLatencyLabels, Metrics};
 pub use error::ApiError;
-pub use workers::{HeartbeatAck, Registration};
 
 /// Shared by every handler.
 #[derive(Clone)]

@@ -9,10 +9,11 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{Map, Value, json};
 
 use super::routes::{Deleted, RouteList, SessionRoutes};
-use super::workers::{Heartbeat, HeartbeatAck, Registration, WorkerList};
+use super::workers::WorkerList;
 use crate::domain::events::{Bookmark, Delete, Snapshot, Upsert};
 use crate::domain::{Route, RoutePatch, RouteSpec, Worker, WorkerRegistration};
 use crate::store::Removal;
+use crate::wire::{Heartbeat, HeartbeatAck, Registration};
 
 /// Who may call an endpoint.
 #[derive(Clone, Copy)]

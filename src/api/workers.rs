@@ -13,20 +13,11 @@ use super::auth::{
 };
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
 use crate::domain::health::Observation;
-use crate::domain::{Revision, Route, Worker, WorkerRegistration, WorkerStatus};
+use crate::domain::{Worker, WorkerRegistration};
 use crate::health;
 use crate::store::Removal;
 use crate::telemetry::WorkerLabels;
-
-/// Answer to a registration: the worker, its token, and its routes as of `revision`.
-#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Registration {
-    pub worker: Worker,
-    /// Bearer token for this worker's own endpoints; replaces any earlier one.
-    pub token: String,
-    pub revision: Revision,
-    pub routes: Vec<Route>,
-}
+use crate::wire::{Heartbeat, HeartbeatAck, Registration};
 
 pub async fn register(
     State(state): State<AppState>,
@@ -57,21 +48,6 @@ pub async fn register(
             routes: registered.routes,
         },
     ))
-}
-
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Heartbeat {
-    /// The last revision the worker has applied.
-    #[serde(default)]
-    pub acked_revision: Revision,
-}
-
-#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct HeartbeatAck {
-    pub status: WorkerStatus,
-    /// The coordinator's current revision.
-    pub revision: Revision,
 }
 
 pub async fn heartbeat(

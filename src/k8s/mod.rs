@@ -24,14 +24,8 @@ use std::time::Duration;
 use kube::Api;
 use tokio::sync::Notify;
 
-use crate::config::Config;
 use crate::hub::Hub;
 use crate::leader::{self, Leadership};
-
-/// The default label selector of worker pods.
-pub const DEFAULT_WORKER_SELECTOR: &str = "app.kubernetes.io/component=appproxy-worker";
-/// The default name of the leader-election Lease.
-pub const DEFAULT_LEASE_NAME: &str = "appproxy-coordinator";
 
 /// Everything Kubernetes mode needs to know.
 #[derive(Clone, Debug)]
@@ -50,54 +44,22 @@ pub struct Settings {
 
 impl Settings {
     /// Settings for `namespace`, with production timings.
-    pub fn new(namespace: &str, identity: &str) -> Settings {
+    pub fn new(
+        namespace: &str,
+        identity: &str,
+        worker_selector: &str,
+        lease_name: &str,
+    ) -> Settings {
         Settings {
             namespace: namespace.to_owned(),
-            worker_selector: DEFAULT_WORKER_SELECTOR.to_owned(),
-            lease_name: DEFAULT_LEASE_NAME.to_owned(),
+            worker_selector: worker_selector.to_owned(),
+            lease_name: lease_name.to_owned(),
             identity: identity.to_owned(),
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
             mirror: mirror::MirrorConfig::new(namespace),
         }
     }
-
-    /// Kubernetes settings when Kubernetes mode is on: forced by
-    /// `kubernetes = true`, or detected in a cluster (`KUBERNETES_SERVICE_HOST`)
-    /// unless `kubernetes = false`.
-    pub fn from_config(config: &Config) -> Option<Settings> {
-        let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        if !enabled(config.kubernetes, in_cluster) {
-            return None;
-        }
-        let namespace = config
-            .namespace
-            .clone()
-            .or_else(|| {
-                std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|n| !n.is_empty())
-            })
-            .unwrap_or_else(|| "default".to_owned());
-        let identity = std::env::var("POD_NAME")
-            .ok()
-            .filter(|n| !n.is_empty())
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|n| !n.is_empty()))
-            .map_or_else(
-                || format!("appproxy-coordinator-{}", uuid::Uuid::new_v4().simple()),
-                |host| format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
-            );
-        let mut settings = Settings::new(&namespace, &identity);
-        settings.worker_selector = config.worker_selector.clone();
-        settings.lease_name = config.lease_name.clone();
-        Some(settings)
-    }
-}
-
-/// Whether Kubernetes mode is on, given the `kubernetes` setting and whether
-/// we run in a cluster.
-pub fn enabled(setting: Option<bool>, in_cluster: bool) -> bool {
-    setting.unwrap_or(in_cluster)
 }
 
 /// A client from the environment: the in-cluster service account, or a kubeconfig.
@@ -194,16 +156,5 @@ where
             }
             () = leadership.lost() => tracing::info!(task = what, "no longer leading: stopped"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn kubernetes_mode_is_detected_unless_switched_off() {
-        assert!(super::enabled(None, true));
-        assert!(!super::enabled(None, false));
-        assert!(super::enabled(Some(true), false));
-        assert!(!super::enabled(Some(false), true));
     }
 }

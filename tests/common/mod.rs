@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
-use appproxy_coordinator::config::{Secret, Tokens};
 use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
 use appproxy_coordinator::leader::Leadership;
+use appproxy_coordinator::secret::{Secret, Tokens};
 use appproxy_coordinator::store::{Db, Store};
 use appproxy_coordinator::telemetry::Metrics;
 use reqwest::{Client, Method, StatusCode};
@@ -294,7 +294,7 @@ impl TestApp {
 }
 
 pub fn http_client() -> Client {
-    appproxy_coordinator::server::install_crypto_provider();
+    appproxy_coordinator::install_crypto_provider();
     Client::new()
 }
 
