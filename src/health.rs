@@ -15,24 +15,29 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::domain::WorkerStatus;
-use crate::domain::health::{Observation, next_status};
+use crate::domain::failover;
+use crate::domain::health::{Observation, statuses_that_time_out};
 use crate::leader::Leadership;
 use crate::store::{Moved, Store, StoreError};
 use crate::telemetry::{Metrics, OutcomeLabels};
 
-/// Applies one observation about a worker. Returns the new status if it changed.
+/// Applies one observation about a worker (by the rules of
+/// `domain::health`, as one compare-and-set in the store). Returns the new
+/// status if it changed.
 pub async fn observe(
     store: &Store,
     worker_id: Uuid,
     observation: Observation,
 ) -> Result<Option<WorkerStatus>, StoreError> {
-    let worker = store.get_worker(worker_id).await?;
-    let Some(next) = next_status(worker.status, observation) else {
+    let Some(change) = store
+        .observe_worker(worker_id, observation, Utc::now())
+        .await?
+    else {
         return Ok(None);
     };
-    store.set_worker_status(worker_id, next, Utc::now()).await?;
-    tracing::info!(worker = %worker_id, name = %worker.name, from = worker.status.as_str(), to = next.as_str(), ?observation, "worker status changed");
-    Ok(Some(next))
+    let worker = &change.worker;
+    tracing::info!(worker = %worker_id, name = %worker.name, from = change.from.as_str(), to = worker.status.as_str(), ?observation, "worker status changed");
+    Ok(Some(worker.status))
 }
 
 /// Timeouts and batch size of the health loops.
@@ -94,11 +99,19 @@ pub async fn pass(
 ) -> Result<(), StoreError> {
     let now = Utc::now();
     let timeout = chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or_default();
-    for worker in store.silent_workers(now - timeout).await? {
+    for worker in store
+        .silent_workers(&statuses_that_time_out(), now - timeout)
+        .await?
+    {
         observe(store, worker, Observation::HeartbeatTimeout).await?;
     }
-    let grace = chrono::Duration::from_std(config.failover_grace).unwrap_or_default();
-    for worker in store.workers_to_fail_over(Utc::now() - grace).await? {
+    let now = Utc::now();
+    let due = store
+        .lost_workers_with_routes()
+        .await?
+        .into_iter()
+        .filter(|w| failover::is_due(w, now, config.failover_grace));
+    for worker in due {
         loop {
             let moved = store
                 .relocate_routes(worker.id, config.batch_size, Utc::now())

@@ -3,7 +3,7 @@
 //! Heartbeats (standalone) and pod readiness (Kubernetes) both arrive here as
 //! [`Observation`]s, so the two sources can never disagree about the rules.
 
-use super::worker::WorkerStatus;
+use super::types::WorkerStatus;
 
 /// Something the coordinator learned about a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,11 +41,25 @@ pub fn next_status(current: WorkerStatus, observation: Observation) -> Option<Wo
     (next != current).then_some(next)
 }
 
+/// The statuses a heartbeat timeout changes: only workers in these are
+/// checked for silence.
+pub fn statuses_that_time_out() -> Vec<WorkerStatus> {
+    WorkerStatus::ALL
+        .into_iter()
+        .filter(|s| next_status(*s, Observation::HeartbeatTimeout).is_some())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Observation::*;
     use WorkerStatus::*;
+
+    #[test]
+    fn ready_and_not_ready_workers_time_out() {
+        assert_eq!(statuses_that_time_out(), vec![Ready, NotReady]);
+    }
 
     #[test]
     fn transitions() {

@@ -5,19 +5,24 @@
 //! is unit-tested directly; the other modules decide *how* it happens.
 
 pub mod events;
+pub mod failover;
 pub mod health;
 pub mod placement;
+pub mod placer;
 pub mod route;
+pub mod served;
+pub mod types;
 pub mod validate;
 pub mod worker;
 
 pub use placement::{Assignment, PlacementError};
 pub use route::{
-    Access, AppMode, Frontend, FrontendMode, FrontendRequest, HealthCheck, Protocol, Route,
-    RouteKey, RoutePatch, RouteSpec, RouteStatus, StoredRoute, Target,
+    Access, Frontend, FrontendMode, FrontendRequest, HealthCheck, Route, RouteKey, RoutePatch,
+    RouteSpec, RouteStatus, StoredRoute, Target,
 };
+pub use types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 pub use validate::ValidationError;
-pub use worker::{PodRef, Worker, WorkerFrontend, WorkerRegistration, WorkerStatus};
+pub use worker::{PodRef, Worker, WorkerRegistration};
 
 /// A position in the change log. Every committed mutation gets the next one.
 pub type Revision = i64;

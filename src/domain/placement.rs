@@ -6,7 +6,8 @@
 use std::collections::{BTreeSet, HashSet};
 
 use super::route::RouteSpec;
-use super::worker::{Worker, WorkerFrontend, WorkerStatus};
+use super::types::{WorkerFrontend, WorkerStatus};
+use super::worker::Worker;
 
 /// The frontend a route gets on its worker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,7 +243,7 @@ pub fn free_subdomain(base: &str, used: &HashSet<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::route::{AppMode, Protocol};
+    use crate::domain::types::{AppMode, Protocol};
     use crate::domain::worker::WorkerRegistration;
     use chrono::Utc;
     use uuid::Uuid;

@@ -2,8 +2,6 @@
 //! worker serves.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use ipnet::IpNet;
@@ -12,86 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use super::Revision;
-use super::worker::{Worker, WorkerFrontend, WorkerStatus};
-
-/// Whether a route belongs to one interactive session or to an inference endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum AppMode {
-    #[default]
-    Interactive,
-    Inference,
-}
-
-impl AppMode {
-    pub const ALL: [AppMode; 2] = [AppMode::Interactive, AppMode::Inference];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AppMode::Interactive => "interactive",
-            AppMode::Inference => "inference",
-        }
-    }
-}
-
-/// The protocol a worker speaks to users on the route's frontend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    #[default]
-    Http,
-    Tcp,
-    Grpc,
-    H2,
-    Preopen,
-}
-
-impl Protocol {
-    pub const ALL: [Protocol; 5] = [
-        Protocol::Http,
-        Protocol::Tcp,
-        Protocol::Grpc,
-        Protocol::H2,
-        Protocol::Preopen,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Tcp => "tcp",
-            Protocol::Grpc => "grpc",
-            Protocol::H2 => "h2",
-            Protocol::Preopen => "preopen",
-        }
-    }
-
-    /// Subdomain (wildcard) frontends route on the HTTP `Host` header or TLS SNI,
-    /// which a raw TCP stream does not carry.
-    pub fn routable_by_host(self) -> bool {
-        !matches!(self, Protocol::Tcp)
-    }
-}
-
-macro_rules! impl_str_enum {
-    ($ty:ty, $what:literal) => {
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-        impl FromStr for $ty {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Self::ALL
-                    .into_iter()
-                    .find(|v| v.as_str() == s)
-                    .ok_or_else(|| format!("unknown {} {s:?}", $what))
-            }
-        }
-    };
-}
-impl_str_enum!(AppMode, "app mode");
-impl_str_enum!(Protocol, "protocol");
+use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 
 /// One backend of a route: where the worker forwards traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -397,13 +316,16 @@ impl RouteStatus {
         }
     }
 
-    /// A route at `revision` on `worker` (if any).
-    pub fn derive(revision: Revision, worker: Option<&Worker>) -> RouteStatus {
+    /// The status of a route, given its worker's status and whether that
+    /// worker has acknowledged the route's latest revision; `None` while the
+    /// route has no worker. The one place this rule is written: metrics count
+    /// routes by these two facts and ask here.
+    pub fn derive(worker: Option<(WorkerStatus, bool)>) -> RouteStatus {
         match worker {
             None => RouteStatus::Pending,
-            Some(w) if w.status == WorkerStatus::Lost => RouteStatus::FailingOver,
-            Some(w) if w.acked_revision >= revision => RouteStatus::Active,
-            Some(_) => RouteStatus::Propagating,
+            Some((WorkerStatus::Lost, _)) => RouteStatus::FailingOver,
+            Some((_, true)) => RouteStatus::Active,
+            Some((_, false)) => RouteStatus::Propagating,
         }
     }
 }
@@ -447,50 +369,6 @@ pub struct StoredRoute {
     pub revision: Revision,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-impl StoredRoute {
-    /// The route as served, given its worker (looked up by the caller).
-    pub fn to_route(&self, worker: Option<&Worker>) -> Route {
-        self.clone().into_route(worker)
-    }
-
-    /// [`StoredRoute::to_route`], consuming the stored route instead of copying it.
-    pub fn into_route(self, worker: Option<&Worker>) -> Route {
-        let spec = self.spec;
-        let worker = worker.filter(|w| Some(w.id) == self.worker_id);
-        let frontend = match worker {
-            Some(w) => Frontend::on(
-                &w.frontend,
-                spec.protocol,
-                self.port,
-                self.subdomain.as_deref(),
-            ),
-            None => Frontend::UNASSIGNED,
-        };
-        Route {
-            id: self.id,
-            app_mode: spec.app_mode,
-            session_id: spec.session_id,
-            endpoint_id: spec.endpoint_id,
-            service: spec.service,
-            protocol: spec.protocol,
-            targets: spec.targets,
-            frontend,
-            worker_id: self.worker_id,
-            access: spec.access,
-            labels: spec.labels,
-            envs: spec.envs,
-            args: spec.args,
-            health_check: spec.health_check,
-            expires_at: spec.expires_at,
-            status: RouteStatus::derive(self.revision, worker),
-            pending_reason: self.pending_reason.filter(|_| self.worker_id.is_none()),
-            revision: self.revision,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 
 use super::placement::normalize_subdomain;
-use super::route::{AppMode, Protocol, RouteSpec, Target};
-use super::worker::{WorkerFrontend, WorkerRegistration};
+use super::route::{RouteSpec, Target};
+use super::types::{AppMode, Protocol, WorkerFrontend};
+use super::worker::WorkerRegistration;
 
 /// Bad input, with the field it concerns.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

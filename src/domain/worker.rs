@@ -8,39 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Revision;
-use super::route::{AppMode, Protocol};
-
-/// How a worker exposes routes to users.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
-pub enum WorkerFrontend {
-    /// One port per route, from an inclusive range, on `host`.
-    Port { host: String, port_range: [u16; 2] },
-    /// One subdomain per route under `domain`, all on `port`.
-    Wildcard {
-        domain: String,
-        #[serde(default = "default_wildcard_port")]
-        port: u16,
-        #[serde(default)]
-        tls: bool,
-    },
-}
-
-fn default_wildcard_port() -> u16 {
-    443
-}
-
-impl WorkerFrontend {
-    /// How many routes the frontend can hold at most.
-    pub fn slots(&self) -> u64 {
-        match self {
-            WorkerFrontend::Port { port_range, .. } => {
-                u64::from(port_range[1].saturating_sub(port_range[0])) + 1
-            }
-            WorkerFrontend::Wildcard { .. } => u64::MAX,
-        }
-    }
-}
+use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 
 /// The Kubernetes pod a worker runs in (from the downward API).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -78,41 +46,6 @@ fn all_protocols() -> Vec<Protocol> {
 }
 fn all_app_modes() -> Vec<AppMode> {
     AppMode::ALL.to_vec()
-}
-
-/// Health of a worker as the coordinator sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-pub enum WorkerStatus {
-    /// Heartbeating; takes new routes.
-    Ready,
-    /// Alive but takes no new routes (e.g. its pod is not ready); keeps its own.
-    NotReady,
-    /// Missed its heartbeats or its pod is gone; its routes move elsewhere.
-    Lost,
-    /// Being removed; its routes are moving away.
-    Draining,
-}
-
-impl WorkerStatus {
-    pub const ALL: [WorkerStatus; 4] = [
-        WorkerStatus::Ready,
-        WorkerStatus::NotReady,
-        WorkerStatus::Lost,
-        WorkerStatus::Draining,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerStatus::Ready => "Ready",
-            WorkerStatus::NotReady => "NotReady",
-            WorkerStatus::Lost => "Lost",
-            WorkerStatus::Draining => "Draining",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<WorkerStatus> {
-        Self::ALL.into_iter().find(|v| v.as_str() == s)
-    }
 }
 
 /// A registered worker.

@@ -75,7 +75,7 @@ pub fn desired(
 /// The status of `route` on `worker`, without timestamps or generations
 /// (those come from [`stamp`] at write time).
 pub fn status_of(route: &Route, worker: Option<&Worker>) -> AppProxyRouteStatus {
-    let phase = RouteStatus::derive(route.revision, worker);
+    let phase = crate::domain::served::status(route.revision, worker);
     let propagated = worker.is_some_and(|w| w.acked_revision >= route.revision);
     let (ready, ready_reason, ready_message) = match phase {
         RouteStatus::Active => (

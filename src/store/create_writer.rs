@@ -1,0 +1,361 @@
+//! Where routes are created: one writer commits every create queued at the
+//! moment in one transaction, so concurrent creates share the revision lock
+//! and the commit's fsync (as PostgreSQL's group commit would share
+//! independent ones), while each request gets its own answer.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::rows::{self, route_columns, worker_select};
+use super::sql::{self, Arg};
+use super::{Result, Store, StoreError, db_time};
+use crate::domain::events::ChangeKind;
+use crate::domain::placement::{PlacementError, Used};
+use crate::domain::placer::Placer;
+use crate::domain::{Revision, Route, RouteKey, RouteSpec, StoredRoute, validate};
+
+/// Most creates the create writer commits in one transaction.
+const BATCH_MAX: usize = 64;
+
+/// A `POST /routes` waiting for the create writer.
+pub(super) struct NewRoute {
+    id: Uuid,
+    spec: RouteSpec,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Route>>,
+}
+
+impl std::fmt::Debug for NewRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewRoute")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The frontends taken on each worker as of `revision`, kept by the create
+/// writer between batches. Every change to a route's placement takes a new
+/// revision, so the cache holds while the revision is still the one the
+/// writer itself committed; any other write in between empties it.
+#[derive(Debug, Default)]
+struct UsedCache {
+    revision: Revision,
+    workers: HashMap<Uuid, Used>,
+}
+
+/// Starts the create writer for `store` (a copy without a queue of its own);
+/// answers the queue to send creates to. It ends when every sender is dropped.
+pub(super) fn spawn(store: Store) -> mpsc::Sender<NewRoute> {
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(store.write_creates(rx));
+    tx
+}
+
+fn conflict_message(spec: &RouteSpec) -> String {
+    match spec.key() {
+        RouteKey::Interactive {
+            session_id,
+            service,
+        } => format!("session {session_id} already has a {service} route"),
+        RouteKey::Inference { endpoint_id } => {
+            format!("endpoint {endpoint_id} already has a route")
+        }
+    }
+}
+
+impl Store {
+    /// Validates `spec`, places it on a worker and stores it as route `id`.
+    /// The answer comes after the commit of the batch that carried it.
+    pub async fn create_route(
+        &self,
+        id: Uuid,
+        spec: RouteSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Route> {
+        let now = db_time(now);
+        validate::route_spec(&spec, now)?;
+        let (reply, answer) = oneshot::channel();
+        let request = NewRoute {
+            id,
+            spec,
+            now,
+            reply,
+        };
+        let Some(queue) = &self.creates else {
+            return self.create_one(request).await;
+        };
+        if let Err(mpsc::error::SendError(request)) = queue.send(request).await {
+            // The writer is gone (its runtime is shutting down).
+            return self.create_one(request).await;
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the create writer stopped before answering".to_owned(),
+            ))
+        })
+    }
+
+    async fn create_one(&self, request: NewRoute) -> Result<Route> {
+        let mut answers = self
+            .create_routes(std::slice::from_ref(&request), &mut UsedCache::default())
+            .await?;
+        answers.pop().unwrap_or(Err(StoreError::NotFound))
+    }
+
+    /// The create writer: takes whatever creates are queued (up to
+    /// [`BATCH_MAX`]) and commits them together.
+    async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
+        let mut batch = Vec::with_capacity(BATCH_MAX);
+        let mut cache = UsedCache::default();
+        while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
+            let requests: Vec<NewRoute> = std::mem::take(&mut batch);
+            self.create_batches.observe(requests.len() as f64);
+            let answers = match self.create_routes(&requests, &mut cache).await {
+                Ok(answers) => answers,
+                Err(e) if e.is_unavailable() || requests.len() == 1 => {
+                    let message = e.to_string();
+                    let mut first = Some(e);
+                    requests
+                        .iter()
+                        .map(|_| {
+                            Err(first
+                                .take()
+                                .unwrap_or_else(|| StoreError::Unavailable(message.clone())))
+                        })
+                        .collect()
+                }
+                // Something in the batch broke the transaction: give each
+                // request its own, so one cannot fail the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, size = requests.len(), "create batch failed; retrying its creates one by one");
+                    let mut answers = Vec::with_capacity(requests.len());
+                    for r in &requests {
+                        let one = self
+                            .create_routes(std::slice::from_ref(r), &mut cache)
+                            .await;
+                        answers.push(match one {
+                            Ok(mut one) => one.pop().unwrap_or(Err(StoreError::NotFound)),
+                            Err(e) => Err(e),
+                        });
+                    }
+                    answers
+                }
+            };
+            for (request, answer) in requests.into_iter().zip(answers) {
+                // The caller may have gone; the route exists all the same.
+                let _ = request.reply.send(answer);
+            }
+        }
+    }
+
+    /// Creates `requests` in one transaction: one revision lock, one commit,
+    /// consecutive revisions in request order. Each request gets its own
+    /// answer: one that conflicts (with a stored route or an earlier request of
+    /// the batch) or fits nowhere does not fail the others. `Err` only when
+    /// the transaction itself fails, and then nothing was created.
+    async fn create_routes(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut UsedCache,
+    ) -> Result<Vec<Result<Route>>> {
+        let mut tx = self.write().await?;
+        // Filled from the cache, then holding this batch's placements,
+        // uncommitted: the cache gets it back only after the commit.
+        let used = if cache.revision == tx.head() {
+            std::mem::take(&mut cache.workers)
+        } else {
+            HashMap::new()
+        };
+        cache.workers.clear();
+
+        let stored = claimed_keys(&mut tx.conn(), requests).await?;
+        // Pinned routes need only their workers; otherwise every worker
+        // is a candidate.
+        let pinned: Option<Vec<Uuid>> = requests.iter().map(|r| r.spec.worker_id).collect();
+        let workers = match pinned {
+            Some(ids) => {
+                let query = format!(
+                    "{} WHERE w.id IN ({})",
+                    worker_select!(),
+                    sql::list(ids.len(), 1)
+                );
+                let args: Vec<Arg> = ids.into_iter().map(Arg::from).collect();
+                rows::workers(&mut tx.conn(), sqlx::AssertSqlSafe(query), &args).await?
+            }
+            None => rows::workers(&mut tx.conn(), worker_select!(), &[]).await?,
+        };
+        let mut placer = Placer::new(workers, used);
+        let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let spec = &request.spec;
+            let key = spec.key();
+            let claimed = || stored.iter().chain(created.iter().map(|(s, _)| s));
+            if claimed().any(|r| r.id == request.id) {
+                answers.push(Err(StoreError::Conflict {
+                    message: format!("route {} already exists", request.id),
+                    existing: None,
+                }));
+                continue;
+            }
+            if let Some(r) = claimed().find(|r| r.spec.key() == key) {
+                let worker = r.worker_id.and_then(|id| placer.worker(id));
+                answers.push(Err(StoreError::Conflict {
+                    message: conflict_message(spec),
+                    existing: Some(Box::new(r.to_route(worker))),
+                }));
+                continue;
+            }
+            let (worker, assignment) = match rows::place(&mut tx.conn(), &mut placer, spec).await? {
+                Ok(placed) => placed,
+                Err(PlacementError::PortTaken(port)) => {
+                    let holder = match spec.worker_id {
+                        Some(w) => port_holder(&mut tx.conn(), &created, w, port).await?,
+                        None => None,
+                    };
+                    let worker = spec.worker_id.and_then(|id| placer.worker(id));
+                    answers.push(Err(StoreError::Conflict {
+                        message: format!("frontend port {port} is already in use"),
+                        existing: holder.map(|h| Box::new(h.into_route(worker))),
+                    }));
+                    continue;
+                }
+                Err(e) => {
+                    answers.push(Err(e.into()));
+                    continue;
+                }
+            };
+            let route = StoredRoute {
+                id: request.id,
+                worker_id: Some(worker.id),
+                port: assignment.port(),
+                subdomain: assignment.subdomain().map(str::to_owned),
+                pending_reason: None,
+                spec: spec.clone(),
+                revision: tx.next_revision(),
+                created_at: request.now,
+                updated_at: request.now,
+            };
+            let wire = route.to_route(Some(&worker));
+            answers.push(Ok(wire.clone()));
+            created.push((route, wire));
+        }
+        if created.is_empty() {
+            let head = tx.head();
+            tx.rollback().await?;
+            *cache = UsedCache {
+                revision: head,
+                workers: placer.into_used(),
+            };
+            return Ok(answers);
+        }
+        insert(&mut tx.conn(), &created).await?;
+        for (r, wire) in &created {
+            tx.log(
+                r.revision,
+                ChangeKind::RouteUpsert,
+                Some(r.id),
+                r.worker_id,
+                Arg::json(wire),
+                r.created_at,
+            );
+        }
+        let revision = tx.commit().await?;
+        *cache = UsedCache {
+            revision,
+            workers: placer.into_used(),
+        };
+        Ok(answers)
+    }
+}
+
+/// Stored routes that hold a requested id or unique key.
+async fn claimed_keys(conn: &mut sql::Conn<'_>, requests: &[NewRoute]) -> Result<Vec<StoredRoute>> {
+    let mut args: Vec<Arg> = requests.iter().map(|r| r.id.into()).collect();
+    let mut query = format!(
+        "SELECT {} FROM routes WHERE id IN ({})",
+        route_columns!(),
+        sql::list(args.len(), 1)
+    );
+    let (mut sessions, mut endpoints) = (Vec::new(), Vec::new());
+    for r in requests {
+        match r.spec.key() {
+            RouteKey::Interactive { session_id, .. } => sessions.push(session_id),
+            RouteKey::Inference { endpoint_id } => endpoints.push(endpoint_id),
+        }
+    }
+    for (mode, column, keys) in [
+        ("interactive", "session_id", sessions),
+        ("inference", "endpoint_id", endpoints),
+    ] {
+        if keys.is_empty() {
+            continue;
+        }
+        query.push_str(&format!(
+            " OR (app_mode = '{mode}' AND {column} IN ({}))",
+            sql::list(keys.len(), args.len() + 1)
+        ));
+        args.extend(keys.into_iter().map(Arg::from));
+    }
+    let rows: Vec<rows::RouteRow> = conn.fetch_all(sqlx::AssertSqlSafe(query), &args).await?;
+    Ok(rows.into_iter().map(StoredRoute::from).collect())
+}
+
+/// The route holding `port` on `worker`: one of this batch's, or a stored one.
+async fn port_holder(
+    conn: &mut sql::Conn<'_>,
+    created: &[(StoredRoute, Route)],
+    worker: Uuid,
+    port: u16,
+) -> Result<Option<StoredRoute>> {
+    if let Some((s, _)) = created
+        .iter()
+        .find(|(s, _)| s.worker_id == Some(worker) && s.port == Some(port))
+    {
+        return Ok(Some(s.clone()));
+    }
+    rows::route(
+        conn,
+        concat!(
+            "SELECT ",
+            route_columns!(),
+            " FROM routes WHERE worker_id = $1 AND frontend_port = $2"
+        ),
+        &[worker.into(), port.into()],
+    )
+    .await
+}
+
+/// Inserts the batch's routes in one statement.
+async fn insert(conn: &mut sql::Conn<'_>, created: &[(StoredRoute, Route)]) -> Result<()> {
+    const COLUMNS: usize = 14;
+    let mut args = Vec::with_capacity(created.len() * COLUMNS);
+    for (r, _) in created {
+        args.extend([
+            r.id.into(),
+            r.spec.app_mode.as_str().into(),
+            r.spec.session_id.into(),
+            r.spec.endpoint_id.into(),
+            r.spec.service.as_str().into(),
+            r.spec.protocol.as_str().into(),
+            r.worker_id.into(),
+            r.port.into(),
+            r.subdomain.as_deref().into(),
+            Arg::json(&r.spec),
+            r.spec.expires_at.into(),
+            r.revision.into(),
+            r.created_at.into(),
+            r.updated_at.into(),
+        ]);
+    }
+    let query = format!(
+        "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
+         frontend_port, frontend_subdomain, spec, expires_at, revision, created_at, updated_at) VALUES {}",
+        sql::values(created.len(), COLUMNS, 1)
+    );
+    conn.execute(sqlx::AssertSqlSafe(query), &args).await?;
+    Ok(())
+}

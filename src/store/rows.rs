@@ -1,0 +1,202 @@
+//! Route and worker rows: their columns, how they decode into domain types,
+//! and the reads and writes every part of the store shares.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::Result;
+use super::sql::{Arg, Conn};
+use crate::domain::placement::{Assignment, PlacementError, Used};
+use crate::domain::placer::{Placer, Step};
+use crate::domain::{RouteSpec, StoredRoute, Worker, WorkerRegistration, WorkerStatus};
+
+/// The columns of a [`RouteRow`], for `SELECT`s.
+macro_rules! route_columns {
+    () => {
+        "id, worker_id, frontend_port, frontend_subdomain, pending_reason, spec, revision, created_at, updated_at"
+    };
+}
+pub(crate) use route_columns;
+
+/// `SELECT … FROM workers w` giving [`WorkerRow`]s; add a `WHERE`.
+macro_rules! worker_select {
+    () => {
+        "SELECT w.id, w.spec, w.status, w.last_heartbeat, w.acked_revision, w.created_at, w.updated_at, \
+         w.route_count, \
+         (SELECT revision FROM coordinator_state WHERE id = 1) - w.acked_revision AS revision_lag FROM workers w"
+    };
+}
+pub(crate) use worker_select;
+
+#[derive(sqlx::FromRow)]
+pub struct RouteRow {
+    id: Uuid,
+    worker_id: Option<Uuid>,
+    frontend_port: Option<i32>,
+    frontend_subdomain: Option<String>,
+    pending_reason: Option<String>,
+    spec: Json<RouteSpec>,
+    revision: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<RouteRow> for StoredRoute {
+    fn from(r: RouteRow) -> StoredRoute {
+        StoredRoute {
+            id: r.id,
+            spec: r.spec.0,
+            worker_id: r.worker_id,
+            port: r.frontend_port.and_then(|p| u16::try_from(p).ok()),
+            subdomain: r.frontend_subdomain,
+            pending_reason: r.pending_reason,
+            revision: r.revision,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub struct WorkerRow {
+    id: Uuid,
+    spec: Json<WorkerRegistration>,
+    status: String,
+    last_heartbeat: DateTime<Utc>,
+    acked_revision: i64,
+    revision_lag: i64,
+    route_count: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<WorkerRow> for Worker {
+    fn from(r: WorkerRow) -> Worker {
+        Worker::from_parts(
+            r.id,
+            r.spec.0,
+            // The column has a CHECK constraint listing exactly these values.
+            WorkerStatus::parse(&r.status).unwrap_or(WorkerStatus::NotReady),
+            r.last_heartbeat,
+            r.acked_revision,
+            r.revision_lag.max(0),
+            u64::try_from(r.route_count).unwrap_or_default(),
+            r.created_at,
+            r.updated_at,
+        )
+    }
+}
+
+/// Routes selected by `sql` (which selects [`route_columns!`]).
+pub async fn routes(
+    conn: &mut Conn<'_>,
+    sql: &'static str,
+    args: &[Arg],
+) -> Result<Vec<StoredRoute>> {
+    let rows: Vec<RouteRow> = conn.fetch_all(sql, args).await?;
+    Ok(rows.into_iter().map(StoredRoute::from).collect())
+}
+
+/// The route selected by `sql`, if any.
+pub async fn route(
+    conn: &mut Conn<'_>,
+    sql: &'static str,
+    args: &[Arg],
+) -> Result<Option<StoredRoute>> {
+    let row: Option<RouteRow> = conn.fetch_optional(sql, args).await?;
+    Ok(row.map(StoredRoute::from))
+}
+
+/// Route `id`.
+pub async fn route_by_id(conn: &mut Conn<'_>, id: Uuid) -> Result<Option<StoredRoute>> {
+    route(
+        conn,
+        concat!("SELECT ", route_columns!(), " FROM routes WHERE id = $1"),
+        &[id.into()],
+    )
+    .await
+}
+
+/// Workers selected by `sql` (a [`worker_select!`] plus conditions).
+pub async fn workers(
+    conn: &mut Conn<'_>,
+    sql: impl sqlx::SqlSafeStr,
+    args: &[Arg],
+) -> Result<Vec<Worker>> {
+    let rows: Vec<WorkerRow> = conn.fetch_all(sql, args).await?;
+    Ok(rows.into_iter().map(Worker::from).collect())
+}
+
+/// Worker `id`.
+pub async fn worker(conn: &mut Conn<'_>, id: Uuid) -> Result<Option<Worker>> {
+    let row: Option<WorkerRow> = conn
+        .fetch_optional(concat!(worker_select!(), " WHERE w.id = $1"), &[id.into()])
+        .await?;
+    Ok(row.map(Worker::from))
+}
+
+/// The worker a stored route sits on, if it has one.
+pub async fn worker_of(conn: &mut Conn<'_>, route: &StoredRoute) -> Result<Option<Worker>> {
+    match route.worker_id {
+        Some(id) => worker(conn, id).await,
+        None => Ok(None),
+    }
+}
+
+/// The frontends taken on one worker.
+pub async fn used(conn: &mut Conn<'_>, worker_id: Uuid) -> Result<Used> {
+    let rows: Vec<(Option<i32>, Option<String>)> = conn
+        .fetch_all(
+            "SELECT frontend_port, frontend_subdomain FROM routes WHERE worker_id = $1",
+            &[worker_id.into()],
+        )
+        .await?;
+    let mut used = Used::default();
+    for (port, sub) in rows {
+        used.ports.extend(port.and_then(|p| u16::try_from(p).ok()));
+        used.subdomains.extend(sub);
+    }
+    Ok(used)
+}
+
+/// Places `spec` with `placer`, reading a worker's taken frontends when the
+/// placer needs them. The outer `Result` is the database's, the inner one
+/// placement's.
+pub async fn place(
+    conn: &mut Conn<'_>,
+    placer: &mut Placer,
+    spec: &RouteSpec,
+) -> Result<Result<(Worker, Assignment), PlacementError>> {
+    loop {
+        match placer.place(spec) {
+            Ok(Step::NeedUsed(id)) => {
+                let taken = used(conn, id).await?;
+                placer.know_used(id, taken);
+            }
+            Ok(Step::Placed(worker, assignment)) => return Ok(Ok((*worker, assignment))),
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+}
+
+/// Writes where a route sits and its spec.
+pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
+    conn.execute(
+        "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
+         expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9 WHERE id = $1",
+        &[
+            r.id.into(),
+            r.worker_id.into(),
+            r.port.into(),
+            r.subdomain.as_deref().into(),
+            Arg::json(&r.spec),
+            r.spec.expires_at.into(),
+            r.revision.into(),
+            r.updated_at.into(),
+            r.pending_reason.as_deref().into(),
+        ],
+    )
+    .await?;
+    Ok(())
+}

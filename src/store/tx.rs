@@ -1,0 +1,137 @@
+//! The write transaction every mutation goes through.
+//!
+//! [`Store::write`] locks the single `coordinator_state` row, so writes are
+//! serialised and the revisions they append are committed in order: a reader
+//! that has seen revision N has seen everything before N. A write takes
+//! revisions with [`WriteTx::next_revision`] and appends one change-log row
+//! per change with [`WriteTx::log`], in the same transaction as the change
+//! itself; [`WriteTx::commit`] writes the rows, records the last revision
+//! (on PostgreSQL with a NOTIFY that other replicas receive at commit),
+//! commits and wakes this process's hub.
+
+use chrono::{DateTime, Utc};
+use tokio::sync::MutexGuard;
+use uuid::Uuid;
+
+use super::sql::{self, Arg, Conn, Tx};
+use super::{Db, Result, Store};
+use crate::domain::Revision;
+use crate::domain::events::ChangeKind;
+
+/// Change-log rows per `INSERT` (6 values each, well under both backends'
+/// limits on statement parameters).
+const LOG_ROWS_PER_INSERT: usize = 1000;
+
+/// An open write transaction holding the revision lock.
+pub struct WriteTx<'s> {
+    store: &'s Store,
+    tx: Tx,
+    /// SQLite has one writer at a time; writers queue on this gate, in order,
+    /// instead of spinning on SQLITE_BUSY. (PostgreSQL queues on the row lock.)
+    _gate: Option<MutexGuard<'s, ()>>,
+    head: Revision,
+    last: Revision,
+    log: Vec<Arg>,
+}
+
+impl Store {
+    /// Begins a write: waits for the revision lock.
+    pub(crate) async fn write(&self) -> Result<WriteTx<'_>> {
+        let gate = match self.db {
+            Db::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Db::Postgres(_) => None,
+        };
+        let mut tx = Tx::write(&self.db).await?;
+        let (head,): (i64,) = tx
+            .conn()
+            .fetch_one(
+                "UPDATE coordinator_state SET revision = revision WHERE id = 1 RETURNING revision",
+                &[],
+            )
+            .await?;
+        Ok(WriteTx {
+            store: self,
+            tx,
+            _gate: gate,
+            head,
+            last: head,
+            log: Vec::new(),
+        })
+    }
+}
+
+impl WriteTx<'_> {
+    /// For statements inside the transaction.
+    pub fn conn(&mut self) -> Conn<'_> {
+        self.tx.conn()
+    }
+
+    /// The last revision committed before this transaction.
+    pub fn head(&self) -> Revision {
+        self.head
+    }
+
+    /// Takes the next revision for a change.
+    pub fn next_revision(&mut self) -> Revision {
+        self.last += 1;
+        self.last
+    }
+
+    /// Appends a change-log row at `revision` (one taken with
+    /// [`WriteTx::next_revision`]); `payload` is the route or worker as it now
+    /// is, or [`Arg::NULL_JSON`] for a delete.
+    pub fn log(
+        &mut self,
+        revision: Revision,
+        kind: ChangeKind,
+        route: Option<Uuid>,
+        worker: Option<Uuid>,
+        payload: Arg,
+        at: DateTime<Utc>,
+    ) {
+        self.log.extend([
+            revision.into(),
+            kind.as_str().into(),
+            route.into(),
+            worker.into(),
+            payload,
+            at.into(),
+        ]);
+    }
+
+    /// Commits. Answers the last revision taken (the head if none was).
+    pub async fn commit(mut self) -> Result<Revision> {
+        let mut rows = std::mem::take(&mut self.log);
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_INSERT * 6));
+            let insert = format!(
+                "INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) VALUES {}",
+                sql::values(rows.len() / 6, 6, 1)
+            );
+            self.tx
+                .conn()
+                .execute(sqlx::AssertSqlSafe(insert), &rows)
+                .await?;
+            rows = rest;
+        }
+        if self.last > self.head {
+            let save = match self.store.db {
+                Db::Postgres(_) => {
+                    "WITH saved AS (UPDATE coordinator_state SET revision = $1::bigint WHERE id = 1) \
+                     SELECT pg_notify('appproxy_changes', $1::bigint::text)"
+                }
+                Db::Sqlite(_) => "UPDATE coordinator_state SET revision = $1 WHERE id = 1",
+            };
+            self.tx.conn().execute(save, &[self.last.into()]).await?;
+        }
+        self.tx.commit().await?;
+        self.store.published(self.last);
+        Ok(self.last)
+    }
+
+    /// Ends the transaction without changing anything.
+    pub async fn rollback(self) -> Result<()> {
+        self.tx.rollback().await?;
+        Ok(())
+    }
+}

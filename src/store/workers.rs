@@ -1,0 +1,304 @@
+//! Worker rows: registration, heartbeats, status transitions, and counts.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::rows::{self, route_columns, worker_select};
+use super::sql::{self, Arg};
+use super::{Counts, Registered, Result, Store, StoreError, db_time};
+use crate::domain::events::ChangeKind;
+use crate::domain::health::{Observation, next_status};
+use crate::domain::{
+    Revision, RouteStatus, ValidationError, Worker, WorkerRegistration, WorkerStatus, validate,
+};
+
+/// A worker's status change, as applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    pub from: WorkerStatus,
+    pub worker: Worker,
+}
+
+impl Store {
+    /// Registers a worker, or re-registers it by name (same id, routes kept).
+    /// `mint_token` is given the worker's id and answers the hash of its new token.
+    pub async fn register_worker(
+        &self,
+        registration: WorkerRegistration,
+        now: DateTime<Utc>,
+        mint_token: impl FnOnce(Uuid) -> [u8; 32],
+    ) -> Result<Registered> {
+        let now = db_time(now);
+        validate::registration(&registration)?;
+        let mut tx = self.write().await?;
+        let existing: Option<(Uuid,)> = tx
+            .conn()
+            .fetch_optional(
+                "SELECT id FROM workers WHERE name = $1",
+                &[registration.name.as_str().into()],
+            )
+            .await?;
+        let existing = existing.map(|(id,)| id);
+        let id = existing.unwrap_or_else(Uuid::now_v7);
+        let token_hash = mint_token(id);
+        let sql = match existing {
+            Some(_) => {
+                "UPDATE workers SET spec = $3, status = 'Ready', token_hash = $4, \
+                 last_heartbeat = $5, updated_at = $5 WHERE id = $1"
+            }
+            None => {
+                "INSERT INTO workers (id, name, spec, status, token_hash, last_heartbeat, \
+                 acked_revision, created_at, updated_at) VALUES ($1, $2, $3, 'Ready', $4, $5, 0, $5, $5)"
+            }
+        };
+        tx.conn()
+            .execute(
+                sql,
+                &[
+                    id.into(),
+                    registration.name.as_str().into(),
+                    Arg::json(&registration),
+                    token_hash.as_slice().into(),
+                    now.into(),
+                ],
+            )
+            .await?;
+        let worker = rows::worker(&mut tx.conn(), id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let rev = tx.next_revision();
+        tx.log(
+            rev,
+            ChangeKind::WorkerUpsert,
+            None,
+            Some(id),
+            Arg::json(&worker),
+            now,
+        );
+        let routes = rows::routes(
+            &mut tx.conn(),
+            concat!(
+                "SELECT ",
+                route_columns!(),
+                " FROM routes WHERE worker_id = $1 ORDER BY id"
+            ),
+            &[id.into()],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.into_route(Some(&worker)))
+        .collect();
+        tx.commit().await?;
+        Ok(Registered {
+            worker,
+            created: existing.is_none(),
+            revision: rev,
+            routes,
+        })
+    }
+
+    /// SHA-256 of the worker's current token.
+    pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        let mut c = sql::acquire(&self.db).await?;
+        let hash: Option<(Vec<u8>,)> = c
+            .conn()
+            .fetch_optional("SELECT token_hash FROM workers WHERE id = $1", &[id.into()])
+            .await?;
+        Ok(hash.map(|(h,)| h))
+    }
+
+    /// Records a heartbeat and the revision the worker has applied; answers
+    /// the worker's status and the current revision. (What a heartbeat does to
+    /// the status is `health::observe`'s business.)
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        acked_revision: Revision,
+        now: DateTime<Utc>,
+    ) -> Result<(WorkerStatus, Revision)> {
+        let now = db_time(now);
+        let current = self.current_revision().await?;
+        if acked_revision < 0 || acked_revision > current {
+            return Err(StoreError::Invalid(ValidationError {
+                field: "acked_revision".into(),
+                message: format!(
+                    "{acked_revision} is not a revision this coordinator has issued (current: {current})"
+                ),
+            }));
+        }
+        let mut c = sql::acquire(&self.db).await?;
+        let status: Option<(String,)> = c
+            .conn()
+            .fetch_optional(
+                "UPDATE workers SET last_heartbeat = $2, \
+                 acked_revision = CASE WHEN acked_revision < $3 THEN $3 ELSE acked_revision END \
+                 WHERE id = $1 RETURNING status",
+                &[id.into(), now.into(), acked_revision.into()],
+            )
+            .await?;
+        let status = status
+            .and_then(|(s,)| WorkerStatus::parse(&s))
+            .ok_or(StoreError::NotFound)?;
+        Ok((status, current))
+    }
+
+    /// Applies `observation` to worker `id` by the rules of
+    /// [`next_status`], reading and writing the status in one write
+    /// transaction, so a concurrent change (say to `Draining`) is never
+    /// overwritten by a decision taken from an older status. `None` when the
+    /// status stays.
+    pub async fn observe_worker(
+        &self,
+        id: Uuid,
+        observation: Observation,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Transition>> {
+        let mut tx = self.write().await?;
+        let worker = rows::worker(&mut tx.conn(), id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let Some(next) = next_status(worker.status, observation) else {
+            return Ok(None);
+        };
+        let from = worker.status;
+        let worker = self.write_status(&mut tx, worker, next, now).await?;
+        tx.commit().await?;
+        Ok(Some(Transition { from, worker }))
+    }
+
+    /// Sets a worker's status whatever it was (a logged worker mutation).
+    /// No-op if unchanged.
+    pub async fn set_worker_status(
+        &self,
+        id: Uuid,
+        status: WorkerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Worker> {
+        let mut tx = self.write().await?;
+        let worker = rows::worker(&mut tx.conn(), id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        if worker.status == status {
+            return Ok(worker);
+        }
+        let worker = self.write_status(&mut tx, worker, status, now).await?;
+        tx.commit().await?;
+        Ok(worker)
+    }
+
+    async fn write_status(
+        &self,
+        tx: &mut super::tx::WriteTx<'_>,
+        mut worker: Worker,
+        status: WorkerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Worker> {
+        let now = db_time(now);
+        tx.conn()
+            .execute(
+                "UPDATE workers SET status = $2, updated_at = $3 WHERE id = $1",
+                &[worker.id.into(), status.as_str().into(), now.into()],
+            )
+            .await?;
+        worker.status = status;
+        worker.updated_at = now;
+        let rev = tx.next_revision();
+        tx.log(
+            rev,
+            ChangeKind::WorkerUpsert,
+            None,
+            Some(worker.id),
+            Arg::json(&worker),
+            now,
+        );
+        Ok(worker)
+    }
+
+    pub async fn get_worker(&self, id: Uuid) -> Result<Worker> {
+        let mut c = sql::acquire(&self.db).await?;
+        rows::worker(&mut c.conn(), id)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<Worker>> {
+        let mut c = sql::acquire(&self.db).await?;
+        let mut workers = rows::workers(&mut c.conn(), worker_select!(), &[]).await?;
+        workers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(workers)
+    }
+
+    /// Workers in one of `statuses` whose last heartbeat is older than `cutoff`.
+    pub async fn silent_workers(
+        &self,
+        statuses: &[WorkerStatus],
+        cutoff: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args: Vec<Arg> = vec![db_time(cutoff).into()];
+        args.extend(statuses.iter().map(|s| s.as_str().into()));
+        let query = format!(
+            "SELECT id FROM workers WHERE last_heartbeat < $1 AND status IN ({}) ORDER BY id",
+            sql::list(statuses.len(), 2)
+        );
+        let mut c = sql::acquire(&self.db).await?;
+        let ids: Vec<(uuid::Uuid,)> = c
+            .conn()
+            .fetch_all(sqlx::AssertSqlSafe(query), &args)
+            .await?;
+        Ok(ids.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// Workers that are `Lost` and still hold routes (whether they fail over
+    /// now is [`crate::domain::failover::is_due`]'s decision).
+    pub async fn lost_workers_with_routes(&self) -> Result<Vec<Worker>> {
+        let mut c = sql::acquire(&self.db).await?;
+        rows::workers(
+            &mut c.conn(),
+            concat!(
+                worker_select!(),
+                " WHERE w.status = 'Lost' AND w.route_count > 0 ORDER BY w.id"
+            ),
+            &[],
+        )
+        .await
+    }
+
+    /// Route and worker counts by status. Routes are counted by the facts
+    /// their status follows from, and [`RouteStatus::derive`] names each
+    /// group, so a scrape does not read every route.
+    pub async fn counts(&self) -> Result<Counts> {
+        let mut c = sql::acquire(&self.db).await?;
+        let groups: Vec<(Option<String>, i32, i64)> = c
+            .conn()
+            .fetch_all(
+                "SELECT w.status, CASE WHEN w.acked_revision >= r.revision THEN 1 ELSE 0 END, COUNT(*) \
+                 FROM routes r LEFT JOIN workers w ON w.id = r.worker_id GROUP BY 1, 2",
+                &[],
+            )
+            .await?;
+        let workers: Vec<(String, i64)> = c
+            .conn()
+            .fetch_all("SELECT status, COUNT(*) FROM workers GROUP BY status", &[])
+            .await?;
+        let mut counts = Counts::default();
+        for (status, acked, n) in groups {
+            let worker = status
+                .as_deref()
+                .and_then(WorkerStatus::parse)
+                .map(|s| (s, acked == 1));
+            *counts
+                .routes
+                .entry(RouteStatus::derive(worker))
+                .or_default() += n;
+        }
+        for (status, n) in workers {
+            if let Some(s) = WorkerStatus::parse(&status) {
+                counts.workers.insert(s, n);
+            }
+        }
+        Ok(counts)
+    }
+}
