@@ -71,6 +71,11 @@ impl WorkerClient {
         }
     }
 
+    /// This worker's own token (to re-register with, or to call the API directly).
+    pub fn token(&self) -> &Secret {
+        &self.token
+    }
+
     /// Registers (or re-registers) with the bootstrap token.
     pub async fn register(
         http: &reqwest::Client,

@@ -124,6 +124,11 @@ impl Metrics {
             "Route creates committed together in one transaction by the create writer",
             store.create_batch_sizes(),
         );
+        registry.register(
+            "worker_token_reads",
+            "Per-worker token hashes read from the database (the rest come from a short-lived cache)",
+            store.token_reads(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -222,17 +222,7 @@ async fn last_event_id_resumes_too(b: Backend) {
     let app = TestApp::start(b).await;
     let (w, table) = connect(&app.url, "w").await;
     let created = app.create(route(Uuid::new_v4(), "ssh")).await;
-    let token = {
-        let reg = app
-            .call(
-                Method::POST,
-                "/workers/register",
-                Some(BOOTSTRAP),
-                Some(serde_json::to_value(registration("w")).unwrap()),
-            )
-            .await;
-        reg.body["token"].as_str().unwrap().to_owned()
-    };
+    let token = w.token().expose().to_owned();
     let response = app
         .http
         .get(format!("{}/workers/{}/watch", app.url, w.worker_id))

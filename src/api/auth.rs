@@ -94,16 +94,18 @@ impl FromRequestParts<AppState> for ManagerOnly {
     }
 }
 
-/// The worker bootstrap token.
-pub struct BootstrapOnly;
+/// Who may register: the worker bootstrap token (`None`), or a worker's own
+/// token (`Some(id)`), with which a live worker re-registers itself.
+pub struct Registrant(pub Option<Uuid>);
 
-impl FromRequestParts<AppState> for BootstrapOnly {
+impl FromRequestParts<AppState> for Registrant {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         match authenticate(parts, state).await? {
-            Caller::Bootstrap => Ok(BootstrapOnly),
-            _ => Err(ApiError::forbidden(
-                "registration needs the worker bootstrap token",
+            Caller::Bootstrap => Ok(Registrant(None)),
+            Caller::Worker(id) => Ok(Registrant(Some(id))),
+            Caller::Manager => Err(ApiError::forbidden(
+                "registration needs the worker bootstrap token or the worker's own token",
             )),
         }
     }

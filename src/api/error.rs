@@ -5,6 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::domain::worker::RegistrationRefused;
 use crate::domain::{PlacementError, Route};
 use crate::store::StoreError;
 
@@ -121,6 +122,12 @@ impl From<StoreError> for ApiError {
                 "no-eligible-worker",
                 p.to_string(),
             ),
+            StoreError::Refused(r @ RegistrationRefused::OtherWorker(_)) => {
+                ApiError::forbidden(r.to_string())
+            }
+            StoreError::Refused(r @ RegistrationRefused::Live { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
+            }
             StoreError::Invalid(v) => ApiError {
                 field: Some(v.field.clone()),
                 ..ApiError::invalid(v.to_string())

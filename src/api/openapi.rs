@@ -92,12 +92,12 @@ fn endpoints() -> Vec<Endpoint> {
         Endpoint {
             method: "post",
             path: "/workers/register",
-            summary: "Register a worker (idempotent by name: 201 new, 200 known)",
+            summary: "Register a worker (201 new, 200 known). A live worker's name takes its own token or its pod; the bootstrap token alone registers new names and Lost workers (409 otherwise)",
             auth: Bootstrap,
             params: &[],
             body: Some(s::<WorkerRegistration>),
             ok: (201, Some(s::<Registration>)),
-            errors: &[400, 401, 403, 413, 415],
+            errors: &[400, 401, 403, 409, 413, 415],
         },
         Endpoint {
             method: "get",
@@ -276,7 +276,7 @@ fn build() -> Value {
         let security = match e.auth {
             Auth::None => json!([]),
             Auth::Manager => json!([{"manager": []}]),
-            Auth::Bootstrap => json!([{"workerBootstrap": []}]),
+            Auth::Bootstrap => json!([{"workerBootstrap": []}, {"worker": []}]),
             Auth::WorkerSelf => json!([{"worker": []}]),
             Auth::WorkerSelfOrManager => json!([{"worker": []}, {"manager": []}]),
         };

@@ -8,9 +8,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::auth::{
-    BootstrapOnly, ManagerOnly, WorkerSelf, WorkerSelfOrManager, issue_worker_token,
-};
+use super::auth::{ManagerOnly, Registrant, WorkerSelf, WorkerSelfOrManager, issue_worker_token};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
 use crate::domain::health::Observation;
 use crate::domain::{Worker, WorkerRegistration};
@@ -21,13 +19,13 @@ use crate::wire::{Heartbeat, HeartbeatAck, Registration};
 
 pub async fn register(
     State(state): State<AppState>,
-    _: BootstrapOnly,
+    Registrant(as_worker): Registrant,
     ApiJson(registration): ApiJson<WorkerRegistration>,
 ) -> Result<Response, ApiError> {
     let mut token = String::new();
     let registered = state
         .store
-        .register_worker(registration, Utc::now(), |id| {
+        .register_worker(registration, as_worker, Utc::now(), |id| {
             let (issued, hash) = issue_worker_token(id);
             token = issued;
             hash

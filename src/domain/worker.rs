@@ -121,3 +121,132 @@ impl Worker {
         self.capacity.map_or(slots, |c| slots.min(u64::from(c)))
     }
 }
+
+/// Why a registration may not take over an existing worker's name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistrationRefused {
+    /// The caller presented another worker's token.
+    #[error(
+        "this token belongs to another worker; register with the bootstrap token or worker {0}'s own token"
+    )]
+    OtherWorker(String),
+    /// The named worker is alive: taking its name would hand its routes and a
+    /// new token (revoking its own) to whoever holds the bootstrap token.
+    #[error(
+        "worker {name} is {status} and still heartbeating; re-register with its own token, \
+         from its pod, or once it is Lost"
+    )]
+    Live { name: String, status: &'static str },
+}
+
+/// Whether `registration` may (re-)register under the name of `existing`.
+///
+/// The bootstrap token alone is enough for a new name and for a worker that
+/// is `Lost` (a restarted worker gets its routes back once its old self timed
+/// out). For a live worker it takes that worker's own token (`as_worker` is
+/// its id) or a registration from the same pod (same uid). A worker's own
+/// token never registers another name.
+pub fn may_register(
+    existing: Option<&Worker>,
+    registration: &WorkerRegistration,
+    as_worker: Option<uuid::Uuid>,
+) -> Result<(), RegistrationRefused> {
+    let name = || registration.name.clone();
+    match (existing, as_worker) {
+        (Some(w), Some(id)) if w.id == id => Ok(()),
+        (_, Some(_)) => Err(RegistrationRefused::OtherWorker(name())),
+        (None, None) => Ok(()),
+        (Some(w), None) => {
+            let same_pod = matches!(
+                (w.pod.as_ref().and_then(|p| p.uid.as_ref()), registration.pod.as_ref().and_then(|p| p.uid.as_ref())),
+                (Some(a), Some(b)) if a == b
+            );
+            if w.status == WorkerStatus::Lost || same_pod {
+                Ok(())
+            } else {
+                Err(RegistrationRefused::Live {
+                    name: name(),
+                    status: w.status.as_str(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(uid: Option<&str>) -> WorkerRegistration {
+        serde_json::from_value(serde_json::json!({
+            "name": "w", "api_url": "http://w",
+            "frontend": {"mode": "port", "host": "h", "port_range": [1000, 1010]},
+            "pod": uid.map(|u| serde_json::json!({"namespace": "ns", "name": "w-0", "uid": u}))
+        }))
+        .unwrap()
+    }
+
+    fn worker(status: WorkerStatus, uid: Option<&str>) -> Worker {
+        let now = Utc::now();
+        Worker::from_parts(
+            Uuid::now_v7(),
+            registration(uid),
+            status,
+            now,
+            0,
+            0,
+            0,
+            now,
+            now,
+        )
+    }
+
+    #[test]
+    fn the_bootstrap_token_registers_new_names_and_lost_workers_only() {
+        assert_eq!(may_register(None, &registration(None), None), Ok(()));
+        let lost = worker(WorkerStatus::Lost, None);
+        assert_eq!(may_register(Some(&lost), &registration(None), None), Ok(()));
+        for status in [
+            WorkerStatus::Ready,
+            WorkerStatus::NotReady,
+            WorkerStatus::Draining,
+        ] {
+            let live = worker(status, None);
+            assert!(
+                matches!(
+                    may_register(Some(&live), &registration(None), None),
+                    Err(RegistrationRefused::Live { .. })
+                ),
+                "{status:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_live_worker_re_registers_with_its_own_token_or_from_its_pod() {
+        let live = worker(WorkerStatus::Ready, Some("uid-1"));
+        assert_eq!(
+            may_register(Some(&live), &registration(None), Some(live.id)),
+            Ok(())
+        );
+        assert_eq!(
+            may_register(Some(&live), &registration(Some("uid-1")), None),
+            Ok(())
+        );
+        assert!(may_register(Some(&live), &registration(Some("uid-2")), None).is_err());
+    }
+
+    #[test]
+    fn a_worker_s_token_registers_no_other_name() {
+        let live = worker(WorkerStatus::Lost, None);
+        let other = Uuid::now_v7();
+        assert!(matches!(
+            may_register(Some(&live), &registration(None), Some(other)),
+            Err(RegistrationRefused::OtherWorker(_))
+        ));
+        assert!(matches!(
+            may_register(None, &registration(None), Some(other)),
+            Err(RegistrationRefused::OtherWorker(_))
+        ));
+    }
+}

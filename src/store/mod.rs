@@ -33,6 +33,7 @@ use sqlx::sqlite::{
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+use crate::domain::worker::RegistrationRefused;
 use crate::domain::{
     PlacementError, Revision, Route, RouteStatus, ValidationError, Worker, WorkerStatus,
 };
@@ -47,6 +48,7 @@ mod tx;
 mod workers;
 
 pub use routes::RouteFilter;
+pub use workers::{TOKEN_CACHE_TTL, Transition};
 
 static PG_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -74,6 +76,8 @@ pub struct Store {
     creates: Option<mpsc::Sender<create_writer::NewRoute>>,
     /// How many creates each of the writer's transactions committed.
     create_batches: Histogram,
+    /// Recently read worker token hashes.
+    tokens: Arc<workers::TokenCache>,
 }
 
 /// What can go wrong in the store, in terms a caller can act on.
@@ -90,6 +94,8 @@ pub enum StoreError {
     Placement(#[from] PlacementError),
     #[error(transparent)]
     Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Refused(#[from] RegistrationRefused),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// The database failed a transaction that carried this request with others.
@@ -189,6 +195,7 @@ impl Store {
             sqlite_writer: Arc::default(),
             creates: None,
             create_batches: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            tokens: Arc::default(),
         };
         let creates = create_writer::spawn(writer.clone());
         Store {
@@ -297,6 +304,11 @@ impl Store {
             }
             newer
         });
+    }
+
+    /// Worker token hashes read from the database (cache misses), for `/metrics`.
+    pub fn token_reads(&self) -> prometheus_client::metrics::counter::Counter {
+        self.tokens.reads_total.clone()
     }
 
     /// Sizes of the create writer's batches, for `/metrics`.

@@ -57,6 +57,7 @@ impl Store {
             now,
         );
         tx.commit().await?;
+        self.tokens.put(id, None);
         Ok(removal)
     }
 

@@ -1,6 +1,12 @@
 //! Worker rows: registration, heartbeats, status transitions, and counts.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::rows::{self, route_columns, worker_select};
@@ -8,6 +14,7 @@ use super::sql::{self, Arg};
 use super::{Counts, Registered, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
 use crate::domain::health::{Observation, next_status};
+use crate::domain::worker::may_register;
 use crate::domain::{
     Revision, RouteStatus, ValidationError, Worker, WorkerRegistration, WorkerStatus, validate,
 };
@@ -20,25 +27,29 @@ pub struct Transition {
 }
 
 impl Store {
-    /// Registers a worker, or re-registers it by name (same id, routes kept).
+    /// Registers a worker, or re-registers it by name (same id, routes
+    /// kept) when [`may_register`] allows it; `as_worker` is the worker whose
+    /// own token the caller presented (`None`: the bootstrap token).
     /// `mint_token` is given the worker's id and answers the hash of its new token.
     pub async fn register_worker(
         &self,
         registration: WorkerRegistration,
+        as_worker: Option<Uuid>,
         now: DateTime<Utc>,
         mint_token: impl FnOnce(Uuid) -> [u8; 32],
     ) -> Result<Registered> {
         let now = db_time(now);
         validate::registration(&registration)?;
         let mut tx = self.write().await?;
-        let existing: Option<(Uuid,)> = tx
-            .conn()
-            .fetch_optional(
-                "SELECT id FROM workers WHERE name = $1",
-                &[registration.name.as_str().into()],
-            )
-            .await?;
-        let existing = existing.map(|(id,)| id);
+        let existing = rows::workers(
+            &mut tx.conn(),
+            concat!(worker_select!(), " WHERE w.name = $1"),
+            &[registration.name.as_str().into()],
+        )
+        .await?
+        .pop();
+        may_register(existing.as_ref(), &registration, as_worker)?;
+        let existing = existing.map(|w| w.id);
         let id = existing.unwrap_or_else(Uuid::now_v7);
         let token_hash = mint_token(id);
         let sql = match existing {
@@ -89,6 +100,7 @@ impl Store {
         .map(|r| r.into_route(Some(&worker)))
         .collect();
         tx.commit().await?;
+        self.tokens.put(id, Some(token_hash.to_vec()));
         Ok(Registered {
             worker,
             created: existing.is_none(),
@@ -97,14 +109,36 @@ impl Store {
         })
     }
 
-    /// SHA-256 of the worker's current token.
+    /// SHA-256 of the worker's current token, `None` for an unknown worker.
+    ///
+    /// Every request with a per-worker token asks this, so answers are kept
+    /// for [`TOKEN_CACHE_TTL`] (a token replaced or revoked through another
+    /// replica stops working after at most that long; through this one, at
+    /// once), unknown ids included, and one read runs at a time (so
+    /// concurrent requests for one id read it once): a flood of made-up
+    /// tokens waits its turn instead of loading the database.
     pub async fn worker_token_hash(&self, id: Uuid) -> Result<Option<Vec<u8>>> {
+        if let Some(hash) = self.tokens.get(id) {
+            return Ok(hash);
+        }
+        let _permit = self
+            .tokens
+            .reads
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        if let Some(hash) = self.tokens.get(id) {
+            return Ok(hash);
+        }
+        self.tokens.reads_total.inc();
         let mut c = sql::acquire(&self.db).await?;
         let hash: Option<(Vec<u8>,)> = c
             .conn()
             .fetch_optional("SELECT token_hash FROM workers WHERE id = $1", &[id.into()])
             .await?;
-        Ok(hash.map(|(h,)| h))
+        let hash = hash.map(|(h,)| h);
+        self.tokens.put(id, hash.clone());
+        Ok(hash)
     }
 
     /// Records a heartbeat and the revision the worker has applied; answers
@@ -300,5 +334,53 @@ impl Store {
             }
         }
         Ok(counts)
+    }
+}
+
+/// How long a worker's token hash is taken from memory.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Most token hashes (or unknown ids) kept.
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+type TokenHash = Option<Vec<u8>>;
+
+/// Recently read worker token hashes (see [`Store::worker_token_hash`]).
+#[derive(Debug)]
+pub(super) struct TokenCache {
+    /// A worker's token hash (`None`: no such worker) and when it was read.
+    entries: Mutex<HashMap<Uuid, (TokenHash, Instant)>>,
+    reads: Semaphore,
+    /// Token hashes read from the database, for `/metrics`.
+    pub(super) reads_total: Counter,
+}
+
+impl Default for TokenCache {
+    fn default() -> TokenCache {
+        TokenCache {
+            entries: Mutex::default(),
+            reads: Semaphore::new(1),
+            reads_total: Counter::default(),
+        }
+    }
+}
+
+impl TokenCache {
+    fn get(&self, id: Uuid) -> Option<Option<Vec<u8>>> {
+        let entries = self.entries.lock().expect("token cache");
+        entries
+            .get(&id)
+            .filter(|(_, at)| at.elapsed() < TOKEN_CACHE_TTL)
+            .map(|(hash, _)| hash.clone())
+    }
+
+    pub(super) fn put(&self, id: Uuid, hash: Option<Vec<u8>>) {
+        let mut entries = self.entries.lock().expect("token cache");
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            if entries.len() >= TOKEN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(id, (hash, Instant::now()));
     }
 }
