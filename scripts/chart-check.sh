@@ -12,12 +12,19 @@
 # OpenAPI schemas of Kubernetes $KUBE_VERSION bundled in kubernetes-validate.
 #
 # Checks (one line each, then a summary line):
-#   - `helm lint --strict` with the required values and with the production values
-#   - rendering with the defaults (+ the required values) and with
-#     ci/production-values.yaml; each document validated (strict: unknown
-#     fields are errors); CRD-based kinds without a schema are skipped by name
+#   - `helm lint --strict` of each configuration below
+#   - rendering of each configuration, every document validated (strict:
+#     unknown fields are errors); CRD-based kinds without a schema are skipped
+#     by name. The configurations: no values at all (the first install:
+#     embedded SQLite on a PersistentVolumeClaim, generated tokens),
+#     ci/postgres-values.yaml (PostgreSQL, inline credentials) and
+#     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas)
+#   - the no-values install: one replica, Recreate, the claim, the tokens
+#   - generated tokens survive an upgrade: rendered against a stub API server
+#     that holds the Secret of the first install, so `lookup` finds it
 #   - ci/bad-values.yaml (replicaCount: "two") rejected by values.schema.json
-#   - other values the chart must reject with a clear message
+#   - other values the chart must reject with a clear message (among them
+#     replicaCount > 1 without a database)
 #   - the Role grants exactly the expected resources and verbs
 #   - the Deployment keeps its production properties (security context,
 #     probes, grace period, env from the Secret, ...)
@@ -60,13 +67,17 @@ fi
 status=0
 CHART="$CHART" KUBE_VERSION="$KUBE_VERSION" COORDINATOR_BIN="$bin" START="$start" \
     "$VENV/bin/python" - <<'PY' || status=$?
+import base64
 import contextlib
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from importlib.metadata import version
@@ -186,8 +197,10 @@ def deep_merge(a, b):
     return out
 
 
-def render(values):
-    with helm.Chart.load(CHART) as chart:
+def render(values, chart_dir=CHART):
+    """Renders offline, as `helm template` and `helm install --dry-run` do:
+    `lookup` finds nothing."""
+    with helm.Chart.load(chart_dir) as chart:
         return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
@@ -255,11 +268,13 @@ def lint(values_files):
     return f"{report['total_charts_linted']} chart, 0 warnings, 0 errors" + (f"; info: {'; '.join(infos)}" if infos else "")
 
 
-def expect_rejected(values, *needles):
+def expect_rejected(values, *needles, chart_dir=CHART, by_schema=False):
     """Rendering must fail, and the message must name the problem."""
     try:
-        render(values)
+        render(values, chart_dir)
     except helm.HelmError as e:
+        if by_schema and not isinstance(e, helm.HelmValuesError):
+            raise CheckFailed(f"rejected by a template, not by values.schema.json: {e}")
         message = str(e)
         for needle in needles:
             ensure(needle in message, f"rejected, but the message does not mention {needle!r}: {message}")
@@ -275,23 +290,168 @@ print(
     flush=True,
 )
 
-required = ["ci/required-values.yaml"]
+postgres = ["ci/postgres-values.yaml"]
 production = ["ci/production-values.yaml"]
-rendered = {}
+# label -> values files; "default" is the first install with no values at all.
+CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production}
+rendered = {}  # label -> [(template path, document)]
+raw = {}       # label -> {template path: rendered text}
 
 
 def render_and_validate(label, files):
     def run():
         values = load_values(*files)
-        rendered[label] = documents(render(values))
+        raw[label] = render(values)
+        rendered[label] = documents(raw[label])
         return validate_all(rendered[label])
     return run
 
 
-check("helm lint --strict (defaults + ci/required-values.yaml)", lambda: lint(required))
-check("helm lint --strict (ci/production-values.yaml)", lambda: lint(production))
-check("render + validate: defaults + ci/required-values.yaml", render_and_validate("default", required))
-check("render + validate: ci/production-values.yaml", render_and_validate("production", production))
+def describe(files):
+    return " + ".join(files) if files else "no values"
+
+
+for label, files in CONFIGURATIONS.items():
+    check(f"helm lint --strict ({describe(files)})", lambda files=files: lint(files))
+for label, files in CONFIGURATIONS.items():
+    check(f"render + validate: {describe(files)}", render_and_validate(label, files))
+
+
+def template(label, name):
+    """The rendered text of templates/<name> in a configuration."""
+    texts = raw.get(label)
+    ensure(texts is not None, f"the {label} render failed")
+    path = f"{os.path.basename(CHART)}/templates/{name}"
+    ensure(path in texts, f"{label}: {path} not rendered")
+    return texts[path]
+
+
+def container_of(deployment):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    ensure(len(containers) == 1, f"{len(containers)} containers")
+    return containers[0]
+
+
+def secret_data(doc):
+    return {k: base64.b64decode(v).decode() for k, v in doc.get("data", {}).items()}
+
+
+def first_install():
+    docs = rendered.get("default")
+    ensure(docs is not None, "the no-values render failed")
+    dep = one(docs, "Deployment")
+    ensure(dep["spec"]["replicas"] == 1, f"replicas {dep['spec']['replicas']}")
+    ensure(dep["spec"]["strategy"] == {"type": "Recreate"}, f"strategy {dep['spec']['strategy']} (SQLite needs Recreate)")
+    pod = dep["spec"]["template"]["spec"]
+    c = container_of(dep)
+    env = {e["name"]: e for e in c["env"]}
+    ensure("APPPROXY_DATABASE_URL" not in env, "APPPROXY_DATABASE_URL is set: the embedded SQLite needs it unset")
+    ensure(env["APPPROXY_DATA_DIR"].get("value") == "/data", "APPPROXY_DATA_DIR is not /data")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    pvc = one(docs, "PersistentVolumeClaim")
+    claim = volumes[mounts["/data"]].get("persistentVolumeClaim", {}).get("claimName")
+    ensure(claim == pvc["metadata"]["name"], f"/data is {volumes[mounts['/data']]}, not the claim {pvc['metadata']['name']}")
+    spec = pvc["spec"]
+    ensure(spec["accessModes"] == ["ReadWriteOnce"], f"accessModes {spec['accessModes']}")
+    ensure(spec["resources"]["requests"]["storage"] == "1Gi", f"size {spec['resources']['requests']['storage']}")
+    ensure("storageClassName" not in spec, "storageClassName set: the default class should be used")
+    ensure(pvc["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the claim is not kept on uninstall")
+    secret = one(docs, "Secret")
+    ensure(secret["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the Secret is not kept on uninstall")
+    tokens = secret_data(secret)
+    ensure(set(tokens) == {"manager-token", "worker-token"}, f"Secret keys {sorted(tokens)}")
+    for key, token in tokens.items():
+        ensure(len(token) >= 32 and token.isalnum(), f"{key} is not a long random token ({len(token)} characters)")
+    ensure(tokens["manager-token"] != tokens["worker-token"], "the manager and worker tokens are equal")
+    for var, key in (("APPPROXY_MANAGER_TOKEN", "manager-token"), ("APPPROXY_WORKER_TOKEN", "worker-token")):
+        ref = env[var].get("valueFrom", {}).get("secretKeyRef")
+        ensure(ref == {"name": secret["metadata"]["name"], "key": key}, f"{var} from {ref}")
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    for name, annotation in (("secret.yaml", "checksum/secret"), ("configmap.yaml", "checksum/config")):
+        digest = hashlib.sha256(template("default", name).encode()).hexdigest()
+        ensure(annotations.get(annotation) == digest, f"{annotation} is not the sha256 of the rendered {name}")
+    again = secret_data(one(documents(render({})), "Secret"))
+    ensure(again != tokens, "a second offline render drew the same tokens")
+    return (f"1 replica, Recreate, SQLite in /data on PVC {pvc['metadata']['name']} ({spec['resources']['requests']['storage']}, "
+            f"ReadWriteOnce, kept), tokens of {len(tokens['manager-token'])} characters, distinct, "
+            "checksum/secret hashes the rendered Secret; offline renders draw new tokens each time (no lookup)")
+
+
+check("no-values install: one replica, embedded SQLite on a PersistentVolumeClaim, generated tokens", first_install)
+
+
+class StubAPIServer:
+    """Just enough of a Kubernetes API server for Helm's `lookup` of Secrets:
+    discovery of v1 and GET of a Secret in the release namespace."""
+
+    def __init__(self):
+        self.secrets = {}
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                prefix = f"/api/v1/namespaces/{NAMESPACE}/secrets/"
+                if path == "/api/v1":
+                    self.reply(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [
+                        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+                         "verbs": ["get", "list"]}]})
+                elif path.startswith(prefix) and path[len(prefix):] in stub.secrets:
+                    self.reply(200, stub.secrets[path[len(prefix):]])
+                else:
+                    self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                     "code": 404, "message": f"{path} not found"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def tokens_survive_upgrades():
+    stub = StubAPIServer()
+    try:
+        with helm.Config(kube_apiserver=stub.url, kube_token="stub", namespace=NAMESPACE) as cfg, \
+                helm.Chart.load(CHART) as chart:
+            def release(values, **kind):
+                texts = cfg.render(chart, values, name=RELEASE, namespace=NAMESPACE, **kind)
+                docs = documents(texts)
+                secret = one(docs, "Secret")
+                annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+                return secret, secret_data(secret), annotations["checksum/secret"]
+
+            secret, installed, checksum = release({}, is_install=True)
+            stub.secrets[secret["metadata"]["name"]] = secret  # what the install created
+            _, upgraded, checksum_after = release({}, is_upgrade=True)
+            ensure(upgraded == installed, "an upgrade changed the generated tokens")
+            ensure(checksum_after == checksum, "an upgrade changed checksum/secret: the pods would roll for nothing")
+            _, to_postgres, _ = release({"database": {"url": "postgres://u:p@db/appproxy"}}, is_upgrade=True)
+            ensure({k: to_postgres[k] for k in installed} == installed, "switching to PostgreSQL changed the tokens")
+            rotated_token = "rotated-manager-token-0123456789abcdef"
+            _, rotated, _ = release({"auth": {"managerToken": rotated_token}}, is_upgrade=True)
+            ensure(rotated["manager-token"] == rotated_token and rotated["worker-token"] == installed["worker-token"],
+                   "setting auth.managerToken did not replace just the manager token")
+    finally:
+        stub.close()
+    return "install generates them; upgrade, and a switch to PostgreSQL, read them back via lookup (checksum/secret unchanged); auth.managerToken replaces only that token"
+
+
+check("generated tokens survive upgrades (lookup against a stub API server)", tokens_survive_upgrades)
 
 
 def bad_values():
@@ -311,9 +471,9 @@ check("schema rejects ci/bad-values.yaml (replicaCount: \"two\")", bad_values)
 
 
 def rejections():
-    base = load_values(*required)
+    base = load_values(*postgres)
     cases = [
-        ("no credentials", {}, ["database.url is required"]),
+        ("replicaCount 2 without a database (schema)", {"replicaCount": 2}, ["/replicaCount", "maximum"]),
         ("unknown key", deep_merge(base, {"replicas": 2}), ["additional properties", "replicas"]),
         ("unknown nested key", deep_merge(base, {"config": {"bnid": "0.0.0.0:1"}}), ["additional properties", "bnid"]),
         ("pod label overriding a selector label",
@@ -330,17 +490,27 @@ def rejections():
     ]
     for label, values, needles in cases:
         try:
-            expect_rejected(values, *needles)
+            expect_rejected(values, *needles, by_schema="(schema)" in label)
         except CheckFailed as e:
             raise CheckFailed(f"{label}: {e}")
-    return f"{len(cases)} cases: " + ", ".join(label for label, _, _ in cases)
+    # The same with schema validation skipped (`helm install --skip-schema-validation`):
+    # the templates refuse it too, in a sentence.
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, os.path.basename(CHART))
+        shutil.copytree(CHART, copy)
+        os.remove(os.path.join(copy, "values.schema.json"))
+        try:
+            expect_rejected({"replicaCount": 2}, "set database.url (PostgreSQL) or existingSecret", chart_dir=copy)
+        except CheckFailed as e:
+            raise CheckFailed(f"replicaCount 2 without a database, schema skipped: {e}")
+    return f"{len(cases) + 1} cases: " + ", ".join(label for label, _, _ in cases) + ", the same without the schema"
 
 
 check("chart rejects invalid values with a clear message", rejections)
 
 
 def rbac():
-    for label in ("default", "production"):
+    for label in CONFIGURATIONS:
         docs = rendered.get(label)
         ensure(docs is not None, f"the {label} render failed")
         ensure(not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding"), "cluster-wide RBAC rendered")
@@ -370,14 +540,9 @@ def rbac():
 check("RBAC grants exactly the expected resources and verbs", rbac)
 
 
-def container_of(deployment):
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    ensure(len(containers) == 1, f"{len(containers)} containers")
-    return containers[0]
-
-
 def deployment_properties():
-    for label, replicas, secret in (("default", 1, FULLNAME), ("production", 3, "appproxy-coordinator-credentials")):
+    for label, replicas, secret in (("default", 1, FULLNAME), ("postgres", 2, FULLNAME),
+                                    ("production", 3, "appproxy-coordinator-credentials")):
         docs = rendered.get(label)
         ensure(docs is not None, f"the {label} render failed")
         dep = one(docs, "Deployment")
@@ -402,10 +567,17 @@ def deployment_properties():
         ensure(env["APPPROXY_DATA_DIR"].get("value") == "/data", where + "APPPROXY_DATA_DIR")
         ensure(env["APPPROXY_LOG_FORMAT"].get("value") == "json", where + "APPPROXY_LOG_FORMAT")
         ensure(env["APPPROXY_SHUTDOWN_TIMEOUT"].get("value") == "20s", where + "APPPROXY_SHUTDOWN_TIMEOUT")
+        sqlite = label == "default"
         for var, key in (("APPPROXY_DATABASE_URL", "database-url"), ("APPPROXY_MANAGER_TOKEN", "manager-token"),
                          ("APPPROXY_WORKER_TOKEN", "worker-token")):
+            if sqlite and var == "APPPROXY_DATABASE_URL":
+                continue
             ref = env[var].get("valueFrom", {}).get("secretKeyRef")
             ensure(ref == {"name": secret, "key": key}, where + f"{var} from {ref}")
+        if not sqlite:
+            ensure(dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                   where + f"strategy {dep['spec']['strategy']}")
+            ensure(not find(docs, "PersistentVolumeClaim"), where + "a PersistentVolumeClaim rendered on PostgreSQL")
         for var, field in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
             ensure(env[var].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == field, where + var)
         shutdown = int(env["APPPROXY_SHUTDOWN_TIMEOUT"]["value"].rstrip("s"))
@@ -414,16 +586,16 @@ def deployment_properties():
         ensure(grace > pre_stop + shutdown, where + f"grace {grace}s <= preStop {pre_stop}s + shutdown {shutdown}s")
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
-        ensure("emptyDir" in volumes[mounts["/data"]], where + "/data is not an emptyDir")
+        ensure(("persistentVolumeClaim" if sqlite else "emptyDir") in volumes[mounts["/data"]], where + f"/data is {volumes[mounts['/data']]}")
         ensure(volumes[mounts["/etc/appproxy"]]["configMap"]["name"] == FULLNAME, where + "config volume")
         annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
         ensure(len(annotations.get("checksum/config", "")) == 64, where + "no checksum/config annotation")
-        ensure(("checksum/secret" in annotations) == (label == "default"), where + "checksum/secret annotation")
+        ensure(("checksum/secret" in annotations) == (secret == FULLNAME), where + "checksum/secret annotation")
         ensure(resources_set(c), where + "no resource requests/limits")
         secrets = find(docs, "Secret")
-        if label == "default":
-            ensure(len(secrets) == 1 and set(secrets[0]["data"]) == {"database-url", "manager-token", "worker-token"},
-                   where + "chart Secret keys")
+        if secret == FULLNAME:
+            keys = {"manager-token", "worker-token"} | (set() if sqlite else {"database-url"})
+            ensure(len(secrets) == 1 and set(secrets[0]["data"]) == keys, where + "chart Secret keys")
         else:
             ensure(not secrets, where + "a Secret was rendered although existingSecret is set")
         svc = one(docs, "Service")
@@ -494,7 +666,7 @@ def kubectl_dry_run():
         return Skip("no reachable Kubernetes API server, and kubectl apply --dry-run=client needs one for "
                     "API discovery (with or without --validate=false)")
     with tempfile.TemporaryDirectory() as tmp:
-        for label in ("default", "production"):
+        for label in CONFIGURATIONS:
             docs = [d for _, d in rendered[label] if (d["apiVersion"], d["kind"]) not in SKIP_KINDS]
             path = os.path.join(tmp, f"{label}.yaml")
             with open(path, "w") as fh:
