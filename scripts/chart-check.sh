@@ -18,8 +18,11 @@
 #     by name. The configurations: no values at all (the first install:
 #     embedded SQLite on a PersistentVolumeClaim, generated tokens),
 #     ci/postgres-values.yaml (PostgreSQL, inline credentials) and
-#     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas)
+#     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas),
+#     ci/tls-values.yaml (HTTPS with a kubernetes.io/tls Secret)
 #   - the no-values install: one replica, Recreate, the claim, the tokens
+#   - the TLS install: the Secret mounted, the coordinator's TLS flags set, the
+#     probes, Service, ServiceMonitor and NetworkPolicy on HTTPS
 #   - generated tokens survive an upgrade: rendered against a stub API server
 #     that holds the Secret of the first install, so `lookup` finds it
 #   - ci/bad-values.yaml (replicaCount: "two") rejected by values.schema.json
@@ -292,8 +295,9 @@ print(
 
 postgres = ["ci/postgres-values.yaml"]
 production = ["ci/production-values.yaml"]
+tls = ["ci/tls-values.yaml"]
 # label -> values files; "default" is the first install with no values at all.
-CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production}
+CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls}
 rendered = {}  # label -> [(template path, document)]
 raw = {}       # label -> {template path: rendered text}
 
@@ -468,6 +472,48 @@ def bad_values():
 
 
 check("schema rejects ci/bad-values.yaml (replicaCount: \"two\")", bad_values)
+
+
+def tls_install():
+    docs = rendered.get("tls")
+    ensure(docs is not None, "the TLS render failed")
+    secret_name = load_values(*tls)["tls"]["secretName"]
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = container_of(dep)
+    ensure(c["ports"] == [{"name": "https", "containerPort": 6030, "protocol": "TCP"}], f"ports {c['ports']}")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tls_volumes = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret_name]
+    ensure(len(tls_volumes) == 1, f"no volume of the Secret {secret_name}")
+    items = {i["key"]: i["path"] for i in tls_volumes[0]["secret"].get("items", [])}
+    ensure(items == {"tls.crt": "tls.crt", "tls.key": "tls.key"}, f"items {items}")
+    ensure(tls_volumes[0]["secret"].get("defaultMode") == 0o440, "the key is readable by others")
+    mount = [m for m in c["volumeMounts"] if m["name"] == tls_volumes[0]["name"]]
+    ensure(len(mount) == 1 and mount[0].get("readOnly") is True, f"mount {mount}")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    directory = mount[0]["mountPath"]
+    ensure(env.get("APPPROXY_TLS_CERT") == f"{directory}/tls.crt", f"APPPROXY_TLS_CERT {env.get('APPPROXY_TLS_CERT')}")
+    ensure(env.get("APPPROXY_TLS_KEY") == f"{directory}/tls.key", f"APPPROXY_TLS_KEY {env.get('APPPROXY_TLS_KEY')}")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        ensure(get.get("scheme") == "HTTPS" and get.get("port") == "https", f"{probe}: {get}")
+    svc_port = one(docs, "Service")["spec"]["ports"][0]
+    ensure(svc_port["name"] == "https" and svc_port["targetPort"] == "https" and svc_port.get("appProtocol") == "https",
+           f"Service port {svc_port}")
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    ensure(endpoint["port"] == "https" and endpoint["scheme"] == "https", f"ServiceMonitor endpoint {endpoint}")
+    ensure(endpoint.get("tlsConfig") == load_values(*tls)["serviceMonitor"]["tlsConfig"], "ServiceMonitor tlsConfig")
+    ingress_ports = one(docs, "NetworkPolicy")["spec"]["ingress"][0]["ports"]
+    ensure(ingress_ports == [{"port": "https", "protocol": "TCP"}], f"NetworkPolicy ports {ingress_ports}")
+    for label in ("default", "postgres", "production"):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container_of(one(rendered[label], "Deployment"))[probe]["httpGet"]
+            ensure(get.get("scheme", "HTTP") == "HTTP", f"{label}: {probe} is {get.get('scheme')} without TLS")
+    return (f"{secret_name} mounted read-only at {directory} (tls.crt, tls.key, mode 0440), APPPROXY_TLS_CERT/KEY set, "
+            "probes, Service, ServiceMonitor and NetworkPolicy on https; plain HTTP without tls.secretName")
+
+
+check("TLS install: the Secret mounted, the TLS flags set, everything on HTTPS", tls_install)
 
 
 def rejections():

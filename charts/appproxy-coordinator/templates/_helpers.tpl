@@ -123,6 +123,13 @@ tokens the Secret holds, not a second random draw.
 {{- end }}
 
 {{/*
+Name of the coordinator's port, and so its scheme: "https" when it serves TLS.
+*/}}
+{{- define "appproxy-coordinator.portName" -}}
+{{- if .Values.tls.secretName }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/*
 The image reference: repository@digest when a digest is given, else
 repository:tag (the tag defaulting to the chart's appVersion).
 */}}
