@@ -31,12 +31,23 @@
 #   - the Role grants exactly the expected resources and verbs
 #   - the Deployment keeps its production properties (security context,
 #     probes, grace period, env from the Secret, ...)
-#   - the rendered config.toml is accepted by the coordinator binary, if built
+#   - the rendered config.toml is accepted by the coordinator binary, and every
+#     APPPROXY_* variable the Deployments set is one the binary reads
+#   - the coordinator runs as the rendered pods would (their args, env, Secret
+#     and ConfigMap files; only the listen address moves to a free local port):
+#     the no-values pod answers its probes on its SQLite volume, authenticates
+#     with the generated tokens, stops cleanly on SIGTERM and finds its data
+#     again after a restart; the TLS pod answers its probes over HTTPS with the
+#     mounted certificate (a throwaway one made with openssl)
 #   - `kubectl apply --dry-run=client`, if kubectl reaches an API server
 #     (kubectl needs API discovery even for a client-side dry run)
 #
-# Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN
-# (default target/debug/appproxy-coordinator when it exists).
+# The coordinator binary is built with `cargo build --locked --bin
+# appproxy-coordinator` (a no-op when `cargo test` has just built it) unless
+# APPPROXY_COORDINATOR_BIN names one.
+#
+# Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN,
+# CARGO_TARGET_DIR (default target).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -63,8 +74,12 @@ if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "${REQUI
 fi
 
 bin=${APPPROXY_COORDINATOR_BIN:-}
-if [[ -z "$bin" && -x target/debug/appproxy-coordinator ]]; then
-    bin=target/debug/appproxy-coordinator
+if [[ -z "$bin" ]]; then
+    # Built from the sources at hand, so that the checks see the metrics and
+    # flags of this revision; cargo does nothing if it is up to date.
+    echo "== cargo build --locked --bin appproxy-coordinator"
+    cargo build --locked --quiet --bin appproxy-coordinator
+    bin=${CARGO_TARGET_DIR:-target}/debug/appproxy-coordinator
 fi
 
 status=0
@@ -675,15 +690,45 @@ def resources_set(c):
 check("Deployment and companions keep their production properties", deployment_properties)
 
 
+
+
+# ---------------------------------------------------------------------------
+# The coordinator binary, run as the rendered pods would run it.
+
+def coordinator_help():
+    ensure(COORDINATOR_BIN and os.access(COORDINATOR_BIN, os.X_OK), f"no coordinator binary at {COORDINATOR_BIN!r}")
+    out = subprocess.run([COORDINATOR_BIN, "--help"], capture_output=True, text=True, timeout=60)
+    ensure(out.returncode == 0, f"{COORDINATOR_BIN} --help: {out.stderr.strip()}")
+    return out.stdout
+
+
+def env_names_known():
+    """Every APPPROXY_* variable a Deployment sets is one the binary reads
+    (clap lists each flag's variable in --help as [env: NAME=...])."""
+    help_text = coordinator_help()
+    seen = set()
+    for label in CONFIGURATIONS:
+        ensure(label in rendered, f"the {label} render failed")
+        for e in container_of(one(rendered[label], "Deployment"))["env"]:
+            if e["name"].startswith("APPPROXY_"):
+                # [env: NAME=] or, for secrets (hide_env_values), [env: NAME]
+                ensure(f"[env: {e['name']}=" in help_text or f"[env: {e['name']}]" in help_text,
+                       f"{label}: {e['name']} is not read by the coordinator")
+                seen.add(e["name"])
+    return f"{', '.join(sorted(seen))} listed by {COORDINATOR_BIN} --help"
+
+
+check("every APPPROXY_* variable the Deployments set is one the coordinator reads", env_names_known)
+
+
 def config_toml():
     docs = rendered.get("default")
     ensure(docs is not None, "the default render failed")
-    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    text = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"] == FULLNAME][0]["data"]["config.toml"]
     parsed = tomllib.loads(text)
     unknown = set(parsed) - CONFIG_KEYS
     ensure(not unknown, f"config.toml has keys the coordinator does not know: {sorted(unknown)}")
-    if not COORDINATOR_BIN:
-        return f"keys {sorted(parsed)} known; coordinator binary not built, its own parse not run"
+    coordinator_help()  # the binary is there
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.toml")
         with open(path, "w") as fh:
@@ -699,6 +744,261 @@ def config_toml():
 
 
 check("config.toml is one the coordinator accepts", config_toml)
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Pod:
+    """The coordinator started as a rendered Deployment's pod would start it:
+    the container's args and env, its ConfigMap and Secret volumes as files,
+    emptyDir and PersistentVolumeClaim volumes as directories under workdir
+    (kept, so a second Pod on the same workdir is a restart on the same
+    volume). Only the listen address changes: 127.0.0.1 and a free port.
+    `secrets` stands in for Secrets the chart does not render."""
+
+    def __init__(self, label, workdir, secrets=None):
+        self.label = label
+        self.docs = rendered[label]
+        dep = one(self.docs, "Deployment")
+        spec = dep["spec"]["template"]["spec"]
+        self.container = c = container_of(dep)
+        self.grace = spec["terminationGracePeriodSeconds"]
+        self.secrets = secrets or {}
+        ensure(len(c["ports"]) == 1, f"ports {c['ports']}")
+        self.port_name, container_port = c["ports"][0]["name"], c["ports"][0]["containerPort"]
+        self.port = free_port()
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.mounts = {}
+        for m in c["volumeMounts"]:
+            volume = volumes[m["name"]]
+            local = os.path.join(workdir, "volumes", m["name"])
+            if not os.path.isdir(local):
+                os.makedirs(local, mode=0o700)
+                if "configMap" in volume:
+                    files = {k: v.encode() for k, v in self.named("ConfigMap", volume["configMap"]["name"])["data"].items()}
+                elif "secret" in volume:
+                    data = self.secret(volume["secret"]["secretName"])
+                    items = volume["secret"].get("items")
+                    files = {i["path"]: data[i["key"]] for i in items} if items else data
+                elif "emptyDir" in volume or "persistentVolumeClaim" in volume:
+                    files = {}
+                else:
+                    raise CheckFailed(f"cannot stand in for the volume {volume}")
+                for name, content in files.items():
+                    with open(os.path.join(local, name), "wb") as fh:
+                        fh.write(content)
+            self.mounts[m["mountPath"]] = local
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RUST_LOG": "warn"}
+        for e in c["env"]:
+            if "value" in e:
+                value = self.local(e["value"])
+            elif "secretKeyRef" in e.get("valueFrom", {}):
+                ref = e["valueFrom"]["secretKeyRef"]
+                value = self.secret(ref["name"])[ref["key"]].decode()
+            elif "fieldRef" in e.get("valueFrom", {}):
+                value = {"metadata.name": f"{FULLNAME}-0", "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                raise CheckFailed(f"cannot stand in for the variable {e}")
+            self.env[e["name"]] = value
+        ensure(self.env.get("APPPROXY_BIND") == f"0.0.0.0:{container_port}", f"APPPROXY_BIND {self.env.get('APPPROXY_BIND')}")
+        self.env["APPPROXY_BIND"] = f"127.0.0.1:{self.port}"
+        self.args = [self.local(a) for a in c.get("args", [])]
+        self.log_path = os.path.join(workdir, "coordinator.log")
+        self.process = None
+        self.ca_file = None
+
+    def named(self, kind, name):
+        found = [d for d in find(self.docs, kind) if d["metadata"]["name"] == name]
+        ensure(len(found) == 1, f"no {kind} {name} rendered")
+        return found[0]
+
+    def secret(self, name):
+        if name in self.secrets:
+            return self.secrets[name]
+        return {k: base64.b64decode(v) for k, v in self.named("Secret", name).get("data", {}).items()}
+
+    def local(self, value):
+        """A path inside a volume mount, moved to the mount's directory."""
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if value == mount or value.startswith(mount + "/"):
+                return self.mounts[mount] + value[len(mount):]
+        return value
+
+    def volume_dir(self, mount_path):
+        return self.mounts[mount_path]
+
+    def url(self, path, scheme=None):
+        scheme = (scheme or self.port_name).lower()
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def request(self, method, path, token=None, body=None, scheme=None, timeout=10, stream=False):
+        import ssl
+        import urllib.request
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url(path, scheme), data=data, headers=headers, method=method)
+        context = ssl.create_default_context(cafile=self.ca_file) if self.url(path, scheme).startswith("https") else None
+        try:
+            response = urllib.request.urlopen(req, timeout=timeout, context=context)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+        if stream:
+            return response.status, response
+        with response:
+            return response.status, response.read().decode()
+
+    def call(self, method, path, token=None, body=None, expect=(200, 201)):
+        status, text = self.request(method, path, token, body)
+        ensure(status in expect, f"{method} {path} answered {status}: {text[:300]}")
+        return json.loads(text) if text.strip().startswith(("{", "[")) else text
+
+    def probe(self, name):
+        get = self.container[name]["httpGet"]
+        ensure(get["port"] in (self.port_name, self.container["ports"][0]["containerPort"]), f"{name} port {get['port']}")
+        status, text = self.request("GET", get["path"], scheme=get.get("scheme", "HTTP"), timeout=self.container[name].get("timeoutSeconds", 1))
+        return status, text
+
+    def log_tail(self):
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return " | ".join(fh.read().strip().splitlines()[-8:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([COORDINATOR_BIN, *self.args], env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()  # `with` does not call __exit__ when __enter__ fails
+            raise
+        return self
+
+    def wait_ready(self):
+        """Polls the startup probe as the kubelet would, then the others."""
+        startup = self.container["startupProbe"]
+        deadline = time.time() + min(startup["failureThreshold"] * startup["periodSeconds"], 120)
+        last = None
+        while True:
+            code = self.process.poll()
+            ensure(code is None, f"the coordinator exited with {code}: {self.log_tail()}")
+            try:
+                last = self.probe("startupProbe")
+                if last[0] == 200:
+                    break
+            except OSError as e:
+                last = e
+            ensure(time.time() < deadline, f"startup probe never succeeded ({last}): {self.log_tail()}")
+            time.sleep(0.2)
+        for name in ("livenessProbe", "readinessProbe"):
+            status, text = self.probe(name)
+            ensure(status == 200, f"{name} answered {status}: {text[:200]}")
+
+    def stop(self):
+        """SIGTERM, as the kubelet sends it; the coordinator must exit 0
+        within the pod's termination grace period."""
+        import signal
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"still running {self.grace}s (terminationGracePeriodSeconds) after SIGTERM")
+        ensure(code == 0, f"exited with {code} after SIGTERM: {self.log_tail()}")
+        return code
+
+    def __exit__(self, *exc):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        self.log.close()
+        return False
+
+
+def tokens_of(label):
+    return secret_data(one(rendered[label], "Secret"))
+
+
+def worker_registration(name, first_port):
+    return {"name": name, "api_url": "http://127.0.0.1:10201",
+            "frontend": {"mode": "port", "host": "127.0.0.1", "port_range": [first_port, first_port + 95]}}
+
+
+def run_first_install():
+    ensure("default" in rendered, "the no-values render failed")
+    tokens = tokens_of("default")
+    with tempfile.TemporaryDirectory() as tmp:
+        with Pod("default", tmp) as pod:
+            data_dir = pod.volume_dir("/data")
+            ensure(os.path.isfile(os.path.join(data_dir, "coordinator.db")), "no coordinator.db on the /data volume")
+            for name in ("manager.token", "worker.token"):
+                ensure(not os.path.exists(os.path.join(data_dir, name)), f"{name} generated: the Secret's token was not used")
+            status, _ = pod.request("GET", "/workers", "not-the-token")
+            ensure(status == 401, f"a wrong token answered {status}")
+            pod.call("GET", "/workers", tokens["manager-token"])
+            reg = pod.call("POST", "/workers/register", tokens["worker-token"], worker_registration("chart-check-restart", 10205))
+            status, _ = pod.request("GET", "/workers", tokens["worker-token"])
+            ensure(status in (401, 403), f"the worker bootstrap token reached a manager endpoint ({status})")
+            pod.stop()
+        with Pod("default", tmp) as pod:
+            workers = pod.call("GET", "/workers", tokens["manager-token"])
+            listed = json.dumps(workers)
+            ensure(reg["worker"]["id"] in listed, "the worker registered before the restart is gone")
+            pod.stop()
+    return ("probes 200 on plain HTTP, coordinator.db on the /data volume, the Secret's tokens accepted (no token files), "
+            f"SIGTERM exits 0 within {pod.grace}s, a restart on the same volume finds its worker")
+
+
+def make_tls_secret(tmp):
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return None
+    cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    out = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                          "-nodes", "-days", "1", "-subj", "/CN=appproxy-coordinator",
+                          "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+                         capture_output=True, text=True, timeout=60)
+    ensure(out.returncode == 0, f"openssl: {out.stderr.strip()}")
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        return cert, {"tls.crt": c.read(), "tls.key": k.read()}
+
+
+def run_tls_install():
+    ensure("tls" in rendered, "the TLS render failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        made = make_tls_secret(tmp)
+        if made is None:
+            return Skip("openssl not installed (needed for a throwaway certificate)")
+        ca_file, secret = made
+        name = load_values(*tls)["tls"]["secretName"]
+        pod = Pod("tls", os.path.join(tmp, "pod"), secrets={name: secret})
+        pod.ca_file = ca_file
+        with pod:
+            # The probes above went over HTTPS, verified against the mounted certificate.
+            import urllib.request
+            try:
+                urllib.request.urlopen(pod.url("/livez", "http"), timeout=5)
+                plain = True
+            except Exception:
+                plain = False
+            ensure(not plain, "plain HTTP is answered too")
+            pod.stop()
+    return "startup, liveness and readiness probes 200 over HTTPS with the mounted certificate (verified); plain HTTP refused"
+
+
+check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)
+check("the coordinator runs as the TLS pod: HTTPS probes", run_tls_install)
 
 
 def kubectl_dry_run():
