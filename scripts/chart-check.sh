@@ -39,6 +39,10 @@
 #     with the generated tokens, stops cleanly on SIGTERM and finds its data
 #     again after a restart; the TLS pod answers its probes over HTTPS with the
 #     mounted certificate (a throwaway one made with openssl)
+#   - the Grafana dashboard (dashboards/appproxy-coordinator.json, shipped as a
+#     ConfigMap when dashboard.enabled) uses only metric names, and label names,
+#     that the coordinator exports: it is exercised through its API (a worker,
+#     a watch stream, a route, a failover) and its /metrics scraped
 #   - `kubectl apply --dry-run=client`, if kubectl reaches an API server
 #     (kubectl needs API discovery even for a client-side dry run)
 #
@@ -999,6 +1003,224 @@ def run_tls_install():
 
 check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)
 check("the coordinator runs as the TLS pod: HTTPS probes", run_tls_install)
+
+
+# ---------------------------------------------------------------------------
+# The Grafana dashboard against the coordinator's /metrics.
+
+DASHBOARD = os.path.join(CHART, "dashboards", "appproxy-coordinator.json")
+# Labels Prometheus attaches to every scraped series (target labels of plain
+# scrape configs and of the Prometheus Operator), and the histogram bucket label.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+
+
+def parse_exposition(text):
+    """{family: type} from the # TYPE lines, {series name: {label names}} from the samples."""
+    import re
+    families, series = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            families[name] = kind.strip()
+        elif line and not line.startswith("#"):
+            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)", line)
+            rest = line[m.end():]
+            labels = set()
+            if rest.startswith("{"):
+                labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="(?:[^"\\]|\\.)*"', rest))
+            series.setdefault(m.group(1), set()).update(labels)
+    return families, series
+
+
+# The series each family type exposes (OpenMetrics; the optional _created
+# series count only when a scrape shows them).
+SERIES_SUFFIXES = {
+    "counter": ["_total"],
+    "gauge": [""],
+    "histogram": ["_bucket", "_sum", "_count"],
+    "gaugehistogram": ["_bucket", "_gsum", "_gcount"],
+    "summary": ["", "_sum", "_count"],
+    "info": ["_info"],
+    "stateset": [""],
+    "unknown": [""],
+}
+
+
+def exported_series(families, series):
+    """Series name -> family: the series each family's type always exposes,
+    and every series the scrape showed."""
+    out = {}
+    for family, kind in families.items():
+        for suffix in SERIES_SUFFIXES.get(kind, [""]):
+            out[family + suffix] = family
+    for name in series:
+        family = max((f for f in families if name.startswith(f)), key=len, default=None)
+        if family:
+            out.setdefault(name, family)
+    return out
+
+
+def promql_references(expr):
+    """(metric names, label names) an expression uses."""
+    import re
+    e = re.sub(r"\$\{[^}]*\}|\$\w+", " ", expr)  # Grafana variables
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', e)  # strings
+    labels = set()
+    for block in re.findall(r"\{([^}]*)\}", e):
+        labels |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", block))
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # range selectors and subqueries
+    grouping = r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+    for _, block in re.findall(grouping, e):
+        labels |= set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", block))
+    e = re.sub(grouping, " ", e)
+    keywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                "offset", "inf", "nan", "Inf", "NaN"}
+    names = set()
+    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e):
+        before = e[m.start() - 1] if m.start() else " "
+        if before.isalnum() or before in "._":
+            continue  # part of a number such as 1e3
+        if e[m.end():].lstrip().startswith("(") or m.group(0) in keywords:
+            continue  # a function or a keyword
+        names.add(m.group(0))
+    return names, labels
+
+
+def dashboard_queries(dashboard):
+    """(where, PromQL, label names besides the PromQL's) of every panel target
+    and every query variable (label_values(expr, label) is taken apart)."""
+    import re
+    out = []
+
+    def panels(items):
+        for p in items:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    for p in panels(dashboard.get("panels", [])):
+        for t in p.get("targets", []):
+            if t.get("expr"):
+                out.append((f"panel {p.get('title')!r}", t["expr"], set()))
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") != "query":
+            continue
+        q = v.get("query")
+        q = q.get("query", "") if isinstance(q, dict) else (q or "")
+        m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", q)
+        if m:
+            out.append((f"variable ${v['name']}", m.group(1), {m.group(2)}))
+        elif q.strip():
+            out.append((f"variable ${v['name']}", q, set()))
+    return out
+
+
+def exercise(pod, tokens):
+    """Drives every part of the coordinator that has metrics: requests, a
+    worker with a watch stream, a route create (batch, fan-out, ack lag) and a
+    failover (the worker removed, its route placed on a new one by the
+    leader). Returns the /metrics text taken while the stream was open and the
+    one after the failover."""
+    manager, bootstrap = tokens["manager-token"], tokens["worker-token"]
+    reg = pod.call("POST", "/workers/register", bootstrap, worker_registration("chart-check-1", 10205))
+    worker_id, worker_token = reg["worker"]["id"], reg["token"]
+    status, stream = pod.request("GET", f"/workers/{worker_id}/watch?since=0", worker_token, stream=True, timeout=30)
+    ensure(status == 200, f"watch answered {status}")
+    events = []
+
+    def read_stream():
+        try:
+            for raw_line in stream:
+                line = raw_line.decode(errors="replace").strip()
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+        except Exception:
+            pass
+
+    reader = threading.Thread(target=read_stream, daemon=True)
+    reader.start()
+    try:
+        route = pod.call("POST", "/routes", manager, {
+            "session_id": "3f6c9a52-0d61-4a6d-9b59-2f3d6c0a1e11", "service": "jupyter",
+            "targets": [{"host": "10.0.1.7", "port": 8888}]})
+        deadline = time.time() + 10
+        while "upsert" not in events and time.time() < deadline:
+            time.sleep(0.1)
+        ensure("upsert" in events, f"the worker's stream saw {events}, no upsert")
+        pod.call("POST", f"/workers/{worker_id}/heartbeat", worker_token, {"acked_revision": route["revision"]})
+        pod.call("GET", f"/routes/{route['id']}", manager)
+        _, during = pod.request("GET", "/metrics")
+    finally:
+        stream.close()
+    pod.call("DELETE", f"/workers/{worker_id}", manager)
+    pod.call("POST", "/workers/register", bootstrap, worker_registration("chart-check-2", 10305))
+    deadline = time.time() + 20
+    while True:
+        _, after = pod.request("GET", "/metrics")
+        if "appproxy_failover_routes_total{" in after or time.time() > deadline:
+            return during, after
+
+
+def dashboard_metrics():
+    with open(DASHBOARD) as fh:
+        dashboard = json.load(fh)
+    ids = [p.get("id") for p in dashboard.get("panels", [])]
+    ensure(len(ids) == len(set(ids)), "panel ids are not unique")
+    queries = dashboard_queries(dashboard)
+    ensure(queries, "the dashboard has no queries")
+    # The chart ships exactly this file when dashboard.enabled.
+    ensure("production" in rendered, "the production render failed")
+    cms = [d for d in find(rendered["production"], "ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-dashboard"]
+    ensure(len(cms) == 1, "production values render no dashboard ConfigMap")
+    ensure(cms[0]["metadata"]["labels"].get("grafana_dashboard") == "1", "the dashboard lacks the sidecar label")
+    ensure(json.loads(cms[0]["data"]["appproxy-coordinator.json"]) == dashboard, "the ConfigMap's JSON differs from the file")
+    ensure(not [d for d in find(rendered["default"], "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")],
+           "the dashboard is rendered although dashboard.enabled is false by default")
+
+    ensure("default" in rendered, "the no-values render failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        with Pod("default", tmp) as pod:
+            during, after = exercise(pod, tokens_of("default"))
+            pod.stop()
+    families, series = parse_exposition(during)
+    families_after, series_after = parse_exposition(after)
+    families.update(families_after)
+    for name, labels in series_after.items():
+        series.setdefault(name, set()).update(labels)
+    ensure(families, "/metrics has no # TYPE lines")
+    known = exported_series(families, series)
+    unknown, bad_labels, used = [], [], set()
+    unverified = set()
+    for where, expr, more_labels in queries:
+        names, labels = promql_references(expr)
+        labels |= more_labels
+        for name in sorted(names):
+            if name not in known:
+                unknown.append(f"{name} ({where})")
+                continue
+            family = known[name]
+            used.add(family)
+            if name not in series:
+                unverified.add(family)  # exported, but no sample yet: labels cannot be compared
+                continue
+            allowed = series[name] | TARGET_LABELS
+            extra = labels - allowed
+            if extra:
+                bad_labels.append(f"{where}: {name} has no label {sorted(extra)} (it has {sorted(series[name])})")
+    ensure(not unknown, "metrics the coordinator does not export: " + "; ".join(unknown)
+           + f" (it exports the families {', '.join(f'{n} ({k})' for n, k in sorted(families.items()))})")
+    ensure(not bad_labels, "; ".join(bad_labels))
+    unused = sorted(set(families) - used)
+    detail = (f"{len(queries)} queries use {len(used)} of the {len(families)} metric families on /metrics, "
+              f"all exported; their label names checked against the scraped samples")
+    if unverified:
+        detail += f" (no samples to check labels against: {', '.join(sorted(unverified))})"
+    if unused:
+        detail += f"; not on the dashboard: {', '.join(unused)}"
+    return detail
+
+
+check("the Grafana dashboard uses only metrics (and labels) the coordinator exports", dashboard_metrics)
 
 
 def kubectl_dry_run():
