@@ -27,7 +27,7 @@ check: ## Everything CI runs
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 IMAGE ?= appproxy-coordinator:$(VERSION)
 
-chart-check: ## Helm chart checks: lint, render, Kubernetes schemas, values schema, RBAC (sets up .venv-chart)
+chart-check: ## Helm chart checks: lint, render, Kubernetes schemas, values schema, RBAC, the rendered pods run, dashboard vs /metrics (sets up .venv-chart, builds the coordinator)
 	bash scripts/chart-check.sh
 
 image: ## Container image (needs a Docker engine): make image IMAGE=registry/appproxy-coordinator:TAG

@@ -12,21 +12,46 @@
 # OpenAPI schemas of Kubernetes $KUBE_VERSION bundled in kubernetes-validate.
 #
 # Checks (one line each, then a summary line):
-#   - `helm lint --strict` with the required values and with the production values
-#   - rendering with the defaults (+ the required values) and with
-#     ci/production-values.yaml; each document validated (strict: unknown
-#     fields are errors); CRD-based kinds without a schema are skipped by name
+#   - `helm lint --strict` of each configuration below
+#   - rendering of each configuration, every document validated (strict:
+#     unknown fields are errors); CRD-based kinds without a schema are skipped
+#     by name. The configurations: no values at all (the first install:
+#     embedded SQLite on a PersistentVolumeClaim, generated tokens),
+#     ci/postgres-values.yaml (PostgreSQL, inline credentials) and
+#     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas),
+#     ci/tls-values.yaml (HTTPS with a kubernetes.io/tls Secret)
+#   - the no-values install: one replica, Recreate, the claim, the tokens
+#   - the TLS install: the Secret mounted, the coordinator's TLS flags set, the
+#     probes, Service, ServiceMonitor and NetworkPolicy on HTTPS
+#   - generated tokens survive an upgrade: rendered against a stub API server
+#     that holds the Secret of the first install, so `lookup` finds it
 #   - ci/bad-values.yaml (replicaCount: "two") rejected by values.schema.json
-#   - other values the chart must reject with a clear message
+#   - other values the chart must reject with a clear message (among them
+#     replicaCount > 1 without a database)
 #   - the Role grants exactly the expected resources and verbs
 #   - the Deployment keeps its production properties (security context,
 #     probes, grace period, env from the Secret, ...)
-#   - the rendered config.toml is accepted by the coordinator binary, if built
+#   - the rendered config.toml is accepted by the coordinator binary, and every
+#     APPPROXY_* variable the Deployments set is one the binary reads
+#   - the coordinator runs as the rendered pods would (their args, env, Secret
+#     and ConfigMap files; only the listen address moves to a free local port):
+#     the no-values pod answers its probes on its SQLite volume, authenticates
+#     with the generated tokens, stops cleanly on SIGTERM and finds its data
+#     again after a restart; the TLS pod answers its probes over HTTPS with the
+#     mounted certificate (a throwaway one made with openssl)
+#   - the Grafana dashboard (dashboards/appproxy-coordinator.json, shipped as a
+#     ConfigMap when dashboard.enabled) uses only metric names, and label names,
+#     that the coordinator exports: it is exercised through its API (a worker,
+#     a watch stream, a route, a failover) and its /metrics scraped
 #   - `kubectl apply --dry-run=client`, if kubectl reaches an API server
 #     (kubectl needs API discovery even for a client-side dry run)
 #
-# Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN
-# (default target/debug/appproxy-coordinator when it exists).
+# The coordinator binary is built with `cargo build --locked --bin
+# appproxy-coordinator` (a no-op when `cargo test` has just built it) unless
+# APPPROXY_COORDINATOR_BIN names one.
+#
+# Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN,
+# CARGO_TARGET_DIR (default target).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -53,20 +78,28 @@ if [[ ! -x "$VENV/bin/python" ]] || [[ "$(cat "$stamp" 2>/dev/null)" != "${REQUI
 fi
 
 bin=${APPPROXY_COORDINATOR_BIN:-}
-if [[ -z "$bin" && -x target/debug/appproxy-coordinator ]]; then
-    bin=target/debug/appproxy-coordinator
+if [[ -z "$bin" ]]; then
+    # Built from the sources at hand, so that the checks see the metrics and
+    # flags of this revision; cargo does nothing if it is up to date.
+    echo "== cargo build --locked --bin appproxy-coordinator"
+    cargo build --locked --quiet --bin appproxy-coordinator
+    bin=${CARGO_TARGET_DIR:-target}/debug/appproxy-coordinator
 fi
 
 status=0
 CHART="$CHART" KUBE_VERSION="$KUBE_VERSION" COORDINATOR_BIN="$bin" START="$start" \
     "$VENV/bin/python" - <<'PY' || status=$?
+import base64
 import contextlib
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from importlib.metadata import version
@@ -186,8 +219,10 @@ def deep_merge(a, b):
     return out
 
 
-def render(values):
-    with helm.Chart.load(CHART) as chart:
+def render(values, chart_dir=CHART):
+    """Renders offline, as `helm template` and `helm install --dry-run` do:
+    `lookup` finds nothing."""
+    with helm.Chart.load(chart_dir) as chart:
         return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
@@ -255,11 +290,13 @@ def lint(values_files):
     return f"{report['total_charts_linted']} chart, 0 warnings, 0 errors" + (f"; info: {'; '.join(infos)}" if infos else "")
 
 
-def expect_rejected(values, *needles):
+def expect_rejected(values, *needles, chart_dir=CHART, by_schema=False):
     """Rendering must fail, and the message must name the problem."""
     try:
-        render(values)
+        render(values, chart_dir)
     except helm.HelmError as e:
+        if by_schema and not isinstance(e, helm.HelmValuesError):
+            raise CheckFailed(f"rejected by a template, not by values.schema.json: {e}")
         message = str(e)
         for needle in needles:
             ensure(needle in message, f"rejected, but the message does not mention {needle!r}: {message}")
@@ -275,23 +312,169 @@ print(
     flush=True,
 )
 
-required = ["ci/required-values.yaml"]
+postgres = ["ci/postgres-values.yaml"]
 production = ["ci/production-values.yaml"]
-rendered = {}
+tls = ["ci/tls-values.yaml"]
+# label -> values files; "default" is the first install with no values at all.
+CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls}
+rendered = {}  # label -> [(template path, document)]
+raw = {}       # label -> {template path: rendered text}
 
 
 def render_and_validate(label, files):
     def run():
         values = load_values(*files)
-        rendered[label] = documents(render(values))
+        raw[label] = render(values)
+        rendered[label] = documents(raw[label])
         return validate_all(rendered[label])
     return run
 
 
-check("helm lint --strict (defaults + ci/required-values.yaml)", lambda: lint(required))
-check("helm lint --strict (ci/production-values.yaml)", lambda: lint(production))
-check("render + validate: defaults + ci/required-values.yaml", render_and_validate("default", required))
-check("render + validate: ci/production-values.yaml", render_and_validate("production", production))
+def describe(files):
+    return " + ".join(files) if files else "no values"
+
+
+for label, files in CONFIGURATIONS.items():
+    check(f"helm lint --strict ({describe(files)})", lambda files=files: lint(files))
+for label, files in CONFIGURATIONS.items():
+    check(f"render + validate: {describe(files)}", render_and_validate(label, files))
+
+
+def template(label, name):
+    """The rendered text of templates/<name> in a configuration."""
+    texts = raw.get(label)
+    ensure(texts is not None, f"the {label} render failed")
+    path = f"{os.path.basename(CHART)}/templates/{name}"
+    ensure(path in texts, f"{label}: {path} not rendered")
+    return texts[path]
+
+
+def container_of(deployment):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    ensure(len(containers) == 1, f"{len(containers)} containers")
+    return containers[0]
+
+
+def secret_data(doc):
+    return {k: base64.b64decode(v).decode() for k, v in doc.get("data", {}).items()}
+
+
+def first_install():
+    docs = rendered.get("default")
+    ensure(docs is not None, "the no-values render failed")
+    dep = one(docs, "Deployment")
+    ensure(dep["spec"]["replicas"] == 1, f"replicas {dep['spec']['replicas']}")
+    ensure(dep["spec"]["strategy"] == {"type": "Recreate"}, f"strategy {dep['spec']['strategy']} (SQLite needs Recreate)")
+    pod = dep["spec"]["template"]["spec"]
+    c = container_of(dep)
+    env = {e["name"]: e for e in c["env"]}
+    ensure("APPPROXY_DATABASE_URL" not in env, "APPPROXY_DATABASE_URL is set: the embedded SQLite needs it unset")
+    ensure(env["APPPROXY_DATA_DIR"].get("value") == "/data", "APPPROXY_DATA_DIR is not /data")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    pvc = one(docs, "PersistentVolumeClaim")
+    claim = volumes[mounts["/data"]].get("persistentVolumeClaim", {}).get("claimName")
+    ensure(claim == pvc["metadata"]["name"], f"/data is {volumes[mounts['/data']]}, not the claim {pvc['metadata']['name']}")
+    spec = pvc["spec"]
+    ensure(spec["accessModes"] == ["ReadWriteOnce"], f"accessModes {spec['accessModes']}")
+    ensure(spec["resources"]["requests"]["storage"] == "1Gi", f"size {spec['resources']['requests']['storage']}")
+    ensure("storageClassName" not in spec, "storageClassName set: the default class should be used")
+    ensure(pvc["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the claim is not kept on uninstall")
+    secret = one(docs, "Secret")
+    ensure(secret["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the Secret is not kept on uninstall")
+    tokens = secret_data(secret)
+    ensure(set(tokens) == {"manager-token", "worker-token"}, f"Secret keys {sorted(tokens)}")
+    for key, token in tokens.items():
+        ensure(len(token) >= 32 and token.isalnum(), f"{key} is not a long random token ({len(token)} characters)")
+    ensure(tokens["manager-token"] != tokens["worker-token"], "the manager and worker tokens are equal")
+    for var, key in (("APPPROXY_MANAGER_TOKEN", "manager-token"), ("APPPROXY_WORKER_TOKEN", "worker-token")):
+        ref = env[var].get("valueFrom", {}).get("secretKeyRef")
+        ensure(ref == {"name": secret["metadata"]["name"], "key": key}, f"{var} from {ref}")
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    for name, annotation in (("secret.yaml", "checksum/secret"), ("configmap.yaml", "checksum/config")):
+        digest = hashlib.sha256(template("default", name).encode()).hexdigest()
+        ensure(annotations.get(annotation) == digest, f"{annotation} is not the sha256 of the rendered {name}")
+    again = secret_data(one(documents(render({})), "Secret"))
+    ensure(again != tokens, "a second offline render drew the same tokens")
+    return (f"1 replica, Recreate, SQLite in /data on PVC {pvc['metadata']['name']} ({spec['resources']['requests']['storage']}, "
+            f"ReadWriteOnce, kept), tokens of {len(tokens['manager-token'])} characters, distinct, "
+            "checksum/secret hashes the rendered Secret; offline renders draw new tokens each time (no lookup)")
+
+
+check("no-values install: one replica, embedded SQLite on a PersistentVolumeClaim, generated tokens", first_install)
+
+
+class StubAPIServer:
+    """Just enough of a Kubernetes API server for Helm's `lookup` of Secrets:
+    discovery of v1 and GET of a Secret in the release namespace."""
+
+    def __init__(self):
+        self.secrets = {}
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                prefix = f"/api/v1/namespaces/{NAMESPACE}/secrets/"
+                if path == "/api/v1":
+                    self.reply(200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [
+                        {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+                         "verbs": ["get", "list"]}]})
+                elif path.startswith(prefix) and path[len(prefix):] in stub.secrets:
+                    self.reply(200, stub.secrets[path[len(prefix):]])
+                else:
+                    self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                     "code": 404, "message": f"{path} not found"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def tokens_survive_upgrades():
+    stub = StubAPIServer()
+    try:
+        with helm.Config(kube_apiserver=stub.url, kube_token="stub", namespace=NAMESPACE) as cfg, \
+                helm.Chart.load(CHART) as chart:
+            def release(values, **kind):
+                texts = cfg.render(chart, values, name=RELEASE, namespace=NAMESPACE, **kind)
+                docs = documents(texts)
+                secret = one(docs, "Secret")
+                annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+                return secret, secret_data(secret), annotations["checksum/secret"]
+
+            secret, installed, checksum = release({}, is_install=True)
+            stub.secrets[secret["metadata"]["name"]] = secret  # what the install created
+            _, upgraded, checksum_after = release({}, is_upgrade=True)
+            ensure(upgraded == installed, "an upgrade changed the generated tokens")
+            ensure(checksum_after == checksum, "an upgrade changed checksum/secret: the pods would roll for nothing")
+            _, to_postgres, _ = release({"database": {"url": "postgres://u:p@db/appproxy"}}, is_upgrade=True)
+            ensure({k: to_postgres[k] for k in installed} == installed, "switching to PostgreSQL changed the tokens")
+            rotated_token = "rotated-manager-token-0123456789abcdef"
+            _, rotated, _ = release({"auth": {"managerToken": rotated_token}}, is_upgrade=True)
+            ensure(rotated["manager-token"] == rotated_token and rotated["worker-token"] == installed["worker-token"],
+                   "setting auth.managerToken did not replace just the manager token")
+    finally:
+        stub.close()
+    return "install generates them; upgrade, and a switch to PostgreSQL, read them back via lookup (checksum/secret unchanged); auth.managerToken replaces only that token"
+
+
+check("generated tokens survive upgrades (lookup against a stub API server)", tokens_survive_upgrades)
 
 
 def bad_values():
@@ -310,10 +493,52 @@ def bad_values():
 check("schema rejects ci/bad-values.yaml (replicaCount: \"two\")", bad_values)
 
 
+def tls_install():
+    docs = rendered.get("tls")
+    ensure(docs is not None, "the TLS render failed")
+    secret_name = load_values(*tls)["tls"]["secretName"]
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = container_of(dep)
+    ensure(c["ports"] == [{"name": "https", "containerPort": 6030, "protocol": "TCP"}], f"ports {c['ports']}")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tls_volumes = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret_name]
+    ensure(len(tls_volumes) == 1, f"no volume of the Secret {secret_name}")
+    items = {i["key"]: i["path"] for i in tls_volumes[0]["secret"].get("items", [])}
+    ensure(items == {"tls.crt": "tls.crt", "tls.key": "tls.key"}, f"items {items}")
+    ensure(tls_volumes[0]["secret"].get("defaultMode") == 0o440, "the key is readable by others")
+    mount = [m for m in c["volumeMounts"] if m["name"] == tls_volumes[0]["name"]]
+    ensure(len(mount) == 1 and mount[0].get("readOnly") is True, f"mount {mount}")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    directory = mount[0]["mountPath"]
+    ensure(env.get("APPPROXY_TLS_CERT") == f"{directory}/tls.crt", f"APPPROXY_TLS_CERT {env.get('APPPROXY_TLS_CERT')}")
+    ensure(env.get("APPPROXY_TLS_KEY") == f"{directory}/tls.key", f"APPPROXY_TLS_KEY {env.get('APPPROXY_TLS_KEY')}")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        ensure(get.get("scheme") == "HTTPS" and get.get("port") == "https", f"{probe}: {get}")
+    svc_port = one(docs, "Service")["spec"]["ports"][0]
+    ensure(svc_port["name"] == "https" and svc_port["targetPort"] == "https" and svc_port.get("appProtocol") == "https",
+           f"Service port {svc_port}")
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    ensure(endpoint["port"] == "https" and endpoint["scheme"] == "https", f"ServiceMonitor endpoint {endpoint}")
+    ensure(endpoint.get("tlsConfig") == load_values(*tls)["serviceMonitor"]["tlsConfig"], "ServiceMonitor tlsConfig")
+    ingress_ports = one(docs, "NetworkPolicy")["spec"]["ingress"][0]["ports"]
+    ensure(ingress_ports == [{"port": "https", "protocol": "TCP"}], f"NetworkPolicy ports {ingress_ports}")
+    for label in ("default", "postgres", "production"):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = container_of(one(rendered[label], "Deployment"))[probe]["httpGet"]
+            ensure(get.get("scheme", "HTTP") == "HTTP", f"{label}: {probe} is {get.get('scheme')} without TLS")
+    return (f"{secret_name} mounted read-only at {directory} (tls.crt, tls.key, mode 0440), APPPROXY_TLS_CERT/KEY set, "
+            "probes, Service, ServiceMonitor and NetworkPolicy on https; plain HTTP without tls.secretName")
+
+
+check("TLS install: the Secret mounted, the TLS flags set, everything on HTTPS", tls_install)
+
+
 def rejections():
-    base = load_values(*required)
+    base = load_values(*postgres)
     cases = [
-        ("no credentials", {}, ["database.url is required"]),
+        ("replicaCount 2 without a database (schema)", {"replicaCount": 2}, ["/replicaCount", "maximum"]),
         ("unknown key", deep_merge(base, {"replicas": 2}), ["additional properties", "replicas"]),
         ("unknown nested key", deep_merge(base, {"config": {"bnid": "0.0.0.0:1"}}), ["additional properties", "bnid"]),
         ("pod label overriding a selector label",
@@ -330,17 +555,27 @@ def rejections():
     ]
     for label, values, needles in cases:
         try:
-            expect_rejected(values, *needles)
+            expect_rejected(values, *needles, by_schema="(schema)" in label)
         except CheckFailed as e:
             raise CheckFailed(f"{label}: {e}")
-    return f"{len(cases)} cases: " + ", ".join(label for label, _, _ in cases)
+    # The same with schema validation skipped (`helm install --skip-schema-validation`):
+    # the templates refuse it too, in a sentence.
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, os.path.basename(CHART))
+        shutil.copytree(CHART, copy)
+        os.remove(os.path.join(copy, "values.schema.json"))
+        try:
+            expect_rejected({"replicaCount": 2}, "set database.url (PostgreSQL) or existingSecret", chart_dir=copy)
+        except CheckFailed as e:
+            raise CheckFailed(f"replicaCount 2 without a database, schema skipped: {e}")
+    return f"{len(cases) + 1} cases: " + ", ".join(label for label, _, _ in cases) + ", the same without the schema"
 
 
 check("chart rejects invalid values with a clear message", rejections)
 
 
 def rbac():
-    for label in ("default", "production"):
+    for label in CONFIGURATIONS:
         docs = rendered.get(label)
         ensure(docs is not None, f"the {label} render failed")
         ensure(not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding"), "cluster-wide RBAC rendered")
@@ -370,14 +605,9 @@ def rbac():
 check("RBAC grants exactly the expected resources and verbs", rbac)
 
 
-def container_of(deployment):
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    ensure(len(containers) == 1, f"{len(containers)} containers")
-    return containers[0]
-
-
 def deployment_properties():
-    for label, replicas, secret in (("default", 1, FULLNAME), ("production", 3, "appproxy-coordinator-credentials")):
+    for label, replicas, secret in (("default", 1, FULLNAME), ("postgres", 2, FULLNAME),
+                                    ("production", 3, "appproxy-coordinator-credentials")):
         docs = rendered.get(label)
         ensure(docs is not None, f"the {label} render failed")
         dep = one(docs, "Deployment")
@@ -402,10 +632,17 @@ def deployment_properties():
         ensure(env["APPPROXY_DATA_DIR"].get("value") == "/data", where + "APPPROXY_DATA_DIR")
         ensure(env["APPPROXY_LOG_FORMAT"].get("value") == "json", where + "APPPROXY_LOG_FORMAT")
         ensure(env["APPPROXY_SHUTDOWN_TIMEOUT"].get("value") == "20s", where + "APPPROXY_SHUTDOWN_TIMEOUT")
+        sqlite = label == "default"
         for var, key in (("APPPROXY_DATABASE_URL", "database-url"), ("APPPROXY_MANAGER_TOKEN", "manager-token"),
                          ("APPPROXY_WORKER_TOKEN", "worker-token")):
+            if sqlite and var == "APPPROXY_DATABASE_URL":
+                continue
             ref = env[var].get("valueFrom", {}).get("secretKeyRef")
             ensure(ref == {"name": secret, "key": key}, where + f"{var} from {ref}")
+        if not sqlite:
+            ensure(dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                   where + f"strategy {dep['spec']['strategy']}")
+            ensure(not find(docs, "PersistentVolumeClaim"), where + "a PersistentVolumeClaim rendered on PostgreSQL")
         for var, field in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
             ensure(env[var].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == field, where + var)
         shutdown = int(env["APPPROXY_SHUTDOWN_TIMEOUT"]["value"].rstrip("s"))
@@ -414,16 +651,16 @@ def deployment_properties():
         ensure(grace > pre_stop + shutdown, where + f"grace {grace}s <= preStop {pre_stop}s + shutdown {shutdown}s")
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
-        ensure("emptyDir" in volumes[mounts["/data"]], where + "/data is not an emptyDir")
+        ensure(("persistentVolumeClaim" if sqlite else "emptyDir") in volumes[mounts["/data"]], where + f"/data is {volumes[mounts['/data']]}")
         ensure(volumes[mounts["/etc/appproxy"]]["configMap"]["name"] == FULLNAME, where + "config volume")
         annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
         ensure(len(annotations.get("checksum/config", "")) == 64, where + "no checksum/config annotation")
-        ensure(("checksum/secret" in annotations) == (label == "default"), where + "checksum/secret annotation")
+        ensure(("checksum/secret" in annotations) == (secret == FULLNAME), where + "checksum/secret annotation")
         ensure(resources_set(c), where + "no resource requests/limits")
         secrets = find(docs, "Secret")
-        if label == "default":
-            ensure(len(secrets) == 1 and set(secrets[0]["data"]) == {"database-url", "manager-token", "worker-token"},
-                   where + "chart Secret keys")
+        if secret == FULLNAME:
+            keys = {"manager-token", "worker-token"} | (set() if sqlite else {"database-url"})
+            ensure(len(secrets) == 1 and set(secrets[0]["data"]) == keys, where + "chart Secret keys")
         else:
             ensure(not secrets, where + "a Secret was rendered although existingSecret is set")
         svc = one(docs, "Service")
@@ -457,15 +694,45 @@ def resources_set(c):
 check("Deployment and companions keep their production properties", deployment_properties)
 
 
+
+
+# ---------------------------------------------------------------------------
+# The coordinator binary, run as the rendered pods would run it.
+
+def coordinator_help():
+    ensure(COORDINATOR_BIN and os.access(COORDINATOR_BIN, os.X_OK), f"no coordinator binary at {COORDINATOR_BIN!r}")
+    out = subprocess.run([COORDINATOR_BIN, "--help"], capture_output=True, text=True, timeout=60)
+    ensure(out.returncode == 0, f"{COORDINATOR_BIN} --help: {out.stderr.strip()}")
+    return out.stdout
+
+
+def env_names_known():
+    """Every APPPROXY_* variable a Deployment sets is one the binary reads
+    (clap lists each flag's variable in --help as [env: NAME=...])."""
+    help_text = coordinator_help()
+    seen = set()
+    for label in CONFIGURATIONS:
+        ensure(label in rendered, f"the {label} render failed")
+        for e in container_of(one(rendered[label], "Deployment"))["env"]:
+            if e["name"].startswith("APPPROXY_"):
+                # [env: NAME=] or, for secrets (hide_env_values), [env: NAME]
+                ensure(f"[env: {e['name']}=" in help_text or f"[env: {e['name']}]" in help_text,
+                       f"{label}: {e['name']} is not read by the coordinator")
+                seen.add(e["name"])
+    return f"{', '.join(sorted(seen))} listed by {COORDINATOR_BIN} --help"
+
+
+check("every APPPROXY_* variable the Deployments set is one the coordinator reads", env_names_known)
+
+
 def config_toml():
     docs = rendered.get("default")
     ensure(docs is not None, "the default render failed")
-    text = one(docs, "ConfigMap")["data"]["config.toml"]
+    text = [d for d in find(docs, "ConfigMap") if d["metadata"]["name"] == FULLNAME][0]["data"]["config.toml"]
     parsed = tomllib.loads(text)
     unknown = set(parsed) - CONFIG_KEYS
     ensure(not unknown, f"config.toml has keys the coordinator does not know: {sorted(unknown)}")
-    if not COORDINATOR_BIN:
-        return f"keys {sorted(parsed)} known; coordinator binary not built, its own parse not run"
+    coordinator_help()  # the binary is there
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.toml")
         with open(path, "w") as fh:
@@ -483,6 +750,479 @@ def config_toml():
 check("config.toml is one the coordinator accepts", config_toml)
 
 
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Pod:
+    """The coordinator started as a rendered Deployment's pod would start it:
+    the container's args and env, its ConfigMap and Secret volumes as files,
+    emptyDir and PersistentVolumeClaim volumes as directories under workdir
+    (kept, so a second Pod on the same workdir is a restart on the same
+    volume). Only the listen address changes: 127.0.0.1 and a free port.
+    `secrets` stands in for Secrets the chart does not render."""
+
+    def __init__(self, label, workdir, secrets=None):
+        self.label = label
+        self.docs = rendered[label]
+        dep = one(self.docs, "Deployment")
+        spec = dep["spec"]["template"]["spec"]
+        self.container = c = container_of(dep)
+        self.grace = spec["terminationGracePeriodSeconds"]
+        self.secrets = secrets or {}
+        ensure(len(c["ports"]) == 1, f"ports {c['ports']}")
+        self.port_name, container_port = c["ports"][0]["name"], c["ports"][0]["containerPort"]
+        self.port = free_port()
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.mounts = {}
+        for m in c["volumeMounts"]:
+            volume = volumes[m["name"]]
+            local = os.path.join(workdir, "volumes", m["name"])
+            if not os.path.isdir(local):
+                os.makedirs(local, mode=0o700)
+                if "configMap" in volume:
+                    files = {k: v.encode() for k, v in self.named("ConfigMap", volume["configMap"]["name"])["data"].items()}
+                elif "secret" in volume:
+                    data = self.secret(volume["secret"]["secretName"])
+                    items = volume["secret"].get("items")
+                    files = {i["path"]: data[i["key"]] for i in items} if items else data
+                elif "emptyDir" in volume or "persistentVolumeClaim" in volume:
+                    files = {}
+                else:
+                    raise CheckFailed(f"cannot stand in for the volume {volume}")
+                for name, content in files.items():
+                    with open(os.path.join(local, name), "wb") as fh:
+                        fh.write(content)
+            self.mounts[m["mountPath"]] = local
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RUST_LOG": "warn"}
+        for e in c["env"]:
+            if "value" in e:
+                value = self.local(e["value"])
+            elif "secretKeyRef" in e.get("valueFrom", {}):
+                ref = e["valueFrom"]["secretKeyRef"]
+                value = self.secret(ref["name"])[ref["key"]].decode()
+            elif "fieldRef" in e.get("valueFrom", {}):
+                value = {"metadata.name": f"{FULLNAME}-0", "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                raise CheckFailed(f"cannot stand in for the variable {e}")
+            self.env[e["name"]] = value
+        ensure(self.env.get("APPPROXY_BIND") == f"0.0.0.0:{container_port}", f"APPPROXY_BIND {self.env.get('APPPROXY_BIND')}")
+        self.env["APPPROXY_BIND"] = f"127.0.0.1:{self.port}"
+        self.args = [self.local(a) for a in c.get("args", [])]
+        self.log_path = os.path.join(workdir, "coordinator.log")
+        self.process = None
+        self.ca_file = None
+
+    def named(self, kind, name):
+        found = [d for d in find(self.docs, kind) if d["metadata"]["name"] == name]
+        ensure(len(found) == 1, f"no {kind} {name} rendered")
+        return found[0]
+
+    def secret(self, name):
+        if name in self.secrets:
+            return self.secrets[name]
+        return {k: base64.b64decode(v) for k, v in self.named("Secret", name).get("data", {}).items()}
+
+    def local(self, value):
+        """A path inside a volume mount, moved to the mount's directory."""
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if value == mount or value.startswith(mount + "/"):
+                return self.mounts[mount] + value[len(mount):]
+        return value
+
+    def volume_dir(self, mount_path):
+        return self.mounts[mount_path]
+
+    def url(self, path, scheme=None):
+        scheme = (scheme or self.port_name).lower()
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def request(self, method, path, token=None, body=None, scheme=None, timeout=10, stream=False):
+        import ssl
+        import urllib.request
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.url(path, scheme), data=data, headers=headers, method=method)
+        context = ssl.create_default_context(cafile=self.ca_file) if self.url(path, scheme).startswith("https") else None
+        try:
+            response = urllib.request.urlopen(req, timeout=timeout, context=context)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(errors="replace")
+        if stream:
+            return response.status, response
+        with response:
+            return response.status, response.read().decode()
+
+    def call(self, method, path, token=None, body=None, expect=(200, 201)):
+        status, text = self.request(method, path, token, body)
+        ensure(status in expect, f"{method} {path} answered {status}: {text[:300]}")
+        return json.loads(text) if text.strip().startswith(("{", "[")) else text
+
+    def probe(self, name):
+        get = self.container[name]["httpGet"]
+        ensure(get["port"] in (self.port_name, self.container["ports"][0]["containerPort"]), f"{name} port {get['port']}")
+        status, text = self.request("GET", get["path"], scheme=get.get("scheme", "HTTP"), timeout=self.container[name].get("timeoutSeconds", 1))
+        return status, text
+
+    def log_tail(self):
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return " | ".join(fh.read().strip().splitlines()[-8:])
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([COORDINATOR_BIN, *self.args], env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.__exit__()  # `with` does not call __exit__ when __enter__ fails
+            raise
+        return self
+
+    def wait_ready(self):
+        """Polls the startup probe as the kubelet would, then the others."""
+        startup = self.container["startupProbe"]
+        deadline = time.time() + min(startup["failureThreshold"] * startup["periodSeconds"], 120)
+        last = None
+        while True:
+            code = self.process.poll()
+            ensure(code is None, f"the coordinator exited with {code}: {self.log_tail()}")
+            try:
+                last = self.probe("startupProbe")
+                if last[0] == 200:
+                    break
+            except OSError as e:
+                last = e
+            ensure(time.time() < deadline, f"startup probe never succeeded ({last}): {self.log_tail()}")
+            time.sleep(0.2)
+        for name in ("livenessProbe", "readinessProbe"):
+            status, text = self.probe(name)
+            ensure(status == 200, f"{name} answered {status}: {text[:200]}")
+
+    def stop(self):
+        """SIGTERM, as the kubelet sends it; the coordinator must exit 0
+        within the pod's termination grace period."""
+        import signal
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"still running {self.grace}s (terminationGracePeriodSeconds) after SIGTERM")
+        ensure(code == 0, f"exited with {code} after SIGTERM: {self.log_tail()}")
+        return code
+
+    def __exit__(self, *exc):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, 9)
+            self.process.wait()
+        self.log.close()
+        return False
+
+
+def tokens_of(label):
+    return secret_data(one(rendered[label], "Secret"))
+
+
+def worker_registration(name, first_port):
+    return {"name": name, "api_url": "http://127.0.0.1:10201",
+            "frontend": {"mode": "port", "host": "127.0.0.1", "port_range": [first_port, first_port + 95]}}
+
+
+def run_first_install():
+    ensure("default" in rendered, "the no-values render failed")
+    tokens = tokens_of("default")
+    with tempfile.TemporaryDirectory() as tmp:
+        with Pod("default", tmp) as pod:
+            data_dir = pod.volume_dir("/data")
+            ensure(os.path.isfile(os.path.join(data_dir, "coordinator.db")), "no coordinator.db on the /data volume")
+            for name in ("manager.token", "worker.token"):
+                ensure(not os.path.exists(os.path.join(data_dir, name)), f"{name} generated: the Secret's token was not used")
+            status, _ = pod.request("GET", "/workers", "not-the-token")
+            ensure(status == 401, f"a wrong token answered {status}")
+            pod.call("GET", "/workers", tokens["manager-token"])
+            reg = pod.call("POST", "/workers/register", tokens["worker-token"], worker_registration("chart-check-restart", 10205))
+            status, _ = pod.request("GET", "/workers", tokens["worker-token"])
+            ensure(status in (401, 403), f"the worker bootstrap token reached a manager endpoint ({status})")
+            pod.stop()
+        with Pod("default", tmp) as pod:
+            workers = pod.call("GET", "/workers", tokens["manager-token"])
+            listed = json.dumps(workers)
+            ensure(reg["worker"]["id"] in listed, "the worker registered before the restart is gone")
+            pod.stop()
+    return ("probes 200 on plain HTTP, coordinator.db on the /data volume, the Secret's tokens accepted (no token files), "
+            f"SIGTERM exits 0 within {pod.grace}s, a restart on the same volume finds its worker")
+
+
+def make_tls_secret(tmp):
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return None
+    cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    out = subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                          "-nodes", "-days", "1", "-subj", "/CN=appproxy-coordinator",
+                          "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+                         capture_output=True, text=True, timeout=60)
+    ensure(out.returncode == 0, f"openssl: {out.stderr.strip()}")
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        return cert, {"tls.crt": c.read(), "tls.key": k.read()}
+
+
+def run_tls_install():
+    ensure("tls" in rendered, "the TLS render failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        made = make_tls_secret(tmp)
+        if made is None:
+            return Skip("openssl not installed (needed for a throwaway certificate)")
+        ca_file, secret = made
+        name = load_values(*tls)["tls"]["secretName"]
+        pod = Pod("tls", os.path.join(tmp, "pod"), secrets={name: secret})
+        pod.ca_file = ca_file
+        with pod:
+            # The probes above went over HTTPS, verified against the mounted certificate.
+            import urllib.request
+            try:
+                urllib.request.urlopen(pod.url("/livez", "http"), timeout=5)
+                plain = True
+            except Exception:
+                plain = False
+            ensure(not plain, "plain HTTP is answered too")
+            pod.stop()
+    return "startup, liveness and readiness probes 200 over HTTPS with the mounted certificate (verified); plain HTTP refused"
+
+
+check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)
+check("the coordinator runs as the TLS pod: HTTPS probes", run_tls_install)
+
+
+# ---------------------------------------------------------------------------
+# The Grafana dashboard against the coordinator's /metrics.
+
+DASHBOARD = os.path.join(CHART, "dashboards", "appproxy-coordinator.json")
+# Labels Prometheus attaches to every scraped series (target labels of plain
+# scrape configs and of the Prometheus Operator), and the histogram bucket label.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
+
+
+def parse_exposition(text):
+    """{family: type} from the # TYPE lines, {series name: {label names}} from the samples."""
+    import re
+    families, series = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            families[name] = kind.strip()
+        elif line and not line.startswith("#"):
+            m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)", line)
+            rest = line[m.end():]
+            labels = set()
+            if rest.startswith("{"):
+                labels = set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="(?:[^"\\]|\\.)*"', rest))
+            series.setdefault(m.group(1), set()).update(labels)
+    return families, series
+
+
+# The series each family type exposes (OpenMetrics; the optional _created
+# series count only when a scrape shows them).
+SERIES_SUFFIXES = {
+    "counter": ["_total"],
+    "gauge": [""],
+    "histogram": ["_bucket", "_sum", "_count"],
+    "gaugehistogram": ["_bucket", "_gsum", "_gcount"],
+    "summary": ["", "_sum", "_count"],
+    "info": ["_info"],
+    "stateset": [""],
+    "unknown": [""],
+}
+
+
+def exported_series(families, series):
+    """Series name -> family: the series each family's type always exposes,
+    and every series the scrape showed."""
+    out = {}
+    for family, kind in families.items():
+        for suffix in SERIES_SUFFIXES.get(kind, [""]):
+            out[family + suffix] = family
+    for name in series:
+        family = max((f for f in families if name.startswith(f)), key=len, default=None)
+        if family:
+            out.setdefault(name, family)
+    return out
+
+
+def promql_references(expr):
+    """(metric names, label names) an expression uses."""
+    import re
+    e = re.sub(r"\$\{[^}]*\}|\$\w+", " ", expr)  # Grafana variables
+    e = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', e)  # strings
+    labels = set()
+    for block in re.findall(r"\{([^}]*)\}", e):
+        labels |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", block))
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)  # range selectors and subqueries
+    grouping = r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)"
+    for _, block in re.findall(grouping, e):
+        labels |= set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", block))
+    e = re.sub(grouping, " ", e)
+    keywords = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                "offset", "inf", "nan", "Inf", "NaN"}
+    names = set()
+    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e):
+        before = e[m.start() - 1] if m.start() else " "
+        if before.isalnum() or before in "._":
+            continue  # part of a number such as 1e3
+        if e[m.end():].lstrip().startswith("(") or m.group(0) in keywords:
+            continue  # a function or a keyword
+        names.add(m.group(0))
+    return names, labels
+
+
+def dashboard_queries(dashboard):
+    """(where, PromQL, label names besides the PromQL's) of every panel target
+    and every query variable (label_values(expr, label) is taken apart)."""
+    import re
+    out = []
+
+    def panels(items):
+        for p in items:
+            yield p
+            yield from panels(p.get("panels", []))
+
+    for p in panels(dashboard.get("panels", [])):
+        for t in p.get("targets", []):
+            if t.get("expr"):
+                out.append((f"panel {p.get('title')!r}", t["expr"], set()))
+    for v in dashboard.get("templating", {}).get("list", []):
+        if v.get("type") != "query":
+            continue
+        q = v.get("query")
+        q = q.get("query", "") if isinstance(q, dict) else (q or "")
+        m = re.fullmatch(r"\s*label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)\s*", q)
+        if m:
+            out.append((f"variable ${v['name']}", m.group(1), {m.group(2)}))
+        elif q.strip():
+            out.append((f"variable ${v['name']}", q, set()))
+    return out
+
+
+def exercise(pod, tokens):
+    """Drives every part of the coordinator that has metrics: requests, a
+    worker with a watch stream, a route create (batch, fan-out, ack lag) and a
+    failover (the worker removed, its route placed on a new one by the
+    leader). Returns the /metrics text taken while the stream was open and the
+    one after the failover."""
+    manager, bootstrap = tokens["manager-token"], tokens["worker-token"]
+    reg = pod.call("POST", "/workers/register", bootstrap, worker_registration("chart-check-1", 10205))
+    worker_id, worker_token = reg["worker"]["id"], reg["token"]
+    status, stream = pod.request("GET", f"/workers/{worker_id}/watch?since=0", worker_token, stream=True, timeout=30)
+    ensure(status == 200, f"watch answered {status}")
+    events = []
+
+    def read_stream():
+        try:
+            for raw_line in stream:
+                line = raw_line.decode(errors="replace").strip()
+                if line.startswith("event:"):
+                    events.append(line.split(":", 1)[1].strip())
+        except Exception:
+            pass
+
+    reader = threading.Thread(target=read_stream, daemon=True)
+    reader.start()
+    try:
+        route = pod.call("POST", "/routes", manager, {
+            "session_id": "3f6c9a52-0d61-4a6d-9b59-2f3d6c0a1e11", "service": "jupyter",
+            "targets": [{"host": "10.0.1.7", "port": 8888}]})
+        deadline = time.time() + 10
+        while "upsert" not in events and time.time() < deadline:
+            time.sleep(0.1)
+        ensure("upsert" in events, f"the worker's stream saw {events}, no upsert")
+        pod.call("POST", f"/workers/{worker_id}/heartbeat", worker_token, {"acked_revision": route["revision"]})
+        pod.call("GET", f"/routes/{route['id']}", manager)
+        _, during = pod.request("GET", "/metrics")
+    finally:
+        stream.close()
+    pod.call("DELETE", f"/workers/{worker_id}", manager)
+    pod.call("POST", "/workers/register", bootstrap, worker_registration("chart-check-2", 10305))
+    deadline = time.time() + 20
+    while True:
+        _, after = pod.request("GET", "/metrics")
+        if "appproxy_failover_routes_total{" in after or time.time() > deadline:
+            return during, after
+
+
+def dashboard_metrics():
+    with open(DASHBOARD) as fh:
+        dashboard = json.load(fh)
+    ids = [p.get("id") for p in dashboard.get("panels", [])]
+    ensure(len(ids) == len(set(ids)), "panel ids are not unique")
+    queries = dashboard_queries(dashboard)
+    ensure(queries, "the dashboard has no queries")
+    # The chart ships exactly this file when dashboard.enabled.
+    ensure("production" in rendered, "the production render failed")
+    cms = [d for d in find(rendered["production"], "ConfigMap") if d["metadata"]["name"] == f"{FULLNAME}-dashboard"]
+    ensure(len(cms) == 1, "production values render no dashboard ConfigMap")
+    ensure(cms[0]["metadata"]["labels"].get("grafana_dashboard") == "1", "the dashboard lacks the sidecar label")
+    ensure(json.loads(cms[0]["data"]["appproxy-coordinator.json"]) == dashboard, "the ConfigMap's JSON differs from the file")
+    ensure(not [d for d in find(rendered["default"], "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")],
+           "the dashboard is rendered although dashboard.enabled is false by default")
+
+    ensure("default" in rendered, "the no-values render failed")
+    with tempfile.TemporaryDirectory() as tmp:
+        with Pod("default", tmp) as pod:
+            during, after = exercise(pod, tokens_of("default"))
+            pod.stop()
+    families, series = parse_exposition(during)
+    families_after, series_after = parse_exposition(after)
+    families.update(families_after)
+    for name, labels in series_after.items():
+        series.setdefault(name, set()).update(labels)
+    ensure(families, "/metrics has no # TYPE lines")
+    known = exported_series(families, series)
+    unknown, bad_labels, used = [], [], set()
+    unverified = set()
+    for where, expr, more_labels in queries:
+        names, labels = promql_references(expr)
+        labels |= more_labels
+        for name in sorted(names):
+            if name not in known:
+                unknown.append(f"{name} ({where})")
+                continue
+            family = known[name]
+            used.add(family)
+            if name not in series:
+                unverified.add(family)  # exported, but no sample yet: labels cannot be compared
+                continue
+            allowed = series[name] | TARGET_LABELS
+            extra = labels - allowed
+            if extra:
+                bad_labels.append(f"{where}: {name} has no label {sorted(extra)} (it has {sorted(series[name])})")
+    ensure(not unknown, "metrics the coordinator does not export: " + "; ".join(unknown)
+           + f" (it exports the families {', '.join(f'{n} ({k})' for n, k in sorted(families.items()))})")
+    ensure(not bad_labels, "; ".join(bad_labels))
+    unused = sorted(set(families) - used)
+    detail = (f"{len(queries)} queries use {len(used)} of the {len(families)} metric families on /metrics, "
+              f"all exported; their label names checked against the scraped samples")
+    if unverified:
+        detail += f" (no samples to check labels against: {', '.join(sorted(unverified))})"
+    if unused:
+        detail += f"; not on the dashboard: {', '.join(unused)}"
+    return detail
+
+
+check("the Grafana dashboard uses only metrics (and labels) the coordinator exports", dashboard_metrics)
+
+
 def kubectl_dry_run():
     kubectl = shutil.which("kubectl")
     if not kubectl:
@@ -494,7 +1234,7 @@ def kubectl_dry_run():
         return Skip("no reachable Kubernetes API server, and kubectl apply --dry-run=client needs one for "
                     "API discovery (with or without --validate=false)")
     with tempfile.TemporaryDirectory() as tmp:
-        for label in ("default", "production"):
+        for label in CONFIGURATIONS:
             docs = [d for _, d in rendered[label] if (d["apiVersion"], d["kind"]) not in SKIP_KINDS]
             path = os.path.join(tmp, f"{label}.yaml")
             with open(path, "w") as fh:

@@ -61,25 +61,72 @@ Name of the ServiceAccount the pods run as.
 {{- end }}
 
 {{/*
-Name of the Secret holding database-url, manager-token and worker-token.
-Also checks that the credentials are given exactly one way, so a missing value
-fails the install with a message rather than a crash-looping pod.
+"true" when the coordinator runs on PostgreSQL (database.url, or the
+database-url key of existingSecret), empty on the embedded SQLite file.
+*/}}
+{{- define "appproxy-coordinator.postgres" -}}
+{{- if or .Values.database.url .Values.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding manager-token, worker-token and, on PostgreSQL,
+database-url. Also checks that the values make sense together, so a mistake
+fails the install with a message rather than a crash-looping pod. (The schema
+refuses replicaCount > 1 on SQLite too; this message is for installs that skip
+schema validation.)
 */}}
 {{- define "appproxy-coordinator.secretName" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not (include "appproxy-coordinator.postgres" .)) }}
+{{- fail (printf "replicaCount is %d, but the embedded SQLite database serves exactly one pod: set database.url (PostgreSQL) or existingSecret, or use replicaCount 1" (int .Values.replicaCount)) }}
+{{- end }}
 {{- if .Values.existingSecret }}
 {{- if or .Values.database.url .Values.auth.managerToken .Values.auth.workerToken }}
 {{- fail "existingSecret is set: leave database.url, auth.managerToken and auth.workerToken empty (the Secret holds them)" }}
 {{- end }}
 {{- .Values.existingSecret }}
 {{- else }}
-{{- $_ := required "database.url is required (postgres://user:password@host:5432/db), or set existingSecret to a Secret with the keys database-url, manager-token and worker-token" .Values.database.url }}
-{{- $m := required "auth.managerToken is required (e.g. --set auth.managerToken=$(openssl rand -base64 32)), or set existingSecret" .Values.auth.managerToken }}
-{{- $w := required "auth.workerToken is required (e.g. --set auth.workerToken=$(openssl rand -base64 32)), or set existingSecret" .Values.auth.workerToken }}
-{{- if eq $m $w }}
-{{- fail "auth.managerToken and auth.workerToken must differ: a worker must not be able to act as the Manager" }}
-{{- end }}
 {{- include "appproxy-coordinator.fullname" . }}
 {{- end }}
+{{- end }}
+
+{{/*
+The data of the chart's Secret (base64, as YAML), when existingSecret is
+empty. Each token is auth.* when set, else the one already stored in the
+Secret (lookup: an upgrade keeps it), else 48 random alphanumeric characters
+(about 285 bits, from crypto/rand). The result is remembered for the rest of
+the render, so that the checksum/secret annotation of the pods hashes the very
+tokens the Secret holds, not a second random draw.
+*/}}
+{{- define "appproxy-coordinator.secretData" -}}
+{{- if not (hasKey . "appproxyCoordinatorSecretData") }}
+{{- $name := include "appproxy-coordinator.secretName" . }}
+{{- $stored := dig "data" (dict) (lookup "v1" "Secret" .Release.Namespace $name) }}
+{{- $data := dict }}
+{{- with .Values.database.url }}
+{{- $_ := set $data "database-url" (b64enc .) }}
+{{- end }}
+{{- range $key, $value := dict "manager-token" .Values.auth.managerToken "worker-token" .Values.auth.workerToken }}
+{{- if $value }}
+{{- $_ := set $data $key (b64enc $value) }}
+{{- else if index $stored $key }}
+{{- $_ := set $data $key (index $stored $key) }}
+{{- else }}
+{{- $_ := set $data $key (randAlphaNum 48 | b64enc) }}
+{{- end }}
+{{- end }}
+{{- if eq (index $data "manager-token") (index $data "worker-token") }}
+{{- fail "auth.managerToken and auth.workerToken must differ: a worker must not be able to act as the Manager" }}
+{{- end }}
+{{- $_ := set . "appproxyCoordinatorSecretData" (toYaml $data) }}
+{{- end }}
+{{- index . "appproxyCoordinatorSecretData" }}
+{{- end }}
+
+{{/*
+Name of the coordinator's port, and so its scheme: "https" when it serves TLS.
+*/}}
+{{- define "appproxy-coordinator.portName" -}}
+{{- if .Values.tls.secretName }}https{{ else }}http{{ end }}
 {{- end }}
 
 {{/*
