@@ -14,6 +14,7 @@ on_both_backends!(
     registration_is_idempotent_by_name,
     the_bootstrap_token_cannot_take_over_a_live_worker,
     worker_tokens_are_read_from_the_database_at_most_once_per_ttl,
+    a_heartbeat_timeout_never_overwrites_a_concurrent_drain,
     route_lifecycle,
     put_is_an_idempotent_upsert,
     parallel_creates_of_one_session_service_yield_one_route,
@@ -1389,4 +1390,29 @@ async fn worker_tokens_are_read_from_the_database_at_most_once_per_ttl(b: Backen
         read >= 1 && read <= 2 * periods,
         "{read} reads in {periods} cache period(s)"
     );
+}
+
+/// A heartbeat timeout decided from `Ready` must not overwrite a `Draining`
+/// set meanwhile: the transition is a compare-and-set in one transaction.
+/// Whatever the interleaving, a worker being drained ends `Draining`.
+async fn a_heartbeat_timeout_never_overwrites_a_concurrent_drain(b: Backend) {
+    use appproxy_coordinator::domain::WorkerStatus;
+    use appproxy_coordinator::domain::health::Observation;
+    use appproxy_coordinator::health;
+    let app = TestApp::start(b).await;
+    for round in 0..20 {
+        let (id, _, _) = app.register(&format!("w{round}"), [20000, 20100]).await;
+        let timeouts =
+            (0..4).map(|_| health::observe(&app.store, id, Observation::HeartbeatTimeout));
+        let drain = app
+            .store
+            .set_worker_status(id, WorkerStatus::Draining, chrono::Utc::now());
+        let (observed, drained) = tokio::join!(futures::future::join_all(timeouts), drain);
+        drained.unwrap();
+        for o in observed {
+            o.unwrap();
+        }
+        let worker = app.store.get_worker(id).await.unwrap();
+        assert_eq!(worker.status, WorkerStatus::Draining, "round {round}");
+    }
 }
