@@ -435,6 +435,21 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
     Ok(tokens)
 }
 
+/// The secret-carrying flags among `args` (the process's command line):
+/// anyone on the host can read them in `ps`, unlike a file or the
+/// environment.
+pub fn secrets_on_command_line(args: impl IntoIterator<Item = String>) -> Vec<&'static str> {
+    const FLAGS: [&str; 2] = ["--manager-token", "--worker-token"];
+    let args: Vec<String> = args.into_iter().collect();
+    FLAGS
+        .into_iter()
+        .filter(|flag| {
+            args.iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        })
+        .collect()
+}
+
 /// Shortest token accepted: a guessable token is no authentication.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -581,6 +596,16 @@ mod tests {
             "{err}"
         );
         resolve_tokens(&with(long, "0123456789abcdef-worker")).unwrap();
+    }
+
+    #[test]
+    fn token_flags_on_the_command_line_are_found() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            secrets_on_command_line(args(&["x", "--manager-token", "t", "--worker-token=u"])),
+            vec!["--manager-token", "--worker-token"]
+        );
+        assert!(secrets_on_command_line(args(&["x", "--manager-token-file", "f"])).is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `appproxy-coordinator`: command-line wiring only.
 
-use appproxy_coordinator::config::{Cli, Command, Config, LogFormat};
+use appproxy_coordinator::config::{self, Cli, Command, Config, LogFormat};
 use appproxy_coordinator::{server, telemetry};
 use clap::Parser;
 
@@ -21,6 +21,13 @@ async fn main() -> std::process::ExitCode {
         }
     };
     telemetry::init_tracing(config.log_format == LogFormat::Json);
+    for flag in config::secrets_on_command_line(std::env::args()) {
+        tracing::warn!(
+            flag,
+            "a token was given on the command line, where every user of this host can read it \
+             (ps, /proc); use the *_FILE setting or the environment variable instead"
+        );
+    }
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => server::serve(config).await,
         Command::Migrate => migrate(&config).await,

@@ -360,3 +360,54 @@ fn bad_configuration_is_a_clear_error() {
         assert!(help.contains(var), "--help documents {var}");
     }
 }
+
+#[test]
+fn weak_tokens_are_refused_and_tokens_on_the_command_line_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--data-dir", data, "--bind", "192.0.2.1:6030"])
+            .args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let shared = "the-same-token-for-both-0123";
+    let out = run(
+        &[],
+        &[
+            ("APPPROXY_MANAGER_TOKEN", shared),
+            ("APPPROXY_WORKER_TOKEN", shared),
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("equals the worker bootstrap token"), "{err}");
+    assert!(
+        !err.contains(shared),
+        "the token itself is never printed: {err}"
+    );
+    let out = run(
+        &[],
+        &[
+            ("APPPROXY_MANAGER_TOKEN", "short"),
+            ("APPPROXY_WORKER_TOKEN", "worker-token-0123456789"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+    // Given as a flag, a token is accepted, with a warning naming the flag.
+    // (192.0.2.1 is no address of this host, so the process stops right after starting.)
+    let out = run(
+        &["--manager-token", "manager-token-on-the-command-line"],
+        &[("APPPROXY_WORKER_TOKEN", "worker-token-0123456789")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--manager-token") && err.contains("command line"),
+        "{err}"
+    );
+    assert!(!err.contains("manager-token-on-the-command-line"), "{err}");
+}
