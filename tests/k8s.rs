@@ -9,6 +9,7 @@ mod fake_apiserver;
 use std::future::Future;
 use std::time::Duration;
 
+use appproxy_coordinator::clock::Clock;
 use appproxy_coordinator::domain::WorkerStatus;
 use appproxy_coordinator::k8s::crd::{AppProxyRoute, FIELD_MANAGER, cr_name};
 use appproxy_coordinator::k8s::events::Recorder;
@@ -388,7 +389,16 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
         ))
         .await;
     let (client, store) = (e.client.clone(), e.app.store.clone());
-    tokio::spawn(async move { pods::watch(client, NS, k8s::DEFAULT_WORKER_SELECTOR, store).await });
+    tokio::spawn(async move {
+        pods::watch(
+            client,
+            NS,
+            k8s::DEFAULT_WORKER_SELECTOR,
+            store,
+            Clock::system(),
+        )
+        .await
+    });
 
     set_ready(&pods, "worker-0", false).await;
     worker_status(&e.app, w0, WorkerStatus::NotReady).await;
@@ -437,6 +447,7 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         e.client.clone(),
         settings,
         e.app.hub.clone(),
+        Clock::system(),
         std::future::pending(),
     );
     let mut leadership = running.leadership.clone();
@@ -473,6 +484,7 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
             batch_size: 10,
             route_idle_ttl: None,
         },
+        Clock::system(),
         e.app.hub.shutdown_signal(),
     ));
     e.cr_where(id, "the CR on its new worker", |c| {
@@ -538,8 +550,20 @@ fn chart_role_rules() -> std::collections::BTreeSet<(String, String, String)> {
 async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     let api = FakeApiServer::start().await;
     let leases: Api<Lease> = Api::namespaced(api.client(), NS);
-    let mut a = LeaseElector::new(leases.clone(), "coord", "a", Duration::from_secs(1));
-    let mut b = LeaseElector::new(leases.clone(), "coord", "b", Duration::from_secs(1));
+    let mut a = LeaseElector::new(
+        leases.clone(),
+        "coord",
+        "a",
+        Duration::from_secs(1),
+        Clock::system(),
+    );
+    let mut b = LeaseElector::new(
+        leases.clone(),
+        "coord",
+        "b",
+        Duration::from_secs(1),
+        Clock::system(),
+    );
 
     // Racing for a Lease that does not exist yet: exactly one wins.
     let (ra, rb) = tokio::join!(a.try_acquire(), b.try_acquire());
@@ -574,8 +598,20 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
 
     // Through leader::spawn: one leader; a graceful stop hands over at once.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let c = LeaseElector::new(leases.clone(), "spawned", "c", Duration::from_secs(30));
-    let d = LeaseElector::new(leases.clone(), "spawned", "d", Duration::from_secs(30));
+    let c = LeaseElector::new(
+        leases.clone(),
+        "spawned",
+        "c",
+        Duration::from_secs(30),
+        Clock::system(),
+    );
+    let d = LeaseElector::new(
+        leases.clone(),
+        "spawned",
+        "d",
+        Duration::from_secs(30),
+        Clock::system(),
+    );
     let lc = leader::spawn(c, Duration::from_millis(50), async move {
         let _ = stop_rx.await;
     });

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
+use appproxy_coordinator::clock::Clock;
 use appproxy_coordinator::config::{Secret, Tokens};
 use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
@@ -180,6 +181,7 @@ impl TestApp {
             app.metrics.clone(),
             Leadership::fixed(true),
             health,
+            Clock::system(),
             app.hub.shutdown_signal(),
         ));
         app
@@ -194,6 +196,7 @@ impl TestApp {
             hub: hub.clone(),
             keep_alive: std::time::Duration::from_secs(15),
             batch_size: 100,
+            clock: Clock::system(),
             tokens: Arc::new(Tokens {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
