@@ -316,9 +316,21 @@ async fn a_silent_worker_s_routes_move_once_timeout_and_grace_have_passed(b: Bac
     assert!(routes_on(&app, a.id()).await.is_empty());
 }
 
+/// The seed of a randomised test: `APPPROXY_TEST_SEED` to replay a run, else
+/// a fresh one. Printed either way, so a failure can be replayed.
+fn seed() -> u64 {
+    let seed = match std::env::var("APPPROXY_TEST_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("APPPROXY_TEST_SEED={s:?} is not a u64")),
+        Err(_) => rand::random(),
+    };
+    eprintln!("seed {seed} (replay with APPPROXY_TEST_SEED={seed})");
+    seed
+}
+
 async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
-    let seed: u64 = rand::random();
-    eprintln!("seed {seed}");
+    let seed = seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let app = TestApp::start_with_health(b, health()).await;
     let mut workers = Vec::new();
