@@ -6,14 +6,18 @@
 //! (by the same placement rules as new routes, in batches, one transaction
 //! each); routes that fit nowhere wait as `Pending` and are placed as soon as
 //! a worker can take them.
+//!
+//! The time of day comes from a [`Clock`]: every timeout, grace and TTL is
+//! measured against it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::domain::WorkerStatus;
 use crate::domain::failover;
 use crate::domain::health::{Observation, statuses_that_time_out};
@@ -21,18 +25,16 @@ use crate::leader::Leadership;
 use crate::store::{Moved, Store, StoreError};
 use crate::telemetry::{Metrics, OutcomeLabels};
 
-/// Applies one observation about a worker (by the rules of
+/// Applies one observation about a worker, made at `now` (by the rules of
 /// `domain::health`, as one compare-and-set in the store). Returns the new
 /// status if it changed.
 pub async fn observe(
     store: &Store,
     worker_id: Uuid,
     observation: Observation,
+    now: DateTime<Utc>,
 ) -> Result<Option<WorkerStatus>, StoreError> {
-    let Some(change) = store
-        .observe_worker(worker_id, observation, Utc::now())
-        .await?
-    else {
+    let Some(change) = store.observe_worker(worker_id, observation, now).await? else {
         return Ok(None);
     };
     let worker = &change.worker;
@@ -64,12 +66,14 @@ impl HealthConfig {
 }
 
 /// The leader's loops: liveness sweep, failover, placing pending routes and
-/// collecting expired ones. Each pass runs only while `leadership` holds.
+/// collecting expired ones. Each pass runs only while `leadership` holds and
+/// reads the time from `clock`.
 pub async fn run(
     store: Store,
     metrics: Arc<Metrics>,
     mut leadership: Leadership,
     config: HealthConfig,
+    clock: Clock,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(config.tick());
@@ -85,27 +89,27 @@ pub async fn run(
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
-        if let Err(e) = pass(&store, &metrics, &config).await {
+        if let Err(e) = pass(&store, &metrics, &config, &clock).await {
             tracing::warn!(error = %e, "health pass failed; retrying");
         }
     }
 }
 
-/// One pass of every loop.
+/// One pass of every loop, at the time `clock` shows.
 pub async fn pass(
     store: &Store,
     metrics: &Metrics,
     config: &HealthConfig,
+    clock: &Clock,
 ) -> Result<(), StoreError> {
-    let now = Utc::now();
     let timeout = chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or_default();
     for worker in store
-        .silent_workers(&statuses_that_time_out(), now - timeout)
+        .silent_workers(&statuses_that_time_out(), clock.now() - timeout)
         .await?
     {
-        observe(store, worker, Observation::HeartbeatTimeout).await?;
+        observe(store, worker, Observation::HeartbeatTimeout, clock.now()).await?;
     }
-    let now = Utc::now();
+    let now = clock.now();
     let due = store
         .lost_workers_with_routes()
         .await?
@@ -114,12 +118,12 @@ pub async fn pass(
     for worker in due {
         loop {
             let moved = store
-                .relocate_routes(worker.id, config.batch_size, Utc::now())
+                .relocate_routes(worker.id, config.batch_size, clock.now())
                 .await?;
             if moved.is_empty() {
                 break;
             }
-            let silent_for = (Utc::now() - worker.last_heartbeat)
+            let silent_for = (clock.now() - worker.last_heartbeat)
                 .to_std()
                 .unwrap_or_default();
             for m in &moved {
@@ -127,15 +131,15 @@ pub async fn pass(
             }
         }
     }
-    for m in store.place_pending(config.batch_size, Utc::now()).await? {
+    for m in store.place_pending(config.batch_size, clock.now()).await? {
         record_move(metrics, &m, "", None);
     }
     let idle_before = config
         .route_idle_ttl
-        .map(|ttl| Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default());
+        .map(|ttl| clock.now() - chrono::Duration::from_std(ttl).unwrap_or_default());
     loop {
         let expired = store
-            .delete_expired(Utc::now(), idle_before, config.batch_size)
+            .delete_expired(clock.now(), idle_before, config.batch_size)
             .await?;
         for id in &expired {
             tracing::info!(route = %id, "expired or idle route collected");

@@ -15,11 +15,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::Stream;
 use sqlx::postgres::PgListener;
 use tokio::sync::{broadcast, watch};
 
+use crate::clock::Clock;
 use crate::domain::Revision;
 use crate::domain::events::{Audience, Bookmark, Change, Snapshot, StreamEvent};
 use crate::store::{Db, NOTIFY_CHANNEL, Store, StoreError};
@@ -406,13 +406,15 @@ async fn listen(store: &Store) -> Option<PgListener> {
     }
 }
 
-/// Deletes change-log rows beyond retention, every `interval`, until shutdown.
+/// Deletes change-log rows beyond retention, every `interval`, until shutdown;
+/// a row's age is measured against `clock`.
 pub async fn compact_periodically(
     hub: Hub,
     leadership: crate::leader::Leadership,
     interval: Duration,
     keep_revisions: u64,
     keep_for: Duration,
+    clock: Clock,
 ) {
     let mut shutdown = hub.inner.shutdown.subscribe();
     loop {
@@ -423,7 +425,7 @@ pub async fn compact_periodically(
         if !leadership.is_leader() {
             continue;
         }
-        let older_than = Utc::now() - chrono::Duration::from_std(keep_for).unwrap_or_default();
+        let older_than = clock.now() - chrono::Duration::from_std(keep_for).unwrap_or_default();
         match hub.store().compact_log(keep_revisions, older_than).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "compacted the change log"),

@@ -5,8 +5,10 @@
 //!
 //! - [`domain`]: routes, workers, validation, placement, failover and health
 //!   rules, the change events. No I/O; unit-tested directly.
-//! - [`secret`], [`wire`]: leaf modules: secrets and the shared bearer
-//!   tokens; the shapes a worker and the coordinator exchange.
+//! - [`secret`], [`wire`], [`clock`]: leaf modules: secrets and the shared
+//!   bearer tokens; the shapes a worker and the coordinator exchange; the
+//!   time of day every time-based decision reads (the system clock in
+//!   production, a manual one in tests).
 //! - [`store`]: PostgreSQL and embedded SQLite persistence, with the change
 //!   log every mutation appends to in the same transaction.
 //! - [`telemetry`]: logs and Prometheus metrics.
@@ -26,6 +28,7 @@
 
 pub mod api;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod health;

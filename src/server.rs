@@ -10,6 +10,7 @@ use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
+use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::health::{self, HealthConfig};
 use crate::hub::{self, Hub, HubConfig};
@@ -51,6 +52,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
+    let clock = Clock::system();
     let metrics = Metrics::new(&store);
     let hub = Hub::start(store.clone(), hub_settings(&config), metrics.clone());
     // Kubernetes mode (src/k8s): a Lease elects the leader, which also runs
@@ -67,7 +69,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            Some(crate::k8s::start(client, settings, hub.clone(), shutdown))
+            Some(crate::k8s::start(
+                client,
+                settings,
+                hub.clone(),
+                clock.clone(),
+                shutdown,
+            ))
         }
         None => None,
     };
@@ -81,12 +89,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.compaction_interval,
         config.log_retention_revisions,
         config.log_retention,
+        clock.clone(),
     ));
     tokio::spawn(health::run(
         store.clone(),
         metrics.clone(),
         leadership,
         health_settings(&config),
+        clock.clone(),
         hub.shutdown_signal(),
     ));
     let state = AppState {
@@ -96,6 +106,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         keep_alive: config.keepalive_interval,
         batch_size: config.failover_batch,
+        clock,
     };
     let app = api::router(state, config.max_body_bytes);
 

@@ -1402,8 +1402,14 @@ async fn a_heartbeat_timeout_never_overwrites_a_concurrent_drain(b: Backend) {
     let app = TestApp::start(b).await;
     for round in 0..20 {
         let (id, _, _) = app.register(&format!("w{round}"), [20000, 20100]).await;
-        let timeouts =
-            (0..4).map(|_| health::observe(&app.store, id, Observation::HeartbeatTimeout));
+        let timeouts = (0..4).map(|_| {
+            health::observe(
+                &app.store,
+                id,
+                Observation::HeartbeatTimeout,
+                app.clock.now(),
+            )
+        });
         let drain = app
             .store
             .set_worker_status(id, WorkerStatus::Draining, chrono::Utc::now());

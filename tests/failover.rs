@@ -7,12 +7,12 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appproxy_coordinator::client::{RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::WorkerRegistration;
 use appproxy_coordinator::health::HealthConfig;
-use common::{BOOTSTRAP, Backend, TestApp, TestDb, route};
+use common::{BOOTSTRAP, Backend, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use reqwest::{Method, StatusCode};
@@ -20,7 +20,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 on_both_backends!(
-    a_silent_worker_s_routes_reach_another_worker_within_the_timeouts,
+    a_silent_worker_s_routes_move_once_timeout_and_grace_have_passed,
     no_route_is_ever_on_two_workers_across_random_failures,
     routes_that_fit_nowhere_wait_as_pending_until_capacity_appears,
     a_returning_worker_gets_only_what_is_still_its_own,
@@ -28,8 +28,11 @@ on_both_backends!(
     idle_routes_are_collected_unless_re_sent,
 );
 
+// Times on the app's manual clock, which only the tests move: the real time
+// these tests take has no bearing on what they check.
 const TIMEOUT: Duration = Duration::from_millis(1000);
 const GRACE: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(1);
 
 fn health() -> HealthConfig {
     HealthConfig {
@@ -43,9 +46,12 @@ fn health() -> HealthConfig {
 /// A simulated worker: its stream applied to a table, and heartbeats that
 /// can be switched off (a hung or partitioned worker) and on again.
 struct SimWorker {
+    name: String,
     client: WorkerClient,
     table: Arc<Mutex<RoutingTable>>,
     alive: Arc<AtomicBool>,
+    /// Held while a heartbeat is on its way.
+    beating: Arc<tokio::sync::Mutex<()>>,
     violations: Arc<Mutex<Vec<String>>>,
 }
 
@@ -66,6 +72,7 @@ impl SimWorker {
             answer.routes,
         )));
         let alive = Arc::new(AtomicBool::new(true));
+        let beating = Arc::new(tokio::sync::Mutex::new(()));
         let violations = Arc::new(Mutex::new(Vec::new()));
         let mut stream = client.watch(Some(answer.revision)).await.unwrap();
         let (t, v) = (table.clone(), violations.clone());
@@ -76,26 +83,46 @@ impl SimWorker {
                 }
             }
         });
-        let (c, t, a) = (client.clone(), table.clone(), alive.clone());
+        let (c, t, a, b) = (
+            client.clone(),
+            table.clone(),
+            alive.clone(),
+            beating.clone(),
+        );
         tokio::spawn(async move {
             loop {
-                if a.load(Ordering::SeqCst) {
-                    let acked = t.lock().unwrap().revision;
-                    let _ = c.heartbeat(acked).await;
+                {
+                    let _beat = b.lock().await;
+                    if a.load(Ordering::SeqCst) {
+                        let acked = t.lock().unwrap().revision;
+                        let _ = c.heartbeat(acked).await;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         SimWorker {
+            name: name.to_owned(),
             client,
             table,
             alive,
+            beating,
             violations,
         }
     }
 
     fn id(&self) -> Uuid {
         self.client.worker_id
+    }
+
+    /// Stops heartbeating; answers once no heartbeat is on its way any more.
+    async fn silence(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        drop(self.beating.lock().await);
+    }
+
+    fn revive(&self) {
+        self.alive.store(true, Ordering::SeqCst);
     }
 
     fn routes(&self) -> BTreeMap<Uuid, Option<u16>> {
@@ -113,15 +140,40 @@ impl SimWorker {
     }
 }
 
-async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
+/// Moves the app's clock forward by `by`, in steps of at most half the
+/// heartbeat timeout, and after each step waits until every worker of `alive`
+/// has heartbeated at the new time. So a live worker is never silent for
+/// longer than half the timeout on the clock, however slow the machine.
+async fn advance(app: &TestApp, by: Duration, alive: &[&SimWorker]) {
+    let mut left = by;
+    while !left.is_zero() {
+        let step = left.min(TIMEOUT / 2);
+        left -= step;
+        let now = app.clock.advance(step);
+        for w in alive {
+            wait_for(&format!("{} heartbeats at {now}", w.name), async || {
+                app.store.get_worker(w.id()).await.unwrap().last_heartbeat >= now
+            })
+            .await;
         }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Silences `victim` and moves the clock past the heartbeat timeout, then past
+/// the failover grace, keeping `others` alive; answers once no route is left
+/// on the victim.
+async fn fail(app: &TestApp, victim: &SimWorker, others: &[&SimWorker]) {
+    victim.silence().await;
+    advance(app, TIMEOUT + TICK, others).await;
+    wait_for(&format!("{} is Lost", victim.name), async || {
+        worker_status(app, victim.id()).await == "Lost"
+    })
+    .await;
+    advance(app, GRACE + TICK, others).await;
+    wait_for(&format!("routes leave {}", victim.name), async || {
+        routes_on(app, victim.id()).await.is_empty()
+    })
+    .await;
 }
 
 async fn create_on(app: &TestApp, worker: Uuid) -> Uuid {
@@ -141,7 +193,36 @@ async fn worker_status(app: &TestApp, worker: Uuid) -> String {
         .to_owned()
 }
 
-async fn a_silent_worker_s_routes_reach_another_worker_within_the_timeouts(b: Backend) {
+async fn route_status(app: &TestApp, route: Uuid) -> String {
+    app.manager(Method::GET, &format!("/routes/{route}"), None)
+        .await
+        .body["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The routes the database places on `worker`.
+async fn routes_on(app: &TestApp, worker: Uuid) -> HashSet<Uuid> {
+    app.manager(Method::GET, &format!("/routes?worker_id={worker}"), None)
+        .await
+        .body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+async fn a_silent_worker_s_routes_move_once_timeout_and_grace_have_passed(b: Backend) {
     let app = TestApp::start_with_health(b, health()).await;
     let a = SimWorker::start(&app, "a", [20000, 20100]).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
@@ -149,56 +230,57 @@ async fn a_silent_worker_s_routes_reach_another_worker_within_the_timeouts(b: Ba
     for _ in 0..10 {
         ids.insert(create_on(&app, a.id()).await);
     }
-    wait_for("a has its routes", Duration::from_secs(5), async || {
-        a.routes().len() == 10
+    wait_for("a has its routes", async || a.routes().len() == 10).await;
+
+    a.silence().await;
+    let last_beat = app.store.get_worker(a.id()).await.unwrap().last_heartbeat;
+    assert_eq!(last_beat, app.clock.now(), "the clock has not moved yet");
+    let watched: Uuid = *ids.iter().next().unwrap();
+
+    // Silent for exactly the heartbeat timeout: still Ready, nothing moves.
+    advance(&app, TIMEOUT, &[&b_worker]).await;
+    app.health_pass().await;
+    assert_eq!(worker_status(&app, a.id()).await, "Ready");
+    assert_eq!(routes_on(&app, a.id()).await, ids);
+    assert_ne!(route_status(&app, watched).await, "FailingOver");
+
+    // A moment longer: Lost. What a manager sees: FailingOver while the
+    // worker is Lost within its grace, and the routes stay where they are.
+    advance(&app, TICK, &[&b_worker]).await;
+    wait_for("a is Lost", async || {
+        worker_status(&app, a.id()).await == "Lost"
     })
     .await;
-
-    a.alive.store(false, Ordering::SeqCst);
-    let silenced = Instant::now();
-    let watched: Uuid = *ids.iter().next().unwrap();
-    // What a manager sees: Propagating/Active, then FailingOver while the
-    // worker is Lost within its grace, then the route on its new worker.
-    wait_for(
-        "the route shows FailingOver",
-        TIMEOUT + GRACE + Duration::from_secs(2),
-        async || {
-            app.manager(Method::GET, &format!("/routes/{watched}"), None)
-                .await
-                .body["status"]
-                == "FailingOver"
-        },
-    )
-    .await;
-    wait_for(
-        "b serves every route of a",
-        TIMEOUT + GRACE + Duration::from_secs(3),
-        async || {
-            let on_b: HashSet<Uuid> = b_worker.routes().keys().copied().collect();
-            ids.is_subset(&on_b)
-        },
-    )
-    .await;
-    let took = silenced.elapsed();
-    assert!(
-        took <= TIMEOUT + GRACE + Duration::from_secs(1),
-        "failover took {took:?}"
+    let lost_at = app.store.get_worker(a.id()).await.unwrap().updated_at;
+    assert_eq!(
+        lost_at,
+        last_beat + TIMEOUT + TICK,
+        "Lost at the clock's time"
     );
-    assert_eq!(worker_status(&app, a.id()).await, "Lost");
-    wait_for(
-        "a's stream deletes them",
-        Duration::from_secs(5),
-        async || a.routes().is_empty(),
-    )
+    wait_for("the route shows FailingOver", async || {
+        route_status(&app, watched).await == "FailingOver"
+    })
     .await;
-    let listed = app
-        .manager(
-            Method::GET,
-            &format!("/routes?worker_id={}", b_worker.id()),
-            None,
-        )
-        .await;
-    assert_eq!(listed.body["items"].as_array().unwrap().len(), 10);
+    advance(&app, GRACE, &[&b_worker]).await;
+    app.health_pass().await;
+    assert_eq!(
+        routes_on(&app, a.id()).await,
+        ids,
+        "nothing moves within the grace"
+    );
+    assert_eq!(route_status(&app, watched).await, "FailingOver");
+    assert!(b_worker.routes().keys().all(|id| !ids.contains(id)));
+
+    // The grace has passed: every route moves to b.
+    advance(&app, TICK, &[&b_worker]).await;
+    wait_for("b serves every route of a", async || {
+        let on_b: HashSet<Uuid> = b_worker.routes().keys().copied().collect();
+        ids.is_subset(&on_b)
+    })
+    .await;
+    assert_eq!(worker_status(&app, a.id()).await, "Lost");
+    wait_for("a's stream deletes them", async || a.routes().is_empty()).await;
+    assert_eq!(routes_on(&app, b_worker.id()).await, ids);
     let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
     let text = metrics.as_str().unwrap();
     assert!(
@@ -209,6 +291,14 @@ async fn a_silent_worker_s_routes_reach_another_worker_within_the_timeouts(b: Ba
         text.contains("appproxy_failover_seconds_count 10"),
         "{text}"
     );
+    // Each route was moved after its worker had been silent for the timeout,
+    // the grace and the two extra ticks, on the clock.
+    let silent = (TIMEOUT + GRACE + 2 * TICK).as_secs_f64();
+    let sum = metric(text, "appproxy_failover_seconds_sum");
+    assert!(
+        (sum - 10.0 * silent).abs() < 1e-6,
+        "{sum} for {silent} s each"
+    );
     assert!(
         text.contains("appproxy_workers{status=\"Lost\"} 1"),
         "{text}"
@@ -218,16 +308,29 @@ async fn a_silent_worker_s_routes_reach_another_worker_within_the_timeouts(b: Ba
     );
 
     // A heartbeat brings the lost worker back to Ready (with nothing of its old routes).
-    a.alive.store(true, Ordering::SeqCst);
-    wait_for("a is Ready again", Duration::from_secs(5), async || {
+    a.revive();
+    wait_for("a is Ready again", async || {
         worker_status(&app, a.id()).await == "Ready"
     })
     .await;
+    assert!(routes_on(&app, a.id()).await.is_empty());
+}
+
+/// The seed of a randomised test: `APPPROXY_TEST_SEED` to replay a run, else
+/// a fresh one. Printed either way, so a failure can be replayed.
+fn seed() -> u64 {
+    let seed = match std::env::var("APPPROXY_TEST_SEED") {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("APPPROXY_TEST_SEED={s:?} is not a u64")),
+        Err(_) => rand::random(),
+    };
+    eprintln!("seed {seed} (replay with APPPROXY_TEST_SEED={seed})");
+    seed
 }
 
 async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
-    let seed: u64 = rand::random();
-    eprintln!("seed {seed}");
+    let seed = seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let app = TestApp::start_with_health(b, health()).await;
     let mut workers = Vec::new();
@@ -243,19 +346,13 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
     }
     for round in 0..4 {
         let victim = rng.random_range(0..workers.len());
-        workers[victim].alive.store(false, Ordering::SeqCst);
-        let victim_id = workers[victim].id();
-        wait_for(
-            &format!("round {round}: routes leave the victim"),
-            Duration::from_secs(8),
-            async || {
-                let on = app
-                    .manager(Method::GET, &format!("/routes?worker_id={victim_id}"), None)
-                    .await;
-                on.body["items"].as_array().unwrap().is_empty()
-            },
-        )
-        .await;
+        let others: Vec<&SimWorker> = workers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != victim)
+            .map(|(_, w)| w)
+            .collect();
+        fail(&app, &workers[victim], &others).await;
         // Churn while it is down: one new route, one deleted.
         let r = app.create(route(Uuid::new_v4(), "ssh")).await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
@@ -263,12 +360,11 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
         let gone = live.remove(rng.random_range(0..live.len()));
         app.manager(Method::DELETE, &format!("/routes/{gone}"), None)
             .await;
-        workers[victim].alive.store(true, Ordering::SeqCst);
+        workers[victim].revive();
 
         let head = app.revision().await;
         wait_for(
-            &format!("round {round}: every stream catches up"),
-            Duration::from_secs(8),
+            &format!("round {round} (seed {seed}): every stream catches up"),
             async || workers.iter().all(|w| w.revision() >= head),
         )
         .await;
@@ -317,6 +413,11 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
             seen, expected,
             "round {round} (seed {seed}): every live route is served exactly once"
         );
+        wait_for(
+            &format!("round {round} (seed {seed}): the victim is Ready again"),
+            async || worker_status(&app, workers[victim].id()).await == "Ready",
+        )
+        .await;
     }
 }
 
@@ -327,38 +428,30 @@ async fn routes_that_fit_nowhere_wait_as_pending_until_capacity_appears(b: Backe
         create_on(&app, small.id()).await,
         create_on(&app, small.id()).await,
     ];
-    small.alive.store(false, Ordering::SeqCst);
-    wait_for(
-        "the routes become Pending",
-        Duration::from_secs(8),
-        async || {
-            let r = app
-                .manager(Method::GET, &format!("/routes/{}", ids[0]), None)
-                .await;
-            r.body["status"] == "Pending"
-        },
-    )
-    .await;
-    let r = app
-        .manager(Method::GET, &format!("/routes/{}", ids[1]), None)
-        .await;
-    assert_eq!(r.body["status"], "Pending");
-    assert_eq!(r.body["worker_id"], serde_json::Value::Null);
-    assert!(
-        r.body["pending_reason"]
-            .as_str()
-            .unwrap()
-            .contains("no eligible worker"),
-        "{:?}",
-        r.body
-    );
+    fail(&app, &small, &[]).await;
+    for id in ids {
+        let r = app
+            .manager(Method::GET, &format!("/routes/{id}"), None)
+            .await;
+        assert_eq!(r.body["status"], "Pending");
+        assert_eq!(r.body["worker_id"], serde_json::Value::Null);
+        assert!(
+            r.body["pending_reason"]
+                .as_str()
+                .unwrap()
+                .contains("no eligible worker"),
+            "{:?}",
+            r.body
+        );
+    }
+    // No worker, no placement, however often the loops look.
+    app.health_pass().await;
+    assert_eq!(route_status(&app, ids[0]).await, "Pending");
 
     let rescuer = SimWorker::start(&app, "rescuer", [40000, 40010]).await;
-    wait_for(
-        "pending routes are placed on the new worker",
-        Duration::from_secs(8),
-        async || rescuer.routes().len() == 2,
-    )
+    wait_for("pending routes are placed on the new worker", async || {
+        rescuer.routes().len() == 2
+    })
     .await;
     for id in ids {
         let r = app
@@ -375,15 +468,9 @@ async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
     let keeper = create_on(&app, a.id()).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
     let moved = create_on(&app, a.id()).await;
-    wait_for("a has both", Duration::from_secs(5), async || {
-        a.routes().len() == 2
-    })
-    .await;
-    a.alive.store(false, Ordering::SeqCst);
-    wait_for("b takes them", Duration::from_secs(8), async || {
-        b_worker.routes().len() == 2
-    })
-    .await;
+    wait_for("a has both", async || a.routes().len() == 2).await;
+    fail(&app, &a, &[&b_worker]).await;
+    wait_for("b takes them", async || b_worker.routes().len() == 2).await;
     // A new route lands on b while a is away.
     let fresh = create_on(&app, b_worker.id()).await;
 
@@ -400,6 +487,10 @@ async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
     assert_eq!(again.body["worker"]["id"], json!(a.id()));
     assert_eq!(again.body["worker"]["status"], "Ready");
     assert_eq!(again.body["routes"], json!([]));
+    wait_for("b has the fresh route", async || {
+        b_worker.routes().contains_key(&fresh)
+    })
+    .await;
     let on_b: HashSet<Uuid> = b_worker.routes().keys().copied().collect();
     assert_eq!(on_b, HashSet::from([keeper, moved, fresh]));
 }
@@ -407,21 +498,27 @@ async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
 async fn expired_routes_are_collected_as_deletes(b: Backend) {
     let app = TestApp::start_with_health(b, health()).await;
     let w = SimWorker::start(&app, "w", [20000, 20100]).await;
+    let lifetime = Duration::from_millis(800);
     let mut body = route(Uuid::new_v4(), "jupyter");
-    body["expires_at"] =
-        json!((chrono::Utc::now() + chrono::Duration::milliseconds(600)).to_rfc3339());
+    body["expires_at"] = json!((app.clock.now() + lifetime).to_rfc3339());
     let expiring = app.create(body).await;
+    assert_eq!(expiring.status, StatusCode::CREATED, "{:?}", expiring.body);
     let keep = create_on(&app, w.id()).await;
     let id: Uuid = expiring.body["id"].as_str().unwrap().parse().unwrap();
-    wait_for("the worker has both", Duration::from_secs(5), async || {
-        w.routes().len() == 2
+    wait_for("the worker has both", async || w.routes().len() == 2).await;
+
+    // At its expiry time exactly, the route is still there.
+    advance(&app, lifetime, &[&w]).await;
+    app.health_pass().await;
+    let still = app
+        .manager(Method::GET, &format!("/routes/{id}"), None)
+        .await;
+    assert_eq!(still.status, StatusCode::OK, "not expired yet");
+    // Past it, the route goes, as a delete on the worker's stream.
+    advance(&app, TICK, &[&w]).await;
+    wait_for("the expired route is deleted from the stream", async || {
+        !w.routes().contains_key(&id)
     })
-    .await;
-    wait_for(
-        "the expired route is deleted from the stream",
-        Duration::from_secs(5),
-        async || !w.routes().contains_key(&id),
-    )
     .await;
     assert!(w.routes().contains_key(&keep));
     let gone = app
@@ -434,9 +531,11 @@ async fn expired_routes_are_collected_as_deletes(b: Backend) {
 async fn exactly_one_replica_leads_and_another_takes_over() {
     use appproxy_coordinator::leader::{self, AdvisoryLock};
     use appproxy_coordinator::store::Db;
+    use common::Counted;
     let db = TestDb::new(Backend::Postgres).await;
     let stores = [db.store().await, db.store().await];
     let mut replicas = Vec::new();
+    let mut attempts = Vec::new();
     let mut stops = Vec::new();
     for store in &stores {
         let Db::Postgres(pool) = store.db() else {
@@ -444,34 +543,46 @@ async fn exactly_one_replica_leads_and_another_takes_over() {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         stops.push(Some(stop));
+        let (elector, tries) = Counted::new(AdvisoryLock::new(pool.clone()));
+        attempts.push(tries);
         replicas.push(leader::spawn(
-            AdvisoryLock::new(pool.clone()),
+            elector,
             Duration::from_millis(100),
             async move {
                 let _ = stopped.await;
             },
         ));
     }
-    let started = Instant::now();
-    let mut leaders_seen = HashSet::new();
-    while started.elapsed() < Duration::from_millis(800) {
-        let leading: Vec<usize> = (0..2).filter(|i| replicas[*i].is_leader()).collect();
-        assert!(leading.len() <= 1, "two leaders at once");
-        leaders_seen.extend(leading);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        leaders_seen.len(),
-        1,
-        "one replica leads, and it keeps leading"
-    );
-    let first = *leaders_seen.iter().next().unwrap();
+    let tries = |i: usize| attempts[i].load(Ordering::SeqCst);
+    let leading = || -> Vec<usize> { (0..2).filter(|i| replicas[*i].is_leader()).collect() };
+    let mut first = None;
+    wait_for("one replica leads", async || {
+        let now = leading();
+        assert!(now.len() <= 1, "two leaders at once");
+        first = now.first().copied();
+        first.is_some()
+    })
+    .await;
+    let first = first.unwrap();
     let other = 1 - first;
+    // Both keep trying (renewing, competing); the same one keeps leading.
+    let since = [tries(0), tries(1)];
+    wait_for("both replicas try three more times", async || {
+        assert_eq!(
+            leading(),
+            [first],
+            "one replica leads, and it keeps leading"
+        );
+        tries(0) >= since[0] + 3 && tries(1) >= since[1] + 3
+    })
+    .await;
+    assert_eq!(leading(), [first]);
+
     stops[first].take().unwrap().send(()).unwrap();
     let mut waiting = replicas[other].clone();
-    tokio::time::timeout(Duration::from_secs(2), waiting.acquired())
+    tokio::time::timeout(common::PATIENCE, waiting.acquired())
         .await
-        .expect("the other replica takes over within a few renew intervals");
+        .expect("the other replica takes over once the leader released");
     assert!(!replicas[first].is_leader());
 }
 
@@ -490,14 +601,10 @@ async fn a_leader_that_dies_without_releasing_is_replaced() {
     assert!(dying.try_acquire().await.unwrap(), "renewal keeps it");
     assert!(!waiting.try_acquire().await.unwrap());
     drop(dying); // no release: the process is gone, its session closes
-    let started = Instant::now();
-    while !waiting.try_acquire().await.unwrap() {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the lock was not freed by the closed session"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("the lock is freed by the closed session", async || {
+        waiting.try_acquire().await.unwrap()
+    })
+    .await;
 }
 
 async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
@@ -523,14 +630,9 @@ async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
         )
         .await;
     assert_eq!(put.status, StatusCode::CREATED);
-    wait_for("the worker has both", Duration::from_secs(5), async || {
-        w.routes().len() == 2
-    })
-    .await;
+    wait_for("the worker has both", async || w.routes().len() == 2).await;
     let revision = app.revision().await;
-    // The manager keeps re-sending one of them, unchanged.
-    let started = Instant::now();
-    while started.elapsed() < idle_ttl * 2 {
+    let re_send = async || {
         let again = app
             .manager(
                 Method::PUT,
@@ -539,14 +641,33 @@ async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
             )
             .await;
         assert_eq!(again.status, StatusCode::OK);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_for(
-        "the idle route is collected",
-        Duration::from_secs(5),
-        async || !w.routes().contains_key(&forgotten),
-    )
+    };
+
+    // The manager re-sends one of them, unchanged, every half TTL on the clock.
+    advance(&app, idle_ttl / 2, &[&w]).await;
+    re_send().await;
+    advance(&app, idle_ttl / 2, &[&w]).await;
+    re_send().await;
+    // Idle for exactly the TTL: not collected yet.
+    app.health_pass().await;
+    assert_eq!(w.routes().len(), 2);
+    let still = app
+        .manager(Method::GET, &format!("/routes/{forgotten}"), None)
+        .await;
+    assert_eq!(still.status, StatusCode::OK, "idle for the TTL, not longer");
+
+    // Longer than the TTL: collected.
+    advance(&app, TICK, &[&w]).await;
+    wait_for("the idle route is collected", async || {
+        !w.routes().contains_key(&forgotten)
+    })
     .await;
+    // The re-sent route is not idle, and stays as long as it is re-sent.
+    for _ in 0..3 {
+        advance(&app, idle_ttl / 2, &[&w]).await;
+        re_send().await;
+    }
+    app.health_pass().await;
     assert!(
         w.routes().contains_key(&kept_id),
         "a re-sent route is not idle"
@@ -560,4 +681,11 @@ async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
         .manager(Method::GET, &format!("/routes/{forgotten}"), None)
         .await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    // Left alone, it is collected too.
+    advance(&app, idle_ttl + TICK, &[&w]).await;
+    wait_for(
+        "the route nobody re-sends any more is collected",
+        async || !w.routes().contains_key(&kept_id),
+    )
+    .await;
 }

@@ -40,24 +40,31 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `clients` tasks creating routes until `stop`; returns the ids that got a 2xx.
-fn create_until(
-    url: String,
+/// `clients` tasks creating routes until told to stop.
+struct Load {
     clients: usize,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<(Vec<Uuid>, Vec<u16>)> {
-    tokio::spawn(async move {
+    /// The ids of the creates that got a 2xx, as they come.
+    acked: Arc<Mutex<Vec<Uuid>>>,
+    /// Every answer's status.
+    statuses: Arc<Mutex<Vec<u16>>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize) -> Load {
         let http = common::http_client();
         let acked = Arc::new(Mutex::new(Vec::new()));
         let statuses = Arc::new(Mutex::new(Vec::new()));
-        let tasks: Vec<_> = (0..clients)
+        let (stop, stopped) = watch::channel(false);
+        let tasks = (0..clients)
             .map(|_| {
                 let (http, url, acked, statuses, stop) = (
                     http.clone(),
-                    url.clone(),
+                    url.to_owned(),
                     acked.clone(),
                     statuses.clone(),
-                    stop.clone(),
+                    stopped.clone(),
                 );
                 tokio::spawn(async move {
                     while !*stop.borrow() {
@@ -87,13 +94,42 @@ fn create_until(
                 })
             })
             .collect();
-        for t in tasks {
+        Load {
+            clients,
+            acked,
+            statuses,
+            stop,
+            tasks,
+        }
+    }
+
+    /// How many creates were acknowledged so far.
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until more creates were acknowledged than `since` plus the
+    /// number of clients: each client has at most one answer on its way, so
+    /// at least one of these creates was sent and answered after `since` was
+    /// counted.
+    async fn acked_after(&self, since: usize, what: &str) {
+        let n = since + self.clients + 1;
+        common::wait_for(&format!("{what}: {n} acknowledged creates"), async || {
+            self.acked() >= n
+        })
+        .await;
+    }
+
+    /// Stops the clients; answers the acknowledged ids and every status.
+    async fn finish(self) -> (Vec<Uuid>, Vec<u16>) {
+        self.stop.send_replace(true);
+        for t in self.tasks {
             t.await.unwrap();
         }
-        let acked = acked.lock().unwrap().clone();
-        let statuses = statuses.lock().unwrap().clone();
+        let acked = self.acked.lock().unwrap().clone();
+        let statuses = self.statuses.lock().unwrap().clone();
         (acked, statuses)
-    })
+    }
 }
 
 async fn every_acknowledged_create_survives_sigkill_and_reaches_its_worker(b: Backend) {
@@ -129,25 +165,20 @@ async fn every_acknowledged_create_survives_sigkill_and_reaches_its_worker(b: Ba
     tokio::spawn(agent.run(tx, std::future::pending()));
     table.wait_for(|t| t.revision > 0).await.unwrap();
 
-    let (stop_tx, stop) = watch::channel(false);
-    let load = create_until(url.clone(), 32, stop);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    coordinator.kill(); // SIGKILL mid-load
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let load = Load::start(&url, 32);
+    // SIGKILL while every client is busy creating.
+    load.acked_after(0, "before the kill").await;
+    coordinator.kill();
+    let at_kill = load.acked();
     coordinator = Coordinator::start(&args, &envs, "http");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop_tx.send(true).unwrap();
-    let (acked, _) = load.await.unwrap();
-    assert!(
-        acked.len() > 32,
-        "the load ran: {} acknowledged",
-        acked.len()
-    );
+    // The restarted coordinator acknowledges creates too.
+    load.acked_after(at_kill, "after the restart").await;
+    let (acked, _) = load.finish().await;
 
     // Every acknowledged route exists and reaches the worker's table.
     let acked: BTreeSet<Uuid> = acked.into_iter().collect();
     let arrived = tokio::time::timeout(
-        Duration::from_secs(20),
+        common::PATIENCE,
         table.wait_for(|t| acked.iter().all(|id| t.routes.contains_key(id))),
     )
     .await
@@ -241,7 +272,7 @@ async fn a_stream_cut_mid_event_resumes_without_a_gap(b: Backend) {
     let mut stream = proxied.watch(Some(table.revision)).await.unwrap();
     let mut seen = Vec::new();
     let mut broke = false;
-    while let Some(item) = tokio::time::timeout(Duration::from_secs(10), stream.next())
+    while let Some(item) = tokio::time::timeout(common::PATIENCE, stream.next())
         .await
         .unwrap()
     {
@@ -264,7 +295,7 @@ async fn a_stream_cut_mid_event_resumes_without_a_gap(b: Backend) {
 
     let mut resumed = direct.watch(Some(table.revision)).await.unwrap();
     while seen.len() < created.len() {
-        let e = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+        let e = tokio::time::timeout(common::PATIENCE, resumed.next())
             .await
             .unwrap()
             .unwrap()
@@ -300,14 +331,13 @@ async fn postgres_restart_under_load_is_503_then_recovers_without_loss() {
         .unwrap();
     assert_eq!(reg.status(), StatusCode::CREATED);
 
-    let (stop_tx, stop) = watch::channel(false);
-    let load = create_until(url.clone(), 8, stop);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = Load::start(&url, 8);
+    load.acked_after(0, "before PostgreSQL stops").await;
     pg_cluster("stop");
     let down = Instant::now();
     // While the database is down: readiness fails, writes answer 503.
     let mut saw_503 = false;
-    while down.elapsed() < Duration::from_secs(8) {
+    while down.elapsed() < common::PATIENCE {
         let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
         let created = http
             .post(format!("{url}/routes"))
@@ -347,15 +377,16 @@ async fn postgres_restart_under_load_is_503_then_recovers_without_loss() {
             break;
         }
         assert!(
-            back.elapsed() < Duration::from_secs(30),
+            back.elapsed() < common::PATIENCE,
             "no recovery: {}",
             r.status()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop_tx.send(true).unwrap();
-    let (acked, statuses) = load.await.unwrap();
+    let recovered = load.acked();
+    load.acked_after(recovered, "after PostgreSQL is back")
+        .await;
+    let (acked, statuses) = load.finish().await;
     assert!(
         statuses.iter().all(|s| [201, 503].contains(s)),
         "only 201 or 503: {:?}",

@@ -9,6 +9,7 @@ mod fake_apiserver;
 use std::future::Future;
 use std::time::Duration;
 
+use appproxy_coordinator::clock::Clock;
 use appproxy_coordinator::domain::WorkerStatus;
 use appproxy_coordinator::k8s::crd::{AppProxyRoute, FIELD_MANAGER, cr_name};
 use appproxy_coordinator::k8s::events::Recorder;
@@ -16,7 +17,7 @@ use appproxy_coordinator::k8s::lease::LeaseElector;
 use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
 use appproxy_coordinator::k8s::{self, pods};
 use appproxy_coordinator::leader::{self, Elector};
-use common::{Backend, TestApp, route};
+use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route};
 use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -30,13 +31,13 @@ const NS: &str = "appproxy";
 const CRS: &str = "apis/appproxy.backend.ai/v1alpha1";
 const EVENTS: &str = "apis/events.k8s.io/v1";
 
-/// Waits up to 10 s for `check` to return `Some`.
+/// Waits (at most [`PATIENCE`]) for `check` to return `Some`.
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         if let Some(v) = check().await {
             return v;
@@ -68,7 +69,12 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let app = TestApp::start(Backend::Sqlite).await;
+    env_on(Clock::system()).await
+}
+
+/// The app on `clock`, and an API server.
+async fn env_on(clock: Clock) -> Env {
+    let app = TestApp::start_with_clock(Backend::Sqlite, clock).await;
     let api = FakeApiServer::start().await;
     let client = api.client();
     Env { app, api, client }
@@ -387,13 +393,14 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
             json!({"namespace": NS, "name": "worker-1"}),
         ))
         .await;
-    let (client, store) = (e.client.clone(), e.app.store.clone());
+    let (client, store, clock) = (e.client.clone(), e.app.store.clone(), e.app.clock.clone());
     tokio::spawn(async move {
         pods::watch(
             client,
             NS,
             appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
             store,
+            clock,
         )
         .await
     });
@@ -417,7 +424,7 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
 
 #[tokio::test]
 async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
-    let e = env().await;
+    let e = env_on(manual_clock()).await;
     let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
     let p = pods
         .create(&PostParams::default(), &pod("worker-0", true))
@@ -436,7 +443,8 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         .await;
     let id = e.create_route("jupyter").await;
 
-    // The whole Kubernetes mode, as `serve` starts it: Lease, mirror, pod watcher.
+    // The whole Kubernetes mode, as `serve` starts it: Lease, mirror, pod
+    // watcher, and the leader's health loops, all on the app's manual clock.
     let mut settings = k8s::Settings::new(
         NS,
         "replica-a",
@@ -450,10 +458,25 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         e.client.clone(),
         settings,
         e.app.hub.clone(),
+        e.app.clock.clone(),
         std::future::pending(),
     );
+    let health = appproxy_coordinator::health::HealthConfig {
+        heartbeat_timeout: Duration::from_secs(60),
+        failover_grace: Duration::from_millis(300),
+        batch_size: 10,
+        route_idle_ttl: None,
+    };
+    tokio::spawn(appproxy_coordinator::health::run(
+        e.app.store.clone(),
+        e.app.metrics.clone(),
+        running.leadership.clone(),
+        health.clone(),
+        e.app.clock.clone(),
+        e.app.hub.shutdown_signal(),
+    ));
     let mut leadership = running.leadership.clone();
-    tokio::time::timeout(Duration::from_secs(5), leadership.acquired())
+    tokio::time::timeout(PATIENCE, leadership.acquired())
         .await
         .unwrap();
     e.cr_where(id, "the CR on w0", |c| c["status"]["worker"] == "w0")
@@ -463,7 +486,10 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         .await
         .unwrap();
     worker_status(&e.app, w0, WorkerStatus::Lost).await;
-    // Within the failover grace, the CR says the route is failing over.
+    let lost_at = e.app.store.get_worker(w0).await.unwrap().updated_at;
+    assert_eq!(lost_at, e.app.clock.now(), "Lost at the clock's time");
+    // Within the failover grace, the CR says the route is failing over, and
+    // the route stays where it is.
     e.cr_where(id, "a FailingOver CR", |c| {
         c["status"]["phase"] == "FailingOver"
     })
@@ -474,20 +500,16 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
             .then_some(())
     })
     .await;
+    e.app.clock.advance(health.failover_grace);
+    appproxy_coordinator::health::pass(&e.app.store, &e.app.metrics, &health, &e.app.clock)
+        .await
+        .unwrap();
+    let route = e.app.store.get_route(id).await.unwrap();
+    assert_eq!(route.worker_id, Some(w0), "nothing moves within the grace");
 
-    // The leader's failover loop moves the route; the CR follows it to w1.
-    tokio::spawn(appproxy_coordinator::health::run(
-        e.app.store.clone(),
-        e.app.metrics.clone(),
-        running.leadership.clone(),
-        appproxy_coordinator::health::HealthConfig {
-            heartbeat_timeout: Duration::from_secs(60),
-            failover_grace: Duration::from_millis(300),
-            batch_size: 10,
-            route_idle_ttl: None,
-        },
-        e.app.hub.shutdown_signal(),
-    ));
+    // Once the grace has passed, the leader's failover loop moves the route;
+    // the CR follows it to w1.
+    e.app.clock.advance(Duration::from_millis(1));
     e.cr_where(id, "the CR on its new worker", |c| {
         c["status"]["worker"] == "w1" && c["spec"]["workerId"] == json!(w1)
     })
@@ -551,8 +573,12 @@ fn chart_role_rules() -> std::collections::BTreeSet<(String, String, String)> {
 async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     let api = FakeApiServer::start().await;
     let leases: Api<Lease> = Api::namespaced(api.client(), NS);
-    let mut a = LeaseElector::new(leases.clone(), "coord", "a", Duration::from_secs(1));
-    let mut b = LeaseElector::new(leases.clone(), "coord", "b", Duration::from_secs(1));
+    // Both replicas read one manual clock: the Lease expires when the test
+    // moves the clock, not when the machine gets round to it.
+    let clock = manual_clock();
+    let lease = Duration::from_secs(1);
+    let elector = |who: &str| LeaseElector::new(leases.clone(), "coord", who, lease, clock.clone());
+    let (mut a, mut b) = (elector("a"), elector("b"));
 
     // Racing for a Lease that does not exist yet: exactly one wins.
     let (ra, rb) = tokio::join!(a.try_acquire(), b.try_acquire());
@@ -565,14 +591,21 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     };
     assert!(holder.try_acquire().await.unwrap(), "the holder renews");
     assert!(!waiter.try_acquire().await.unwrap());
+    let renewed = clock.now();
 
-    // The holder stops renewing; after the lease duration the other takes over.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The holder stops renewing. Until the lease duration has passed since its
+    // last renewal, the Lease stays its own; from then on the other takes over.
+    clock.advance(Duration::from_millis(400));
     assert!(
         !waiter.try_acquire().await.unwrap(),
         "too early to take over"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    clock.set(renewed + lease - Duration::from_millis(1));
+    assert!(
+        !waiter.try_acquire().await.unwrap(),
+        "still too early to take over"
+    );
+    clock.set(renewed + lease);
     assert!(
         waiter.try_acquire().await.unwrap(),
         "takes over an expired lease"
@@ -581,31 +614,56 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
         !holder.try_acquire().await.unwrap(),
         "the old holder lost it"
     );
-    let lease = leases.get("coord").await.unwrap().spec.unwrap();
-    assert_eq!(lease.lease_transitions, Some(1));
-    assert_eq!(lease.lease_duration_seconds, Some(1));
+    let spec = leases.get("coord").await.unwrap().spec.unwrap();
+    assert_eq!(spec.lease_transitions, Some(1));
+    assert_eq!(spec.lease_duration_seconds, Some(1));
+    assert_eq!(
+        spec.renew_time,
+        Some(appproxy_coordinator::k8s::lease::micro(clock.now())),
+        "renewed at the clock's time"
+    );
 
     // Through leader::spawn: one leader; a graceful stop hands over at once.
+    // The clock stands still from here on, so the 30 s Lease never expires:
+    // only the release can let d in.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let c = LeaseElector::new(leases.clone(), "spawned", "c", Duration::from_secs(30));
-    let d = LeaseElector::new(leases.clone(), "spawned", "d", Duration::from_secs(30));
+    let thirty = Duration::from_secs(30);
+    let c = LeaseElector::new(leases.clone(), "spawned", "c", thirty, clock.clone());
+    let (d, d_tries) = Counted::new(LeaseElector::new(
+        leases.clone(),
+        "spawned",
+        "d",
+        thirty,
+        clock.clone(),
+    ));
     let lc = leader::spawn(c, Duration::from_millis(50), async move {
         let _ = stop_rx.await;
     });
     let mut lc_wait = lc.clone();
-    tokio::time::timeout(Duration::from_secs(5), lc_wait.acquired())
+    tokio::time::timeout(PATIENCE, lc_wait.acquired())
         .await
         .unwrap();
     let ld = leader::spawn(d, Duration::from_millis(50), std::future::pending());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("d tries three times", || async {
+        assert!(lc.is_leader() && !ld.is_leader(), "c leads, d does not");
+        (d_tries.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
     assert!(lc.is_leader() && !ld.is_leader());
+    let stopped_at = clock.now();
     stop_tx.send(()).unwrap();
     let mut ld_wait = ld.clone();
-    // Far sooner than the 30 s lease duration: c released it.
-    tokio::time::timeout(Duration::from_secs(3), ld_wait.acquired())
+    tokio::time::timeout(PATIENCE, ld_wait.acquired())
         .await
-        .unwrap();
+        .expect("d takes over the released Lease");
     assert!(!lc.is_leader());
+    assert_eq!(
+        clock.now(),
+        stopped_at,
+        "the Lease did not expire: c released it"
+    );
+    let spec = leases.get("spawned").await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("d"));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::clock::Clock;
 use crate::hub::Hub;
 use crate::secret::Tokens;
 use crate::store::Store;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub keep_alive: std::time::Duration,
     /// Routes moved per transaction when a worker is removed.
     pub batch_size: u32,
+    /// The time handlers stamp on what they write.
+    pub clock: Clock,
 }
 
 /// JSON body; malformed or unknown input becomes a problem answer.

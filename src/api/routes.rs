@@ -3,7 +3,6 @@
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -27,10 +26,8 @@ pub async fn create(
     _: ManagerOnly,
     ApiJson(spec): ApiJson<RouteSpec>,
 ) -> Result<Response, ApiError> {
-    let route = state
-        .store
-        .create_route(Uuid::now_v7(), spec, Utc::now())
-        .await?;
+    let now = state.clock.now();
+    let route = state.store.create_route(Uuid::now_v7(), spec, now).await?;
     Ok(created(route))
 }
 
@@ -40,12 +37,11 @@ pub async fn upsert(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(spec): ApiJson<RouteSpec>,
 ) -> Result<Response, ApiError> {
-    Ok(
-        match state.store.upsert_route(id, spec, Utc::now()).await? {
-            Upserted::Created(route) => created(route),
-            Upserted::Updated(route) | Upserted::Unchanged(route) => json(StatusCode::OK, route),
-        },
-    )
+    let now = state.clock.now();
+    Ok(match state.store.upsert_route(id, spec, now).await? {
+        Upserted::Created(route) => created(route),
+        Upserted::Updated(route) | Upserted::Unchanged(route) => json(StatusCode::OK, route),
+    })
 }
 
 pub async fn patch(
@@ -54,7 +50,8 @@ pub async fn patch(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(patch): ApiJson<RoutePatch>,
 ) -> Result<Response, ApiError> {
-    let route = state.store.patch_route(id, patch, Utc::now()).await?;
+    let now = state.clock.now();
+    let route = state.store.patch_route(id, patch, now).await?;
     Ok(json(StatusCode::OK, route))
 }
 
@@ -71,7 +68,8 @@ pub async fn delete(
     _: ManagerOnly,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    state.store.delete_route(id, Utc::now()).await?;
+    let now = state.clock.now();
+    state.store.delete_route(id, now).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -161,7 +159,8 @@ pub async fn delete_session(
     _: ManagerOnly,
     ApiPath(session_id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
-    let deleted = state.store.delete_session(session_id, Utc::now()).await?;
+    let now = state.clock.now();
+    let deleted = state.store.delete_session(session_id, now).await?;
     Ok(json(StatusCode::OK, Deleted { deleted }))
 }
 

@@ -4,7 +4,6 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -22,10 +21,11 @@ pub async fn register(
     Registrant(as_worker): Registrant,
     ApiJson(registration): ApiJson<WorkerRegistration>,
 ) -> Result<Response, ApiError> {
+    let now = state.clock.now();
     let mut token = String::new();
     let registered = state
         .store
-        .register_worker(registration, as_worker, Utc::now(), |id| {
+        .register_worker(registration, as_worker, now, |id| {
             let (issued, hash) = issue_worker_token(id);
             token = issued;
             hash
@@ -53,11 +53,9 @@ pub async fn heartbeat(
     WorkerSelf(id): WorkerSelf,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Response, ApiError> {
-    let (mut status, revision) = state
-        .store
-        .heartbeat(id, beat.acked_revision, Utc::now())
-        .await?;
-    if let Some(next) = health::observe(&state.store, id, Observation::Heartbeat).await? {
+    let now = state.clock.now();
+    let (mut status, revision) = state.store.heartbeat(id, beat.acked_revision, now).await?;
+    if let Some(next) = health::observe(&state.store, id, Observation::Heartbeat, now).await? {
         status = next;
     }
     state
@@ -104,10 +102,8 @@ pub async fn delete(
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<Response, ApiError> {
-    let removal: Removal = state
-        .store
-        .delete_worker(id, state.batch_size, Utc::now())
-        .await?;
+    let now = state.clock.now();
+    let removal: Removal = state.store.delete_worker(id, state.batch_size, now).await?;
     tracing::info!(worker = %id, drain = query.drain, moved = removal.moved, pending = removal.pending, "worker removed");
     Ok(json(StatusCode::OK, removal))
 }

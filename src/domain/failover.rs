@@ -12,13 +12,13 @@ use super::route::RouteSpec;
 use super::types::WorkerStatus;
 use super::worker::Worker;
 
-/// Whether `worker`'s routes move now: it has been `Lost` for at least
+/// Whether `worker`'s routes move now: it has been `Lost` for longer than
 /// `grace` (it became `Lost` at its `updated_at`) and still holds routes.
 pub fn is_due(worker: &Worker, now: DateTime<Utc>, grace: Duration) -> bool {
     let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
     worker.status == WorkerStatus::Lost
         && worker.route_count > 0
-        && now.signed_duration_since(worker.updated_at) >= grace
+        && now.signed_duration_since(worker.updated_at) > grace
 }
 
 /// The spec a route is re-placed with when it leaves its worker (failover,
@@ -67,8 +67,17 @@ mod tests {
         let grace = Duration::from_secs(10);
         let w = worker(WorkerStatus::Lost, 3, lost_at);
         assert!(!is_due(&w, lost_at + chrono::Duration::seconds(9), grace));
-        assert!(is_due(&w, lost_at + chrono::Duration::seconds(10), grace));
-        assert!(is_due(&w, lost_at, Duration::ZERO));
+        assert!(!is_due(&w, lost_at + chrono::Duration::seconds(10), grace));
+        assert!(is_due(
+            &w,
+            lost_at + chrono::Duration::milliseconds(10_001),
+            grace
+        ));
+        assert!(is_due(
+            &w,
+            lost_at + chrono::Duration::milliseconds(1),
+            Duration::ZERO
+        ));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! renewing for longer than `leaseDurationSeconds`. Every write is a create or
 //! a replace carrying the `resourceVersion` that was read, so two replicas
 //! racing for it cannot both win (the loser gets `409 Conflict`).
+//!
+//! Renewal and expiry are judged at the time a [`Clock`] shows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::Notify;
 
+use crate::clock::Clock;
 use crate::leader::Elector;
 
 /// What to do with the Lease as read.
@@ -107,18 +110,27 @@ pub struct LeaseElector {
     name: String,
     identity: String,
     duration: Duration,
+    clock: Clock,
     released: Arc<Notify>,
 }
 
 impl LeaseElector {
     /// `duration` is how long the Lease stays ours without a renewal; renew
-    /// well within it (the coordinator renews every third of it).
-    pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> LeaseElector {
+    /// well within it (the coordinator renews every third of it). Renew and
+    /// acquire times, and whether the holder's Lease has expired, come from `clock`.
+    pub fn new(
+        api: Api<Lease>,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+        clock: Clock,
+    ) -> LeaseElector {
         LeaseElector {
             api,
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
+            clock,
             released: Arc::new(Notify::new()),
         }
     }
@@ -129,7 +141,7 @@ impl LeaseElector {
     }
 
     async fn attempt(&mut self) -> anyhow::Result<bool> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let current = self.api.get_opt(&self.name).await?;
         let decision = decide(
             current.as_ref().and_then(|l| l.spec.as_ref()),
@@ -194,7 +206,7 @@ impl Elector for LeaseElector {
                 return Ok(());
             }
             spec.holder_identity = None;
-            spec.renew_time = Some(micro(Utc::now()));
+            spec.renew_time = Some(micro(self.clock.now()));
             self.api
                 .replace(&self.name, &PostParams::default(), &lease)
                 .await

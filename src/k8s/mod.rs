@@ -24,6 +24,7 @@ use std::time::Duration;
 use kube::Api;
 use tokio::sync::Notify;
 
+use crate::clock::Clock;
 use crate::hub::Hub;
 use crate::leader::{self, Leadership};
 
@@ -83,10 +84,12 @@ impl Running {
 
 /// Starts Lease election; while this replica leads, the CR mirror and the
 /// worker-pod watcher run. `shutdown` ends the election and releases the Lease.
+/// The Lease's renewals and expiry, and pod observations, read `clock`.
 pub fn start(
     client: kube::Client,
     settings: Settings,
     hub: Hub,
+    clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Running {
     let elector = lease::LeaseElector::new(
@@ -94,6 +97,7 @@ pub fn start(
         &settings.lease_name,
         &settings.identity,
         settings.lease_duration,
+        clock.clone(),
     );
     let released = elector.released();
     let leadership = leader::spawn(elector, settings.renew_every, shutdown);
@@ -119,10 +123,15 @@ pub fn start(
             leadership.clone(),
             "pod watcher",
             move || {
-                let (client, ns, selector, store) =
-                    (client.clone(), ns.clone(), selector.clone(), store.clone());
+                let (client, ns, selector, store, clock) = (
+                    client.clone(),
+                    ns.clone(),
+                    selector.clone(),
+                    store.clone(),
+                    clock.clone(),
+                );
                 async move {
-                    pods::watch(client, &ns, &selector, store).await;
+                    pods::watch(client, &ns, &selector, store, clock).await;
                     Ok(())
                 }
             },

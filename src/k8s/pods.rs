@@ -9,6 +9,7 @@ use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use uuid::Uuid;
 
+use crate::clock::Clock;
 use crate::domain::Worker;
 use crate::domain::health::Observation;
 use crate::store::Store;
@@ -53,8 +54,15 @@ pub fn worker_of<'a>(workers: impl IntoIterator<Item = &'a Worker>, pod: &Pod) -
 }
 
 /// Watches the worker pods matching `selector` in `namespace` and feeds their
-/// readiness to the health logic. Runs until the stream ends (never, normally).
-pub async fn watch(client: kube::Client, namespace: &str, selector: &str, store: Store) {
+/// readiness to the health logic, stamped with `clock`'s time. Runs until the
+/// stream ends (never, normally).
+pub async fn watch(
+    client: kube::Client,
+    namespace: &str,
+    selector: &str,
+    store: Store,
+    clock: Clock,
+) {
     let pods: Api<Pod> = Api::namespaced(client, namespace);
     let config = watcher::Config::default().labels(selector);
     let mut events = watcher(pods, config).default_backoff().boxed();
@@ -90,7 +98,7 @@ pub async fn watch(client: kube::Client, namespace: &str, selector: &str, store:
             tracing::debug!(pod = ?pod.metadata.name, "pod matches no registered worker");
             continue;
         };
-        match crate::health::observe(&store, worker, obs).await {
+        match crate::health::observe(&store, worker, obs, clock.now()).await {
             Ok(_) => {
                 if deleted {
                     last.remove(&key);

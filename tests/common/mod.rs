@@ -1,6 +1,11 @@
 //! Test harness shared by the integration tests: a fresh database per test
 //! (a temporary SQLite file, or a PostgreSQL database created and dropped on
 //! the server at 127.0.0.1:5432), and the real router served on a free port.
+//!
+//! Time-based behaviour (heartbeat timeouts, failover grace, expiry, idle
+//! routes, Leases) is tested on a manual [`Clock`] the test moves itself:
+//! waits poll for a condition with a generous deadline, and no assertion
+//! depends on how fast the machine is.
 
 #![allow(dead_code)]
 
@@ -10,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
+use appproxy_coordinator::clock::Clock;
 use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
-use appproxy_coordinator::leader::Leadership;
+use appproxy_coordinator::leader::{Elector, Leadership};
 use appproxy_coordinator::secret::{Secret, Tokens};
 use appproxy_coordinator::store::{Db, Store};
 use appproxy_coordinator::telemetry::Metrics;
@@ -125,6 +131,66 @@ pub fn hub_config() -> HubConfig {
     }
 }
 
+/// How long a wait for something that must happen may take before the test
+/// fails: generous, because a loaded machine is slow, not wrong.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 25 ms until it holds; fails the test after [`PATIENCE`].
+/// Answers how long it took.
+pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: not within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A manual clock starting now, on a whole millisecond (so every time it
+/// shows survives the database's microsecond precision unchanged).
+pub fn manual_clock() -> Clock {
+    use chrono::SubsecRound;
+    Clock::manual(chrono::Utc::now().trunc_subsecs(3))
+}
+
+/// An [`Elector`] that counts its attempts, so a test can wait for a
+/// replica to have tried (and failed) to lead instead of sleeping.
+pub struct Counted<E> {
+    pub inner: E,
+    pub attempts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<E: Elector> Counted<E> {
+    pub fn new(inner: E) -> (Counted<E>, Arc<std::sync::atomic::AtomicUsize>) {
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            Counted {
+                inner,
+                attempts: attempts.clone(),
+            },
+            attempts,
+        )
+    }
+}
+
+impl<E: Elector> Elector for Counted<E> {
+    async fn try_acquire(&mut self) -> anyhow::Result<bool> {
+        let result = self.inner.try_acquire().await;
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        result
+    }
+
+    async fn release(&mut self) {
+        self.inner.release().await;
+    }
+}
+
 pub const MANAGER: &str = "manager-test-token";
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
 
@@ -135,6 +201,10 @@ pub struct TestApp {
     pub store: Store,
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
+    /// The time the API and the health loops read.
+    pub clock: Clock,
+    /// The health loops' settings, when they run ([`TestApp::start_with_health`]).
+    pub health: Option<HealthConfig>,
     pub db: TestDb,
 }
 
@@ -160,32 +230,59 @@ impl Answer {
 }
 
 impl TestApp {
+    /// The router on the system clock.
     pub async fn start(backend: Backend) -> TestApp {
+        TestApp::start_with_clock(backend, Clock::system()).await
+    }
+
+    /// The router on `clock`.
+    pub async fn start_with_clock(backend: Backend, clock: Clock) -> TestApp {
         let db = TestDb::new(backend).await;
         let store = db.store().await;
-        TestApp::serve(db, store, 64 * 1024).await
+        TestApp::serve_with_clock(db, store, 64 * 1024, hub_config(), clock).await
     }
 
     pub async fn serve(db: TestDb, store: Store, max_body: usize) -> TestApp {
         TestApp::serve_with(db, store, max_body, hub_config()).await
     }
 
-    /// The router plus the leader's health loops with `health` timeouts.
+    /// The router plus the leader's health loops with `health` timeouts, both
+    /// on a manual clock (`app.clock`) that only the test moves.
     pub async fn start_with_health(backend: Backend, health: HealthConfig) -> TestApp {
-        let db = TestDb::new(backend).await;
-        let store = db.store().await;
-        let app = TestApp::serve(db, store, 64 * 1024).await;
+        let mut app = TestApp::start_with_clock(backend, manual_clock()).await;
         tokio::spawn(appproxy_coordinator::health::run(
             app.store.clone(),
             app.metrics.clone(),
             Leadership::fixed(true),
-            health,
+            health.clone(),
+            app.clock.clone(),
             app.hub.shutdown_signal(),
         ));
+        app.health = Some(health);
         app
     }
 
+    /// One pass of the health loops now, at the time `app.clock` shows (the
+    /// background loop runs too; this makes sure a pass ran after the last
+    /// change of the clock).
+    pub async fn health_pass(&self) {
+        let health = self.health.as_ref().expect("started with health loops");
+        appproxy_coordinator::health::pass(&self.store, &self.metrics, health, &self.clock)
+            .await
+            .unwrap();
+    }
+
     pub async fn serve_with(db: TestDb, store: Store, max_body: usize, hub: HubConfig) -> TestApp {
+        TestApp::serve_with_clock(db, store, max_body, hub, Clock::system()).await
+    }
+
+    pub async fn serve_with_clock(
+        db: TestDb,
+        store: Store,
+        max_body: usize,
+        hub: HubConfig,
+        clock: Clock,
+    ) -> TestApp {
         let metrics = Metrics::new(&store);
         let hub = Hub::start(store.clone(), hub, metrics.clone());
         let state = AppState {
@@ -194,6 +291,7 @@ impl TestApp {
             hub: hub.clone(),
             keep_alive: std::time::Duration::from_secs(15),
             batch_size: 100,
+            clock: clock.clone(),
             tokens: Arc::new(Tokens {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
@@ -209,6 +307,8 @@ impl TestApp {
             store,
             hub,
             metrics,
+            clock,
+            health: None,
             db,
         }
     }
