@@ -94,15 +94,7 @@ impl Store {
         let mut placer = Placer::new(others, HashMap::new());
         let mut moved = Vec::with_capacity(routes.len());
         for mut r in routes {
-            let rev = tx.next_revision();
-            tx.log(
-                rev,
-                ChangeKind::RouteDelete,
-                Some(r.id),
-                Some(from),
-                Arg::NULL_JSON,
-                now,
-            );
+            let rev = tx.log_route_deleted(r.id, Some(from), now);
             // Free the old frontend before taking a new one.
             let preferred = r.subdomain.take();
             r.worker_id = None;

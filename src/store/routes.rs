@@ -274,15 +274,7 @@ impl Store {
             )
             .await?;
         let (worker_id,) = deleted.ok_or(StoreError::NotFound)?;
-        let rev = tx.next_revision();
-        tx.log(
-            rev,
-            ChangeKind::RouteDelete,
-            Some(id),
-            worker_id,
-            Arg::NULL_JSON,
-            now,
-        );
+        tx.log_route_deleted(id, worker_id, now);
         tx.commit().await?;
         Ok(())
     }
@@ -302,15 +294,7 @@ impl Store {
             return Ok(0);
         }
         for (route_id, worker_id) in &deleted {
-            let rev = tx.next_revision();
-            tx.log(
-                rev,
-                ChangeKind::RouteDelete,
-                Some(*route_id),
-                *worker_id,
-                Arg::NULL_JSON,
-                now,
-            );
+            tx.log_route_deleted(*route_id, *worker_id, now);
         }
         tx.commit().await?;
         Ok(deleted.len() as u64)
@@ -343,15 +327,7 @@ impl Store {
             tx.conn()
                 .execute("DELETE FROM routes WHERE id = $1", &[(*route_id).into()])
                 .await?;
-            let rev = tx.next_revision();
-            tx.log(
-                rev,
-                ChangeKind::RouteDelete,
-                Some(*route_id),
-                *worker_id,
-                Arg::NULL_JSON,
-                now,
-            );
+            tx.log_route_deleted(*route_id, *worker_id, now);
         }
         tx.commit().await?;
         Ok(expired.into_iter().map(|(id, _)| id).collect())

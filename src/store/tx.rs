@@ -99,6 +99,26 @@ impl WriteTx<'_> {
         ]);
     }
 
+    /// Takes the next revision for the deletion of route `route` from
+    /// `worker` (a `delete` on that worker's stream), logs it and answers it.
+    pub fn log_route_deleted(
+        &mut self,
+        route: Uuid,
+        worker: Option<Uuid>,
+        at: DateTime<Utc>,
+    ) -> Revision {
+        let revision = self.next_revision();
+        self.log(
+            revision,
+            ChangeKind::RouteDelete,
+            Some(route),
+            worker,
+            Arg::NULL_JSON,
+            at,
+        );
+        revision
+    }
+
     /// Commits. Answers the last revision taken (the head if none was).
     pub async fn commit(mut self) -> Result<Revision> {
         let mut rows = std::mem::take(&mut self.log);
