@@ -6,6 +6,7 @@
 //! and a Kubernetes Lease. With SQLite there is one process, which always leads.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -17,7 +18,17 @@ pub trait Elector: Send + Sync + 'static {
     fn try_acquire(&mut self) -> impl Future<Output = anyhow::Result<bool>> + Send;
     /// Gives leadership up so another replica can take over at once.
     fn release(&mut self) -> impl Future<Output = ()> + Send;
+    /// Resolves once the leadership confirmed by the last successful
+    /// [`try_acquire`](Elector::try_acquire) can no longer be counted on (a
+    /// Lease not renewed in time), whatever is still in flight; never for an
+    /// elector whose leadership does not expire on its own.
+    fn expiry(&self) -> Expiry {
+        Box::pin(std::future::pending())
+    }
 }
+
+/// See [`Elector::expiry`].
+pub type Expiry = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The single process of an embedded (SQLite) deployment: always the leader.
 pub struct Sole;
@@ -63,6 +74,11 @@ impl Leadership {
 }
 
 /// Runs `elector` every `renew_every` until `shutdown` resolves, then releases.
+///
+/// Leadership ends as soon as the elector's [`expiry`](Elector::expiry)
+/// passes without a newer successful attempt, even while an attempt is still
+/// stuck (in the client's retries, on a hung connection): a leader that cannot
+/// renew stops leading before its Lease can be taken over.
 pub fn spawn<E: Elector>(
     mut elector: E,
     renew_every: Duration,
@@ -73,22 +89,50 @@ pub fn spawn<E: Elector>(
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let mut expiry: Expiry = Box::pin(std::future::pending());
+        let set = |leading: bool| {
+            let was = tx.send_replace(leading);
+            if leading != was {
+                tracing::info!(leading, "leadership changed");
+            }
+        };
+        'run: loop {
+            let leading = *tx.borrow();
             tokio::select! {
                 _ = tick.tick() => {}
+                () = &mut expiry, if leading => {
+                    tracing::warn!("leadership expired without a renewal; not leading");
+                    set(false);
+                    continue;
+                }
                 () = &mut shutdown => break,
             }
-            let leading = match elector.try_acquire().await {
+            let result = {
+                let attempt = elector.try_acquire();
+                tokio::pin!(attempt);
+                loop {
+                    let leading = *tx.borrow();
+                    tokio::select! {
+                        result = &mut attempt => break result,
+                        () = &mut expiry, if leading => {
+                            tracing::warn!("leadership expired while renewing; not leading");
+                            set(false);
+                        }
+                        () = &mut shutdown => break 'run,
+                    }
+                }
+            };
+            let leading = match result {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election failed; not leading");
                     false
                 }
             };
-            let was = tx.send_replace(leading);
-            if leading != was {
-                tracing::info!(leading, "leadership changed");
+            if leading {
+                expiry = elector.expiry();
             }
+            set(leading);
         }
         tx.send_replace(false);
         elector.release().await;

@@ -18,7 +18,7 @@ use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
 use appproxy_coordinator::k8s::{self, pods};
 use appproxy_coordinator::leader::{self, Elector};
 use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route};
-use fake_apiserver::FakeApiServer;
+use fake_apiserver::{Answer, FakeApiServer, Fault};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -664,6 +664,108 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     );
     let spec = leases.get("spawned").await.unwrap().spec.unwrap();
     assert_eq!(spec.holder_identity.as_deref(), Some("d"));
+}
+
+/// Kubernetes mode as `serve` starts it, for the replica `who`.
+fn start_replica(e: &Env, who: &str, lease: Duration) -> k8s::Running {
+    let mut settings = k8s::Settings::new(
+        NS,
+        who,
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
+    settings.renew_every = Duration::from_millis(100);
+    settings.lease_duration = lease;
+    settings.mirror = fast_mirror();
+    k8s::start(
+        e.api.client_as(who),
+        settings,
+        e.app.hub.clone(),
+        e.app.clock.clone(),
+        std::future::pending(),
+    )
+}
+
+/// The number of events with `reason` per CR.
+fn events_per_cr(api: &FakeApiServer, reason: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in api.objects(EVENTS, NS, "events").values() {
+        if e["reason"] == reason {
+            let name = e["regarding"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() {
+    let e = env_on(manual_clock()).await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let lease = Duration::from_secs(3);
+    let a = start_replica(&e, "replica-a", lease);
+    let mut a_wait = a.leadership.clone();
+    tokio::time::timeout(PATIENCE, a_wait.acquired())
+        .await
+        .unwrap();
+    let b = start_replica(&e, "replica-b", lease);
+    let first = e.create_route("jupyter").await;
+    eventually("a Placed event", || async {
+        e.event_reasons(first)
+            .contains(&"Placed".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // Every renewal of replica a answers 503 from now on: kube-client retries
+    // them for minutes.
+    e.api
+        .inject(Fault::new("PUT", "/leases/", Answer::Status(503)).from("replica-a"));
+    // B must never lead while A still does.
+    let overlap = tokio::spawn({
+        let (la, mut lb) = (a.leadership.clone(), b.leadership.clone());
+        async move {
+            lb.acquired().await;
+            la.is_leader()
+        }
+    });
+    // Time passes (the clock moves on well past the Lease's duration) until B
+    // has taken over.
+    eventually("replica b to take over", || async {
+        if b.leadership.is_leader() {
+            return Some(());
+        }
+        e.app.clock.advance(Duration::from_millis(100));
+        None
+    })
+    .await;
+    assert!(
+        !overlap.await.unwrap(),
+        "replica a still led when replica b took over"
+    );
+    assert!(!a.leadership.is_leader());
+
+    // A route created now is placed once, by the one leader.
+    let second = e.create_route("ssh").await;
+    e.cr_where(second, "the new CR", |c| c["status"]["phase"].is_string())
+        .await;
+    eventually("a Placed event for the new route", || async {
+        e.event_reasons(second)
+            .contains(&"Placed".to_owned())
+            .then_some(())
+    })
+    .await;
+    // Let a second mirror (if any) get round to it too.
+    for _ in 0..10 {
+        e.app.clock.advance(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (cr, n) in events_per_cr(&e.api, "Placed") {
+        assert_eq!(n, 1, "{cr} was placed {n} times");
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! bucket, with bounded concurrency.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,9 @@ pub struct MirrorConfig {
     pub concurrency: usize,
     /// Changes arriving within this window are written together.
     pub debounce: Duration,
+    /// How long one call to the API server may take (the client's own
+    /// retries included).
+    pub call_timeout: Duration,
 }
 
 impl MirrorConfig {
@@ -57,6 +61,7 @@ impl MirrorConfig {
             batch_size: 200,
             concurrency: 8,
             debounce: Duration::from_millis(100),
+            call_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -291,10 +296,13 @@ impl Mirror {
 
     /// A full list of the managed CRs replaces what the watch reported.
     async fn relist(&mut self) -> anyhow::Result<()> {
-        let list = self
-            .api
-            .list(&ListParams::default().labels(&managed_selector()))
-            .await?;
+        let list = tokio::time::timeout(
+            self.config.call_timeout,
+            self.api
+                .list(&ListParams::default().labels(&managed_selector())),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", self.config.call_timeout))??;
         self.observed = list
             .items
             .iter()
@@ -377,8 +385,9 @@ impl Mirror {
                 .map(|job| {
                     let api = self.api.clone();
                     let limiter = self.limiter.clone();
+                    let limit = self.config.call_timeout;
                     async move {
-                        let result = job.run(&api, &limiter).await;
+                        let result = job.run(&api, &limiter, limit).await;
                         (job, result)
                     }
                 })
@@ -447,9 +456,13 @@ impl Mirror {
             for (reason, note) in self.events.remove(&name).unwrap_or_default() {
                 let wait = self.limiter.lock().expect("limiter").take(Instant::now());
                 tokio::time::sleep(wait).await;
-                self.recorder
-                    .record(&name, uid.as_deref(), reason, &note)
-                    .await;
+                let record = self.recorder.record(&name, uid.as_deref(), reason, &note);
+                if tokio::time::timeout(self.config.call_timeout, record)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(cr = %name, reason = reason.as_str(), "recording an event timed out");
+                }
             }
         }
     }
@@ -469,6 +482,7 @@ impl Job {
         &self,
         api: &Api<AppProxyRoute>,
         limiter: &Mutex<TokenBucket>,
+        limit: Duration,
     ) -> anyhow::Result<Option<AppProxyRoute>> {
         let pace = || {
             let wait = limiter.lock().expect("limiter").take(Instant::now());
@@ -479,7 +493,7 @@ impl Job {
         let (generation, previous) = match (&self.action, &self.desired) {
             (Action::Delete(_), _) => {
                 pace().await;
-                return match api.delete(name, &DeleteParams::default()).await {
+                return match within(limit, api.delete(name, &DeleteParams::default())).await? {
                     Ok(_) => Ok(None),
                     Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
                     Err(e) => Err(e.into()),
@@ -500,7 +514,7 @@ impl Job {
                     },
                     "spec": d.spec,
                 });
-                let cr = api.patch(name, &params, &Patch::Apply(&body)).await?;
+                let cr = within(limit, api.patch(name, &params, &Patch::Apply(&body))).await??;
                 (cr.metadata.generation, cr.status)
             }
             (Action::ApplyStatus(_), Some(_)) => {
@@ -522,8 +536,14 @@ impl Job {
         });
         pace().await;
         Ok(Some(
-            api.patch_status(name, &params, &Patch::Apply(&body))
-                .await?,
+            within(limit, api.patch_status(name, &params, &Patch::Apply(&body))).await??,
         ))
     }
+}
+
+/// `call`, unless it takes longer than `limit`.
+async fn within<T>(limit: Duration, call: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the API server within {limit:?}"))
 }

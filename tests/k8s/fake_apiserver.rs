@@ -4,6 +4,10 @@
 //! replace (with optimistic concurrency), server-side apply and merge patch,
 //! the status subresource, and delete — for any namespaced resource (CRs,
 //! pods, Leases, Events).
+//!
+//! Faults as real API servers show them can be injected per verb and path,
+//! for a number of requests, optionally only for one replica's client (see
+//! [`FakeApiServer::client_as`]): an error status, or a request that hangs.
 
 #![allow(dead_code)]
 
@@ -42,8 +46,54 @@ pub struct Logged {
     pub by_test: bool,
 }
 
+/// What an injected fault answers.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// This status (503, 500, 422, …) with a `Status` body.
+    Status(u16),
+    /// Nothing, ever: the request hangs.
+    Hang,
+}
+
+/// A fault for the next `times` requests with `method` whose path contains
+/// `path`, from the replica `from` only (when set).
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub method: String,
+    pub path: String,
+    pub from: Option<String>,
+    pub times: u64,
+    pub answer: Answer,
+}
+
+impl Fault {
+    pub fn new(method: &str, path: &str, answer: Answer) -> Fault {
+        Fault {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            from: None,
+            times: u64::MAX,
+            answer,
+        }
+    }
+
+    pub fn times(mut self, times: u64) -> Fault {
+        self.times = times;
+        self
+    }
+
+    pub fn from(mut self, replica: &str) -> Fault {
+        self.from = Some(replica.to_owned());
+        self
+    }
+}
+
+/// The header [`FakeApiServer::client_as`] marks a replica's requests with.
+const REPLICA_HEADER: &str = "x-fake-replica";
+
 #[derive(Default)]
 struct Inner {
+    faults: Vec<Fault>,
     rv: u64,
     objects: BTreeMap<Collection, BTreeMap<String, Value>>,
     history: Vec<WatchEvent>,
@@ -177,6 +227,41 @@ impl FakeApiServer {
             .headers
             .push(("x-fake-actor".parse().unwrap(), "test".parse().unwrap()));
         kube::Client::try_from(config).unwrap()
+    }
+
+    /// A real client pointed at this server, its requests marked as the
+    /// replica `name`'s (for faults aimed at one replica).
+    pub fn client_as(&self, name: &str) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_namespace = "appproxy".into();
+        config
+            .headers
+            .push((REPLICA_HEADER.parse().unwrap(), name.parse().unwrap()));
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// Injects `fault`; faults are matched in the order injected.
+    pub fn inject(&self, fault: Fault) {
+        self.inner.lock().unwrap().faults.push(fault);
+    }
+
+    /// Removes every injected fault.
+    pub fn heal(&self) {
+        self.inner.lock().unwrap().faults.clear();
+    }
+
+    /// The injected answer for a request, if any (and counts it).
+    fn fault_for(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<Answer> {
+        let replica = headers.get(REPLICA_HEADER).and_then(|v| v.to_str().ok());
+        let mut inner = self.inner.lock().unwrap();
+        let fault = inner.faults.iter_mut().find(|f| {
+            f.times > 0
+                && f.method.eq_ignore_ascii_case(method.as_str())
+                && path.contains(&f.path)
+                && f.from.as_deref().is_none_or(|r| Some(r) == replica)
+        })?;
+        fault.times -= 1;
+        Some(fault.answer.clone())
     }
 
     /// A real client pointed at this server.
@@ -468,7 +553,11 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let response = serve(&server, &method, uri.path(), &q, &content_type, &body).await;
+    let response = match server.fault_for(&method, uri.path(), &headers) {
+        Some(Answer::Hang) => std::future::pending().await,
+        Some(Answer::Status(code)) => status(code, "Injected", "injected fault"),
+        None => serve(&server, &method, uri.path(), &q, &content_type, &body).await,
+    };
     server.inner.lock().unwrap().log.push(Logged {
         method: method.to_string(),
         path: uri.path().to_owned(),
