@@ -82,13 +82,25 @@ async fn env_on(clock: Clock) -> Env {
 
 impl Env {
     fn start_mirror(&self) -> tokio::task::JoinHandle<()> {
+        self.start_mirror_with(fast_mirror())
+    }
+
+    fn start_mirror_with(&self, config: MirrorConfig) -> tokio::task::JoinHandle<()> {
         let (client, hub) = (self.client.clone(), self.app.hub.clone());
         let recorder = Recorder::new(client.clone(), NS, "test-replica");
         tokio::spawn(async move {
-            mirror::run(client, hub, recorder, fast_mirror())
-                .await
-                .unwrap();
+            mirror::run(client, hub, recorder, config).await.unwrap();
         })
+    }
+
+    /// The coordinator's writes to the CR of `id` (spec or status) so far.
+    fn writes_to(&self, id: Uuid) -> Vec<fake_apiserver::Logged> {
+        let path = format!("/appproxyroutes/{}", cr_name(id));
+        self.api
+            .log()
+            .into_iter()
+            .filter(|l| !l.by_test && l.method == "PATCH" && l.path.contains(&path))
+            .collect()
     }
 
     fn cr(&self, id: Uuid) -> Option<Value> {
@@ -664,6 +676,90 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     );
     let spec = leases.get("spawned").await.unwrap().spec.unwrap();
     assert_eq!(spec.holder_identity.as_deref(), Some("d"));
+}
+
+#[tokio::test]
+async fn a_cr_whose_write_hangs_holds_back_no_other_cr() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror_with(MirrorConfig {
+        // Longer than the test waits: only a write that does not wait for
+        // the hanging one can succeed.
+        call_timeout: Duration::from_secs(600),
+        ..fast_mirror()
+    });
+    let stuck = e.create_route("jupyter").await;
+    e.cr_where(stuck, "the first CR", |c| {
+        c["status"]["phase"] == "Propagating"
+    })
+    .await;
+    // Every write to the first CR hangs from now on; the acknowledgement
+    // makes its status stale.
+    e.api.inject(Fault::new(
+        "PATCH",
+        &format!("/appproxyroutes/{}", cr_name(stuck)),
+        Answer::Hang,
+    ));
+    e.ack(worker, &token).await;
+    eventually("a write to the first CR to hang", || async {
+        e.writes_to(stuck)
+            .iter()
+            .any(|l| l.status == 0)
+            .then_some(())
+    })
+    .await;
+    let other = e.create_route("ssh").await;
+    e.cr_where(other, "another CR, written meanwhile", |c| {
+        c["status"]["phase"].is_string()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror_with(MirrorConfig {
+        retry_min: Duration::from_millis(100),
+        retry_max: Duration::from_secs(60),
+        ..fast_mirror()
+    });
+    let id = e.create_route("jupyter").await;
+    e.cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
+        .await;
+    eventually("the Placed event", || async {
+        (!e.event_reasons(id).is_empty()).then_some(())
+    })
+    .await;
+    let events_before = e.event_reasons(id).len();
+    // A validating webhook rejects every write to this CR from now on.
+    let path = format!("/appproxyroutes/{}", cr_name(id));
+    e.api
+        .inject(Fault::new("PATCH", &path, Answer::Status(422)));
+    let before = e.writes_to(id).len();
+    e.ack(worker, &token).await;
+    let failed = eventually("five rejected writes", || async {
+        let failed: Vec<_> = e.writes_to(id).into_iter().skip(before).collect();
+        (failed.len() >= 5).then_some(failed)
+    })
+    .await;
+    // Retried ever later: each pause at least half again as long as the last.
+    let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for pair in gaps.windows(2) {
+        assert!(
+            pair[1].as_secs_f64() >= 1.5 * pair[0].as_secs_f64(),
+            "no backoff between retries: {gaps:?}"
+        );
+    }
+    assert_eq!(
+        e.event_reasons(id).len(),
+        events_before,
+        "an event per failed write"
+    );
+    // Once writes go through again, the CR catches up at its next retry.
+    e.api.heal();
+    e.cr_where(id, "the CR caught up", |c| c["status"]["phase"] == "Active")
+        .await;
 }
 
 /// Kubernetes mode as `serve` starts it, for the replica `who`.

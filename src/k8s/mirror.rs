@@ -6,12 +6,19 @@
 //! soon as the watch reports it. A full list-and-diff runs at start and every
 //! `repair_interval` as a safety net. Writes go out in batches through a token
 //! bucket, with bounded concurrency.
+//!
+//! Writes run beside the loop, not in it: a CR whose write hangs or fails
+//! holds back no other CR. A failed write goes to a per-CR backoff queue
+//! (exponential and capped, from `backon`), and is retried only once its delay
+//! has passed, or sooner when what the CR should be has changed; only the first
+//! failure in a row is logged as a warning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder;
 use chrono::Utc;
 use futures::StreamExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -48,6 +55,9 @@ pub struct MirrorConfig {
     /// How long one call to the API server may take (the client's own
     /// retries included).
     pub call_timeout: Duration,
+    /// The first and the longest delay before retrying a CR whose write failed.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
 }
 
 impl MirrorConfig {
@@ -62,6 +72,8 @@ impl MirrorConfig {
             concurrency: 8,
             debounce: Duration::from_millis(100),
             call_timeout: Duration::from_secs(10),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -72,6 +84,8 @@ struct Mirror {
     recorder: Recorder,
     config: MirrorConfig,
     limiter: Arc<Mutex<TokenBucket>>,
+    /// How many writes run at once.
+    permits: Arc<tokio::sync::Semaphore>,
     routes: BTreeMap<Uuid, Route>,
     routes_ready: bool,
     workers: HashMap<Uuid, Worker>,
@@ -84,7 +98,22 @@ struct Mirror {
     written: HashMap<String, AppProxyRouteSpec>,
     /// Events to record once their CR exists.
     events: HashMap<String, Vec<(Reason, String)>>,
+    /// CRs with a write under way: not planned again until it is done.
+    in_flight: HashSet<String>,
+    /// CRs whose last write failed, and when to retry.
+    failing: HashMap<String, Failing>,
 }
+
+/// A CR whose writes keep failing.
+struct Failing {
+    /// The write that failed; a different one is tried at once.
+    action: Action,
+    desired: Option<Desired>,
+    retry_at: tokio::time::Instant,
+    delays: backon::ExponentialBackoff,
+}
+
+type Write = futures::future::BoxFuture<'static, (Job, anyhow::Result<Option<AppProxyRoute>>)>;
 
 /// Runs the mirror until the route stream ends or the API fails for good.
 pub async fn run(
@@ -105,6 +134,7 @@ pub async fn run(
         recorder,
         config: config.clone(),
         limiter,
+        permits: Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1))),
         routes: BTreeMap::new(),
         routes_ready: false,
         workers: HashMap::new(),
@@ -113,7 +143,11 @@ pub async fn run(
         relisting: None,
         written: HashMap::new(),
         events: HashMap::new(),
+        in_flight: HashSet::new(),
+        failing: HashMap::new(),
     };
+    let mut writes: futures::stream::FuturesUnordered<Write> =
+        futures::stream::FuturesUnordered::new();
     m.refresh_workers().await?;
     let mut routes = hub
         .open(Audience::Manager, None)
@@ -139,7 +173,25 @@ pub async fn run(
                 std::future::pending::<()>().await;
             }
         };
+        let retry = m
+            .failing
+            .values()
+            .map(|f| f.retry_at)
+            .min()
+            .map(tokio::time::sleep_until);
+        let retry = async {
+            match retry {
+                Some(r) => r.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Some((job, result)) = writes.next(), if !writes.is_empty() => {
+                m.done(job, result);
+                m.flush_events().await;
+                dirty = true;
+            }
+            () = retry, if !dirty => dirty = true,
             event = routes.next() => match event {
                 Some(e) => { m.on_route_event(e).await; dirty = true; }
                 None => anyhow::bail!("the route stream ended"),
@@ -161,7 +213,7 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "cannot read workers"),
                 }
             }
-            () = settle => dirty = m.reconcile().await,
+            () = settle => dirty = m.reconcile(&mut writes),
         }
     }
 }
@@ -345,103 +397,132 @@ impl Mirror {
         Ok(changed)
     }
 
-    /// Writes one batch of the plan; true when more remains.
-    async fn reconcile(&mut self) -> bool {
+    /// Starts one batch of the plan's writes (skipping CRs with a write under
+    /// way or backing off); true when more could be started right away.
+    fn reconcile(&mut self, writes: &mut futures::stream::FuturesUnordered<Write>) -> bool {
         let desired = plan::desired(&self.routes, &self.workers);
-        let actions = plan::plan(&desired, &self.observed);
-        let more = actions.len() > self.config.batch_size;
-        let jobs: Vec<Job> = actions
+        let now = tokio::time::Instant::now();
+        let room = self.config.batch_size.saturating_sub(self.in_flight.len());
+        let actions: Vec<Action> = plan::plan(&desired, &self.observed)
             .into_iter()
-            .take(self.config.batch_size)
-            .map(|action| {
-                let name = action.name().to_owned();
-                let observed = self.observed.get(&name).cloned();
-                let repair = match (&action, self.written.get(&name)) {
-                    (Action::Create(_), Some(_)) => Some(Reason::Restored),
-                    (Action::ApplySpec(_), Some(last))
-                        if observed.as_ref().and_then(|o| o.spec.as_ref()) != Some(last) =>
-                    {
-                        Some(Reason::DriftRepaired)
-                    }
-                    _ => None,
-                };
-                Job {
-                    desired: desired.get(&name).cloned(),
-                    action,
-                    observed,
-                    repair,
-                }
+            .filter(|a| !self.in_flight.contains(a.name()))
+            .filter(|a| {
+                self.failing.get(a.name()).is_none_or(|f| {
+                    f.retry_at <= now
+                        || f.action != *a
+                        || f.desired.as_ref() != desired.get(a.name())
+                })
             })
             .collect();
-        if !jobs.is_empty() {
-            tracing::debug!(
-                writes = jobs.len(),
-                more,
-                "mirroring routes to AppProxyRoutes"
+        let mut actions = actions.into_iter().peekable();
+        let mut started = 0;
+        while started < room {
+            let Some(action) = actions.next() else { break };
+            let name = action.name().to_owned();
+            let observed = self.observed.get(&name).cloned();
+            let repair = match (&action, self.written.get(&name)) {
+                (Action::Create(_), Some(_)) => Some(Reason::Restored),
+                (Action::ApplySpec(_), Some(last))
+                    if observed.as_ref().and_then(|o| o.spec.as_ref()) != Some(last) =>
+                {
+                    Some(Reason::DriftRepaired)
+                }
+                _ => None,
+            };
+            let job = Job {
+                desired: desired.get(&name).cloned(),
+                action,
+                observed,
+                repair,
+            };
+            let (api, limiter, permits, limit) = (
+                self.api.clone(),
+                self.limiter.clone(),
+                self.permits.clone(),
+                self.config.call_timeout,
             );
+            self.in_flight.insert(name);
+            writes.push(Box::pin(async move {
+                let _permit = permits.acquire_owned().await;
+                let result = job.run(&api, &limiter, limit).await;
+                (job, result)
+            }));
+            started += 1;
         }
-        let results: Vec<(Job, anyhow::Result<Option<AppProxyRoute>>)> =
-            futures::stream::iter(jobs)
-                .map(|job| {
-                    let api = self.api.clone();
-                    let limiter = self.limiter.clone();
-                    let limit = self.config.call_timeout;
-                    async move {
-                        let result = job.run(&api, &limiter, limit).await;
-                        (job, result)
+        if started > 0 {
+            tracing::debug!(writes = started, "mirroring routes to AppProxyRoutes");
+        }
+        started == room && actions.peek().is_some()
+    }
+
+    /// Takes in the outcome of one write.
+    fn done(&mut self, job: Job, result: anyhow::Result<Option<AppProxyRoute>>) {
+        let name = job.action.name().to_owned();
+        self.in_flight.remove(&name);
+        match result {
+            Ok(Some(cr)) => {
+                self.failing.remove(&name);
+                if let Some(d) = &job.desired {
+                    let placed = matches!(job.action, Action::Create(_)) && job.repair.is_none();
+                    if let (true, Some(worker)) = (placed, &d.status.worker) {
+                        let url = d.spec.frontend.url.as_deref().unwrap_or("-");
+                        self.events.entry(name.clone()).or_default().push((
+                            Reason::Placed,
+                            format!("placed on worker {worker} at {url}"),
+                        ));
                     }
-                })
-                .buffer_unordered(self.config.concurrency.max(1))
-                .collect()
-                .await;
-        let mut failed = false;
-        for (job, result) in results {
-            let name = job.action.name().to_owned();
-            match result {
-                Ok(Some(cr)) => {
-                    if let Some(d) = &job.desired {
-                        let placed =
-                            matches!(job.action, Action::Create(_)) && job.repair.is_none();
-                        if let (true, Some(worker)) = (placed, &d.status.worker) {
-                            let url = d.spec.frontend.url.as_deref().unwrap_or("-");
-                            self.events.entry(name.clone()).or_default().push((
-                                Reason::Placed,
-                                format!("placed on worker {worker} at {url}"),
-                            ));
+                    self.written.insert(name.clone(), d.spec.clone());
+                }
+                if let Some(reason) = job.repair {
+                    let note = match reason {
+                        Reason::Restored => {
+                            "deleted by hand; recreated from the coordinator's database"
                         }
-                        self.written.insert(name.clone(), d.spec.clone());
-                    }
-                    if let Some(reason) = job.repair {
-                        let note = match reason {
-                            Reason::Restored => {
-                                "deleted by hand; recreated from the coordinator's database"
-                            }
-                            _ => "spec edited by hand; reverted to the coordinator's database",
-                        };
-                        tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
-                        self.events
-                            .entry(name.clone())
-                            .or_default()
-                            .push((reason, note.to_owned()));
-                    }
-                    self.observed.insert(name, observed_of(&cr));
+                        _ => "spec edited by hand; reverted to the coordinator's database",
+                    };
+                    tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
+                    self.events
+                        .entry(name.clone())
+                        .or_default()
+                        .push((reason, note.to_owned()));
                 }
-                Ok(None) => {
-                    self.observed.remove(&name);
-                    self.written.remove(&name);
+                self.observed.insert(name, observed_of(&cr));
+            }
+            Ok(None) => {
+                self.failing.remove(&name);
+                self.observed.remove(&name);
+                self.written.remove(&name);
+            }
+            Err(e) => {
+                let same = self
+                    .failing
+                    .get(&name)
+                    .is_some_and(|f| f.action == job.action && f.desired == job.desired);
+                if !same {
+                    tracing::warn!(cr = %name, error = %e, "cannot write an AppProxyRoute; backing off");
+                    let delays = backon::ExponentialBuilder::new()
+                        .with_min_delay(self.config.retry_min)
+                        .with_max_delay(self.config.retry_max)
+                        .without_max_times()
+                        .build();
+                    self.failing.insert(
+                        name.clone(),
+                        Failing {
+                            action: job.action.clone(),
+                            desired: job.desired.clone(),
+                            retry_at: tokio::time::Instant::now(),
+                            delays,
+                        },
+                    );
                 }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(cr = %name, error = %e, "cannot write an AppProxyRoute");
+                let f = self.failing.get_mut(&name).expect("inserted above");
+                let delay = f.delays.next().unwrap_or(self.config.retry_max);
+                f.retry_at = tokio::time::Instant::now() + delay;
+                if same {
+                    tracing::debug!(cr = %name, error = %e, ?delay, "still cannot write an AppProxyRoute");
                 }
             }
         }
-        self.flush_events().await;
-        if failed {
-            // Back off a little before retrying a failing API server.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        more || failed
     }
 
     async fn flush_events(&mut self) {

@@ -44,6 +44,8 @@ pub struct Logged {
     pub status: u16,
     /// Sent by the test itself (playing kubelet or an operator), not the coordinator.
     pub by_test: bool,
+    /// When the answer was sent.
+    pub at: std::time::Instant,
 }
 
 /// What an injected fault answers.
@@ -554,7 +556,19 @@ async fn handle(
         .unwrap_or_default()
         .to_owned();
     let response = match server.fault_for(&method, uri.path(), &headers) {
-        Some(Answer::Hang) => std::future::pending().await,
+        Some(Answer::Hang) => {
+            // Logged as it arrives (status 0): it never gets an answer.
+            server.inner.lock().unwrap().log.push(Logged {
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                query: uri.query().unwrap_or_default().to_owned(),
+                content_type,
+                status: 0,
+                by_test: headers.contains_key("x-fake-actor"),
+                at: std::time::Instant::now(),
+            });
+            return std::future::pending().await;
+        }
         Some(Answer::Status(code)) => status(code, "Injected", "injected fault"),
         None => serve(&server, &method, uri.path(), &q, &content_type, &body).await,
     };
@@ -565,6 +579,7 @@ async fn handle(
         content_type,
         status: response.status().as_u16(),
         by_test: headers.contains_key("x-fake-actor"),
+        at: std::time::Instant::now(),
     });
     response
 }
