@@ -526,6 +526,12 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         c["status"]["worker"] == "w1" && c["spec"]["workerId"] == json!(w1)
     })
     .await;
+    eventually("a FailedOver event", || async {
+        e.event_reasons(id)
+            .contains(&"FailedOver".to_owned())
+            .then_some(())
+    })
+    .await;
 
     // Route deleted: its CR goes too. With that, this scenario has made every
     // kind of call the coordinator makes to the API server.

@@ -98,6 +98,9 @@ struct Mirror {
     written: HashMap<String, AppProxyRouteSpec>,
     /// Events to record once their CR exists.
     events: HashMap<String, Vec<(Reason, String)>>,
+    /// Where routes deleted from the stream were, until their CRs are gone
+    /// (a delete followed by an upsert of the same route is a move).
+    departed: HashMap<Uuid, Option<Uuid>>,
     /// CRs with a write under way: not planned again until it is done.
     in_flight: HashSet<String>,
     /// CRs whose last write failed, and when to retry.
@@ -145,6 +148,7 @@ pub async fn run(
         events: HashMap::new(),
         in_flight: HashSet::new(),
         failing: HashMap::new(),
+        departed: HashMap::new(),
     };
     let mut writes: futures::stream::FuturesUnordered<Write> =
         futures::stream::FuturesUnordered::new();
@@ -257,7 +261,11 @@ impl Mirror {
                 }
                 // A route seen for the first time gets its placement event when
                 // its CR is created; here only changes of known routes count.
-                let known = self.routes.get(&route.id).map(|r| r.worker_id);
+                let known = self
+                    .routes
+                    .get(&route.id)
+                    .map(|r| r.worker_id)
+                    .or_else(|| self.departed.remove(&route.id));
                 let name_of = |w: Uuid| {
                     self.workers
                         .get(&w)
@@ -292,8 +300,12 @@ impl Mirror {
                 self.routes.insert(route.id, route);
             }
             StreamEvent::Delete(d) => {
-                self.routes.remove(&d.route_id);
-                self.events.remove(&super::crd::cr_name(d.route_id));
+                // A move reaches the manager's stream as a delete (from the old
+                // worker) then an upsert (on the new one): remember where the
+                // route was, and keep its pending events, until its CR is gone.
+                if let Some(route) = self.routes.remove(&d.route_id) {
+                    self.departed.insert(route.id, route.worker_id);
+                }
             }
             StreamEvent::Bookmark(_) => {}
         }
@@ -492,6 +504,10 @@ impl Mirror {
                 self.failing.remove(&name);
                 self.observed.remove(&name);
                 self.written.remove(&name);
+                self.events.remove(&name);
+                if let Some(id) = route_id_of(&name) {
+                    self.departed.remove(&id);
+                }
             }
             Err(e) => {
                 let same = self
