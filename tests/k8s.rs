@@ -178,7 +178,12 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
     for (t, want) in [("Ready", "True"), ("Propagated", "True")] {
         let c = conditions.iter().find(|c| c["type"] == t).unwrap();
         assert_eq!(c["status"], want, "{c}");
-        assert!(c["lastTransitionTime"].is_string());
+        // RFC 3339 in whole seconds, as Kubernetes writes condition times.
+        let time = c["lastTransitionTime"].as_str().unwrap();
+        assert!(
+            time.len() == 20 && time.ends_with('Z') && !time.contains('.'),
+            "{time}"
+        );
     }
 
     // Every write is a server-side apply under the one field manager.

@@ -139,13 +139,15 @@ pub fn status_of(route: &Route, worker: Option<&Worker>) -> AppProxyRouteStatus 
 }
 
 /// Fills in `observedGeneration` and each condition's `lastTransitionTime`:
-/// kept from `previous` when the condition's status did not change, else `now`.
+/// kept from `previous` when the condition's status did not change, else `now`
+/// in whole seconds (as Kubernetes keeps condition times).
 pub fn stamp(
     mut status: AppProxyRouteStatus,
     previous: Option<&AppProxyRouteStatus>,
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> AppProxyRouteStatus {
+    let now = chrono::SubsecRound::trunc_subsecs(now, 0);
     status.observed_generation = generation;
     for c in &mut status.conditions {
         c.observed_generation = generation;
@@ -428,6 +430,16 @@ mod tests {
         );
         assert_eq!(third.conditions[0].last_transition_time, t1);
         assert_eq!(third.observed_generation, Some(2));
+
+        // Whole seconds, as Kubernetes keeps condition times.
+        let odd = t0 + chrono::Duration::nanoseconds(123_456_789);
+        let fresh = stamp(status_of(&r, Some(&acked)), None, Some(1), odd);
+        assert!(
+            fresh
+                .conditions
+                .iter()
+                .all(|c| c.last_transition_time == t0)
+        );
     }
 
     #[test]
