@@ -202,6 +202,11 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
         );
         assert!(w.query.contains("force=true"), "{w:?}");
     }
+    // Every request says who sends it.
+    for l in e.api.log() {
+        assert_eq!(l.user_agent, k8s::USER_AGENT, "{l:?}");
+    }
+    assert!(k8s::USER_AGENT.starts_with("appproxy-coordinator/"));
     // A placement event on the CR.
     eventually("a Placed event", || async {
         e.event_reasons(id)

@@ -65,7 +65,18 @@ impl Settings {
 
 /// A client from the environment: the in-cluster service account, or a kubeconfig.
 pub async fn client() -> anyhow::Result<kube::Client> {
-    let config = kube::Config::infer().await?;
+    client_from(kube::Config::infer().await?)
+}
+
+/// What the coordinator tells the API server it is (`User-Agent`).
+pub const USER_AGENT: &str = concat!("appproxy-coordinator/", env!("CARGO_PKG_VERSION"));
+
+/// A client for `config`, sending [`USER_AGENT`] with every request.
+pub fn client_from(mut config: kube::Config) -> anyhow::Result<kube::Client> {
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(USER_AGENT),
+    ));
     Ok(kube::Client::try_from(config)?)
 }
 

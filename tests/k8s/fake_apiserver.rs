@@ -46,6 +46,7 @@ pub struct Logged {
     pub by_test: bool,
     /// When the answer was sent.
     pub at: std::time::Instant,
+    pub user_agent: String,
 }
 
 /// What an injected fault answers.
@@ -239,7 +240,7 @@ impl FakeApiServer {
         config
             .headers
             .push((REPLICA_HEADER.parse().unwrap(), name.parse().unwrap()));
-        kube::Client::try_from(config).unwrap()
+        appproxy_coordinator::k8s::client_from(config).unwrap()
     }
 
     /// Injects `fault`; faults are matched in the order injected.
@@ -266,11 +267,11 @@ impl FakeApiServer {
         Some(fault.answer.clone())
     }
 
-    /// A real client pointed at this server.
+    /// A real client pointed at this server, made as the coordinator makes its own.
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.url.parse().unwrap());
         config.default_namespace = "appproxy".into();
-        kube::Client::try_from(config).unwrap()
+        appproxy_coordinator::k8s::client_from(config).unwrap()
     }
 
     // ---- direct access for tests ---------------------------------------------
@@ -555,6 +556,11 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let user_agent = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let response = match server.fault_for(&method, uri.path(), &headers) {
         Some(Answer::Hang) => {
             // Logged as it arrives (status 0): it never gets an answer.
@@ -566,6 +572,7 @@ async fn handle(
                 status: 0,
                 by_test: headers.contains_key("x-fake-actor"),
                 at: std::time::Instant::now(),
+                user_agent: user_agent.clone(),
             });
             return std::future::pending().await;
         }
@@ -580,6 +587,7 @@ async fn handle(
         status: response.status().as_u16(),
         by_test: headers.contains_key("x-fake-actor"),
         at: std::time::Instant::now(),
+        user_agent,
     });
     response
 }
