@@ -280,6 +280,45 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
 }
 
 #[tokio::test]
+async fn a_managed_by_label_removed_by_hand_is_restored_without_a_deleted_by_hand_event() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+    let first = e
+        .cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
+        .await;
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.api.actor_client(), NS);
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    crs.patch(
+        &cr_name(id),
+        &PatchParams::default(),
+        &Patch::Merge(&unlabel),
+    )
+    .await
+    .unwrap();
+    let relabelled = e
+        .cr_where(id, "the label back", |c| {
+            c["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "appproxy-coordinator"
+                && c["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
+                && c["metadata"]["labels"].as_object().unwrap().len() == 2
+        })
+        .await;
+    assert_eq!(relabelled["metadata"]["uid"], first["metadata"]["uid"]);
+    eventually("a DriftRepaired event", || async {
+        e.event_reasons(id)
+            .contains(&"DriftRepaired".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !e.event_reasons(id).contains(&"Restored".to_owned()),
+        "the CR was never deleted: {:?}",
+        e.event_reasons(id)
+    );
+}
+
+#[tokio::test]
 async fn the_first_diff_repairs_what_was_missed_and_leaves_foreign_crs_alone() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;

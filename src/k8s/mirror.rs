@@ -96,6 +96,8 @@ struct Mirror {
     /// The spec this process last wrote per CR: a CR that differs from it was
     /// changed by someone else (drift); one that vanished was deleted by hand.
     written: HashMap<String, AppProxyRouteSpec>,
+    /// The uid of each CR as this process last wrote it.
+    uids: HashMap<String, String>,
     /// Events to record once their CR exists.
     events: HashMap<String, Vec<(Reason, String)>>,
     /// Where routes deleted from the stream were, until their CRs are gone
@@ -145,6 +147,7 @@ pub async fn run(
         observed_ready: false,
         relisting: None,
         written: HashMap::new(),
+        uids: HashMap::new(),
         events: HashMap::new(),
         in_flight: HashSet::new(),
         failing: HashMap::new(),
@@ -485,13 +488,29 @@ impl Mirror {
                     }
                     self.written.insert(name.clone(), d.spec.clone());
                 }
-                if let Some(reason) = job.repair {
-                    let note = match reason {
-                        Reason::Restored => {
-                            "deleted by hand; recreated from the coordinator's database"
-                        }
-                        _ => "spec edited by hand; reverted to the coordinator's database",
-                    };
+                // The CR went out of the managed selection, but not away: its
+                // managed-by label was removed, and the apply put it back.
+                let relabelled =
+                    cr.metadata.uid.is_some() && cr.metadata.uid.as_ref() == self.uids.get(&name);
+                let repair = match job.repair {
+                    Some(Reason::Restored) if relabelled => Some((
+                        Reason::DriftRepaired,
+                        "managed-by label removed by hand; restored",
+                    )),
+                    Some(Reason::Restored) => Some((
+                        Reason::Restored,
+                        "deleted by hand; recreated from the coordinator's database",
+                    )),
+                    Some(r) => Some((
+                        r,
+                        "spec edited by hand; reverted to the coordinator's database",
+                    )),
+                    None => None,
+                };
+                if let Some(uid) = &cr.metadata.uid {
+                    self.uids.insert(name.clone(), uid.clone());
+                }
+                if let Some((reason, note)) = repair {
                     tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
                     self.events
                         .entry(name.clone())
@@ -504,6 +523,7 @@ impl Mirror {
                 self.failing.remove(&name);
                 self.observed.remove(&name);
                 self.written.remove(&name);
+                self.uids.remove(&name);
                 self.events.remove(&name);
                 if let Some(id) = route_id_of(&name) {
                     self.departed.remove(&id);

@@ -32,6 +32,26 @@ pub struct WatchEvent {
     pub collection: Collection,
     pub kind: &'static str,
     pub object: Value,
+    /// The object before a `MODIFIED`.
+    pub previous: Option<Value>,
+}
+
+impl WatchEvent {
+    /// What a watch with `selector` sees of this event: an object modified
+    /// into the selection is `ADDED`, one modified out of it `DELETED`.
+    fn seen_by(&self, selector: Option<&str>) -> Option<(&'static str, &Value)> {
+        let now = matches_labels(&self.object, selector);
+        let before = self
+            .previous
+            .as_ref()
+            .is_some_and(|p| matches_labels(p, selector));
+        match (self.kind, now, before) {
+            ("MODIFIED", true, false) => Some(("ADDED", &self.object)),
+            ("MODIFIED", false, true) => Some(("DELETED", &self.object)),
+            (_, true, _) => Some((self.kind, &self.object)),
+            _ => None,
+        }
+    }
 }
 
 /// One request as received, for assertions.
@@ -354,12 +374,20 @@ impl FakeApiServer {
 
     // ---- the API -------------------------------------------------------------
 
-    fn emit(&self, inner: &mut Inner, collection: &Collection, kind: &'static str, object: Value) {
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        collection: &Collection,
+        kind: &'static str,
+        object: Value,
+        previous: Option<Value>,
+    ) {
         let e = WatchEvent {
             rv: inner.rv,
             collection: collection.clone(),
             kind,
             object,
+            previous,
         };
         inner.history.push(e.clone());
         let _ = self.events.send(e);
@@ -376,7 +404,7 @@ impl FakeApiServer {
         inner.rv += 1;
         let rv = inner.rv;
         object["metadata"]["resourceVersion"] = rv.to_string().into();
-        inner
+        let previous = inner
             .objects
             .entry(collection.clone())
             .or_default()
@@ -386,6 +414,7 @@ impl FakeApiServer {
             collection,
             if created { "ADDED" } else { "MODIFIED" },
             object.clone(),
+            previous,
         );
         object
     }
@@ -476,6 +505,7 @@ impl FakeApiServer {
                                 collection: collection.clone(),
                                 kind: "ADDED",
                                 object: o.clone(),
+                                previous: None,
                             })
                             .collect()
                     })
@@ -502,8 +532,8 @@ impl FakeApiServer {
             }
             let mut last = from.unwrap_or(0);
             for e in backlog {
-                if matches_labels(&e.object, selector.as_deref()) {
-                    yield line(json!({"type": e.kind, "object": e.object}));
+                if let Some((kind, object)) = e.seen_by(selector.as_deref()) {
+                    yield line(json!({"type": kind, "object": object}));
                 }
                 last = last.max(e.rv);
             }
@@ -517,8 +547,8 @@ impl FakeApiServer {
                     received = live.recv() => match received {
                         Ok(e) if e.rv > last && e.collection == collection => {
                             last = e.rv;
-                            if matches_labels(&e.object, selector.as_deref()) {
-                                yield line(json!({"type": e.kind, "object": e.object}));
+                            if let Some((kind, object)) = e.seen_by(selector.as_deref()) {
+                                yield line(json!({"type": kind, "object": object}));
                             }
                         }
                         Ok(_) => {}
@@ -716,7 +746,7 @@ async fn serve(
                 Some(mut o) => {
                     inner.rv += 1;
                     o["metadata"]["resourceVersion"] = inner.rv.to_string().into();
-                    server.emit(&mut inner, &collection, "DELETED", o);
+                    server.emit(&mut inner, &collection, "DELETED", o, None);
                     ok(
                         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
                     )
