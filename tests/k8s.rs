@@ -484,6 +484,87 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
 }
 
 #[tokio::test]
+async fn what_kubernetes_says_about_a_pod_wins_over_what_its_worker_says() {
+    let e = env().await;
+    let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
+    let mut uids = Vec::new();
+    for name in ["worker-0", "worker-1", "worker-2"] {
+        let p = pods
+            .create(&PostParams::default(), &pod(name, true))
+            .await
+            .unwrap();
+        uids.push(p.metadata.uid.unwrap());
+    }
+    let worker_json = |i: usize| {
+        json!({"name": format!("w{i}"), "api_url": "http://127.0.0.1:10201",
+               "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
+               "pod": {"namespace": NS, "name": format!("worker-{i}"), "uid": uids[i]}})
+    };
+    let (w0, t0, _) = e.app.register_with(worker_json(0)).await;
+    let (w1, t1, _) = e.app.register_with(worker_json(1)).await;
+    let (w2, t2, _) = e.app.register_with(worker_json(2)).await;
+    let (client, store, clock) = (e.client.clone(), e.app.store.clone(), e.app.clock.clone());
+    tokio::spawn(async move {
+        pods::watch(
+            client,
+            NS,
+            appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+            store,
+            clock,
+        )
+        .await
+    });
+    let store = e.app.store.clone();
+    let status = |id| {
+        let store = store.clone();
+        async move { store.get_worker(id).await.unwrap().status }
+    };
+
+    // A deleted pod: its worker is Lost, and its heartbeats do not revive it.
+    pods.delete("worker-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    worker_status(&e.app, w0, WorkerStatus::Lost).await;
+    e.ack(w0, &t0).await;
+    assert_eq!(
+        status(w0).await,
+        WorkerStatus::Lost,
+        "revived by a heartbeat"
+    );
+
+    // A terminating pod: the same.
+    let terminating = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
+    pods.patch(
+        "worker-1",
+        &PatchParams::default(),
+        &Patch::Merge(&terminating),
+    )
+    .await
+    .unwrap();
+    worker_status(&e.app, w1, WorkerStatus::Lost).await;
+    e.ack(w1, &t1).await;
+    assert_eq!(
+        status(w1).await,
+        WorkerStatus::Lost,
+        "revived by a heartbeat"
+    );
+
+    // A pod not ready: its worker re-registering (or heartbeating) stays NotReady.
+    set_ready(&pods, "worker-2", false).await;
+    worker_status(&e.app, w2, WorkerStatus::NotReady).await;
+    let (again, t2b, body) = e.app.register_with(worker_json(2)).await;
+    assert_eq!(again, w2);
+    assert_eq!(body["worker"]["status"], "NotReady", "{body}");
+    assert_eq!(status(w2).await, WorkerStatus::NotReady);
+    e.ack(w2, &t2b).await;
+    assert_eq!(status(w2).await, WorkerStatus::NotReady);
+    let _ = t2;
+    // Once the pod is ready again, so is the worker.
+    set_ready(&pods, "worker-2", true).await;
+    worker_status(&e.app, w2, WorkerStatus::Ready).await;
+}
+
+#[tokio::test]
 async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
     let e = env_on(manual_clock()).await;
     let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
