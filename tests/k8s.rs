@@ -280,6 +280,51 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
 }
 
 #[tokio::test]
+async fn a_field_added_to_a_spec_by_hand_is_removed_with_one_repair_event() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+    let first = e
+        .cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
+        .await;
+    assert!(first["spec"].get("endpointId").is_none());
+    // kubectl edit adds a field the route does not have.
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.api.actor_client(), NS);
+    let edit = json!({"spec": {"endpointId": Uuid::new_v4()}});
+    crs.patch(
+        &cr_name(id),
+        &PatchParams {
+            field_manager: Some("kubectl-edit".into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(&edit),
+    )
+    .await
+    .unwrap();
+    e.cr_where(id, "the added field removed", |c| {
+        c["spec"].get("endpointId").is_none()
+            && c["metadata"]["generation"] != first["metadata"]["generation"]
+    })
+    .await;
+    // The mirror goes on (the acknowledgement reaches the status), and has
+    // reported the one repair it made, once.
+    e.ack(worker, &token).await;
+    e.cr_where(id, "an Active CR", |c| c["status"]["phase"] == "Active")
+        .await;
+    let repairs = eventually("the DriftRepaired event", || async {
+        let n = events_per_cr(&e.api, "DriftRepaired")
+            .get(&cr_name(id))
+            .copied()
+            .unwrap_or(0);
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(repairs, 1);
+    assert_eq!(e.cr(id).unwrap()["spec"], first["spec"]);
+}
+
+#[tokio::test]
 async fn a_managed_by_label_removed_by_hand_is_restored_without_a_deleted_by_hand_event() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;

@@ -631,7 +631,30 @@ impl Job {
                     },
                     "spec": d.spec,
                 });
-                let cr = within(limit, api.patch(name, &params, &Patch::Apply(&body))).await??;
+                let mut cr =
+                    within(limit, api.patch(name, &params, &Patch::Apply(&body))).await??;
+                // Apply cannot take away fields another manager (kubectl edit)
+                // added: remove every one the route does not have.
+                if cr.spec != d.spec {
+                    let extra = plan::extra_fields(
+                        &serde_json::to_value(&cr.spec)?,
+                        &serde_json::to_value(&d.spec)?,
+                    );
+                    if let Some(extra) = extra {
+                        let owner = PatchParams {
+                            field_manager: Some(FIELD_MANAGER.to_owned()),
+                            ..PatchParams::default()
+                        };
+                        let patch = serde_json::json!({ "spec": extra });
+                        cr =
+                            within(limit, api.patch(name, &owner, &Patch::Merge(&patch))).await??;
+                    }
+                    if cr.spec != d.spec {
+                        anyhow::bail!(
+                            "the spec of {name} still differs from its route after writing it"
+                        );
+                    }
+                }
                 (cr.metadata.generation, cr.status)
             }
             (Action::ApplyStatus(_), Some(_)) => {

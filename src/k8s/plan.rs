@@ -218,6 +218,31 @@ pub fn plan(
     actions
 }
 
+/// The fields of `have` that `want` lacks, as a JSON merge patch setting each
+/// to `null` (nested objects recursively); `None` when there are none.
+pub fn extra_fields(
+    have: &serde_json::Value,
+    want: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    let (serde_json::Value::Object(have), serde_json::Value::Object(want)) = (have, want) else {
+        return None;
+    };
+    let mut patch = serde_json::Map::new();
+    for (k, v) in have {
+        match want.get(k) {
+            None => {
+                patch.insert(k.clone(), serde_json::Value::Null);
+            }
+            Some(w) => {
+                if let Some(inner) = extra_fields(v, w) {
+                    patch.insert(k.clone(), inner);
+                }
+            }
+        }
+    }
+    (!patch.is_empty()).then_some(serde_json::Value::Object(patch))
+}
+
 /// A token bucket: `rate` writes per second on average, bursts of `burst`.
 #[derive(Clone, Debug)]
 pub struct TokenBucket {
@@ -439,6 +464,22 @@ mod tests {
                 .conditions
                 .iter()
                 .all(|c| c.last_transition_time == t0)
+        );
+    }
+
+    #[test]
+    fn extra_fields_become_nulls() {
+        let have = serde_json::json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1], "f": {"g": 1}});
+        let want = serde_json::json!({"a": 2, "b": {"c": 2}, "e": [], "f": {"g": 1}});
+        assert_eq!(
+            extra_fields(&have, &want),
+            Some(serde_json::json!({"b": {"d": null}}))
+        );
+        assert_eq!(extra_fields(&want, &want), None);
+        let more = serde_json::json!({"a": 2, "b": {"c": 2}, "e": [], "f": {"g": 1}, "x": true});
+        assert_eq!(
+            extra_fields(&more, &want),
+            Some(serde_json::json!({"x": null}))
         );
     }
 

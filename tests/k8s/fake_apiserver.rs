@@ -5,6 +5,11 @@
 //! the status subresource, and delete — for any namespaced resource (CRs,
 //! pods, Leases, Events).
 //!
+//! Server-side apply tracks field managers as a real API server does, in
+//! outline: every leaf a manager applied or merge-patched is its own (force
+//! takes it from others), and a field its manager stops applying is removed
+//! unless another manager owns it too.
+//!
 //! Faults as real API servers show them can be injected per verb and path,
 //! for a number of requests, optionally only for one replica's client (see
 //! [`FakeApiServer::client_as`]): an error status, or a request that hangs.
@@ -114,9 +119,13 @@ impl Fault {
 /// The header [`FakeApiServer::client_as`] marks a replica's requests with.
 const REPLICA_HEADER: &str = "x-fake-replica";
 
+/// The field owners of one object: manager → JSON pointers of its leaves.
+type Managers = BTreeMap<String, std::collections::BTreeSet<String>>;
+
 #[derive(Default)]
 struct Inner {
     faults: Vec<Fault>,
+    managed: BTreeMap<(Collection, String), Managers>,
     rv: u64,
     objects: BTreeMap<Collection, BTreeMap<String, Value>>,
     history: Vec<WatchEvent>,
@@ -177,6 +186,51 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The JSON pointers of `value`'s leaves (arrays and scalars are leaves, as
+/// atomic lists are), below `prefix`; for a patch's metadata, only labels and
+/// annotations count.
+fn leaves(value: &Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        Value::Object(o) if !o.is_empty() => {
+            for (k, v) in o {
+                let path = format!("{prefix}/{}", escape(k));
+                let meta = path.starts_with("/metadata/");
+                if !meta
+                    || path.starts_with("/metadata/labels")
+                    || path.starts_with("/metadata/annotations")
+                {
+                    leaves(v, &path, out);
+                }
+            }
+        }
+        Value::Null => {}
+        _ if !prefix.is_empty() && prefix != "/metadata" => {
+            out.insert(prefix.to_owned());
+        }
+        _ => {}
+    }
+}
+
+/// Removes the field at `pointer` from `object`.
+fn remove_at(object: &mut Value, pointer: &str) {
+    let Some((parent, key)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    let key = key.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(o)) = object.pointer_mut(parent) {
+        o.remove(&key);
+    }
+}
+
+/// Overlapping pointers: one is the other or lies inside it.
+fn overlaps(a: &str, b: &str) -> bool {
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
 }
 
 /// `a=b,c=d` equality selectors.
@@ -719,13 +773,56 @@ async fn serve(
                     p.remove("status");
                 }
             }
+            let manager = q
+                .get("fieldManager")
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            let mut applied = std::collections::BTreeSet::new();
+            leaves(&patch, "", &mut applied);
+            let key = (collection.clone(), n.to_owned());
             match current {
                 Some(current) => {
                     let mut next = current.clone();
                     merge_patch(&mut next, &patch);
+                    {
+                        let mut inner = server.inner.lock().unwrap();
+                        let managers = inner.managed.entry(key).or_default();
+                        let in_scope = |p: &String| p.starts_with("/status") == status_only;
+                        if apply {
+                            // Fields this manager applied before and not now go,
+                            // unless someone else owns them too.
+                            let before: Vec<String> = managers
+                                .get(&manager)
+                                .map(|m| m.iter().filter(|p| in_scope(p)).cloned().collect())
+                                .unwrap_or_default();
+                            for p in before.iter().filter(|p| !applied.contains(*p)) {
+                                let shared = managers.iter().any(|(m, owned)| {
+                                    *m != manager && owned.iter().any(|o| overlaps(o, p))
+                                });
+                                if !shared {
+                                    remove_at(&mut next, p);
+                                }
+                            }
+                            let mine = managers.entry(manager.clone()).or_default();
+                            mine.retain(|p| !in_scope(p));
+                        }
+                        // What was written is the writer's (forcefully taken from others).
+                        for (m, owned) in managers.iter_mut() {
+                            if *m != manager {
+                                owned.retain(|o| !applied.iter().any(|a| overlaps(a, o)));
+                            }
+                        }
+                        managers.entry(manager.clone()).or_default().extend(applied);
+                    }
                     server.update(&collection, n, &current, next)
                 }
                 None if apply && !status_only => {
+                    server
+                        .inner
+                        .lock()
+                        .unwrap()
+                        .managed
+                        .insert(key, Managers::from([(manager, applied)]));
                     let mut object = body.clone();
                     if has_status_subresource(&collection.2) {
                         object.as_object_mut().map(|o| o.remove("status"));
@@ -742,6 +839,7 @@ async fn serve(
                 .objects
                 .get_mut(&collection)
                 .and_then(|objs| objs.remove(n));
+            inner.managed.remove(&(collection.clone(), n.to_owned()));
             match removed {
                 Some(mut o) => {
                     inner.rv += 1;
