@@ -90,6 +90,7 @@ pub fn spawn<E: Elector>(
         let mut tick = tokio::time::interval(renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expiry: Expiry = Box::pin(std::future::pending());
+        let mut failures = 0u32;
         let set = |leading: bool| {
             let was = tx.send_replace(leading);
             if leading != was {
@@ -123,9 +124,18 @@ pub fn spawn<E: Elector>(
                 }
             };
             let leading = match result {
-                Ok(l) => l,
+                Ok(l) => {
+                    failures = 0;
+                    l
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "leader election failed; not leading");
+                    // Once as a warning; the repeats of a lasting failure at debug.
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "leader election failed; not leading");
+                    } else {
+                        tracing::debug!(error = %e, failures, "leader election still failing");
+                    }
                     false
                 }
             };
