@@ -1,5 +1,11 @@
 //! The mirror's pure core: what the CRs should be, and what to write so that
 //! they are. No I/O here.
+//!
+//! [`TokenBucket`] stays hand-written for now rather than `governor` (issue
+//! 14): governor is not yet among the dependencies (it brings quanta, its own
+//! clock, and a dozen crates), and this bucket is a pure function of the
+//! instant it is given, which its tests rely on. Retry delays do use a crate
+//! (`backon`, already in the tree through kube-runtime).
 
 use std::collections::{BTreeMap, HashMap};
 
