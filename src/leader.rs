@@ -46,9 +46,54 @@ pub struct Leadership {
     rx: watch::Receiver<bool>,
     /// Keeps a fixed leadership's channel open.
     _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
+    shared: std::sync::Arc<Shared>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    /// How many loops run under this leadership ([`Leadership::running`]).
+    running: watch::Sender<usize>,
+    /// Set once leadership ends for a shutdown (not a lost Lease).
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn new() -> std::sync::Arc<Shared> {
+        std::sync::Arc::new(Shared {
+            running: watch::channel(0).0,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+/// Counts a loop running under a [`Leadership`] until dropped.
+pub struct Running(std::sync::Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.send_modify(|n| *n -= 1);
+    }
+}
+
+/// How long a shutdown waits for the loops to stop before releasing anyway.
+pub const STOP_LIMIT: Duration = Duration::from_secs(15);
+
 impl Leadership {
+    /// Marks a loop as running until the guard is dropped: at shutdown,
+    /// leadership is given up only once every such loop has stopped.
+    pub fn running(&self) -> Running {
+        self.shared.running.send_modify(|n| *n += 1);
+        Running(self.shared.clone())
+    }
+
+    /// True once leadership ended because this process shuts down (the loops
+    /// may finish what they started), not because it was lost.
+    pub fn shutting_down(&self) -> bool {
+        self.shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn is_leader(&self) -> bool {
         *self.rx.borrow()
     }
@@ -69,11 +114,14 @@ impl Leadership {
         Leadership {
             rx,
             _fixed: Some(std::sync::Arc::new(tx)),
+            shared: Shared::new(),
         }
     }
 }
 
-/// Runs `elector` every `renew_every` until `shutdown` resolves, then releases.
+/// Runs `elector` every `renew_every` until `shutdown` resolves; then stops
+/// leading, waits (at most [`STOP_LIMIT`]) for the loops marked
+/// [`Leadership::running`] to stop, and only then releases.
 ///
 /// Leadership ends as soon as the elector's [`expiry`](Elector::expiry)
 /// passes without a newer successful attempt, even while an attempt is still
@@ -85,6 +133,8 @@ pub fn spawn<E: Elector>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Leadership {
     let (tx, rx) = watch::channel(false);
+    let shared = Shared::new();
+    let loops = shared.clone();
     tokio::spawn(async move {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(renew_every);
@@ -144,10 +194,24 @@ pub fn spawn<E: Elector>(
             }
             set(leading);
         }
+        loops
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tx.send_replace(false);
+        let mut running = loops.running.subscribe();
+        if tokio::time::timeout(STOP_LIMIT, running.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the leader's loops did not stop in time; releasing anyway");
+        }
         elector.release().await;
     });
-    Leadership { rx, _fixed: None }
+    Leadership {
+        rx,
+        _fixed: None,
+        shared,
+    }
 }
 
 /// Standalone leader election on PostgreSQL: a session advisory lock held on

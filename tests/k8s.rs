@@ -89,7 +89,9 @@ impl Env {
         let (client, hub) = (self.client.clone(), self.app.hub.clone());
         let recorder = Recorder::new(client.clone(), NS, "test-replica");
         tokio::spawn(async move {
-            mirror::run(client, hub, recorder, config).await.unwrap();
+            mirror::run(client, hub, recorder, config, std::future::pending())
+                .await
+                .unwrap();
         })
     }
 
@@ -1043,6 +1045,76 @@ async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() 
     for (cr, n) in events_per_cr(&e.api, "Placed") {
         assert_eq!(n, 1, "{cr} was placed {n} times");
     }
+}
+
+#[tokio::test]
+async fn at_shutdown_the_mirror_stops_writing_before_the_lease_is_released() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut settings = k8s::Settings::new(
+        NS,
+        "replica-a",
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
+    settings.renew_every = Duration::from_millis(100);
+    settings.mirror = fast_mirror();
+    let running = k8s::start(
+        e.client.clone(),
+        settings,
+        e.app.hub.clone(),
+        e.app.clock.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    );
+    let mut leading = running.leadership.clone();
+    tokio::time::timeout(PATIENCE, leading.acquired())
+        .await
+        .unwrap();
+    let first = e.create_route("jupyter").await;
+    e.cr_where(first, "the first CR", |c| c["status"]["phase"].is_string())
+        .await;
+
+    // The API server takes its time over CR writes: one is under way when
+    // the coordinator shuts down.
+    e.api.inject(Fault::new(
+        "PATCH",
+        "/appproxyroutes/",
+        Answer::Delay(Duration::from_millis(500)),
+    ));
+    let second = e.create_route("ssh").await;
+    eventually("a CR write under way", || async {
+        (e.api.delayed() > 0).then_some(())
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    running.released(PATIENCE).await;
+    // Whatever was sent has taken effect by now.
+    eventually("no request under way", || async {
+        (e.api.delayed() == 0).then_some(())
+    })
+    .await;
+
+    let log = e.api.log();
+    let release = log
+        .iter()
+        .rfind(|l| l.method == "PUT" && l.path.contains("/leases/"))
+        .expect("the Lease released");
+    for w in log
+        .iter()
+        .filter(|l| l.path.contains("/appproxyroutes/") && l.method == "PATCH")
+    {
+        assert!(
+            w.at <= release.arrived,
+            "a CR write took effect after the Lease was released: {w:?}"
+        );
+    }
+    assert!(
+        e.cr(second).is_some(),
+        "the write under way was seen through"
+    );
 }
 
 #[test]

@@ -120,13 +120,16 @@ struct Failing {
 
 type Write = futures::future::BoxFuture<'static, (Job, anyhow::Result<Option<AppProxyRoute>>)>;
 
-/// Runs the mirror until the route stream ends or the API fails for good.
+/// Runs the mirror until `stop` resolves (then finishing the writes under
+/// way), the route stream ends or the API fails for good.
 pub async fn run(
     client: kube::Client,
     hub: Hub,
     recorder: Recorder,
     config: MirrorConfig,
+    stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    tokio::pin!(stop);
     let api: Api<AppProxyRoute> = Api::namespaced(client, &config.namespace);
     let limiter = Arc::new(Mutex::new(TokenBucket::new(
         config.writes_per_second,
@@ -193,6 +196,17 @@ pub async fn run(
             }
         };
         tokio::select! {
+            () = &mut stop => {
+                // Leadership ends: start nothing more, and see the writes
+                // under way through, so none lands after the Lease is released.
+                while let Ok(Some((job, result))) =
+                    tokio::time::timeout(config.call_timeout, writes.next()).await
+                {
+                    m.done(job, result);
+                }
+                tracing::info!("AppProxyRoute mirror stopped");
+                return Ok(());
+            }
             Some((job, result)) = writes.next(), if !writes.is_empty() => {
                 m.done(job, result);
                 m.flush_events().await;

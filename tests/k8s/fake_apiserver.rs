@@ -71,6 +71,8 @@ pub struct Logged {
     pub by_test: bool,
     /// When the answer was sent.
     pub at: std::time::Instant,
+    /// When the request arrived.
+    pub arrived: std::time::Instant,
     pub user_agent: String,
 }
 
@@ -81,6 +83,8 @@ pub enum Answer {
     Status(u16),
     /// Nothing, ever: the request hangs.
     Hang,
+    /// The usual answer, after this long (the request takes effect then).
+    Delay(Duration),
 }
 
 /// A fault for the next `times` requests with `method` whose path contains
@@ -125,6 +129,8 @@ type Managers = BTreeMap<String, std::collections::BTreeSet<String>>;
 #[derive(Default)]
 struct Inner {
     faults: Vec<Fault>,
+    /// Delayed requests not answered yet.
+    delayed: usize,
     managed: BTreeMap<(Collection, String), Managers>,
     rv: u64,
     objects: BTreeMap<Collection, BTreeMap<String, Value>>,
@@ -320,6 +326,11 @@ impl FakeApiServer {
     /// Injects `fault`; faults are matched in the order injected.
     pub fn inject(&self, fault: Fault) {
         self.inner.lock().unwrap().faults.push(fault);
+    }
+
+    /// How many delayed requests are waiting for their answer.
+    pub fn delayed(&self) -> usize {
+        self.inner.lock().unwrap().delayed
     }
 
     /// Removes every injected fault.
@@ -635,11 +646,27 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // As on a real API server, a request once received takes effect even if
+    // its client goes away meanwhile.
+    tokio::spawn(handle_received(server, method, uri, q, headers, body))
+        .await
+        .unwrap_or_else(|e| status(500, "InternalError", &e.to_string()))
+}
+
+async fn handle_received(
+    server: FakeApiServer,
+    method: Method,
+    uri: Uri,
+    q: BTreeMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    let arrived = std::time::Instant::now();
     let user_agent = headers
         .get("user-agent")
         .and_then(|v| v.to_str().ok())
@@ -656,11 +683,19 @@ async fn handle(
                 status: 0,
                 by_test: headers.contains_key("x-fake-actor"),
                 at: std::time::Instant::now(),
+                arrived,
                 user_agent: user_agent.clone(),
             });
             return std::future::pending().await;
         }
         Some(Answer::Status(code)) => status(code, "Injected", "injected fault"),
+        Some(Answer::Delay(by)) => {
+            server.inner.lock().unwrap().delayed += 1;
+            tokio::time::sleep(by).await;
+            let r = serve(&server, &method, uri.path(), &q, &content_type, &body).await;
+            server.inner.lock().unwrap().delayed -= 1;
+            r
+        }
         None => serve(&server, &method, uri.path(), &q, &content_type, &body).await,
     };
     server.inner.lock().unwrap().log.push(Logged {
@@ -671,6 +706,7 @@ async fn handle(
         status: response.status().as_u16(),
         by_test: headers.contains_key("x-fake-actor"),
         at: std::time::Instant::now(),
+        arrived,
         user_agent,
     });
     response
