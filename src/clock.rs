@@ -9,7 +9,9 @@
 //!
 //! Clones share one time: advancing a manual clock moves it for every holder.
 //! Only the time of day goes through the clock; how often the loops wake up
-//! (tokio timers) does not.
+//! (tokio timers) does not, except for [`Clock::sleep_until`], which waits for
+//! a time of day (a deadline such as a Lease's expiry) and so wakes when a
+//! manual clock is moved past it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,7 +21,14 @@ use chrono::{DateTime, Utc};
 /// The current time, from the system or set by hand. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
-    manual: Option<Arc<Mutex<DateTime<Utc>>>>,
+    manual: Option<Arc<Manual>>,
+}
+
+#[derive(Debug)]
+struct Manual {
+    time: Mutex<DateTime<Utc>>,
+    /// Woken whenever the time is moved.
+    moved: tokio::sync::Notify,
 }
 
 impl Clock {
@@ -32,7 +41,10 @@ impl Clock {
     /// [`set`](Clock::set).
     pub fn manual(start: DateTime<Utc>) -> Clock {
         Clock {
-            manual: Some(Arc::new(Mutex::new(start))),
+            manual: Some(Arc::new(Manual {
+                time: Mutex::new(start),
+                moved: tokio::sync::Notify::new(),
+            })),
         }
     }
 
@@ -45,7 +57,27 @@ impl Clock {
     pub fn now(&self) -> DateTime<Utc> {
         match &self.manual {
             None => Utc::now(),
-            Some(t) => *lock(t),
+            Some(m) => *lock(&m.time),
+        }
+    }
+
+    /// Waits until the clock shows `deadline` or later: a timer on the system
+    /// clock; on a manual clock, until it is moved that far.
+    pub async fn sleep_until(&self, deadline: DateTime<Utc>) {
+        match &self.manual {
+            None => {
+                let left = (deadline - Utc::now()).to_std().unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            Some(m) => loop {
+                let moved = m.moved.notified();
+                tokio::pin!(moved);
+                moved.as_mut().enable();
+                if *lock(&m.time) >= deadline {
+                    return;
+                }
+                moved.await;
+            },
         }
     }
 
@@ -55,11 +87,16 @@ impl Clock {
     /// On the system clock, which nobody can move, or past the end of time.
     pub fn advance(&self, by: Duration) -> DateTime<Utc> {
         let by = chrono::Duration::from_std(by).expect("a duration chrono can represent");
-        let mut t = lock(self.hand("advance"));
-        *t = t
-            .checked_add_signed(by)
-            .expect("a time chrono can represent");
-        *t
+        let m = self.hand("advance");
+        let now = {
+            let mut t = lock(&m.time);
+            *t = t
+                .checked_add_signed(by)
+                .expect("a time chrono can represent");
+            *t
+        };
+        m.moved.notify_waiters();
+        now
     }
 
     /// Sets a manual clock to `to` (earlier times too: a clock stepped back).
@@ -67,10 +104,12 @@ impl Clock {
     /// # Panics
     /// On the system clock.
     pub fn set(&self, to: DateTime<Utc>) {
-        *lock(self.hand("set")) = to;
+        let m = self.hand("set");
+        *lock(&m.time) = to;
+        m.moved.notify_waiters();
     }
 
-    fn hand(&self, what: &str) -> &Mutex<DateTime<Utc>> {
+    fn hand(&self, what: &str) -> &Manual {
         self.manual
             .as_deref()
             .unwrap_or_else(|| panic!("cannot {what} the system clock"))
@@ -126,6 +165,27 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(clock.now(), start() + chrono::Duration::milliseconds(400));
+    }
+
+    #[tokio::test]
+    async fn sleeping_until_a_time_wakes_when_a_manual_clock_gets_there() {
+        let clock = Clock::manual(start());
+        let deadline = start() + chrono::Duration::seconds(10);
+        let waiter = tokio::spawn({
+            let clock = clock.clone();
+            async move { clock.sleep_until(deadline).await }
+        });
+        clock.advance(Duration::from_secs(9));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "woke before the deadline");
+        clock.advance(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("wakes at the deadline")
+            .unwrap();
+        // A deadline already passed does not wait.
+        clock.sleep_until(start()).await;
+        Clock::system().sleep_until(Utc::now()).await;
     }
 
     #[test]

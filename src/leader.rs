@@ -6,6 +6,7 @@
 //! and a Kubernetes Lease. With SQLite there is one process, which always leads.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -17,7 +18,17 @@ pub trait Elector: Send + Sync + 'static {
     fn try_acquire(&mut self) -> impl Future<Output = anyhow::Result<bool>> + Send;
     /// Gives leadership up so another replica can take over at once.
     fn release(&mut self) -> impl Future<Output = ()> + Send;
+    /// Resolves once the leadership confirmed by the last successful
+    /// [`try_acquire`](Elector::try_acquire) can no longer be counted on (a
+    /// Lease not renewed in time), whatever is still in flight; never for an
+    /// elector whose leadership does not expire on its own.
+    fn expiry(&self) -> Expiry {
+        Box::pin(std::future::pending())
+    }
 }
+
+/// See [`Elector::expiry`].
+pub type Expiry = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The single process of an embedded (SQLite) deployment: always the leader.
 pub struct Sole;
@@ -35,9 +46,54 @@ pub struct Leadership {
     rx: watch::Receiver<bool>,
     /// Keeps a fixed leadership's channel open.
     _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
+    shared: std::sync::Arc<Shared>,
 }
 
+#[derive(Debug)]
+struct Shared {
+    /// How many loops run under this leadership ([`Leadership::running`]).
+    running: watch::Sender<usize>,
+    /// Set once leadership ends for a shutdown (not a lost Lease).
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn new() -> std::sync::Arc<Shared> {
+        std::sync::Arc::new(Shared {
+            running: watch::channel(0).0,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+/// Counts a loop running under a [`Leadership`] until dropped.
+pub struct Running(std::sync::Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.send_modify(|n| *n -= 1);
+    }
+}
+
+/// How long a shutdown waits for the loops to stop before releasing anyway.
+pub const STOP_LIMIT: Duration = Duration::from_secs(15);
+
 impl Leadership {
+    /// Marks a loop as running until the guard is dropped: at shutdown,
+    /// leadership is given up only once every such loop has stopped.
+    pub fn running(&self) -> Running {
+        self.shared.running.send_modify(|n| *n += 1);
+        Running(self.shared.clone())
+    }
+
+    /// True once leadership ended because this process shuts down (the loops
+    /// may finish what they started), not because it was lost.
+    pub fn shutting_down(&self) -> bool {
+        self.shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn is_leader(&self) -> bool {
         *self.rx.borrow()
     }
@@ -58,42 +114,104 @@ impl Leadership {
         Leadership {
             rx,
             _fixed: Some(std::sync::Arc::new(tx)),
+            shared: Shared::new(),
         }
     }
 }
 
-/// Runs `elector` every `renew_every` until `shutdown` resolves, then releases.
+/// Runs `elector` every `renew_every` until `shutdown` resolves; then stops
+/// leading, waits (at most [`STOP_LIMIT`]) for the loops marked
+/// [`Leadership::running`] to stop, and only then releases.
+///
+/// Leadership ends as soon as the elector's [`expiry`](Elector::expiry)
+/// passes without a newer successful attempt, even while an attempt is still
+/// stuck (in the client's retries, on a hung connection): a leader that cannot
+/// renew stops leading before its Lease can be taken over.
 pub fn spawn<E: Elector>(
     mut elector: E,
     renew_every: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Leadership {
     let (tx, rx) = watch::channel(false);
+    let shared = Shared::new();
+    let loops = shared.clone();
     tokio::spawn(async move {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(renew_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = &mut shutdown => break,
-            }
-            let leading = match elector.try_acquire().await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "leader election failed; not leading");
-                    false
-                }
-            };
+        let mut expiry: Expiry = Box::pin(std::future::pending());
+        let mut failures = 0u32;
+        let set = |leading: bool| {
             let was = tx.send_replace(leading);
             if leading != was {
                 tracing::info!(leading, "leadership changed");
             }
+        };
+        'run: loop {
+            let leading = *tx.borrow();
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut expiry, if leading => {
+                    tracing::warn!("leadership expired without a renewal; not leading");
+                    set(false);
+                    continue;
+                }
+                () = &mut shutdown => break,
+            }
+            let result = {
+                let attempt = elector.try_acquire();
+                tokio::pin!(attempt);
+                loop {
+                    let leading = *tx.borrow();
+                    tokio::select! {
+                        result = &mut attempt => break result,
+                        () = &mut expiry, if leading => {
+                            tracing::warn!("leadership expired while renewing; not leading");
+                            set(false);
+                        }
+                        () = &mut shutdown => break 'run,
+                    }
+                }
+            };
+            let leading = match result {
+                Ok(l) => {
+                    failures = 0;
+                    l
+                }
+                Err(e) => {
+                    // Once as a warning; the repeats of a lasting failure at debug.
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "leader election failed; not leading");
+                    } else {
+                        tracing::debug!(error = %e, failures, "leader election still failing");
+                    }
+                    false
+                }
+            };
+            if leading {
+                expiry = elector.expiry();
+            }
+            set(leading);
         }
+        loops
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tx.send_replace(false);
+        let mut running = loops.running.subscribe();
+        if tokio::time::timeout(STOP_LIMIT, running.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the leader's loops did not stop in time; releasing anyway");
+        }
         elector.release().await;
     });
-    Leadership { rx, _fixed: None }
+    Leadership {
+        rx,
+        _fixed: None,
+        shared,
+    }
 }
 
 /// Standalone leader election on PostgreSQL: a session advisory lock held on

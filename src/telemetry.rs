@@ -16,10 +16,17 @@ use crate::domain::events::StreamEvent;
 use crate::domain::{RouteStatus, WorkerStatus};
 use crate::store::{Counts, Store};
 
+/// The log filter unless `RUST_LOG` sets one: `info`, without kube-client's
+/// per-request trace layer, which logs every failed attempt (each retried
+/// 503 too) at ERROR with the whole response. The coordinator logs its own
+/// failed calls, once, at WARN (and repeats at DEBUG).
+pub const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
+
 /// Installs the global tracing subscriber, logging JSON lines when `json`.
-/// `RUST_LOG` sets the filter (default `info`).
+/// `RUST_LOG` sets the filter (default [`DEFAULT_LOG_FILTER`]).
 pub fn init_tracing(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -245,5 +252,43 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_default_filter_keeps_kube_client_retries_out_of_the_error_log() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(DEFAULT_LOG_FILTER))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "kube_client::client::builder", "failed with status 503");
+            tracing::warn!(target: "appproxy_coordinator::k8s::mirror", "cannot write");
+            tracing::debug!(target: "appproxy_coordinator::leader", "still failing");
+        });
+        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert!(!logged.contains("failed with status"), "{logged}");
+        assert!(logged.contains("cannot write"), "{logged}");
+        assert!(!logged.contains("still failing"), "{logged}");
     }
 }

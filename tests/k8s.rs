@@ -18,7 +18,7 @@ use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
 use appproxy_coordinator::k8s::{self, pods};
 use appproxy_coordinator::leader::{self, Elector};
 use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route};
-use fake_apiserver::FakeApiServer;
+use fake_apiserver::{Answer, FakeApiServer, Fault};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -82,13 +82,27 @@ async fn env_on(clock: Clock) -> Env {
 
 impl Env {
     fn start_mirror(&self) -> tokio::task::JoinHandle<()> {
+        self.start_mirror_with(fast_mirror())
+    }
+
+    fn start_mirror_with(&self, config: MirrorConfig) -> tokio::task::JoinHandle<()> {
         let (client, hub) = (self.client.clone(), self.app.hub.clone());
         let recorder = Recorder::new(client.clone(), NS, "test-replica");
         tokio::spawn(async move {
-            mirror::run(client, hub, recorder, fast_mirror())
+            mirror::run(client, hub, recorder, config, std::future::pending())
                 .await
                 .unwrap();
         })
+    }
+
+    /// The coordinator's writes to the CR of `id` (spec or status) so far.
+    fn writes_to(&self, id: Uuid) -> Vec<fake_apiserver::Logged> {
+        let path = format!("/appproxyroutes/{}", cr_name(id));
+        self.api
+            .log()
+            .into_iter()
+            .filter(|l| !l.by_test && l.method == "PATCH" && l.path.contains(&path))
+            .collect()
     }
 
     fn cr(&self, id: Uuid) -> Option<Value> {
@@ -166,7 +180,12 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
     for (t, want) in [("Ready", "True"), ("Propagated", "True")] {
         let c = conditions.iter().find(|c| c["type"] == t).unwrap();
         assert_eq!(c["status"], want, "{c}");
-        assert!(c["lastTransitionTime"].is_string());
+        // RFC 3339 in whole seconds, as Kubernetes writes condition times.
+        let time = c["lastTransitionTime"].as_str().unwrap();
+        assert!(
+            time.len() == 20 && time.ends_with('Z') && !time.contains('.'),
+            "{time}"
+        );
     }
 
     // Every write is a server-side apply under the one field manager.
@@ -185,6 +204,11 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
         );
         assert!(w.query.contains("force=true"), "{w:?}");
     }
+    // Every request says who sends it.
+    for l in e.api.log() {
+        assert_eq!(l.user_agent, k8s::USER_AGENT, "{l:?}");
+    }
+    assert!(k8s::USER_AGENT.starts_with("appproxy-coordinator/"));
     // A placement event on the CR.
     eventually("a Placed event", || async {
         e.event_reasons(id)
@@ -255,6 +279,90 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_field_added_to_a_spec_by_hand_is_removed_with_one_repair_event() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+    let first = e
+        .cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
+        .await;
+    assert!(first["spec"].get("endpointId").is_none());
+    // kubectl edit adds a field the route does not have.
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.api.actor_client(), NS);
+    let edit = json!({"spec": {"endpointId": Uuid::new_v4()}});
+    crs.patch(
+        &cr_name(id),
+        &PatchParams {
+            field_manager: Some("kubectl-edit".into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(&edit),
+    )
+    .await
+    .unwrap();
+    e.cr_where(id, "the added field removed", |c| {
+        c["spec"].get("endpointId").is_none()
+            && c["metadata"]["generation"] != first["metadata"]["generation"]
+    })
+    .await;
+    // The mirror goes on (the acknowledgement reaches the status), and has
+    // reported the one repair it made, once.
+    e.ack(worker, &token).await;
+    e.cr_where(id, "an Active CR", |c| c["status"]["phase"] == "Active")
+        .await;
+    let repairs = eventually("the DriftRepaired event", || async {
+        let n = events_per_cr(&e.api, "DriftRepaired")
+            .get(&cr_name(id))
+            .copied()
+            .unwrap_or(0);
+        (n > 0).then_some(n)
+    })
+    .await;
+    assert_eq!(repairs, 1);
+    assert_eq!(e.cr(id).unwrap()["spec"], first["spec"]);
+}
+
+#[tokio::test]
+async fn a_managed_by_label_removed_by_hand_is_restored_without_a_deleted_by_hand_event() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror();
+    let id = e.create_route("jupyter").await;
+    let first = e
+        .cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
+        .await;
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.api.actor_client(), NS);
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    crs.patch(
+        &cr_name(id),
+        &PatchParams::default(),
+        &Patch::Merge(&unlabel),
+    )
+    .await
+    .unwrap();
+    let relabelled = e
+        .cr_where(id, "the label back", |c| {
+            c["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "appproxy-coordinator"
+                && c["metadata"]["resourceVersion"] != first["metadata"]["resourceVersion"]
+                && c["metadata"]["labels"].as_object().unwrap().len() == 2
+        })
+        .await;
+    assert_eq!(relabelled["metadata"]["uid"], first["metadata"]["uid"]);
+    eventually("a DriftRepaired event", || async {
+        e.event_reasons(id)
+            .contains(&"DriftRepaired".to_owned())
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !e.event_reasons(id).contains(&"Restored".to_owned()),
+        "the CR was never deleted: {:?}",
+        e.event_reasons(id)
+    );
 }
 
 #[tokio::test]
@@ -423,6 +531,87 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
 }
 
 #[tokio::test]
+async fn what_kubernetes_says_about_a_pod_wins_over_what_its_worker_says() {
+    let e = env().await;
+    let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
+    let mut uids = Vec::new();
+    for name in ["worker-0", "worker-1", "worker-2"] {
+        let p = pods
+            .create(&PostParams::default(), &pod(name, true))
+            .await
+            .unwrap();
+        uids.push(p.metadata.uid.unwrap());
+    }
+    let worker_json = |i: usize| {
+        json!({"name": format!("w{i}"), "api_url": "http://127.0.0.1:10201",
+               "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
+               "pod": {"namespace": NS, "name": format!("worker-{i}"), "uid": uids[i]}})
+    };
+    let (w0, t0, _) = e.app.register_with(worker_json(0)).await;
+    let (w1, t1, _) = e.app.register_with(worker_json(1)).await;
+    let (w2, t2, _) = e.app.register_with(worker_json(2)).await;
+    let (client, store, clock) = (e.client.clone(), e.app.store.clone(), e.app.clock.clone());
+    tokio::spawn(async move {
+        pods::watch(
+            client,
+            NS,
+            appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+            store,
+            clock,
+        )
+        .await
+    });
+    let store = e.app.store.clone();
+    let status = |id| {
+        let store = store.clone();
+        async move { store.get_worker(id).await.unwrap().status }
+    };
+
+    // A deleted pod: its worker is Lost, and its heartbeats do not revive it.
+    pods.delete("worker-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    worker_status(&e.app, w0, WorkerStatus::Lost).await;
+    e.ack(w0, &t0).await;
+    assert_eq!(
+        status(w0).await,
+        WorkerStatus::Lost,
+        "revived by a heartbeat"
+    );
+
+    // A terminating pod: the same.
+    let terminating = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
+    pods.patch(
+        "worker-1",
+        &PatchParams::default(),
+        &Patch::Merge(&terminating),
+    )
+    .await
+    .unwrap();
+    worker_status(&e.app, w1, WorkerStatus::Lost).await;
+    e.ack(w1, &t1).await;
+    assert_eq!(
+        status(w1).await,
+        WorkerStatus::Lost,
+        "revived by a heartbeat"
+    );
+
+    // A pod not ready: its worker re-registering (or heartbeating) stays NotReady.
+    set_ready(&pods, "worker-2", false).await;
+    worker_status(&e.app, w2, WorkerStatus::NotReady).await;
+    let (again, t2b, body) = e.app.register_with(worker_json(2)).await;
+    assert_eq!(again, w2);
+    assert_eq!(body["worker"]["status"], "NotReady", "{body}");
+    assert_eq!(status(w2).await, WorkerStatus::NotReady);
+    e.ack(w2, &t2b).await;
+    assert_eq!(status(w2).await, WorkerStatus::NotReady);
+    let _ = t2;
+    // Once the pod is ready again, so is the worker.
+    set_ready(&pods, "worker-2", true).await;
+    worker_status(&e.app, w2, WorkerStatus::Ready).await;
+}
+
+#[tokio::test]
 async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
     let e = env_on(manual_clock()).await;
     let pods: Api<Pod> = Api::namespaced(e.api.actor_client(), NS);
@@ -512,6 +701,12 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
     e.app.clock.advance(Duration::from_millis(1));
     e.cr_where(id, "the CR on its new worker", |c| {
         c["status"]["worker"] == "w1" && c["spec"]["workerId"] == json!(w1)
+    })
+    .await;
+    eventually("a FailedOver event", || async {
+        e.event_reasons(id)
+            .contains(&"FailedOver".to_owned())
+            .then_some(())
     })
     .await;
 
@@ -664,6 +859,262 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
     );
     let spec = leases.get("spawned").await.unwrap().spec.unwrap();
     assert_eq!(spec.holder_identity.as_deref(), Some("d"));
+}
+
+#[tokio::test]
+async fn a_cr_whose_write_hangs_holds_back_no_other_cr() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror_with(MirrorConfig {
+        // Longer than the test waits: only a write that does not wait for
+        // the hanging one can succeed.
+        call_timeout: Duration::from_secs(600),
+        ..fast_mirror()
+    });
+    let stuck = e.create_route("jupyter").await;
+    e.cr_where(stuck, "the first CR", |c| {
+        c["status"]["phase"] == "Propagating"
+    })
+    .await;
+    // Every write to the first CR hangs from now on; the acknowledgement
+    // makes its status stale.
+    e.api.inject(Fault::new(
+        "PATCH",
+        &format!("/appproxyroutes/{}", cr_name(stuck)),
+        Answer::Hang,
+    ));
+    e.ack(worker, &token).await;
+    eventually("a write to the first CR to hang", || async {
+        e.writes_to(stuck)
+            .iter()
+            .any(|l| l.status == 0)
+            .then_some(())
+    })
+    .await;
+    let other = e.create_route("ssh").await;
+    e.cr_where(other, "another CR, written meanwhile", |c| {
+        c["status"]["phase"].is_string()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry() {
+    let e = env().await;
+    let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    e.start_mirror_with(MirrorConfig {
+        retry_min: Duration::from_millis(100),
+        retry_max: Duration::from_secs(60),
+        ..fast_mirror()
+    });
+    let id = e.create_route("jupyter").await;
+    e.cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
+        .await;
+    eventually("the Placed event", || async {
+        (!e.event_reasons(id).is_empty()).then_some(())
+    })
+    .await;
+    let events_before = e.event_reasons(id).len();
+    // A validating webhook rejects every write to this CR from now on.
+    let path = format!("/appproxyroutes/{}", cr_name(id));
+    e.api
+        .inject(Fault::new("PATCH", &path, Answer::Status(422)));
+    let before = e.writes_to(id).len();
+    e.ack(worker, &token).await;
+    let failed = eventually("five rejected writes", || async {
+        let failed: Vec<_> = e.writes_to(id).into_iter().skip(before).collect();
+        (failed.len() >= 5).then_some(failed)
+    })
+    .await;
+    // Retried ever later: each pause at least half again as long as the last.
+    let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for pair in gaps.windows(2) {
+        assert!(
+            pair[1].as_secs_f64() >= 1.5 * pair[0].as_secs_f64(),
+            "no backoff between retries: {gaps:?}"
+        );
+    }
+    assert_eq!(
+        e.event_reasons(id).len(),
+        events_before,
+        "an event per failed write"
+    );
+    // Once writes go through again, the CR catches up at its next retry.
+    e.api.heal();
+    e.cr_where(id, "the CR caught up", |c| c["status"]["phase"] == "Active")
+        .await;
+}
+
+/// Kubernetes mode as `serve` starts it, for the replica `who`.
+fn start_replica(e: &Env, who: &str, lease: Duration) -> k8s::Running {
+    let mut settings = k8s::Settings::new(
+        NS,
+        who,
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
+    settings.renew_every = Duration::from_millis(100);
+    settings.lease_duration = lease;
+    settings.mirror = fast_mirror();
+    k8s::start(
+        e.api.client_as(who),
+        settings,
+        e.app.hub.clone(),
+        e.app.clock.clone(),
+        std::future::pending(),
+    )
+}
+
+/// The number of events with `reason` per CR.
+fn events_per_cr(api: &FakeApiServer, reason: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in api.objects(EVENTS, NS, "events").values() {
+        if e["reason"] == reason {
+            let name = e["regarding"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() {
+    let e = env_on(manual_clock()).await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let lease = Duration::from_secs(3);
+    let a = start_replica(&e, "replica-a", lease);
+    let mut a_wait = a.leadership.clone();
+    tokio::time::timeout(PATIENCE, a_wait.acquired())
+        .await
+        .unwrap();
+    let b = start_replica(&e, "replica-b", lease);
+    let first = e.create_route("jupyter").await;
+    eventually("a Placed event", || async {
+        e.event_reasons(first)
+            .contains(&"Placed".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // Every renewal of replica a answers 503 from now on: kube-client retries
+    // them for minutes.
+    e.api
+        .inject(Fault::new("PUT", "/leases/", Answer::Status(503)).from("replica-a"));
+    // B must never lead while A still does.
+    let overlap = tokio::spawn({
+        let (la, mut lb) = (a.leadership.clone(), b.leadership.clone());
+        async move {
+            lb.acquired().await;
+            la.is_leader()
+        }
+    });
+    // Time passes (the clock moves on well past the Lease's duration) until B
+    // has taken over.
+    eventually("replica b to take over", || async {
+        if b.leadership.is_leader() {
+            return Some(());
+        }
+        e.app.clock.advance(Duration::from_millis(100));
+        None
+    })
+    .await;
+    assert!(
+        !overlap.await.unwrap(),
+        "replica a still led when replica b took over"
+    );
+    assert!(!a.leadership.is_leader());
+
+    // A route created now is placed once, by the one leader.
+    let second = e.create_route("ssh").await;
+    e.cr_where(second, "the new CR", |c| c["status"]["phase"].is_string())
+        .await;
+    eventually("a Placed event for the new route", || async {
+        e.event_reasons(second)
+            .contains(&"Placed".to_owned())
+            .then_some(())
+    })
+    .await;
+    // Let a second mirror (if any) get round to it too.
+    for _ in 0..10 {
+        e.app.clock.advance(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (cr, n) in events_per_cr(&e.api, "Placed") {
+        assert_eq!(n, 1, "{cr} was placed {n} times");
+    }
+}
+
+#[tokio::test]
+async fn at_shutdown_the_mirror_stops_writing_before_the_lease_is_released() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut settings = k8s::Settings::new(
+        NS,
+        "replica-a",
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
+    settings.renew_every = Duration::from_millis(100);
+    settings.mirror = fast_mirror();
+    let running = k8s::start(
+        e.client.clone(),
+        settings,
+        e.app.hub.clone(),
+        e.app.clock.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    );
+    let mut leading = running.leadership.clone();
+    tokio::time::timeout(PATIENCE, leading.acquired())
+        .await
+        .unwrap();
+    let first = e.create_route("jupyter").await;
+    e.cr_where(first, "the first CR", |c| c["status"]["phase"].is_string())
+        .await;
+
+    // The API server takes its time over CR writes: one is under way when
+    // the coordinator shuts down.
+    e.api.inject(Fault::new(
+        "PATCH",
+        "/appproxyroutes/",
+        Answer::Delay(Duration::from_millis(500)),
+    ));
+    let second = e.create_route("ssh").await;
+    eventually("a CR write under way", || async {
+        (e.api.delayed() > 0).then_some(())
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    running.released(PATIENCE).await;
+    // Whatever was sent has taken effect by now.
+    eventually("no request under way", || async {
+        (e.api.delayed() == 0).then_some(())
+    })
+    .await;
+
+    let log = e.api.log();
+    let release = log
+        .iter()
+        .rfind(|l| l.method == "PUT" && l.path.contains("/leases/"))
+        .expect("the Lease released");
+    for w in log
+        .iter()
+        .filter(|l| l.path.contains("/appproxyroutes/") && l.method == "PATCH")
+    {
+        assert!(
+            w.at <= release.arrived,
+            "a CR write took effect after the Lease was released: {w:?}"
+        );
+    }
+    assert!(
+        e.cr(second).is_some(),
+        "the write under way was seen through"
+    );
 }
 
 #[test]

@@ -41,6 +41,69 @@ pub fn next_status(current: WorkerStatus, observation: Observation) -> Option<Wo
     (next != current).then_some(next)
 }
 
+/// What Kubernetes last said about a worker's pod (kept with the worker;
+/// unknown outside Kubernetes or before the pod watcher saw the pod).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    Ready,
+    NotReady,
+    /// Deleted, or terminating: it never comes back.
+    Gone,
+}
+
+impl PodState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PodState::Ready => "Ready",
+            PodState::NotReady => "NotReady",
+            PodState::Gone => "Gone",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PodState> {
+        [PodState::Ready, PodState::NotReady, PodState::Gone]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+
+    /// The pod state a pod observation reports (`None` for heartbeats).
+    pub fn of(observation: Observation) -> Option<PodState> {
+        match observation {
+            Observation::PodReady => Some(PodState::Ready),
+            Observation::PodNotReady => Some(PodState::NotReady),
+            Observation::PodDeleted => Some(PodState::Gone),
+            Observation::Heartbeat | Observation::HeartbeatTimeout => None,
+        }
+    }
+}
+
+/// [`next_status`] for a worker whose pod is known to be in state `pod`: what
+/// Kubernetes says about the pod wins over what the worker says about itself,
+/// so a heartbeat never revives a worker whose pod is gone, and makes one
+/// whose pod is not ready `NotReady`, not `Ready`.
+pub fn next_status_with_pod(
+    current: WorkerStatus,
+    pod: Option<PodState>,
+    observation: Observation,
+) -> Option<WorkerStatus> {
+    match (observation, pod) {
+        (Observation::Heartbeat, Some(PodState::Gone)) => None,
+        (Observation::Heartbeat, Some(PodState::NotReady)) => {
+            next_status(current, observation).map(|_| WorkerStatus::NotReady)
+        }
+        _ => next_status(current, observation),
+    }
+}
+
+/// The status a worker (re-)registering gets, given its pod's state.
+pub fn registered_status(pod: Option<PodState>) -> WorkerStatus {
+    match pod {
+        None | Some(PodState::Ready) => WorkerStatus::Ready,
+        Some(PodState::NotReady) => WorkerStatus::NotReady,
+        Some(PodState::Gone) => WorkerStatus::Lost,
+    }
+}
+
 /// The statuses a heartbeat timeout changes: only workers in these are
 /// checked for silence.
 pub fn statuses_that_time_out() -> Vec<WorkerStatus> {
@@ -59,6 +122,44 @@ mod tests {
     #[test]
     fn ready_and_not_ready_workers_time_out() {
         assert_eq!(statuses_that_time_out(), vec![Ready, NotReady]);
+    }
+
+    #[test]
+    fn the_pod_wins_over_the_worker() {
+        use PodState::Gone;
+        let not_ready = Some(PodState::NotReady);
+        // A deleted or terminating pod's worker stays Lost, whatever it says.
+        assert_eq!(next_status_with_pod(Lost, Some(Gone), Heartbeat), None);
+        assert_eq!(
+            next_status_with_pod(Ready, Some(Gone), PodDeleted),
+            Some(Lost)
+        );
+        // A worker whose pod is not ready comes back NotReady, not Ready.
+        assert_eq!(
+            next_status_with_pod(Lost, not_ready, Heartbeat),
+            Some(NotReady)
+        );
+        assert_eq!(next_status_with_pod(NotReady, not_ready, Heartbeat), None);
+        // Unknown or ready pods: the plain rules.
+        for pod in [None, Some(PodState::Ready)] {
+            assert_eq!(next_status_with_pod(Lost, pod, Heartbeat), Some(Ready));
+            assert_eq!(next_status_with_pod(Ready, pod, Heartbeat), None);
+        }
+        assert_eq!(
+            next_status_with_pod(NotReady, not_ready, PodReady),
+            Some(Ready)
+        );
+        assert_eq!(next_status_with_pod(Draining, Some(Gone), Heartbeat), None);
+        // Registration.
+        assert_eq!(registered_status(None), Ready);
+        assert_eq!(registered_status(Some(PodState::Ready)), Ready);
+        assert_eq!(registered_status(not_ready), NotReady);
+        assert_eq!(registered_status(Some(Gone)), Lost);
+        for p in [PodState::Ready, PodState::NotReady, Gone] {
+            assert_eq!(PodState::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(PodState::of(PodDeleted), Some(Gone));
+        assert_eq!(PodState::of(Heartbeat), None);
     }
 
     #[test]

@@ -7,6 +7,13 @@
 //! racing for it cannot both win (the loser gets `409 Conflict`).
 //!
 //! Renewal and expiry are judged at the time a [`Clock`] shows.
+//!
+//! A holder counts on the Lease only until its *renew deadline*: two thirds of
+//! the lease duration after the time it wrote as `renewTime` (taken before the
+//! write was sent). Others may take over only once the whole duration has
+//! passed, so a holder whose renewals fail or hang (the client retries 5xx for
+//! a long time) has stopped leading a third of the duration before anyone can
+//! take over. Every API call is also bounded by a timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +26,23 @@ use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
-use crate::leader::Elector;
+use crate::leader::{Elector, Expiry};
+
+/// How long a holder counts on a Lease it renewed at `renewed`: two thirds of
+/// `duration` (others wait for all of it).
+pub fn renew_deadline(renewed: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    renewed + chrono::Duration::from_std(duration * 2 / 3).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Bounds one API call.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> anyhow::Result<Result<T, kube::Error>> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the API server within {limit:?}"))
+}
 
 /// What to do with the Lease as read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +135,8 @@ pub struct LeaseElector {
     duration: Duration,
     clock: Clock,
     released: Arc<Notify>,
+    /// Until when the last successful write lets us lead.
+    valid_until: Option<DateTime<Utc>>,
 }
 
 impl LeaseElector {
@@ -132,6 +157,7 @@ impl LeaseElector {
             duration,
             clock,
             released: Arc::new(Notify::new()),
+            valid_until: None,
         }
     }
 
@@ -140,9 +166,15 @@ impl LeaseElector {
         self.released.clone()
     }
 
+    /// How long one API call may take.
+    fn call_timeout(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_millis(100))
+    }
+
     async fn attempt(&mut self) -> anyhow::Result<bool> {
         let now = self.clock.now();
-        let current = self.api.get_opt(&self.name).await?;
+        let limit = self.call_timeout();
+        let current = bounded(limit, self.api.get_opt(&self.name)).await??;
         let decision = decide(
             current.as_ref().and_then(|l| l.spec.as_ref()),
             &self.identity,
@@ -167,18 +199,27 @@ impl LeaseElector {
                     },
                     spec: Some(spec),
                 };
-                self.api.create(&PostParams::default(), &lease).await
+                bounded(limit, self.api.create(&PostParams::default(), &lease)).await?
             }
             Some(mut lease) => {
                 // Keeps metadata.resourceVersion: the replace fails if anyone wrote in between.
                 lease.spec = Some(spec);
-                self.api
-                    .replace(&self.name, &PostParams::default(), &lease)
-                    .await
+                bounded(
+                    limit,
+                    self.api.replace(&self.name, &PostParams::default(), &lease),
+                )
+                .await?
             }
         };
         match written {
             Ok(_) => {
+                let until = renew_deadline(now, self.duration);
+                if self.clock.now() >= until {
+                    // Written too late to count on: others may take it any moment.
+                    tracing::warn!(lease = %self.name, "the lease write came back too late");
+                    return Ok(false);
+                }
+                self.valid_until = Some(until);
                 if decision != Decision::Renew {
                     tracing::info!(lease = %self.name, identity = %self.identity, ?decision, "acquired the lease");
                 }
@@ -195,10 +236,20 @@ impl Elector for LeaseElector {
         self.attempt().await
     }
 
+    fn expiry(&self) -> Expiry {
+        let clock = self.clock.clone();
+        match self.valid_until {
+            Some(until) => Box::pin(async move { clock.sleep_until(until).await }),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
+
     async fn release(&mut self) {
         // Hand the Lease back (empty holder) so another replica takes over at once.
+        self.valid_until = None;
+        let limit = self.call_timeout();
         let result = async {
-            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let Some(mut lease) = bounded(limit, self.api.get_opt(&self.name)).await?? else {
                 return Ok(());
             };
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -207,10 +258,13 @@ impl Elector for LeaseElector {
             }
             spec.holder_identity = None;
             spec.renew_time = Some(micro(self.clock.now()));
-            self.api
-                .replace(&self.name, &PostParams::default(), &lease)
-                .await
-                .map(drop)
+            bounded(
+                limit,
+                self.api.replace(&self.name, &PostParams::default(), &lease),
+            )
+            .await?
+            .map(drop)
+            .map_err(anyhow::Error::from)
         }
         .await;
         match result {

@@ -6,11 +6,19 @@
 //! soon as the watch reports it. A full list-and-diff runs at start and every
 //! `repair_interval` as a safety net. Writes go out in batches through a token
 //! bucket, with bounded concurrency.
+//!
+//! Writes run beside the loop, not in it: a CR whose write hangs or fails
+//! holds back no other CR. A failed write goes to a per-CR backoff queue
+//! (exponential and capped, from `backon`), and is retried only once its delay
+//! has passed, or sooner when what the CR should be has changed; only the first
+//! failure in a row is logged as a warning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::BackoffBuilder;
 use chrono::Utc;
 use futures::StreamExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -44,6 +52,12 @@ pub struct MirrorConfig {
     pub concurrency: usize,
     /// Changes arriving within this window are written together.
     pub debounce: Duration,
+    /// How long one call to the API server may take (the client's own
+    /// retries included).
+    pub call_timeout: Duration,
+    /// The first and the longest delay before retrying a CR whose write failed.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
 }
 
 impl MirrorConfig {
@@ -57,6 +71,9 @@ impl MirrorConfig {
             batch_size: 200,
             concurrency: 8,
             debounce: Duration::from_millis(100),
+            call_timeout: Duration::from_secs(10),
+            retry_min: Duration::from_millis(500),
+            retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -67,6 +84,8 @@ struct Mirror {
     recorder: Recorder,
     config: MirrorConfig,
     limiter: Arc<Mutex<TokenBucket>>,
+    /// How many writes run at once.
+    permits: Arc<tokio::sync::Semaphore>,
     routes: BTreeMap<Uuid, Route>,
     routes_ready: bool,
     workers: HashMap<Uuid, Worker>,
@@ -77,17 +96,40 @@ struct Mirror {
     /// The spec this process last wrote per CR: a CR that differs from it was
     /// changed by someone else (drift); one that vanished was deleted by hand.
     written: HashMap<String, AppProxyRouteSpec>,
+    /// The uid of each CR as this process last wrote it.
+    uids: HashMap<String, String>,
     /// Events to record once their CR exists.
     events: HashMap<String, Vec<(Reason, String)>>,
+    /// Where routes deleted from the stream were, until their CRs are gone
+    /// (a delete followed by an upsert of the same route is a move).
+    departed: HashMap<Uuid, Option<Uuid>>,
+    /// CRs with a write under way: not planned again until it is done.
+    in_flight: HashSet<String>,
+    /// CRs whose last write failed, and when to retry.
+    failing: HashMap<String, Failing>,
 }
 
-/// Runs the mirror until the route stream ends or the API fails for good.
+/// A CR whose writes keep failing.
+struct Failing {
+    /// The write that failed; a different one is tried at once.
+    action: Action,
+    desired: Option<Desired>,
+    retry_at: tokio::time::Instant,
+    delays: backon::ExponentialBackoff,
+}
+
+type Write = futures::future::BoxFuture<'static, (Job, anyhow::Result<Option<AppProxyRoute>>)>;
+
+/// Runs the mirror until `stop` resolves (then finishing the writes under
+/// way), the route stream ends or the API fails for good.
 pub async fn run(
     client: kube::Client,
     hub: Hub,
     recorder: Recorder,
     config: MirrorConfig,
+    stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    tokio::pin!(stop);
     let api: Api<AppProxyRoute> = Api::namespaced(client, &config.namespace);
     let limiter = Arc::new(Mutex::new(TokenBucket::new(
         config.writes_per_second,
@@ -100,6 +142,7 @@ pub async fn run(
         recorder,
         config: config.clone(),
         limiter,
+        permits: Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1))),
         routes: BTreeMap::new(),
         routes_ready: false,
         workers: HashMap::new(),
@@ -107,8 +150,14 @@ pub async fn run(
         observed_ready: false,
         relisting: None,
         written: HashMap::new(),
+        uids: HashMap::new(),
         events: HashMap::new(),
+        in_flight: HashSet::new(),
+        failing: HashMap::new(),
+        departed: HashMap::new(),
     };
+    let mut writes: futures::stream::FuturesUnordered<Write> =
+        futures::stream::FuturesUnordered::new();
     m.refresh_workers().await?;
     let mut routes = hub
         .open(Audience::Manager, None)
@@ -134,7 +183,36 @@ pub async fn run(
                 std::future::pending::<()>().await;
             }
         };
+        let retry = m
+            .failing
+            .values()
+            .map(|f| f.retry_at)
+            .min()
+            .map(tokio::time::sleep_until);
+        let retry = async {
+            match retry {
+                Some(r) => r.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            () = &mut stop => {
+                // Leadership ends: start nothing more, and see the writes
+                // under way through, so none lands after the Lease is released.
+                while let Ok(Some((job, result))) =
+                    tokio::time::timeout(config.call_timeout, writes.next()).await
+                {
+                    m.done(job, result);
+                }
+                tracing::info!("AppProxyRoute mirror stopped");
+                return Ok(());
+            }
+            Some((job, result)) = writes.next(), if !writes.is_empty() => {
+                m.done(job, result);
+                m.flush_events().await;
+                dirty = true;
+            }
+            () = retry, if !dirty => dirty = true,
             event = routes.next() => match event {
                 Some(e) => { m.on_route_event(e).await; dirty = true; }
                 None => anyhow::bail!("the route stream ended"),
@@ -156,7 +234,7 @@ pub async fn run(
                     Err(e) => tracing::warn!(error = %e, "cannot read workers"),
                 }
             }
-            () = settle => dirty = m.reconcile().await,
+            () = settle => dirty = m.reconcile(&mut writes),
         }
     }
 }
@@ -200,7 +278,11 @@ impl Mirror {
                 }
                 // A route seen for the first time gets its placement event when
                 // its CR is created; here only changes of known routes count.
-                let known = self.routes.get(&route.id).map(|r| r.worker_id);
+                let known = self
+                    .routes
+                    .get(&route.id)
+                    .map(|r| r.worker_id)
+                    .or_else(|| self.departed.remove(&route.id));
                 let name_of = |w: Uuid| {
                     self.workers
                         .get(&w)
@@ -235,8 +317,12 @@ impl Mirror {
                 self.routes.insert(route.id, route);
             }
             StreamEvent::Delete(d) => {
-                self.routes.remove(&d.route_id);
-                self.events.remove(&super::crd::cr_name(d.route_id));
+                // A move reaches the manager's stream as a delete (from the old
+                // worker) then an upsert (on the new one): remember where the
+                // route was, and keep its pending events, until its CR is gone.
+                if let Some(route) = self.routes.remove(&d.route_id) {
+                    self.departed.insert(route.id, route.worker_id);
+                }
             }
             StreamEvent::Bookmark(_) => {}
         }
@@ -291,10 +377,13 @@ impl Mirror {
 
     /// A full list of the managed CRs replaces what the watch reported.
     async fn relist(&mut self) -> anyhow::Result<()> {
-        let list = self
-            .api
-            .list(&ListParams::default().labels(&managed_selector()))
-            .await?;
+        let list = tokio::time::timeout(
+            self.config.call_timeout,
+            self.api
+                .list(&ListParams::default().labels(&managed_selector())),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {:?}", self.config.call_timeout))??;
         self.observed = list
             .items
             .iter()
@@ -337,102 +426,153 @@ impl Mirror {
         Ok(changed)
     }
 
-    /// Writes one batch of the plan; true when more remains.
-    async fn reconcile(&mut self) -> bool {
+    /// Starts one batch of the plan's writes (skipping CRs with a write under
+    /// way or backing off); true when more could be started right away.
+    fn reconcile(&mut self, writes: &mut futures::stream::FuturesUnordered<Write>) -> bool {
         let desired = plan::desired(&self.routes, &self.workers);
-        let actions = plan::plan(&desired, &self.observed);
-        let more = actions.len() > self.config.batch_size;
-        let jobs: Vec<Job> = actions
+        let now = tokio::time::Instant::now();
+        let room = self.config.batch_size.saturating_sub(self.in_flight.len());
+        let actions: Vec<Action> = plan::plan(&desired, &self.observed)
             .into_iter()
-            .take(self.config.batch_size)
-            .map(|action| {
-                let name = action.name().to_owned();
-                let observed = self.observed.get(&name).cloned();
-                let repair = match (&action, self.written.get(&name)) {
-                    (Action::Create(_), Some(_)) => Some(Reason::Restored),
-                    (Action::ApplySpec(_), Some(last))
-                        if observed.as_ref().and_then(|o| o.spec.as_ref()) != Some(last) =>
-                    {
-                        Some(Reason::DriftRepaired)
-                    }
-                    _ => None,
-                };
-                Job {
-                    desired: desired.get(&name).cloned(),
-                    action,
-                    observed,
-                    repair,
-                }
+            .filter(|a| !self.in_flight.contains(a.name()))
+            .filter(|a| {
+                self.failing.get(a.name()).is_none_or(|f| {
+                    f.retry_at <= now
+                        || f.action != *a
+                        || f.desired.as_ref() != desired.get(a.name())
+                })
             })
             .collect();
-        if !jobs.is_empty() {
-            tracing::debug!(
-                writes = jobs.len(),
-                more,
-                "mirroring routes to AppProxyRoutes"
+        let mut actions = actions.into_iter().peekable();
+        let mut started = 0;
+        while started < room {
+            let Some(action) = actions.next() else { break };
+            let name = action.name().to_owned();
+            let observed = self.observed.get(&name).cloned();
+            let repair = match (&action, self.written.get(&name)) {
+                (Action::Create(_), Some(_)) => Some(Reason::Restored),
+                (Action::ApplySpec(_), Some(last))
+                    if observed.as_ref().and_then(|o| o.spec.as_ref()) != Some(last) =>
+                {
+                    Some(Reason::DriftRepaired)
+                }
+                _ => None,
+            };
+            let job = Job {
+                desired: desired.get(&name).cloned(),
+                action,
+                observed,
+                repair,
+            };
+            let (api, limiter, permits, limit) = (
+                self.api.clone(),
+                self.limiter.clone(),
+                self.permits.clone(),
+                self.config.call_timeout,
             );
+            self.in_flight.insert(name);
+            writes.push(Box::pin(async move {
+                let _permit = permits.acquire_owned().await;
+                let result = job.run(&api, &limiter, limit).await;
+                (job, result)
+            }));
+            started += 1;
         }
-        let results: Vec<(Job, anyhow::Result<Option<AppProxyRoute>>)> =
-            futures::stream::iter(jobs)
-                .map(|job| {
-                    let api = self.api.clone();
-                    let limiter = self.limiter.clone();
-                    async move {
-                        let result = job.run(&api, &limiter).await;
-                        (job, result)
+        if started > 0 {
+            tracing::debug!(writes = started, "mirroring routes to AppProxyRoutes");
+        }
+        started == room && actions.peek().is_some()
+    }
+
+    /// Takes in the outcome of one write.
+    fn done(&mut self, job: Job, result: anyhow::Result<Option<AppProxyRoute>>) {
+        let name = job.action.name().to_owned();
+        self.in_flight.remove(&name);
+        match result {
+            Ok(Some(cr)) => {
+                self.failing.remove(&name);
+                if let Some(d) = &job.desired {
+                    let placed = matches!(job.action, Action::Create(_)) && job.repair.is_none();
+                    if let (true, Some(worker)) = (placed, &d.status.worker) {
+                        let url = d.spec.frontend.url.as_deref().unwrap_or("-");
+                        self.events.entry(name.clone()).or_default().push((
+                            Reason::Placed,
+                            format!("placed on worker {worker} at {url}"),
+                        ));
                     }
-                })
-                .buffer_unordered(self.config.concurrency.max(1))
-                .collect()
-                .await;
-        let mut failed = false;
-        for (job, result) in results {
-            let name = job.action.name().to_owned();
-            match result {
-                Ok(Some(cr)) => {
-                    if let Some(d) = &job.desired {
-                        let placed =
-                            matches!(job.action, Action::Create(_)) && job.repair.is_none();
-                        if let (true, Some(worker)) = (placed, &d.status.worker) {
-                            let url = d.spec.frontend.url.as_deref().unwrap_or("-");
-                            self.events.entry(name.clone()).or_default().push((
-                                Reason::Placed,
-                                format!("placed on worker {worker} at {url}"),
-                            ));
-                        }
-                        self.written.insert(name.clone(), d.spec.clone());
-                    }
-                    if let Some(reason) = job.repair {
-                        let note = match reason {
-                            Reason::Restored => {
-                                "deleted by hand; recreated from the coordinator's database"
-                            }
-                            _ => "spec edited by hand; reverted to the coordinator's database",
-                        };
-                        tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
-                        self.events
-                            .entry(name.clone())
-                            .or_default()
-                            .push((reason, note.to_owned()));
-                    }
-                    self.observed.insert(name, observed_of(&cr));
+                    self.written.insert(name.clone(), d.spec.clone());
                 }
-                Ok(None) => {
-                    self.observed.remove(&name);
-                    self.written.remove(&name);
+                // The CR went out of the managed selection, but not away: its
+                // managed-by label was removed, and the apply put it back.
+                let relabelled =
+                    cr.metadata.uid.is_some() && cr.metadata.uid.as_ref() == self.uids.get(&name);
+                let repair = match job.repair {
+                    Some(Reason::Restored) if relabelled => Some((
+                        Reason::DriftRepaired,
+                        "managed-by label removed by hand; restored",
+                    )),
+                    Some(Reason::Restored) => Some((
+                        Reason::Restored,
+                        "deleted by hand; recreated from the coordinator's database",
+                    )),
+                    Some(r) => Some((
+                        r,
+                        "spec edited by hand; reverted to the coordinator's database",
+                    )),
+                    None => None,
+                };
+                if let Some(uid) = &cr.metadata.uid {
+                    self.uids.insert(name.clone(), uid.clone());
                 }
-                Err(e) => {
-                    failed = true;
-                    tracing::warn!(cr = %name, error = %e, "cannot write an AppProxyRoute");
+                if let Some((reason, note)) = repair {
+                    tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
+                    self.events
+                        .entry(name.clone())
+                        .or_default()
+                        .push((reason, note.to_owned()));
+                }
+                self.observed.insert(name, observed_of(&cr));
+            }
+            Ok(None) => {
+                self.failing.remove(&name);
+                self.observed.remove(&name);
+                self.written.remove(&name);
+                self.uids.remove(&name);
+                self.events.remove(&name);
+                if let Some(id) = route_id_of(&name) {
+                    self.departed.remove(&id);
+                }
+            }
+            Err(e) => {
+                let same = self
+                    .failing
+                    .get(&name)
+                    .is_some_and(|f| f.action == job.action && f.desired == job.desired);
+                if !same {
+                    tracing::warn!(cr = %name, error = %e, "cannot write an AppProxyRoute; backing off");
+                    let delays = backon::ExponentialBuilder::new()
+                        .with_min_delay(self.config.retry_min)
+                        .with_max_delay(self.config.retry_max)
+                        .without_max_times()
+                        .build();
+                    self.failing.insert(
+                        name.clone(),
+                        Failing {
+                            action: job.action.clone(),
+                            desired: job.desired.clone(),
+                            retry_at: tokio::time::Instant::now(),
+                            delays,
+                        },
+                    );
+                }
+                let f = self.failing.get_mut(&name).expect("inserted above");
+                let delay = f.delays.next().unwrap_or(self.config.retry_max);
+                f.retry_at = tokio::time::Instant::now() + delay;
+                if same {
+                    tracing::debug!(cr = %name, error = %e, ?delay, "still cannot write an AppProxyRoute");
                 }
             }
         }
-        self.flush_events().await;
-        if failed {
-            // Back off a little before retrying a failing API server.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        more || failed
     }
 
     async fn flush_events(&mut self) {
@@ -447,9 +587,13 @@ impl Mirror {
             for (reason, note) in self.events.remove(&name).unwrap_or_default() {
                 let wait = self.limiter.lock().expect("limiter").take(Instant::now());
                 tokio::time::sleep(wait).await;
-                self.recorder
-                    .record(&name, uid.as_deref(), reason, &note)
-                    .await;
+                let record = self.recorder.record(&name, uid.as_deref(), reason, &note);
+                if tokio::time::timeout(self.config.call_timeout, record)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(cr = %name, reason = reason.as_str(), "recording an event timed out");
+                }
             }
         }
     }
@@ -469,6 +613,7 @@ impl Job {
         &self,
         api: &Api<AppProxyRoute>,
         limiter: &Mutex<TokenBucket>,
+        limit: Duration,
     ) -> anyhow::Result<Option<AppProxyRoute>> {
         let pace = || {
             let wait = limiter.lock().expect("limiter").take(Instant::now());
@@ -479,7 +624,7 @@ impl Job {
         let (generation, previous) = match (&self.action, &self.desired) {
             (Action::Delete(_), _) => {
                 pace().await;
-                return match api.delete(name, &DeleteParams::default()).await {
+                return match within(limit, api.delete(name, &DeleteParams::default())).await? {
                     Ok(_) => Ok(None),
                     Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
                     Err(e) => Err(e.into()),
@@ -500,7 +645,30 @@ impl Job {
                     },
                     "spec": d.spec,
                 });
-                let cr = api.patch(name, &params, &Patch::Apply(&body)).await?;
+                let mut cr =
+                    within(limit, api.patch(name, &params, &Patch::Apply(&body))).await??;
+                // Apply cannot take away fields another manager (kubectl edit)
+                // added: remove every one the route does not have.
+                if cr.spec != d.spec {
+                    let extra = plan::extra_fields(
+                        &serde_json::to_value(&cr.spec)?,
+                        &serde_json::to_value(&d.spec)?,
+                    );
+                    if let Some(extra) = extra {
+                        let owner = PatchParams {
+                            field_manager: Some(FIELD_MANAGER.to_owned()),
+                            ..PatchParams::default()
+                        };
+                        let patch = serde_json::json!({ "spec": extra });
+                        cr =
+                            within(limit, api.patch(name, &owner, &Patch::Merge(&patch))).await??;
+                    }
+                    if cr.spec != d.spec {
+                        anyhow::bail!(
+                            "the spec of {name} still differs from its route after writing it"
+                        );
+                    }
+                }
                 (cr.metadata.generation, cr.status)
             }
             (Action::ApplyStatus(_), Some(_)) => {
@@ -522,8 +690,14 @@ impl Job {
         });
         pace().await;
         Ok(Some(
-            api.patch_status(name, &params, &Patch::Apply(&body))
-                .await?,
+            within(limit, api.patch_status(name, &params, &Patch::Apply(&body))).await??,
         ))
     }
+}
+
+/// `call`, unless it takes longer than `limit`.
+async fn within<T>(limit: Duration, call: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(limit, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the API server within {limit:?}"))
 }

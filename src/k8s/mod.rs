@@ -65,7 +65,18 @@ impl Settings {
 
 /// A client from the environment: the in-cluster service account, or a kubeconfig.
 pub async fn client() -> anyhow::Result<kube::Client> {
-    let config = kube::Config::infer().await?;
+    client_from(kube::Config::infer().await?)
+}
+
+/// What the coordinator tells the API server it is (`User-Agent`).
+pub const USER_AGENT: &str = concat!("appproxy-coordinator/", env!("CARGO_PKG_VERSION"));
+
+/// A client for `config`, sending [`USER_AGENT`] with every request.
+pub fn client_from(mut config: kube::Config) -> anyhow::Result<kube::Client> {
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(USER_AGENT),
+    ));
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -104,12 +115,13 @@ pub fn start(
     let recorder = events::Recorder::new(client.clone(), &settings.namespace, &settings.identity);
     {
         let (client, hub, config) = (client.clone(), hub.clone(), settings.mirror.clone());
-        tokio::spawn(while_leading(leadership.clone(), "mirror", move || {
+        tokio::spawn(while_leading(leadership.clone(), "mirror", move |stop| {
             mirror::run(
                 client.clone(),
                 hub.clone(),
                 recorder.clone(),
                 config.clone(),
+                stop,
             )
         }));
     }
@@ -122,7 +134,7 @@ pub fn start(
         tokio::spawn(while_leading(
             leadership.clone(),
             "pod watcher",
-            move || {
+            move |stop| {
                 let (client, ns, selector, store, clock) = (
                     client.clone(),
                     ns.clone(),
@@ -131,7 +143,10 @@ pub fn start(
                     clock.clone(),
                 );
                 async move {
-                    pods::watch(client, &ns, &selector, store, clock).await;
+                    tokio::select! {
+                        () = pods::watch(client, &ns, &selector, store, clock) => {}
+                        () = stop => {}
+                    }
                     Ok(())
                 }
             },
@@ -143,11 +158,17 @@ pub fn start(
     }
 }
 
+/// Tells a task started by [`while_leading`] that leadership has ended.
+pub type Stop = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Runs `task` whenever this replica leads, stopping it when leadership is
-/// lost and restarting it (after a pause) if it ends on its own.
+/// lost and restarting it (after a pause) if it ends on its own. At a
+/// shutdown the task is told to [`Stop`] and given time (at most
+/// [`leader::STOP_LIMIT`]) to finish what it has started; leadership is
+/// released only after that. A lost Lease stops it at once.
 pub async fn while_leading<F, Fut>(mut leadership: Leadership, what: &'static str, mut task: F)
 where
-    F: FnMut() -> Fut + Send,
+    F: FnMut(Stop) -> Fut + Send,
     Fut: Future<Output = anyhow::Result<()>> + Send,
 {
     loop {
@@ -155,15 +176,35 @@ where
         if !leadership.is_leader() {
             return; // the election ended
         }
+        let _running = leadership.running();
         tracing::info!(task = what, "leading: starting");
-        tokio::select! {
-            result = task() => {
+        let stop: Stop = {
+            let mut l = leadership.clone();
+            Box::pin(async move { l.lost().await })
+        };
+        let run = task(stop);
+        tokio::pin!(run);
+        let ended = tokio::select! {
+            result = &mut run => Some(result),
+            () = leadership.lost() => None,
+        };
+        match ended {
+            Some(result) => {
                 if let Err(e) = result {
                     tracing::warn!(task = what, error = %e, "stopped; restarting");
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            () = leadership.lost() => tracing::info!(task = what, "no longer leading: stopped"),
+            None => {
+                if leadership.shutting_down()
+                    && tokio::time::timeout(leader::STOP_LIMIT, &mut run)
+                        .await
+                        .is_err()
+                {
+                    tracing::warn!(task = what, "did not stop in time");
+                }
+                tracing::info!(task = what, "no longer leading: stopped");
+            }
         }
     }
 }

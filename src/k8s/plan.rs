@@ -1,5 +1,11 @@
 //! The mirror's pure core: what the CRs should be, and what to write so that
 //! they are. No I/O here.
+//!
+//! [`TokenBucket`] stays hand-written for now rather than `governor` (issue
+//! 14): governor is not yet among the dependencies (it brings quanta, its own
+//! clock, and a dozen crates), and this bucket is a pure function of the
+//! instant it is given, which its tests rely on. Retry delays do use a crate
+//! (`backon`, already in the tree through kube-runtime).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -139,13 +145,15 @@ pub fn status_of(route: &Route, worker: Option<&Worker>) -> AppProxyRouteStatus 
 }
 
 /// Fills in `observedGeneration` and each condition's `lastTransitionTime`:
-/// kept from `previous` when the condition's status did not change, else `now`.
+/// kept from `previous` when the condition's status did not change, else `now`
+/// in whole seconds (as Kubernetes keeps condition times).
 pub fn stamp(
     mut status: AppProxyRouteStatus,
     previous: Option<&AppProxyRouteStatus>,
     generation: Option<i64>,
     now: DateTime<Utc>,
 ) -> AppProxyRouteStatus {
+    let now = chrono::SubsecRound::trunc_subsecs(now, 0);
     status.observed_generation = generation;
     for c in &mut status.conditions {
         c.observed_generation = generation;
@@ -214,6 +222,31 @@ pub fn plan(
     }
     actions.sort();
     actions
+}
+
+/// The fields of `have` that `want` lacks, as a JSON merge patch setting each
+/// to `null` (nested objects recursively); `None` when there are none.
+pub fn extra_fields(
+    have: &serde_json::Value,
+    want: &serde_json::Value,
+) -> Option<serde_json::Value> {
+    let (serde_json::Value::Object(have), serde_json::Value::Object(want)) = (have, want) else {
+        return None;
+    };
+    let mut patch = serde_json::Map::new();
+    for (k, v) in have {
+        match want.get(k) {
+            None => {
+                patch.insert(k.clone(), serde_json::Value::Null);
+            }
+            Some(w) => {
+                if let Some(inner) = extra_fields(v, w) {
+                    patch.insert(k.clone(), inner);
+                }
+            }
+        }
+    }
+    (!patch.is_empty()).then_some(serde_json::Value::Object(patch))
 }
 
 /// A token bucket: `rate` writes per second on average, bursts of `burst`.
@@ -428,6 +461,32 @@ mod tests {
         );
         assert_eq!(third.conditions[0].last_transition_time, t1);
         assert_eq!(third.observed_generation, Some(2));
+
+        // Whole seconds, as Kubernetes keeps condition times.
+        let odd = t0 + chrono::Duration::nanoseconds(123_456_789);
+        let fresh = stamp(status_of(&r, Some(&acked)), None, Some(1), odd);
+        assert!(
+            fresh
+                .conditions
+                .iter()
+                .all(|c| c.last_transition_time == t0)
+        );
+    }
+
+    #[test]
+    fn extra_fields_become_nulls() {
+        let have = serde_json::json!({"a": 1, "b": {"c": 2, "d": 3}, "e": [1], "f": {"g": 1}});
+        let want = serde_json::json!({"a": 2, "b": {"c": 2}, "e": [], "f": {"g": 1}});
+        assert_eq!(
+            extra_fields(&have, &want),
+            Some(serde_json::json!({"b": {"d": null}}))
+        );
+        assert_eq!(extra_fields(&want, &want), None);
+        let more = serde_json::json!({"a": 2, "b": {"c": 2}, "e": [], "f": {"g": 1}, "x": true});
+        assert_eq!(
+            extra_fields(&more, &want),
+            Some(serde_json::json!({"x": null}))
+        );
     }
 
     #[test]

@@ -13,11 +13,31 @@ use super::rows::{self, route_columns, worker_select};
 use super::sql::{self, Arg};
 use super::{Counts, Registered, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
-use crate::domain::health::{Observation, next_status};
+use crate::domain::health::{Observation, PodState, next_status_with_pod, registered_status};
 use crate::domain::worker::may_register;
 use crate::domain::{
     Revision, RouteStatus, ValidationError, Worker, WorkerRegistration, WorkerStatus, validate,
 };
+
+/// Whether two pod references name one pod: the same uid when both have
+/// one, else the same namespace and name.
+fn same_pod(a: Option<&crate::domain::PodRef>, b: Option<&crate::domain::PodRef>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => match (&a.uid, &b.uid) {
+            (Some(x), Some(y)) => x == y,
+            _ => a.namespace == b.namespace && a.name == b.name,
+        },
+        _ => false,
+    }
+}
+
+/// What Kubernetes last said about worker `id`'s pod.
+async fn pod_state_of(conn: &mut sql::Conn<'_>, id: Uuid) -> Result<Option<PodState>> {
+    let row: Option<(Option<String>,)> = conn
+        .fetch_optional("SELECT pod_state FROM workers WHERE id = $1", &[id.into()])
+        .await?;
+    Ok(row.and_then(|(s,)| s).as_deref().and_then(PodState::parse))
+}
 
 /// A worker's status change, as applied.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,17 +69,27 @@ impl Store {
         .await?
         .pop();
         may_register(existing.as_ref(), &registration, as_worker)?;
+        // What Kubernetes said about the pod still holds when the worker
+        // re-registers from the same pod; a new pod starts unknown.
+        let pod_state = match &existing {
+            Some(w) if same_pod(w.pod.as_ref(), registration.pod.as_ref()) => {
+                pod_state_of(&mut tx.conn(), w.id).await?
+            }
+            _ => None,
+        };
+        let status = registered_status(pod_state);
         let existing = existing.map(|w| w.id);
         let id = existing.unwrap_or_else(Uuid::now_v7);
         let token_hash = mint_token(id);
         let sql = match existing {
             Some(_) => {
-                "UPDATE workers SET spec = $3, status = 'Ready', token_hash = $4, \
-                 last_heartbeat = $5, updated_at = $5 WHERE id = $1"
+                "UPDATE workers SET spec = $3, status = $6, token_hash = $4, \
+                 last_heartbeat = $5, updated_at = $5, pod_state = $7 WHERE id = $1"
             }
             None => {
                 "INSERT INTO workers (id, name, spec, status, token_hash, last_heartbeat, \
-                 acked_revision, created_at, updated_at) VALUES ($1, $2, $3, 'Ready', $4, $5, 0, $5, $5)"
+                 acked_revision, created_at, updated_at, pod_state) \
+                 VALUES ($1, $2, $3, $6, $4, $5, 0, $5, $5, $7)"
             }
         };
         tx.conn()
@@ -71,6 +101,8 @@ impl Store {
                     Arg::json(&registration),
                     token_hash.as_slice().into(),
                     now.into(),
+                    status.as_str().into(),
+                    pod_state.map(PodState::as_str).into(),
                 ],
             )
             .await?;
@@ -191,7 +223,20 @@ impl Store {
         let worker = rows::worker(&mut tx.conn(), id)
             .await?
             .ok_or(StoreError::NotFound)?;
-        let Some(next) = next_status(worker.status, observation) else {
+        let pod = match PodState::of(observation) {
+            Some(reported) => {
+                tx.conn()
+                    .execute(
+                        "UPDATE workers SET pod_state = $2 WHERE id = $1",
+                        &[id.into(), reported.as_str().into()],
+                    )
+                    .await?;
+                Some(reported)
+            }
+            None => pod_state_of(&mut tx.conn(), id).await?,
+        };
+        let Some(next) = next_status_with_pod(worker.status, pod, observation) else {
+            tx.commit().await?;
             return Ok(None);
         };
         let from = worker.status;

@@ -189,6 +189,10 @@ impl<E: Elector> Elector for Counted<E> {
     async fn release(&mut self) {
         self.inner.release().await;
     }
+
+    fn expiry(&self) -> appproxy_coordinator::leader::Expiry {
+        self.inner.expiry()
+    }
 }
 
 pub const MANAGER: &str = "manager-test-token";

@@ -4,6 +4,15 @@
 //! replace (with optimistic concurrency), server-side apply and merge patch,
 //! the status subresource, and delete — for any namespaced resource (CRs,
 //! pods, Leases, Events).
+//!
+//! Server-side apply tracks field managers as a real API server does, in
+//! outline: every leaf a manager applied or merge-patched is its own (force
+//! takes it from others), and a field its manager stops applying is removed
+//! unless another manager owns it too.
+//!
+//! Faults as real API servers show them can be injected per verb and path,
+//! for a number of requests, optionally only for one replica's client (see
+//! [`FakeApiServer::client_as`]): an error status, or a request that hangs.
 
 #![allow(dead_code)]
 
@@ -28,6 +37,26 @@ pub struct WatchEvent {
     pub collection: Collection,
     pub kind: &'static str,
     pub object: Value,
+    /// The object before a `MODIFIED`.
+    pub previous: Option<Value>,
+}
+
+impl WatchEvent {
+    /// What a watch with `selector` sees of this event: an object modified
+    /// into the selection is `ADDED`, one modified out of it `DELETED`.
+    fn seen_by(&self, selector: Option<&str>) -> Option<(&'static str, &Value)> {
+        let now = matches_labels(&self.object, selector);
+        let before = self
+            .previous
+            .as_ref()
+            .is_some_and(|p| matches_labels(p, selector));
+        match (self.kind, now, before) {
+            ("MODIFIED", true, false) => Some(("ADDED", &self.object)),
+            ("MODIFIED", false, true) => Some(("DELETED", &self.object)),
+            (_, true, _) => Some((self.kind, &self.object)),
+            _ => None,
+        }
+    }
 }
 
 /// One request as received, for assertions.
@@ -40,10 +69,69 @@ pub struct Logged {
     pub status: u16,
     /// Sent by the test itself (playing kubelet or an operator), not the coordinator.
     pub by_test: bool,
+    /// When the answer was sent.
+    pub at: std::time::Instant,
+    /// When the request arrived.
+    pub arrived: std::time::Instant,
+    pub user_agent: String,
 }
+
+/// What an injected fault answers.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// This status (503, 500, 422, …) with a `Status` body.
+    Status(u16),
+    /// Nothing, ever: the request hangs.
+    Hang,
+    /// The usual answer, after this long (the request takes effect then).
+    Delay(Duration),
+}
+
+/// A fault for the next `times` requests with `method` whose path contains
+/// `path`, from the replica `from` only (when set).
+#[derive(Clone, Debug)]
+pub struct Fault {
+    pub method: String,
+    pub path: String,
+    pub from: Option<String>,
+    pub times: u64,
+    pub answer: Answer,
+}
+
+impl Fault {
+    pub fn new(method: &str, path: &str, answer: Answer) -> Fault {
+        Fault {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            from: None,
+            times: u64::MAX,
+            answer,
+        }
+    }
+
+    pub fn times(mut self, times: u64) -> Fault {
+        self.times = times;
+        self
+    }
+
+    pub fn from(mut self, replica: &str) -> Fault {
+        self.from = Some(replica.to_owned());
+        self
+    }
+}
+
+/// The header [`FakeApiServer::client_as`] marks a replica's requests with.
+const REPLICA_HEADER: &str = "x-fake-replica";
+
+/// The field owners of one object: manager → JSON pointers of its leaves.
+type Managers = BTreeMap<String, std::collections::BTreeSet<String>>;
 
 #[derive(Default)]
 struct Inner {
+    faults: Vec<Fault>,
+    /// Delayed requests not answered yet.
+    delayed: usize,
+    managed: BTreeMap<(Collection, String), Managers>,
     rv: u64,
     objects: BTreeMap<Collection, BTreeMap<String, Value>>,
     history: Vec<WatchEvent>,
@@ -104,6 +192,51 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
         }
         other => *target = other.clone(),
     }
+}
+
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The JSON pointers of `value`'s leaves (arrays and scalars are leaves, as
+/// atomic lists are), below `prefix`; for a patch's metadata, only labels and
+/// annotations count.
+fn leaves(value: &Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match value {
+        Value::Object(o) if !o.is_empty() => {
+            for (k, v) in o {
+                let path = format!("{prefix}/{}", escape(k));
+                let meta = path.starts_with("/metadata/");
+                if !meta
+                    || path.starts_with("/metadata/labels")
+                    || path.starts_with("/metadata/annotations")
+                {
+                    leaves(v, &path, out);
+                }
+            }
+        }
+        Value::Null => {}
+        _ if !prefix.is_empty() && prefix != "/metadata" => {
+            out.insert(prefix.to_owned());
+        }
+        _ => {}
+    }
+}
+
+/// Removes the field at `pointer` from `object`.
+fn remove_at(object: &mut Value, pointer: &str) {
+    let Some((parent, key)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    let key = key.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(o)) = object.pointer_mut(parent) {
+        o.remove(&key);
+    }
+}
+
+/// Overlapping pointers: one is the other or lies inside it.
+fn overlaps(a: &str, b: &str) -> bool {
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
 }
 
 /// `a=b,c=d` equality selectors.
@@ -179,11 +312,51 @@ impl FakeApiServer {
         kube::Client::try_from(config).unwrap()
     }
 
-    /// A real client pointed at this server.
+    /// A real client pointed at this server, its requests marked as the
+    /// replica `name`'s (for faults aimed at one replica).
+    pub fn client_as(&self, name: &str) -> kube::Client {
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_namespace = "appproxy".into();
+        config
+            .headers
+            .push((REPLICA_HEADER.parse().unwrap(), name.parse().unwrap()));
+        appproxy_coordinator::k8s::client_from(config).unwrap()
+    }
+
+    /// Injects `fault`; faults are matched in the order injected.
+    pub fn inject(&self, fault: Fault) {
+        self.inner.lock().unwrap().faults.push(fault);
+    }
+
+    /// How many delayed requests are waiting for their answer.
+    pub fn delayed(&self) -> usize {
+        self.inner.lock().unwrap().delayed
+    }
+
+    /// Removes every injected fault.
+    pub fn heal(&self) {
+        self.inner.lock().unwrap().faults.clear();
+    }
+
+    /// The injected answer for a request, if any (and counts it).
+    fn fault_for(&self, method: &Method, path: &str, headers: &HeaderMap) -> Option<Answer> {
+        let replica = headers.get(REPLICA_HEADER).and_then(|v| v.to_str().ok());
+        let mut inner = self.inner.lock().unwrap();
+        let fault = inner.faults.iter_mut().find(|f| {
+            f.times > 0
+                && f.method.eq_ignore_ascii_case(method.as_str())
+                && path.contains(&f.path)
+                && f.from.as_deref().is_none_or(|r| Some(r) == replica)
+        })?;
+        fault.times -= 1;
+        Some(fault.answer.clone())
+    }
+
+    /// A real client pointed at this server, made as the coordinator makes its own.
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.url.parse().unwrap());
         config.default_namespace = "appproxy".into();
-        kube::Client::try_from(config).unwrap()
+        appproxy_coordinator::k8s::client_from(config).unwrap()
     }
 
     // ---- direct access for tests ---------------------------------------------
@@ -266,12 +439,20 @@ impl FakeApiServer {
 
     // ---- the API -------------------------------------------------------------
 
-    fn emit(&self, inner: &mut Inner, collection: &Collection, kind: &'static str, object: Value) {
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        collection: &Collection,
+        kind: &'static str,
+        object: Value,
+        previous: Option<Value>,
+    ) {
         let e = WatchEvent {
             rv: inner.rv,
             collection: collection.clone(),
             kind,
             object,
+            previous,
         };
         inner.history.push(e.clone());
         let _ = self.events.send(e);
@@ -288,7 +469,7 @@ impl FakeApiServer {
         inner.rv += 1;
         let rv = inner.rv;
         object["metadata"]["resourceVersion"] = rv.to_string().into();
-        inner
+        let previous = inner
             .objects
             .entry(collection.clone())
             .or_default()
@@ -298,6 +479,7 @@ impl FakeApiServer {
             collection,
             if created { "ADDED" } else { "MODIFIED" },
             object.clone(),
+            previous,
         );
         object
     }
@@ -388,6 +570,7 @@ impl FakeApiServer {
                                 collection: collection.clone(),
                                 kind: "ADDED",
                                 object: o.clone(),
+                                previous: None,
                             })
                             .collect()
                     })
@@ -414,8 +597,8 @@ impl FakeApiServer {
             }
             let mut last = from.unwrap_or(0);
             for e in backlog {
-                if matches_labels(&e.object, selector.as_deref()) {
-                    yield line(json!({"type": e.kind, "object": e.object}));
+                if let Some((kind, object)) = e.seen_by(selector.as_deref()) {
+                    yield line(json!({"type": kind, "object": object}));
                 }
                 last = last.max(e.rv);
             }
@@ -429,8 +612,8 @@ impl FakeApiServer {
                     received = live.recv() => match received {
                         Ok(e) if e.rv > last && e.collection == collection => {
                             last = e.rv;
-                            if matches_labels(&e.object, selector.as_deref()) {
-                                yield line(json!({"type": e.kind, "object": e.object}));
+                            if let Some((kind, object)) = e.seen_by(selector.as_deref()) {
+                                yield line(json!({"type": kind, "object": object}));
                             }
                         }
                         Ok(_) => {}
@@ -463,12 +646,58 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // As on a real API server, a request once received takes effect even if
+    // its client goes away meanwhile.
+    tokio::spawn(handle_received(server, method, uri, q, headers, body))
+        .await
+        .unwrap_or_else(|e| status(500, "InternalError", &e.to_string()))
+}
+
+async fn handle_received(
+    server: FakeApiServer,
+    method: Method,
+    uri: Uri,
+    q: BTreeMap<String, String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let response = serve(&server, &method, uri.path(), &q, &content_type, &body).await;
+    let arrived = std::time::Instant::now();
+    let user_agent = headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let response = match server.fault_for(&method, uri.path(), &headers) {
+        Some(Answer::Hang) => {
+            // Logged as it arrives (status 0): it never gets an answer.
+            server.inner.lock().unwrap().log.push(Logged {
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                query: uri.query().unwrap_or_default().to_owned(),
+                content_type,
+                status: 0,
+                by_test: headers.contains_key("x-fake-actor"),
+                at: std::time::Instant::now(),
+                arrived,
+                user_agent: user_agent.clone(),
+            });
+            return std::future::pending().await;
+        }
+        Some(Answer::Status(code)) => status(code, "Injected", "injected fault"),
+        Some(Answer::Delay(by)) => {
+            server.inner.lock().unwrap().delayed += 1;
+            tokio::time::sleep(by).await;
+            let r = serve(&server, &method, uri.path(), &q, &content_type, &body).await;
+            server.inner.lock().unwrap().delayed -= 1;
+            r
+        }
+        None => serve(&server, &method, uri.path(), &q, &content_type, &body).await,
+    };
     server.inner.lock().unwrap().log.push(Logged {
         method: method.to_string(),
         path: uri.path().to_owned(),
@@ -476,6 +705,9 @@ async fn handle(
         content_type,
         status: response.status().as_u16(),
         by_test: headers.contains_key("x-fake-actor"),
+        at: std::time::Instant::now(),
+        arrived,
+        user_agent,
     });
     response
 }
@@ -577,13 +809,56 @@ async fn serve(
                     p.remove("status");
                 }
             }
+            let manager = q
+                .get("fieldManager")
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            let mut applied = std::collections::BTreeSet::new();
+            leaves(&patch, "", &mut applied);
+            let key = (collection.clone(), n.to_owned());
             match current {
                 Some(current) => {
                     let mut next = current.clone();
                     merge_patch(&mut next, &patch);
+                    {
+                        let mut inner = server.inner.lock().unwrap();
+                        let managers = inner.managed.entry(key).or_default();
+                        let in_scope = |p: &String| p.starts_with("/status") == status_only;
+                        if apply {
+                            // Fields this manager applied before and not now go,
+                            // unless someone else owns them too.
+                            let before: Vec<String> = managers
+                                .get(&manager)
+                                .map(|m| m.iter().filter(|p| in_scope(p)).cloned().collect())
+                                .unwrap_or_default();
+                            for p in before.iter().filter(|p| !applied.contains(*p)) {
+                                let shared = managers.iter().any(|(m, owned)| {
+                                    *m != manager && owned.iter().any(|o| overlaps(o, p))
+                                });
+                                if !shared {
+                                    remove_at(&mut next, p);
+                                }
+                            }
+                            let mine = managers.entry(manager.clone()).or_default();
+                            mine.retain(|p| !in_scope(p));
+                        }
+                        // What was written is the writer's (forcefully taken from others).
+                        for (m, owned) in managers.iter_mut() {
+                            if *m != manager {
+                                owned.retain(|o| !applied.iter().any(|a| overlaps(a, o)));
+                            }
+                        }
+                        managers.entry(manager.clone()).or_default().extend(applied);
+                    }
                     server.update(&collection, n, &current, next)
                 }
                 None if apply && !status_only => {
+                    server
+                        .inner
+                        .lock()
+                        .unwrap()
+                        .managed
+                        .insert(key, Managers::from([(manager, applied)]));
                     let mut object = body.clone();
                     if has_status_subresource(&collection.2) {
                         object.as_object_mut().map(|o| o.remove("status"));
@@ -600,11 +875,12 @@ async fn serve(
                 .objects
                 .get_mut(&collection)
                 .and_then(|objs| objs.remove(n));
+            inner.managed.remove(&(collection.clone(), n.to_owned()));
             match removed {
                 Some(mut o) => {
                     inner.rv += 1;
                     o["metadata"]["resourceVersion"] = inner.rv.to_string().into();
-                    server.emit(&mut inner, &collection, "DELETED", o);
+                    server.emit(&mut inner, &collection, "DELETED", o, None);
                     ok(
                         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 200}),
                     )
