@@ -38,6 +38,10 @@ bench: ## Benchmarks against PostgreSQL on 127.0.0.1:5432; writes bench/results.
 	cargo build --release --locked --bin appproxy-coordinator --example bench
 	target/release/examples/bench
 
+.PHONY: fuzz
+fuzz: ## Schemathesis (all checks) against a coordinator it starts, with each kind of token; a few minutes
+	bash scripts/fuzz.sh
+
 .PHONY: faults
 faults: ## Fault tests, including a PostgreSQL restart under load (stops the local server briefly)
 	cargo test --locked --test faults -- --include-ignored --test-threads=1

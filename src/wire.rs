@@ -20,8 +20,10 @@ pub struct Registration {
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
-    /// The last revision the worker has applied.
+    /// The last revision the worker has applied: at most the coordinator's
+    /// current revision.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub acked_revision: Revision,
 }
 

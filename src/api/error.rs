@@ -22,18 +22,28 @@ pub struct ApiError {
     pub existing: Option<Box<Route>>,
 }
 
-#[derive(Serialize)]
-struct ProblemBody<'a> {
+/// An RFC 9457 problem, as every error is answered.
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Problem")]
+pub struct ProblemBody<'a> {
+    /// `https://appproxy.backend.ai/problems/<slug>`; the slugs are stable.
     #[serde(rename = "type")]
+    #[schemars(extend("format" = "uri"))]
     kind: String,
     title: &'static str,
+    /// The HTTP status.
     status: u16,
     detail: &'a str,
+    /// The offending input, for `invalid-request`.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
+    /// The route in the way, for `conflict`.
     #[serde(skip_serializing_if = "Option::is_none")]
     existing: Option<&'a Route>,
 }
+
+/// The schema of a problem answer.
+pub type Problem = ProblemBody<'static>;
 
 impl ApiError {
     pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> ApiError {
@@ -114,9 +124,11 @@ impl From<StoreError> for ApiError {
             StoreError::Placement(p @ PlacementError::PortTaken(_)) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", p.to_string())
             }
-            StoreError::Placement(p @ PlacementError::UnknownWorker(_)) => {
-                ApiError::invalid(format!("worker_id: {p}"))
-            }
+            // The id is well formed; the worker is not (or no longer) there.
+            StoreError::Placement(p @ PlacementError::UnknownWorker(_)) => ApiError {
+                field: Some("worker_id".into()),
+                ..ApiError::not_found(format!("worker_id: {p}"))
+            },
             StoreError::Placement(p @ PlacementError::NoEligibleWorker(_)) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-eligible-worker",
@@ -128,6 +140,12 @@ impl From<StoreError> for ApiError {
             StoreError::Refused(r @ RegistrationRefused::Live { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
             }
+            // A well-formed revision that this coordinator has not issued
+            // yet: the worker is ahead of the state, not malformed.
+            StoreError::Invalid(v) if v.field == "acked_revision" => ApiError {
+                field: Some(v.field.clone()),
+                ..ApiError::new(StatusCode::CONFLICT, "conflict", v.to_string())
+            },
             StoreError::Invalid(v) => ApiError {
                 field: Some(v.field.clone()),
                 ..ApiError::invalid(v.to_string())

@@ -2,6 +2,7 @@
 //! they authenticate, parse, call the store and shape the answer.
 
 pub mod auth;
+mod body;
 pub mod error;
 pub mod openapi;
 mod routes;
@@ -11,12 +12,13 @@ mod workers;
 use std::sync::Arc;
 use std::time::Instant;
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{delete_with, get_with, post_with};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 
 use crate::clock::Clock;
 use crate::hub::Hub;
@@ -40,10 +42,26 @@ pub struct AppState {
     pub clock: Clock,
 }
 
-/// JSON body; malformed or unknown input becomes a problem answer.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// JSON body; malformed or unknown input becomes a problem answer. It is
+/// read as its schema reads it (see `body`): `12.0` is the integer 12, and a
+/// struct comes from an object only.
 pub struct ApiJson<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(mut value) = Json::<serde_json::Value>::from_request(request, state).await?;
+        body::integral_numbers(&mut value);
+        serde_path_to_error::deserialize(body::Strict(value))
+            .map(ApiJson)
+            .map_err(|e| {
+                ApiError::invalid(format!(
+                    "Failed to deserialize the JSON body into the target type: {e}"
+                ))
+            })
+    }
+}
 
 /// Path parameters; a bad UUID becomes a problem answer.
 #[derive(FromRequestParts)]
@@ -55,38 +73,88 @@ pub struct ApiPath<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
 
-/// The whole API on one router.
+/// `{id}` of a route.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct RoutePath {
+    /// The route's id.
+    pub id: uuid::Uuid,
+}
+
+/// `{id}` of a worker.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct WorkerPath {
+    /// The worker's id.
+    pub id: uuid::Uuid,
+}
+
+/// `{session_id}` of a session.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SessionPath {
+    /// The session's id.
+    pub session_id: uuid::Uuid,
+}
+
+/// The whole API on one router, serving the document generated from it.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi::document))
-        .route("/workers/register", post(workers::register))
-        .route("/workers", get(workers::list))
-        .route("/workers/{id}", get(workers::get).delete(workers::delete))
-        .route("/workers/{id}/heartbeat", post(workers::heartbeat))
-        .route("/workers/{id}/watch", get(watch::worker))
-        .route("/routes", get(routes::list).post(routes::create))
-        .route("/routes/watch", get(watch::routes))
-        .route(
-            "/routes/{id}",
-            get(routes::get)
-                .put(routes::upsert)
-                .patch(routes::patch)
-                .delete(routes::delete),
-        )
-        .route(
-            "/sessions/{session_id}",
-            axum::routing::delete(routes::delete_session),
-        )
-        .route("/sessions/{session_id}/routes", get(routes::session_routes))
-        .route("/lookup", get(routes::lookup))
+    let (router, document) = openapi::finish(endpoints);
+    router
+        .layer(Extension(Arc::new(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .with_state(state)
+}
+
+/// Every endpoint, each with its handler and the documentation the handler's
+/// types do not carry (`openapi::ops`). Only `api_route` may add one: a test
+/// holds the router and the document to the same operations.
+fn endpoints() -> ApiRouter<AppState> {
+    use openapi::ops;
+    ApiRouter::new()
+        .api_route("/livez", get_with(livez, ops::livez))
+        .api_route("/readyz", get_with(readyz, ops::readyz))
+        .api_route("/metrics", get_with(metrics, ops::metrics))
+        .api_route("/openapi.json", get_with(openapi::document, ops::openapi))
+        .api_route(
+            "/workers/register",
+            post_with(workers::register, ops::register_worker),
+        )
+        .api_route("/workers", get_with(workers::list, ops::list_workers))
+        .api_route(
+            "/workers/{id}",
+            get_with(workers::get, ops::get_worker)
+                .delete_with(workers::delete, ops::delete_worker),
+        )
+        .api_route(
+            "/workers/{id}/heartbeat",
+            post_with(workers::heartbeat, ops::heartbeat),
+        )
+        .api_route(
+            "/workers/{id}/watch",
+            get_with(watch::worker, ops::watch_worker),
+        )
+        .api_route(
+            "/routes",
+            get_with(routes::list, ops::list_routes).post_with(routes::create, ops::create_route),
+        )
+        .api_route("/routes/watch", get_with(watch::routes, ops::watch_routes))
+        .api_route(
+            "/routes/{id}",
+            get_with(routes::get, ops::get_route)
+                .put_with(routes::upsert, ops::upsert_route)
+                .patch_with(routes::patch, ops::patch_route)
+                .delete_with(routes::delete, ops::delete_route),
+        )
+        .api_route(
+            "/sessions/{session_id}",
+            delete_with(routes::delete_session, ops::delete_session),
+        )
+        .api_route(
+            "/sessions/{session_id}/routes",
+            get_with(routes::session_routes, ops::session_routes),
+        )
+        .api_route("/lookup", get_with(routes::lookup, ops::lookup))
 }
 
 async fn not_found() -> ApiError {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::{AnyCaller, Caller, ManagerOnly};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, RoutePath, SessionPath, json};
 use crate::domain::{Route, RoutePatch, RouteSpec};
 use crate::store::{RouteFilter, Upserted};
 
@@ -34,7 +34,7 @@ pub async fn create(
 pub async fn upsert(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(RoutePath { id }): ApiPath<RoutePath>,
     ApiJson(spec): ApiJson<RouteSpec>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
@@ -47,7 +47,7 @@ pub async fn upsert(
 pub async fn patch(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(RoutePath { id }): ApiPath<RoutePath>,
     ApiJson(patch): ApiJson<RoutePatch>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
@@ -58,7 +58,7 @@ pub async fn patch(
 pub async fn get(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(RoutePath { id }): ApiPath<RoutePath>,
 ) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, state.store.get_route(id).await?))
 }
@@ -66,21 +66,24 @@ pub async fn get(
 pub async fn delete(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(RoutePath { id }): ApiPath<RoutePath>,
 ) -> Result<StatusCode, ApiError> {
     let now = state.clock.now();
     state.store.delete_route(id, now).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     session_id: Option<Uuid>,
     endpoint_id: Option<Uuid>,
     worker_id: Option<Uuid>,
     service: Option<String>,
+    /// Routes per page (default 100).
+    #[schemars(range(min = 1, max = MAX_PAGE))]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<Uuid>,
 }
 
@@ -129,7 +132,7 @@ pub struct SessionRoutes {
 pub async fn session_routes(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(session_id): ApiPath<Uuid>,
+    ApiPath(SessionPath { session_id }): ApiPath<SessionPath>,
 ) -> Result<Response, ApiError> {
     let filter = RouteFilter {
         session_id: Some(session_id),
@@ -157,17 +160,20 @@ pub struct Deleted {
 pub async fn delete_session(
     State(state): State<AppState>,
     _: ManagerOnly,
-    ApiPath(session_id): ApiPath<Uuid>,
+    ApiPath(SessionPath { session_id }): ApiPath<SessionPath>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
     let deleted = state.store.delete_session(session_id, now).await?;
     Ok(json(StatusCode::OK, Deleted { deleted }))
 }
 
-#[derive(Debug, Deserialize)]
+/// A worker and one of its frontends: a port or a subdomain, not both.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{"required": ["port"]}, {"required": ["subdomain"]}]))]
 pub struct LookupQuery {
     worker_id: Uuid,
+    #[schemars(range(min = 1))]
     port: Option<u16>,
     subdomain: Option<String>,
 }

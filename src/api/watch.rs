@@ -16,26 +16,27 @@ use super::{ApiError, ApiQuery, AppState};
 use crate::domain::Revision;
 use crate::domain::events::{Audience, StreamEvent};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WatchQuery {
+    /// Resume after this revision (or send `Last-Event-ID`); when absent or
+    /// no longer retained, the stream starts with a snapshot.
     since: Option<Revision>,
 }
 
-/// `?since=` wins over `Last-Event-ID` (what browsers and SSE clients resend).
+/// `?since=` wins over `Last-Event-ID` (what browsers and SSE clients
+/// resend); either must be a revision number when given.
 fn resume_point(query: &WatchQuery, headers: &HeaderMap) -> Result<Option<Revision>, ApiError> {
-    if query.since.is_some() {
-        return Ok(query.since);
-    }
-    match headers.get("last-event-id") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<Revision>().ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision number")),
-    }
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<Revision>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision number"))?,
+        ),
+    };
+    Ok(query.since.or(last_event_id))
 }
 
 fn sse(events: impl Stream<Item = StreamEvent> + Send + 'static, keep_alive: Duration) -> Response {

@@ -5,10 +5,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use super::auth::{ManagerOnly, Registrant, WorkerSelf, WorkerSelfOrManager, issue_worker_token};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, json};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, WorkerPath, json};
 use crate::domain::health::Observation;
 use crate::domain::{Worker, WorkerRegistration};
 use crate::health;
@@ -53,6 +52,12 @@ pub async fn heartbeat(
     WorkerSelf(id): WorkerSelf,
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> Result<Response, ApiError> {
+    if beat.acked_revision < 0 {
+        return Err(ApiError {
+            field: Some("acked_revision".into()),
+            ..ApiError::invalid("acked_revision: a revision is not negative")
+        });
+    }
     let now = state.clock.now();
     let (mut status, revision) = state.store.heartbeat(id, beat.acked_revision, now).await?;
     if let Some(next) = health::observe(&state.store, id, Observation::Heartbeat, now).await? {
@@ -82,12 +87,12 @@ pub async fn list(State(state): State<AppState>, _: ManagerOnly) -> Result<Respo
 pub async fn get(
     State(state): State<AppState>,
     _: WorkerSelfOrManager,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(WorkerPath { id }): ApiPath<WorkerPath>,
 ) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, state.store.get_worker(id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteQuery {
     /// Routes move to other workers either way; `drain` is accepted so callers
@@ -99,7 +104,7 @@ pub struct DeleteQuery {
 pub async fn delete(
     State(state): State<AppState>,
     _: WorkerSelfOrManager,
-    ApiPath(id): ApiPath<Uuid>,
+    ApiPath(WorkerPath { id }): ApiPath<WorkerPath>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();

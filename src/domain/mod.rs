@@ -7,9 +7,11 @@
 pub mod events;
 pub mod failover;
 pub mod health;
+pub mod limits;
 pub mod placement;
 pub mod placer;
 pub mod route;
+pub mod schemas;
 pub mod served;
 pub mod types;
 pub mod validate;

@@ -188,30 +188,39 @@ pub fn lowest_free_port(range: [u16; 2], used: &BTreeSet<u16>) -> Option<u16> {
 }
 
 /// One DNS label from arbitrary text: lowercase, IDNA (punycode) for non-ASCII,
-/// anything else turned into '-', at most 63 characters. `None` when nothing
-/// usable is left.
+/// anything else turned into '-', at most 63 characters. Where IDNA refuses
+/// the text (or maps it onto more than one label), its non-ASCII characters
+/// become '-' instead, so text with an ASCII letter or digit always yields a
+/// label. `None` when nothing usable is left.
 pub fn normalize_subdomain(raw: &str) -> Option<String> {
-    let mut mapped = String::with_capacity(raw.len());
-    for c in raw.trim().chars().flat_map(char::to_lowercase) {
-        let c = if c.is_alphanumeric() { c } else { '-' };
-        if !(c == '-' && mapped.ends_with('-')) {
-            mapped.push(c);
-        }
-    }
-    let mapped = mapped.trim_matches('-');
+    let mapped = dashed(raw.trim().chars().flat_map(char::to_lowercase), |c| {
+        c.is_alphanumeric()
+    });
+    let is_label =
+        |s: &String| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
     let ascii = if mapped.is_ascii() {
-        mapped.to_owned()
+        mapped
     } else {
-        idna::domain_to_ascii(mapped).ok()?
+        idna::domain_to_ascii(&mapped)
+            .ok()
+            .filter(is_label)
+            .unwrap_or_else(|| dashed(mapped.chars(), |c| c.is_ascii_alphanumeric()))
     };
-    if !ascii
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return None;
-    }
     let label = trim_label(&ascii, 63);
     (!label.is_empty()).then(|| label.to_owned())
+}
+
+/// `chars` with every run of characters that `keep` refuses turned into one
+/// '-', and no '-' at either end.
+fn dashed(chars: impl Iterator<Item = char>, keep: impl Fn(char) -> bool) -> String {
+    let mut out = String::new();
+    for c in chars {
+        let c = if keep(c) { c } else { '-' };
+        if !(c == '-' && out.ends_with('-')) {
+            out.push(c);
+        }
+    }
+    out.trim_matches('-').to_owned()
 }
 
 fn trim_label(label: &str, max: usize) -> &str {
@@ -433,6 +442,8 @@ mod tests {
         assert_eq!(normalize_subdomain("--a..b--").as_deref(), Some("a-b"));
         assert_eq!(normalize_subdomain("café").as_deref(), Some("xn--caf-dma"));
         assert_eq!(normalize_subdomain("!!!"), None);
+        // IDNA maps U+2488 onto "1.", two labels: the non-ASCII part goes.
+        assert_eq!(normalize_subdomain("a\u{2488}b").as_deref(), Some("a-b"));
         let long = "x".repeat(100);
         assert_eq!(normalize_subdomain(&long).unwrap().len(), 63);
     }

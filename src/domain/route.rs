@@ -10,18 +10,28 @@ use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use super::Revision;
+use super::limits::{
+    HEALTH_CHECK_PATH_PATTERN, MAX_HEALTH_CHECK_SECONDS, MAX_HTTP_STATUS, MAX_NAME_LEN,
+    MAX_TARGETS, MAX_WEIGHT, MIN_HTTP_STATUS, NAME_PATTERN, SUBDOMAIN_REQUEST_PATTERN,
+};
+use super::schemas;
 use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 
 /// One backend of a route: where the worker forwards traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
-    /// The caller's own id for this target (e.g. one replica of an endpoint).
+    /// The caller's own id for this target (e.g. one replica of an endpoint);
+    /// unique within a route.
     #[serde(default)]
     pub id: Option<Uuid>,
+    #[schemars(schema_with = "schemas::host")]
     pub host: String,
+    #[schemars(range(min = 1))]
     pub port: u16,
+    /// Share of the traffic; at least one target of a route weighs more than 0.
     #[serde(default = "default_weight")]
+    #[schemars(range(max = MAX_WEIGHT))]
     pub weight: u32,
     #[serde(default)]
     pub session_id: Option<Uuid>,
@@ -37,9 +47,9 @@ fn default_weight() -> u32 {
 pub struct Access {
     #[serde(default)]
     pub open_to_public: bool,
-    /// CIDR blocks (a bare address means a single host).
+    /// CIDR blocks (a bare address means a single host; host bits are cleared).
     #[serde(default, deserialize_with = "deserialize_cidrs")]
-    #[schemars(with = "Vec<String>")]
+    #[schemars(schema_with = "schemas::cidrs")]
     pub allowed_client_ips: Vec<IpNet>,
 }
 
@@ -59,12 +69,18 @@ fn deserialize_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::E
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
+    #[schemars(regex(pattern = HEALTH_CHECK_PATH_PATTERN))]
     pub path: String,
     #[serde(default = "default_interval")]
+    #[schemars(range(min = 1, max = MAX_HEALTH_CHECK_SECONDS))]
     pub interval_s: u32,
+    /// At most `interval_s`, which a timeout left to its default (5) must
+    /// not be shorter than either.
     #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1, max = MAX_HEALTH_CHECK_SECONDS))]
     pub timeout_s: u32,
     #[serde(default = "default_expected_status")]
+    #[schemars(range(min = MIN_HTTP_STATUS, max = MAX_HTTP_STATUS))]
     pub expected_status: u16,
 }
 
@@ -78,29 +94,41 @@ fn default_expected_status() -> u16 {
     200
 }
 
-/// The frontend a caller asks for: a specific port or subdomain, or nothing.
+/// The frontend a caller asks for: a specific port or subdomain (not both),
+/// or nothing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = schemas::frontend_request_rules)]
 pub struct FrontendRequest {
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub port: Option<u16>,
+    /// Free text with at least one ASCII letter or digit, normalised into one
+    /// DNS label (lowercase, IDNA, other characters as '-', at most 63).
     #[serde(default)]
+    #[schemars(regex(pattern = SUBDOMAIN_REQUEST_PATTERN))]
     pub subdomain: Option<String>,
 }
 
 /// What a manager sends to create (or upsert) a route.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(transform = schemas::route_spec_rules)]
 pub struct RouteSpec {
     #[serde(default)]
     pub app_mode: AppMode,
+    /// Required for interactive routes, absent for inference routes.
     #[serde(default)]
     pub session_id: Option<Uuid>,
+    /// Required for inference routes, absent for interactive routes.
     #[serde(default)]
     pub endpoint_id: Option<Uuid>,
+    #[schemars(length(min = 1, max = MAX_NAME_LEN), regex(pattern = NAME_PATTERN))]
     pub service: String,
+    /// Inference routes serve http, grpc or h2; tcp routes cannot ask for a subdomain.
     #[serde(default)]
     pub protocol: Protocol,
+    #[schemars(length(min = 1, max = MAX_TARGETS), extend("contains" = {"properties": {"weight": {"minimum": 1}}}))]
     pub targets: Vec<Target>,
     #[serde(default)]
     pub frontend: FrontendRequest,
@@ -110,13 +138,16 @@ pub struct RouteSpec {
     #[serde(default)]
     pub access: Access,
     #[serde(default)]
+    #[schemars(schema_with = "schemas::labels")]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
+    #[schemars(schema_with = "schemas::envs")]
     pub envs: BTreeMap<String, String>,
     #[serde(default)]
     pub args: Option<serde_json::Value>,
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// In the future.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -196,12 +227,15 @@ impl RouteSpec {
 #[serde(deny_unknown_fields)]
 pub struct RoutePatch {
     #[serde(default)]
+    #[schemars(length(min = 1, max = MAX_TARGETS), extend("contains" = {"properties": {"weight": {"minimum": 1}}}))]
     pub targets: Option<Vec<Target>>,
     #[serde(default)]
     pub access: Option<Access>,
     #[serde(default)]
+    #[schemars(schema_with = "schemas::optional_labels")]
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(default)]
+    #[schemars(schema_with = "schemas::optional_envs")]
     pub envs: Option<BTreeMap<String, String>>,
     #[serde(default, deserialize_with = "present")]
     pub args: Option<Option<serde_json::Value>>,

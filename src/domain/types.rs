@@ -1,6 +1,7 @@
 //! Leaf types that routes and workers share: app modes, protocols, a worker's
-//! frontend and its status. Depends on nothing else in the domain, so
-//! `route` and `worker` both use it without using each other.
+//! frontend and its status. Depends on nothing else in the domain but the
+//! leaf `schemas` (which states its fields' limits), so `route` and `worker`
+//! both use it without using each other.
 
 use std::fmt;
 use std::str::FromStr;
@@ -92,11 +93,19 @@ impl_str_enum!(Protocol, "protocol");
 #[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
 pub enum WorkerFrontend {
     /// One port per route, from an inclusive range, on `host`.
-    Port { host: String, port_range: [u16; 2] },
+    Port {
+        #[schemars(schema_with = "super::schemas::host")]
+        host: String,
+        /// `[low, high]`, with low at most high.
+        #[schemars(inner(range(min = 1)))]
+        port_range: [u16; 2],
+    },
     /// One subdomain per route under `domain`, all on `port`.
     Wildcard {
+        #[schemars(schema_with = "super::schemas::dns_name")]
         domain: String,
         #[serde(default = "default_wildcard_port")]
+        #[schemars(range(min = 1))]
         port: u16,
         #[serde(default)]
         tls: bool,

@@ -26,11 +26,11 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ValidationEr
     }
 }
 
-pub const MAX_TARGETS: usize = 256;
-pub const MAX_MAP_ENTRIES: usize = 64;
-pub const MAX_NAME_LEN: usize = 63;
-pub const MAX_LABEL_KEY_LEN: usize = 253;
-pub const MAX_LABEL_VALUE_LEN: usize = 1024;
+pub use super::limits::{
+    MAX_DNS_NAME_LEN, MAX_HEALTH_CHECK_SECONDS, MAX_HTTP_STATUS, MAX_LABEL_KEY_LEN,
+    MAX_LABEL_VALUE_LEN, MAX_MAP_ENTRIES, MAX_NAME_LEN, MAX_TARGETS, MAX_WEIGHT,
+    MAX_WORKER_NAME_LEN, MIN_HTTP_STATUS,
+};
 
 /// Checks a route spec as sent by a manager. `now` bounds `expires_at`.
 pub fn route_spec(spec: &RouteSpec, now: DateTime<Utc>) -> Result<(), ValidationError> {
@@ -73,10 +73,10 @@ pub fn route_spec(spec: &RouteSpec, now: DateTime<Utc>) -> Result<(), Validation
         }
     }
     if let Some(sub) = &spec.frontend.subdomain {
-        if normalize_subdomain(sub).is_none() {
+        if !sub.bytes().any(|b| b.is_ascii_alphanumeric()) || normalize_subdomain(sub).is_none() {
             return Err(invalid(
                 "frontend.subdomain",
-                format!("{sub:?} has no characters usable in a DNS label"),
+                format!("{sub:?} has no ASCII letter or digit to make a DNS label of"),
             ));
         }
         if !spec.protocol.routable_by_host() {
@@ -92,8 +92,11 @@ pub fn route_spec(spec: &RouteSpec, now: DateTime<Utc>) -> Result<(), Validation
         if !hc.path.starts_with('/') {
             return Err(invalid("health_check.path", "must start with '/'"));
         }
-        if !(1..=3600).contains(&hc.interval_s) {
-            return Err(invalid("health_check.interval_s", "must be 1..=3600"));
+        if !(1..=MAX_HEALTH_CHECK_SECONDS).contains(&hc.interval_s) {
+            return Err(invalid(
+                "health_check.interval_s",
+                format!("must be 1..={MAX_HEALTH_CHECK_SECONDS}"),
+            ));
         }
         if hc.timeout_s == 0 || hc.timeout_s > hc.interval_s {
             return Err(invalid(
@@ -101,10 +104,10 @@ pub fn route_spec(spec: &RouteSpec, now: DateTime<Utc>) -> Result<(), Validation
                 "must be at least 1 and at most interval_s",
             ));
         }
-        if !(100..=599).contains(&hc.expected_status) {
+        if !(MIN_HTTP_STATUS..=MAX_HTTP_STATUS).contains(&hc.expected_status) {
             return Err(invalid(
                 "health_check.expected_status",
-                "must be an HTTP status (100..=599)",
+                format!("must be an HTTP status ({MIN_HTTP_STATUS}..={MAX_HTTP_STATUS})"),
             ));
         }
     }
@@ -151,10 +154,10 @@ fn targets(targets: &[Target]) -> Result<(), ValidationError> {
                 "must be between 1 and 65535",
             ));
         }
-        if t.weight > 1_000_000 {
+        if t.weight > MAX_WEIGHT {
             return Err(invalid(
                 format!("targets[{i}].weight"),
-                "must be at most 1000000",
+                format!("must be at most {MAX_WEIGHT}"),
             ));
         }
         if let Some(id) = t.id
@@ -178,7 +181,7 @@ fn targets(targets: &[Target]) -> Result<(), ValidationError> {
 /// Checks a worker's registration.
 pub fn registration(reg: &WorkerRegistration) -> Result<(), ValidationError> {
     if reg.name.is_empty()
-        || reg.name.len() > 253
+        || reg.name.len() > MAX_WORKER_NAME_LEN
         || !reg
             .name
             .bytes()
@@ -186,7 +189,7 @@ pub fn registration(reg: &WorkerRegistration) -> Result<(), ValidationError> {
     {
         return Err(invalid(
             "name",
-            "1 to 253 characters of letters, digits, '-', '_' and '.'",
+            format!("1 to {MAX_WORKER_NAME_LEN} characters of letters, digits, '-', '_' and '.'"),
         ));
     }
     if !(reg.api_url.starts_with("http://") || reg.api_url.starts_with("https://"))
@@ -259,13 +262,13 @@ fn string_map(
         return Err(invalid(field, format!("at most {MAX_MAP_ENTRIES} entries")));
     }
     for (k, v) in map {
-        if k.is_empty() || k.len() > MAX_LABEL_KEY_LEN || !key_ok(k) {
+        if k.is_empty() || k.chars().count() > MAX_LABEL_KEY_LEN || !key_ok(k) {
             return Err(invalid(format!("{field}.{k}"), "invalid key"));
         }
-        if v.len() > MAX_LABEL_VALUE_LEN {
+        if v.chars().count() > MAX_LABEL_VALUE_LEN {
             return Err(invalid(
                 format!("{field}.{k}"),
-                format!("value longer than {MAX_LABEL_VALUE_LEN} bytes"),
+                format!("value longer than {MAX_LABEL_VALUE_LEN} characters"),
             ));
         }
     }
@@ -289,10 +292,12 @@ pub fn is_host(s: &str) -> bool {
     unbracketed.parse::<IpAddr>().is_ok() || is_dns_name(s)
 }
 
-/// A DNS name of RFC 1123 labels.
+/// A DNS name of RFC 1123 labels, at most 253 characters (an optional
+/// trailing dot included).
 pub fn is_dns_name(s: &str) -> bool {
+    let bounded = s.len() <= MAX_DNS_NAME_LEN;
     let s = s.strip_suffix('.').unwrap_or(s);
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+    bounded && !s.is_empty() && s.split('.').all(is_dns_label)
 }
 
 /// One RFC 1123 label: 1–63 letters, digits and inner hyphens.

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Revision;
+use super::limits::{HTTP_URL_PATTERN, MAX_WORKER_NAME_LEN, NAME_PATTERN};
+use super::schemas;
 use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 
 /// The Kubernetes pod a worker runs in (from the downward API).
@@ -25,20 +27,40 @@ pub struct PodRef {
 #[serde(deny_unknown_fields)]
 pub struct WorkerRegistration {
     /// Stable across restarts; Backend.AI calls it the worker's *authority*.
+    #[schemars(length(min = 1, max = MAX_WORKER_NAME_LEN), regex(pattern = NAME_PATTERN))]
     pub name: String,
+    /// An http(s) URL whose host is a DNS name (at most 253 characters) or a
+    /// bracketed IPv6 address.
+    #[schemars(regex(pattern = HTTP_URL_PATTERN))]
     pub api_url: String,
+    #[serde(deserialize_with = "frontend_by_name")]
     pub frontend: WorkerFrontend,
     #[serde(default = "all_protocols")]
+    #[schemars(length(min = 1))]
     pub protocols: Vec<Protocol>,
     #[serde(default = "all_app_modes")]
+    #[schemars(length(min = 1))]
     pub app_modes: Vec<AppMode>,
     #[serde(default)]
+    #[schemars(schema_with = "schemas::labels")]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub pod: Option<PodRef>,
     /// The most routes this worker takes; unlimited (within its frontend) if absent.
     #[serde(default)]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub capacity: Option<u32>,
+}
+
+/// A frontend whose `mode` is its name: serde would also take a variant's
+/// index (`"mode": 0`).
+fn frontend_by_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<WorkerFrontend, D::Error> {
+    use serde::de::Error;
+    let value = serde_json::Value::deserialize(d)?;
+    if value.get("mode").is_some_and(|mode| !mode.is_string()) {
+        return Err(D::Error::custom("mode: expected \"port\" or \"wildcard\""));
+    }
+    WorkerFrontend::deserialize(value).map_err(D::Error::custom)
 }
 
 fn all_protocols() -> Vec<Protocol> {
