@@ -50,6 +50,20 @@ where
     }
 }
 
+/// Kubernetes mode for replica `identity` with the default selector and
+/// Lease name, renewing every 100 ms, and the fast mirror.
+fn fast_settings(identity: &str) -> k8s::Settings {
+    let mut settings = k8s::Settings::new(
+        NS,
+        identity,
+        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
+        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
+    );
+    settings.renew_every = Duration::from_millis(100);
+    settings.mirror = fast_mirror();
+    settings
+}
+
 fn fast_mirror() -> MirrorConfig {
     MirrorConfig {
         // Long on purpose: repairs in these tests come from the watch, not the timer.
@@ -634,15 +648,8 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
 
     // The whole Kubernetes mode, as `serve` starts it: Lease, mirror, pod
     // watcher, and the leader's health loops, all on the app's manual clock.
-    let mut settings = k8s::Settings::new(
-        NS,
-        "replica-a",
-        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
-        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
-    );
-    settings.renew_every = Duration::from_millis(100);
+    let mut settings = fast_settings("replica-a");
     settings.lease_duration = Duration::from_secs(2);
-    settings.mirror = fast_mirror();
     let running = k8s::start(
         e.client.clone(),
         settings,
@@ -947,15 +954,8 @@ async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry()
 
 /// Kubernetes mode as `serve` starts it, for the replica `who`.
 fn start_replica(e: &Env, who: &str, lease: Duration) -> k8s::Running {
-    let mut settings = k8s::Settings::new(
-        NS,
-        who,
-        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
-        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
-    );
-    settings.renew_every = Duration::from_millis(100);
+    let mut settings = fast_settings(who);
     settings.lease_duration = lease;
-    settings.mirror = fast_mirror();
     k8s::start(
         e.api.client_as(who),
         settings,
@@ -1052,14 +1052,7 @@ async fn at_shutdown_the_mirror_stops_writing_before_the_lease_is_released() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut settings = k8s::Settings::new(
-        NS,
-        "replica-a",
-        appproxy_coordinator::config::DEFAULT_WORKER_SELECTOR,
-        appproxy_coordinator::config::DEFAULT_LEASE_NAME,
-    );
-    settings.renew_every = Duration::from_millis(100);
-    settings.mirror = fast_mirror();
+    let settings = fast_settings("replica-a");
     let running = k8s::start(
         e.client.clone(),
         settings,
