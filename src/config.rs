@@ -228,6 +228,75 @@ pub struct Options {
     #[arg(long, global = true, env = "APPPROXY_LEASE_NAME")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_name: Option<String>,
+
+    // ---- Backend.AI drop-in (src/backendai) -----------------------------------
+    /// Backend.AI `api_secret` (what the Manager and the workers send as
+    /// X-BackendAI-Token); setting it (or its file) turns Backend.AI mode on.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_API_SECRET",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_api_secret: Option<String>,
+    /// File holding the Backend.AI api_secret.
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_API_SECRET_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_api_secret_file: Option<PathBuf>,
+    /// Backend.AI `jwt_secret`: signs the setup and endpoint tokens the workers check.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_JWT_SECRET",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_jwt_secret: Option<String>,
+    /// File holding the Backend.AI jwt_secret.
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_JWT_SECRET_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_jwt_secret_file: Option<PathBuf>,
+    /// redis://… of the Backend.AI event bus (required in Backend.AI mode).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_URL",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Comma-separated CIDRs from which `POST /v2/conf` needs no token (the
+    /// Manager sends none) [default: none].
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_conf_allowed_networks: Option<Vec<ipnet::IpNet>>,
+    /// How long a create waits for the Backend.AI worker's acknowledgement [default: 15s].
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_ACK_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub backendai_ack_timeout: Option<Duration>,
+    /// Interactive http routes of Backend.AI unused this long are collected [default: 1h].
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub backendai_idle_timeout: Option<Duration>,
+    /// The coordinator's own URL as clients reach it (Backend.AI `/status`)
+    /// [default: http(s)://<bind address>].
+    #[arg(long, global = true, env = "APPPROXY_ADVERTISED_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertised_url: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
@@ -288,6 +357,18 @@ pub struct Config {
     pub namespace: Option<String>,
     pub worker_selector: String,
     pub lease_name: String,
+    pub backendai_api_secret: Option<Secret>,
+    pub backendai_api_secret_file: Option<PathBuf>,
+    pub backendai_jwt_secret: Option<Secret>,
+    pub backendai_jwt_secret_file: Option<PathBuf>,
+    #[serde(serialize_with = "redact_url")]
+    pub redis_url: Option<String>,
+    pub backendai_conf_allowed_networks: Vec<ipnet::IpNet>,
+    #[serde(with = "humantime_serde")]
+    pub backendai_ack_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backendai_idle_timeout: Duration,
+    pub advertised_url: Option<String>,
 }
 
 impl Default for Config {
@@ -322,6 +403,15 @@ impl Default for Config {
             namespace: None,
             worker_selector: DEFAULT_WORKER_SELECTOR.to_owned(),
             lease_name: DEFAULT_LEASE_NAME.to_owned(),
+            backendai_api_secret: None,
+            backendai_api_secret_file: None,
+            backendai_jwt_secret: None,
+            backendai_jwt_secret_file: None,
+            redis_url: None,
+            backendai_conf_allowed_networks: Vec::new(),
+            backendai_ack_timeout: Duration::from_secs(15),
+            backendai_idle_timeout: Duration::from_secs(3600),
+            advertised_url: None,
         }
     }
 }
@@ -439,7 +529,12 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
 /// anyone on the host can read them in `ps`, unlike a file or the
 /// environment.
 pub fn secrets_on_command_line(args: impl IntoIterator<Item = String>) -> Vec<&'static str> {
-    const FLAGS: [&str; 2] = ["--manager-token", "--worker-token"];
+    const FLAGS: [&str; 4] = [
+        "--manager-token",
+        "--worker-token",
+        "--backendai-api-secret",
+        "--backendai-jwt-secret",
+    ];
     let args: Vec<String> = args.into_iter().collect();
     FLAGS
         .into_iter()
@@ -448,6 +543,49 @@ pub fn secrets_on_command_line(args: impl IntoIterator<Item = String>) -> Vec<&'
                 .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
         })
         .collect()
+}
+
+/// The Backend.AI secrets, when Backend.AI mode is on (an api_secret is
+/// configured): each from its value, else its file. The jwt_secret and a
+/// Redis URL are then required.
+pub fn resolve_backendai(config: &Config) -> anyhow::Result<Option<BackendAiSecrets>> {
+    let read = |value: &Option<Secret>, file: &Option<PathBuf>| -> anyhow::Result<Option<Secret>> {
+        match (value, file) {
+            (Some(v), _) => Ok(Some(v.clone())),
+            (None, Some(path)) => read_token(path).map(Some),
+            (None, None) => Ok(None),
+        }
+    };
+    let Some(api_secret) = read(
+        &config.backendai_api_secret,
+        &config.backendai_api_secret_file,
+    )?
+    else {
+        return Ok(None);
+    };
+    let jwt_secret = read(&config.backendai_jwt_secret, &config.backendai_jwt_secret_file)?
+        .context("Backend.AI mode (an api_secret is set) needs backendai_jwt_secret (APPPROXY_BACKENDAI_JWT_SECRET)")?;
+    anyhow::ensure!(
+        !api_secret.expose().trim().is_empty() && !jwt_secret.expose().trim().is_empty(),
+        "the Backend.AI api_secret and jwt_secret must not be empty"
+    );
+    anyhow::ensure!(
+        config.redis_url.is_some(),
+        "Backend.AI mode (an api_secret is set) needs redis_url (APPPROXY_REDIS_URL): its workers learn their routes over Redis"
+    );
+    Ok(Some(BackendAiSecrets {
+        api_secret,
+        jwt_secret,
+    }))
+}
+
+/// The two secrets a Backend.AI installation shares with its coordinator.
+#[derive(Clone, Debug)]
+pub struct BackendAiSecrets {
+    /// Authenticates the Manager and the workers.
+    pub api_secret: Secret,
+    /// Signs the tokens workers check on proxied traffic.
+    pub jwt_secret: Secret,
 }
 
 /// Shortest token accepted: a guessable token is no authentication.

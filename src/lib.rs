@@ -18,7 +18,10 @@
 //! - [`health`]: the leader's loops: heartbeat timeouts, failover, pending
 //!   placement, expiry and idle collection.
 //! - [`k8s`]: the `AppProxyRoute` mirror, worker-pod health, Lease, Events.
-//! - [`api`]: the REST API (axum), auth, RFC 9457 errors, OpenAPI, SSE.
+//! - [`backendai`]: the Backend.AI drop-in: its circuits and workers as our
+//!   routes and workers, HS256 tokens, acknowledgements, the Redis event bus.
+//! - [`api`]: the REST API (axum), auth, RFC 9457 errors, OpenAPI, SSE; and
+//!   Backend.AI's coordinator API (`api::backendai`).
 //! - [`client`]: the worker library (register, stream, apply, heartbeat);
 //!   knows only [`wire`] and [`domain`], never the server side.
 //! - [`config`]: plain configuration data (defaults, file, environment,
@@ -27,6 +30,7 @@
 //!   runs them; `main.rs` is command-line wiring only.
 
 pub mod api;
+pub mod backendai;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -10,6 +10,7 @@ use axum_server::Handle;
 use axum_server::tls_rustls::RustlsConfig;
 
 use crate::api::{self, AppState};
+use crate::backendai::{self, BackendAi};
 use crate::clock::Clock;
 use crate::config::{self, Config};
 use crate::health::{self, HealthConfig};
@@ -52,6 +53,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
+    let backendai = match config::resolve_backendai(&config)? {
+        Some(secrets) => Some(Arc::new(BackendAi::new(backendai::Settings::new(
+            &config, secrets,
+        ))?)),
+        None => None,
+    };
     let clock = Clock::system();
     let metrics = Metrics::new(&store);
     let hub = Hub::start(store.clone(), hub_settings(&config), metrics.clone());
@@ -107,6 +114,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         keep_alive: config.keepalive_interval,
         batch_size: config.failover_batch,
         clock,
+        backendai,
     };
     let app = api::router(state, config.max_body_bytes);
 
@@ -124,7 +132,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 announce(addr, backend);
             }
         });
-        let service = app.into_make_service();
+        // Peer addresses: `POST /v2/conf` admits allowed networks without a token.
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
         match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
                 let tls = RustlsConfig::from_pem_file(cert, key)

@@ -27,7 +27,49 @@ on_both_backends!(
     listing_is_filtered_and_paginated,
     probes_metrics_and_openapi,
     every_mutation_is_in_the_change_log,
+    a_route_may_wait_for_its_targets,
 );
+
+/// An inference endpoint exists before its replicas do: a route with no
+/// targets is placed and served (its worker answers 503 until targets come).
+async fn a_route_may_wait_for_its_targets(b: Backend) {
+    let app = TestApp::start(b).await;
+    app.register("w", [20000, 20010]).await;
+    let endpoint = Uuid::new_v4();
+    let created = app
+        .create(json!({
+            "app_mode": "inference", "endpoint_id": endpoint,
+            "service": "llm", "targets": []
+        }))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    assert_eq!(created.body["targets"], json!([]));
+    assert!(
+        created.body["frontend"]["port"].is_u64(),
+        "placed: {:?}",
+        created.body
+    );
+    let id = created.body["id"].as_str().unwrap();
+    let patched = app
+        .manager(
+            Method::PATCH,
+            &format!("/routes/{id}"),
+            Some(json!({"targets": [{"host": "10.0.0.9", "port": 8000}]})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    assert_eq!(patched.body["targets"][0]["port"], 8000);
+    // And back to none, as when its last replica goes away.
+    let emptied = app
+        .manager(
+            Method::PATCH,
+            &format!("/routes/{id}"),
+            Some(json!({"targets": []})),
+        )
+        .await;
+    assert_eq!(emptied.status, StatusCode::OK, "{:?}", emptied.body);
+    assert_eq!(emptied.body["targets"], json!([]));
+}
 
 async fn route_lifecycle(b: Backend) {
     let app = TestApp::start(b).await;
@@ -628,7 +670,7 @@ async fn bad_input_is_rejected_and_changes_nothing(b: Backend) {
             Method::POST,
             "/routes".into(),
             json_ct,
-            with(&|v| v["targets"] = json!([])),
+            with(&|v| v["targets"] = json!([{"host": "10.0.0.1", "port": 80, "weight": 0}])),
             400,
             "invalid-request",
         ),
@@ -716,7 +758,7 @@ async fn bad_input_is_rejected_and_changes_nothing(b: Backend) {
             Method::PATCH,
             format!("/routes/{id}"),
             json_ct,
-            br#"{"targets": []}"#.to_vec(),
+            br#"{"targets": [{"host": "10.0.0.1", "port": 80, "weight": 0}]}"#.to_vec(),
             400,
             "invalid-request",
         ),

@@ -2,6 +2,7 @@
 //! they authenticate, parse, call the store and shape the answer.
 
 pub mod auth;
+pub mod backendai;
 mod body;
 pub mod error;
 pub mod openapi;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub batch_size: u32,
     /// The time handlers stamp on what they write.
     pub clock: Clock,
+    /// Backend.AI mode, when on (`crate::backendai`).
+    pub backendai: Option<Arc<crate::backendai::BackendAi>>,
 }
 
 /// JSON body; malformed or unknown input becomes a problem answer. It is

@@ -19,12 +19,12 @@ pub mod worker;
 
 pub use placement::{Assignment, PlacementError};
 pub use route::{
-    Access, Frontend, FrontendMode, FrontendRequest, HealthCheck, Route, RouteKey, RoutePatch,
-    RouteSpec, RouteStatus, StoredRoute, Target,
+    Access, CircuitInfo, Frontend, FrontendMode, FrontendRequest, HealthCheck, Route, RouteKey,
+    RoutePatch, RouteSpec, RouteStatus, StoredRoute, Target,
 };
 pub use types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
 pub use validate::ValidationError;
-pub use worker::{PodRef, Worker, WorkerRegistration};
+pub use worker::{BackendAiWorker, PodRef, Worker, WorkerRegistration};
 
 /// A position in the change log. Every committed mutation gets the next one.
 pub type Revision = i64;

@@ -267,6 +267,7 @@ mod tests {
             labels: Default::default(),
             pod: None,
             capacity: None,
+            backendai: None,
         };
         let now = Utc::now();
         Worker::from_parts(

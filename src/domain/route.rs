@@ -128,7 +128,9 @@ pub struct RouteSpec {
     /// Inference routes serve http, grpc or h2; tcp routes cannot ask for a subdomain.
     #[serde(default)]
     pub protocol: Protocol,
-    #[schemars(length(min = 1, max = MAX_TARGETS), extend("contains" = {"properties": {"weight": {"minimum": 1}}}))]
+    /// May be empty (an inference endpoint before its replicas exist): the
+    /// worker answers 503 until targets arrive.
+    #[schemars(length(max = MAX_TARGETS), extend("anyOf" = [{"maxItems": 0}, {"contains": {"properties": {"weight": {"minimum": 1}}}}]))]
     pub targets: Vec<Target>,
     #[serde(default)]
     pub frontend: FrontendRequest,
@@ -150,6 +152,36 @@ pub struct RouteSpec {
     /// In the future.
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// What a Backend.AI Manager knows of the route beyond the fields above;
+    /// set on routes created through its `/v2` API (`crate::backendai`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<CircuitInfo>,
+}
+
+/// The parts of a Backend.AI *circuit* that have no other place in a route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitInfo {
+    /// Whose app it is: a Backend.AI worker admits a user to an interactive
+    /// route by a cookie derived from this id.
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    /// The model server's runtime (inference), e.g. `vllm` or `custom`.
+    #[serde(default)]
+    #[schemars(length(max = MAX_NAME_LEN))]
+    pub runtime_variant: Option<String>,
+    /// The sessions the route serves (interactive: its session).
+    #[serde(default)]
+    #[schemars(length(max = MAX_TARGETS))]
+    pub session_ids: Vec<Uuid>,
+    /// The protocol the app was asked for when it is served as another one
+    /// (`preopen` as http, `vnc` and `rdp` as tcp).
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    pub app_protocol: Option<String>,
+    /// The model health check as the Manager sent it (stored, not run).
+    #[serde(default)]
+    pub health_check: Option<serde_json::Value>,
 }
 
 /// The identity that makes a route unique: one per (session, service) for
@@ -219,6 +251,7 @@ impl RouteSpec {
             && self.args == other.args
             && self.health_check == other.health_check
             && self.expires_at == other.expires_at
+            && self.circuit == other.circuit
     }
 }
 
@@ -227,7 +260,7 @@ impl RouteSpec {
 #[serde(deny_unknown_fields)]
 pub struct RoutePatch {
     #[serde(default)]
-    #[schemars(length(min = 1, max = MAX_TARGETS), extend("contains" = {"properties": {"weight": {"minimum": 1}}}))]
+    #[schemars(length(max = MAX_TARGETS), extend("anyOf" = [{"maxItems": 0}, {"contains": {"properties": {"weight": {"minimum": 1}}}}]))]
     pub targets: Option<Vec<Target>>,
     #[serde(default)]
     pub access: Option<Access>,
@@ -382,6 +415,8 @@ pub struct Route {
     pub args: Option<serde_json::Value>,
     pub health_check: Option<HealthCheck>,
     pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit: Option<CircuitInfo>,
     pub status: RouteStatus,
     /// Why no worker could take the route, while it is `Pending`.
     pub pending_reason: Option<String>,

@@ -46,6 +46,7 @@ impl StoredRoute {
             args: spec.args,
             health_check: spec.health_check,
             expires_at: spec.expires_at,
+            circuit: spec.circuit,
             status: status(self.revision, worker),
             pending_reason: self.pending_reason.filter(|_| self.worker_id.is_none()),
             revision: self.revision,

@@ -50,6 +50,44 @@ pub struct WorkerRegistration {
     #[serde(default)]
     #[schemars(range(min = 1, max = u32::MAX))]
     pub capacity: Option<u32>,
+    /// Set for a Backend.AI App Proxy worker (registered through
+    /// `PUT /api/worker`): what it told about itself that has no other place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backendai: Option<BackendAiWorker>,
+}
+
+/// What a Backend.AI worker registers besides its name (`authority`), API
+/// URL and frontend. It learns its routes over Redis, not a watch stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackendAiWorker {
+    /// Host of its API and, in port mode, of its frontends.
+    #[schemars(schema_with = "schemas::host")]
+    pub hostname: String,
+    pub api_port: u16,
+    pub tls_listen: bool,
+    pub tls_advertised: bool,
+    #[serde(default)]
+    pub filtered_apps_only: bool,
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub app_filters: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub traefik_last_used_marker_path: Option<String>,
+    /// Registrations minus deregistrations, as Backend.AI counts them.
+    #[serde(default)]
+    pub nodes: u32,
+}
+
+impl BackendAiWorker {
+    /// `https` when the worker listens or is advertised with TLS.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls_listen || self.tls_advertised {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 /// A frontend whose `mode` is its name: serde would also take a variant's
@@ -82,6 +120,8 @@ pub struct Worker {
     pub labels: BTreeMap<String, String>,
     pub pod: Option<PodRef>,
     pub capacity: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backendai: Option<BackendAiWorker>,
     pub status: WorkerStatus,
     pub last_heartbeat: DateTime<Utc>,
     /// The last revision the worker reported as applied.
@@ -116,6 +156,7 @@ impl Worker {
             labels,
             pod,
             capacity,
+            backendai,
         } = registration;
         Worker {
             id,
@@ -127,6 +168,7 @@ impl Worker {
             labels,
             pod,
             capacity,
+            backendai,
             status,
             last_heartbeat,
             acked_revision,

@@ -151,6 +151,7 @@ mod tests {
             labels: Default::default(),
             pod,
             capacity: None,
+            backendai: None,
             status: WorkerStatus::Ready,
             last_heartbeat: now,
             acked_revision: 0,

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use appproxy_coordinator::api::{self, AppState};
+use appproxy_coordinator::backendai::{self, BackendAi};
 use appproxy_coordinator::clock::Clock;
+use appproxy_coordinator::config::BackendAiSecrets;
 use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
 use appproxy_coordinator::leader::{Elector, Leadership};
@@ -196,6 +198,27 @@ impl<E: Elector> Elector for Counted<E> {
 }
 
 pub const MANAGER: &str = "manager-test-token";
+/// Backend.AI's api_secret and jwt_secret in Backend.AI mode.
+pub const API_SECRET: &str = "backendai-api-secret-for-tests";
+pub const JWT_SECRET: &str = "backendai-jwt-secret-for-tests";
+/// The Redis the Backend.AI tests use (its pub/sub and DB 2).
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Backend.AI mode's settings in tests: the secrets above, the local
+/// Redis, the default timeouts, token-less `/v2/conf` from loopback.
+pub fn backendai_settings() -> backendai::Settings {
+    backendai::Settings {
+        secrets: BackendAiSecrets {
+            api_secret: Secret::new(API_SECRET),
+            jwt_secret: Secret::new(JWT_SECRET),
+        },
+        conf_allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+        ack_timeout: Duration::from_secs(15),
+        idle_timeout: Duration::from_secs(3600),
+        advertised_url: "http://coordinator.test:10200".into(),
+        redis_url: REDIS_URL.into(),
+    }
+}
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
 
 /// The real router, served on 127.0.0.1:<free port>.
@@ -209,6 +232,8 @@ pub struct TestApp {
     pub clock: Clock,
     /// The health loops' settings, when they run ([`TestApp::start_with_health`]).
     pub health: Option<HealthConfig>,
+    /// Backend.AI mode, when on ([`TestApp::start_backendai`]).
+    pub backendai: Option<Arc<BackendAi>>,
     pub db: TestDb,
 }
 
@@ -287,6 +312,25 @@ impl TestApp {
         hub: HubConfig,
         clock: Clock,
     ) -> TestApp {
+        TestApp::serve_full(db, store, max_body, hub, clock, None).await
+    }
+
+    /// A coordinator in Backend.AI mode ([`backendai_settings`]), on `clock`.
+    pub async fn start_backendai(backend: Backend, clock: Clock) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let bai = Arc::new(BackendAi::new(backendai_settings()).unwrap());
+        TestApp::serve_full(db, store, 1024 * 1024, hub_config(), clock, Some(bai)).await
+    }
+
+    pub async fn serve_full(
+        db: TestDb,
+        store: Store,
+        max_body: usize,
+        hub: HubConfig,
+        clock: Clock,
+        backendai: Option<Arc<BackendAi>>,
+    ) -> TestApp {
         let metrics = Metrics::new(&store);
         let hub = Hub::start(store.clone(), hub, metrics.clone());
         let state = AppState {
@@ -300,11 +344,19 @@ impl TestApp {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
             }),
+            backendai: backendai.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = api::router(state, max_body);
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            .unwrap()
+        });
         TestApp {
             url: format!("http://{addr}"),
             http: http_client(),
@@ -313,6 +365,7 @@ impl TestApp {
             metrics,
             clock,
             health: None,
+            backendai,
             db,
         }
     }
