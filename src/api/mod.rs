@@ -114,7 +114,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 /// holds the router and the document to the same operations.
 fn endpoints() -> ApiRouter<AppState> {
     use openapi::ops;
-    ApiRouter::new()
+    let native = ApiRouter::new()
         .api_route("/livez", get_with(livez, ops::livez))
         .api_route("/readyz", get_with(readyz, ops::readyz))
         .api_route("/metrics", get_with(metrics, ops::metrics))
@@ -157,7 +157,8 @@ fn endpoints() -> ApiRouter<AppState> {
             "/sessions/{session_id}/routes",
             get_with(routes::session_routes, ops::session_routes),
         )
-        .api_route("/lookup", get_with(routes::lookup, ops::lookup))
+        .api_route("/lookup", get_with(routes::lookup, ops::lookup));
+    backendai::endpoints(native)
 }
 
 async fn not_found() -> ApiError {

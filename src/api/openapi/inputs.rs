@@ -106,7 +106,10 @@ impl<T: JsonSchema> OperationInput for ApiQuery<T> {
 
 /// The path parameters of `T`'s fields, each once: the auth extractors that
 /// read the worker's `{id}` declare it too.
-fn path_parameters<T: JsonSchema>(ctx: &mut GenContext, operation: &mut Operation) {
+pub(in crate::api::openapi) fn path_parameters<T: JsonSchema>(
+    ctx: &mut GenContext,
+    operation: &mut Operation,
+) {
     let mut own = Operation::default();
     axum::extract::Path::<T>::operation_input(ctx, &mut own);
     for parameter in own.parameters {

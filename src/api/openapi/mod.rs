@@ -45,6 +45,7 @@ use serde_json::{Value, json};
 use super::error::Problem;
 use super::{ApiError, AppState};
 
+pub mod backendai;
 mod inputs;
 pub mod ops;
 #[cfg(test)]
@@ -122,6 +123,32 @@ fn describe(api: TransformOpenApi<'_>) -> TransformOpenApi<'_> {
         .security_scheme(
             WORKER,
             bearer("A per-worker token from registration: that worker's own endpoints"),
+        )
+        .security_scheme(
+            backendai::TOKEN,
+            SecurityScheme::ApiKey {
+                location: aide::openapi::ApiKeyLocation::Header,
+                name: "X-BackendAI-Token".into(),
+                description: Some(
+                    "Backend.AI mode: the api_secret, raw or as `Bearer <secret>` or \
+                     `BackendAI <secret>` (the Manager's and the workers' credential)"
+                        .into(),
+                ),
+                extensions: Default::default(),
+            },
+        )
+        .security_scheme(
+            backendai::JWT,
+            SecurityScheme::Http {
+                scheme: "bearer".into(),
+                bearer_format: Some("JWT".into()),
+                description: Some(
+                    "Backend.AI mode: an HS256 JWT signed with the api_secret \
+                     (`exp` enforced when present)"
+                        .into(),
+                ),
+                extensions: Default::default(),
+            },
         )
 }
 

@@ -1,0 +1,158 @@
+//! What the Backend.AI extractors and errors add to an operation: the two
+//! ways to present the api_secret, upstream's error body (as
+//! `application/json`, not problem+json), and the bodies read as upstream
+//! reads them. The operations themselves: [`manager`] and [`workers`].
+
+use aide::generate::GenContext;
+use aide::openapi::{MediaType, Operation, Response, StatusCode};
+use aide::operation::{OperationInput, OperationOutput};
+use aide::transform::TransformOperation;
+use axum::Json;
+use schemars::JsonSchema;
+
+use super::{respond, schema_object};
+
+pub mod manager;
+pub mod workers;
+use crate::api::backendai::auth::{Authorized, Mode};
+use crate::api::backendai::{BaiError, BaiJson, BaiPath, BaiQuery};
+
+/// The api_secret as `X-BackendAI-Token` (raw, `Bearer …` or `BackendAI …`).
+pub const TOKEN: &str = "backendaiToken";
+/// `Authorization: Bearer <JWT signed with the api_secret>`.
+pub const JWT: &str = "backendaiJwt";
+
+/// Upstream's error body.
+#[derive(serde::Serialize, JsonSchema)]
+#[schemars(rename = "BackendAiError")]
+pub struct ErrorBody {
+    /// `https://api.backend.ai/probs/<kind>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    /// `<domain>_<operation>_<detail>`.
+    pub error_code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+/// An error answer in upstream's shape.
+pub fn error(ctx: &mut GenContext, description: &str) -> Response {
+    let schema = ctx.schema.subschema_for::<ErrorBody>();
+    let mut response = Response {
+        description: description.into(),
+        ..Response::default()
+    };
+    response.content.insert(
+        "application/json".into(),
+        MediaType {
+            schema: Some(schema_object(schema)),
+            ..MediaType::default()
+        },
+    );
+    response
+}
+
+fn errors(ctx: &mut GenContext, list: &[(u16, &str)]) -> Vec<(Option<StatusCode>, Response)> {
+    list.iter()
+        .map(|&(status, d)| (Some(StatusCode::Code(status)), error(ctx, d)))
+        .collect()
+}
+
+/// Declares an error `status` a Backend.AI handler raises itself.
+pub fn raises<'a>(
+    op: TransformOperation<'a>,
+    status: u16,
+    description: &str,
+) -> TransformOperation<'a> {
+    let response = aide::generate::in_context(|ctx| error(ctx, description));
+    respond(op, status, response)
+}
+
+const MODE_OFF: &str = "url-not-found: Backend.AI mode is off (no api_secret configured)";
+const INVALID: &str = "invalid-api-params: `Malformed body` or `Input validation error` \
+                       (`data.errors[].loc` names the field)";
+
+impl OperationOutput for BaiError {
+    type Inner = Self;
+
+    fn operation_response(ctx: &mut GenContext, _: &mut Operation) -> Option<Response> {
+        Some(error(ctx, "An error"))
+    }
+}
+
+impl OperationInput for Mode {
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(ctx, &[(404, MODE_OFF)])
+    }
+}
+
+impl OperationInput for Authorized {
+    fn operation_input(_: &mut GenContext, operation: &mut Operation) {
+        for scheme in [TOKEN, JWT] {
+            let mut requirement = aide::openapi::SecurityRequirement::default();
+            requirement.insert(scheme.into(), Vec::new());
+            operation.security.push(requirement);
+        }
+    }
+
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(
+            ctx,
+            &[
+                (
+                    401,
+                    "auth-failed: no api_secret, a wrong one, or an unsupported scheme",
+                ),
+                (404, MODE_OFF),
+            ],
+        )
+    }
+}
+
+impl<T: JsonSchema> OperationInput for BaiJson<T> {
+    fn operation_input(ctx: &mut GenContext, operation: &mut Operation) {
+        Json::<T>::operation_input(ctx, operation);
+    }
+
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(ctx, &[(400, INVALID)])
+    }
+}
+
+impl<T: JsonSchema> OperationInput for BaiQuery<T> {
+    fn operation_input(ctx: &mut GenContext, operation: &mut Operation) {
+        axum::extract::Query::<T>::operation_input(ctx, operation);
+    }
+
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(ctx, &[(400, INVALID)])
+    }
+}
+
+impl<T: JsonSchema> OperationInput for BaiPath<T> {
+    fn operation_input(ctx: &mut GenContext, operation: &mut Operation) {
+        crate::api::openapi::inputs::path_parameters::<T>(ctx, operation);
+    }
+
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(ctx, &[(400, INVALID)])
+    }
+}
