@@ -595,3 +595,29 @@ impl Drop for Coordinator {
         let _ = self.child.wait();
     }
 }
+
+/// Registers a Backend.AI worker straight through the store, as
+/// `PUT /api/worker` does: `frontend` holds `frontend_mode` and its
+/// `port_range` or `wildcard_domain` (and `wildcard_traffic_port`).
+pub async fn register_backendai_worker(
+    app: &TestApp,
+    authority: &str,
+    frontend: Value,
+) -> appproxy_coordinator::domain::Worker {
+    let mut body = json!({
+        "authority": authority, "protocol": "http", "hostname": "127.0.0.1",
+        "tls_listen": false, "tls_advertised": false, "api_port": 10201,
+        "filtered_apps_only": false, "traefik_last_used_marker_path": null,
+        "accepted_traffics": ["interactive", "inference"], "app_filters": []
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(frontend.as_object().expect("an object").clone());
+    let request: backendai::circuit::WorkerRequest = serde_json::from_value(body).unwrap();
+    let registration = request.to_registration(1).unwrap();
+    app.store
+        .register_worker(registration, None, app.clock.now(), |_| [7; 32])
+        .await
+        .unwrap()
+        .worker
+}
