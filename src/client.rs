@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use backon::BackoffBuilder;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::StatusCode;
@@ -308,30 +309,36 @@ impl Agent {
     }
 }
 
-/// Exponential backoff with jitter, from 100 ms up to a ceiling.
+/// Waits between reconnect attempts: exponential with jitter, from 100 ms up
+/// to a ceiling, never giving up (backon's builder, restarted on success).
 struct Backoff {
-    next: Duration,
+    builder: backon::ExponentialBuilder,
+    delays: backon::ExponentialBackoff,
     max: Duration,
 }
 
 impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-
     fn new(max: Duration) -> Backoff {
+        let builder = backon::ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times();
         Backoff {
-            next: Backoff::FIRST,
+            builder,
+            delays: builder.build(),
             max,
         }
     }
 
     fn reset(&mut self) {
-        self.next = Backoff::FIRST;
+        self.delays = self.builder.build();
     }
 
     async fn wait(&mut self) {
-        let jitter = rand::random_range(0.5..1.0);
-        tokio::time::sleep(self.next.mul_f64(jitter)).await;
-        self.next = (self.next * 2).min(self.max);
+        // Never exhausted (no limit on attempts); the ceiling is a fallback.
+        let delay = self.delays.next().unwrap_or(self.max);
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -14,6 +14,14 @@
 //! passed, so a holder whose renewals fail or hang (the client retries 5xx for
 //! a long time) has stopped leading a third of the duration before anyone can
 //! take over. Every API call is also bounded by a timeout.
+//!
+//! Why not a crate: kube-lease-manager 0.13 and kubert 0.25 (both built on
+//! kube 5) judge expiry and renewal by `SystemTime::now()` /
+//! `chrono::Utc::now()` inside the crate. Time here is a parameter (the
+//! [`Clock`]): the split-brain test drives two replicas for minutes of Lease
+//! time on one manual clock, with renewals failing, and asserts that no two
+//! ever lead at once; neither crate can be driven that way, and neither has
+//! the holder-side renew deadline above.
 
 use std::sync::Arc;
 use std::time::Duration;
