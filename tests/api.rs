@@ -1097,13 +1097,28 @@ async fn probes_metrics_and_openapi(b: Backend) {
     // none answers, and one that takes one asks for it (not the fallback's
     // 404 or 405).
     let mut operations = 0;
+    let parameter = regex::Regex::new(r"\{[a-z_]+\}").unwrap();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let url = path
-                .replace("{id}", &Uuid::new_v4().to_string())
-                .replace("{session_id}", &Uuid::new_v4().to_string());
+            let url = parameter
+                .replace_all(path, Uuid::new_v4().to_string().as_str())
+                .into_owned();
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let answer = app.call(method.clone(), &url, None, None).await;
+            // Backend.AI's paths are documented always, served in its mode only.
+            let backendai = path == "/status"
+                || path == "/health"
+                || ["/health/", "/v1/", "/v2/", "/api/"]
+                    .iter()
+                    .any(|p| path.starts_with(p));
+            if backendai {
+                assert_eq!(answer.status, StatusCode::NOT_FOUND, "{method} {path}");
+                assert_eq!(
+                    answer.body["type"], "https://api.backend.ai/probs/url-not-found",
+                    "{method} {path}"
+                );
+                continue;
+            }
             let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
             let expected = if secured {
                 StatusCode::UNAUTHORIZED

@@ -129,6 +129,10 @@ impl From<StoreError> for ApiError {
                 field: Some("worker_id".into()),
                 ..ApiError::not_found(format!("worker_id: {p}"))
             },
+            StoreError::Placement(PlacementError::PinnedWorkerCannotServe(why)) => ApiError {
+                field: Some("worker_id".into()),
+                ..ApiError::invalid(format!("worker_id: {why}"))
+            },
             StoreError::Placement(p @ PlacementError::NoEligibleWorker(_)) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-eligible-worker",

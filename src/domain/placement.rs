@@ -47,13 +47,31 @@ pub enum PlacementError {
     UnknownWorker(uuid::Uuid),
     #[error("frontend port {0} is already in use")]
     PortTaken(u16),
+    /// The route is pinned to a worker that can never serve it as asked
+    /// (protocol, mode or frontend), whatever its state: the request is wrong.
+    #[error("{0}")]
+    PinnedWorkerCannotServe(String),
 }
 
 /// Why `worker` cannot take `spec` at all, or `None` when it can.
 pub fn ineligibility(worker: &Worker, spec: &RouteSpec) -> Option<String> {
+    if let Some(why) = mismatch(worker, spec) {
+        return Some(why);
+    }
     let why = if worker.status != WorkerStatus::Ready {
         format!("is {}", worker.status.as_str())
-    } else if !worker.protocols.contains(&spec.protocol) {
+    } else if worker.route_count >= worker.max_routes() {
+        "is full".to_owned()
+    } else {
+        return None;
+    };
+    Some(format!("worker {} {why}", worker.name))
+}
+
+/// Why `worker` can never take `spec` (not a matter of its state or load),
+/// or `None`.
+pub fn mismatch(worker: &Worker, spec: &RouteSpec) -> Option<String> {
+    let why = if !worker.protocols.contains(&spec.protocol) {
         format!("does not serve {}", spec.protocol)
     } else if !worker.app_modes.contains(&spec.app_mode) {
         format!("does not take {} routes", spec.app_mode)
@@ -77,8 +95,6 @@ pub fn ineligibility(worker: &Worker, spec: &RouteSpec) -> Option<String> {
             "serves ports {}-{}, not {port}",
             port_range[0], port_range[1]
         )
-    } else if worker.route_count >= worker.max_routes() {
-        "is full".to_owned()
     } else {
         return None;
     };
@@ -92,12 +108,16 @@ pub fn rank<'w>(
     spec: &RouteSpec,
 ) -> Result<Vec<&'w Worker>, PlacementError> {
     let considered: Vec<&Worker> = match spec.worker_id {
-        Some(id) => vec![
-            workers
+        Some(id) => {
+            let pinned = workers
                 .iter()
                 .find(|w| w.id == id)
-                .ok_or(PlacementError::UnknownWorker(id))?,
-        ],
+                .ok_or(PlacementError::UnknownWorker(id))?;
+            if let Some(why) = mismatch(pinned, spec) {
+                return Err(PlacementError::PinnedWorkerCannotServe(why));
+            }
+            vec![pinned]
+        }
         None => workers.iter().collect(),
     };
     let mut reasons = Vec::new();
@@ -377,6 +397,29 @@ mod tests {
             rank(&ws, &s).unwrap_err(),
             PlacementError::UnknownWorker(Uuid::nil())
         );
+    }
+
+    #[test]
+    fn a_pin_to_a_worker_that_can_never_serve_the_route_is_the_requests_fault() {
+        let mut http_only = worker("http-only", 0, ports(1000, 1099));
+        http_only.protocols = vec![Protocol::Http];
+        let mut lost = worker("lost", 0, ports(1000, 1099));
+        lost.status = WorkerStatus::Lost;
+        let ws = vec![http_only, lost];
+        let mut s = spec();
+        s.protocol = Protocol::Tcp;
+        s.worker_id = Some(ws[0].id);
+        assert!(matches!(
+            rank(&ws, &s),
+            Err(PlacementError::PinnedWorkerCannotServe(d)) if d.contains("does not serve tcp")
+        ));
+        // A worker that cannot take it *now* is another matter: retry later.
+        s.protocol = Protocol::Http;
+        s.worker_id = Some(ws[1].id);
+        assert!(matches!(
+            rank(&ws, &s),
+            Err(PlacementError::NoEligibleWorker(d)) if d.contains("is Lost")
+        ));
     }
 
     #[test]

@@ -288,6 +288,9 @@ impl From<StoreError> for BaiError {
             StoreError::Placement(p @ PlacementError::PortTaken(_)) => {
                 BaiError::port_not_available(p.to_string())
             }
+            StoreError::Placement(PlacementError::PinnedWorkerCannotServe(why)) => {
+                BaiError::bad_request(why)
+            }
             StoreError::Placement(p) => BaiError::worker_not_available(p.to_string()),
             StoreError::Refused(r) => BaiError::forbidden(r.to_string()),
             e if e.is_unavailable() => {
