@@ -1,5 +1,15 @@
-//! Logs (tracing, text or JSON) and Prometheus metrics.
+//! Logs (tracing, text or JSON), spans and Prometheus metrics.
+//!
+//! Every HTTP request runs in a `request` span carrying its method, route
+//! template, request id, status and latency (`api::trace`); the store's
+//! transactions, the create writer's batches, the hub's fan-out, failover
+//! batches and the mirror's writes have spans of their own. A JSON log line
+//! carries the fields of the span it was emitted in (`span`) and of every
+//! span around it (`spans`, outermost first), so a request's id is on every
+//! line it caused. Work a request hands to another task (the create writer)
+//! names the requests it serves in its own span ([`request_id`]).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -9,6 +19,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use chrono::{DateTime, Utc};
 
@@ -22,20 +36,53 @@ use crate::store::{Counts, Store};
 /// failed calls, once, at WARN (and repeats at DEBUG).
 pub const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
 
-/// Installs the global tracing subscriber, logging JSON lines when `json`.
-/// `RUST_LOG` sets the filter (default [`DEFAULT_LOG_FILTER`]).
+/// Installs the global tracing subscriber: log lines on stderr (JSON lines
+/// with the span fields when `json`), filtered by `RUST_LOG` (default
+/// [`DEFAULT_LOG_FILTER`]).
 pub fn init_tracing(json: bool) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
-    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| json_layer(std::io::stderr)))
+        .with((!json).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+        }))
+        .try_init();
+}
+
+/// JSON lines to `writer`: the event's fields at the top level, the fields
+/// of the span it was emitted in under `span`, and those of every span
+/// around it under `spans` (outermost first).
+pub fn json_layer<S, W>(writer: W) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_writer(writer)
+}
+
+tokio::task_local! {
+    static REQUEST_ID: Arc<str>;
+}
+
+/// Runs `f` as the work of the request `id`: [`request_id`] answers it
+/// there.
+pub async fn with_request_id<F: Future>(id: Arc<str>, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The id of the HTTP request the calling task is serving, if any.
+pub fn request_id() -> Option<Arc<str>> {
+    REQUEST_ID.try_with(Arc::clone).ok()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -290,5 +337,40 @@ mod tests {
         assert!(!logged.contains("failed with status"), "{logged}");
         assert!(logged.contains("cannot write"), "{logged}");
         assert!(!logged.contains("still failing"), "{logged}");
+    }
+
+    #[test]
+    fn json_lines_carry_the_fields_of_their_spans() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(json_layer(move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!(
+                "request",
+                request_id = "abc-123",
+                status = tracing::field::Empty
+            );
+            let _request = request.enter();
+            let batch = tracing::info_span!("create_batch", size = 2);
+            batch.in_scope(|| tracing::info!(revision = 7, "inside"));
+            request.record("status", 201);
+            tracing::info!("answered");
+        });
+        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = logged
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{logged}");
+        let inside = &lines[0];
+        assert_eq!(inside["message"], "inside", "{logged}");
+        assert_eq!(inside["revision"], 7, "event fields at the top: {logged}");
+        assert_eq!(inside["span"]["name"], "create_batch", "{logged}");
+        assert_eq!(inside["span"]["size"], 2, "{logged}");
+        assert_eq!(inside["spans"][0]["request_id"], "abc-123", "{logged}");
+        assert_eq!(inside["spans"][1]["name"], "create_batch", "{logged}");
+        assert_eq!(lines[1]["span"]["request_id"], "abc-123", "{logged}");
+        assert_eq!(lines[1]["span"]["status"], 201, "recorded later: {logged}");
     }
 }

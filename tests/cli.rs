@@ -411,3 +411,102 @@ fn weak_tokens_are_refused_and_tokens_on_the_command_line_warned_about() {
     );
     assert!(!err.contains("manager-token-on-the-command-line"), "{err}");
 }
+
+/// The JSON log lines of `log` that were emitted inside a span of `request_id`
+/// (under `spans`, outermost first, as the JSON log writes them).
+fn lines_of_request(log: &str, request_id: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|line| {
+            line["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| s["request_id"] == request_id))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn json_log_lines_carry_the_request_id_of_their_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = Coordinator::start(
+        &["--data-dir", data.to_str().unwrap(), "--log-format", "json"],
+        &[("RUST_LOG", "debug")],
+        "http",
+    );
+    let (manager, bootstrap) = (read_token(&data, "manager"), read_token(&data, "worker"));
+    let (status, _) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("w"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let r = common::http_client()
+        .post(format!("{}/routes", c.url))
+        .bearer_auth(&manager)
+        .header("X-Request-Id", "trace-me-42")
+        .json(
+            &json!({"session_id": uuid::Uuid::new_v4(), "service": "jupyter",
+                      "targets": [{"host": "10.0.1.7", "port": 8888}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+
+    // The create is committed by the create writer, another task: its lines
+    // carry the request's id all the same. Lines reach the log a little
+    // after the answer; wait for the last one of the request.
+    common::wait_for("the request's last log line", async || {
+        lines_of_request(&c.log(), "trace-me-42")
+            .iter()
+            .any(|l| l["message"] == "request answered")
+    })
+    .await;
+    let log = c.log();
+    let lines = lines_of_request(&log, "trace-me-42");
+    let answered = lines
+        .iter()
+        .find(|l| l["message"] == "request answered")
+        .unwrap();
+    let request = &answered["span"];
+    assert_eq!(request["name"], "request", "{answered}");
+    assert_eq!(request["method"], "POST", "{answered}");
+    assert_eq!(request["route"], "/routes", "{answered}");
+    assert_eq!(request["status"], 201, "{answered}");
+    assert!(request["latency_ms"].is_number(), "{answered}");
+
+    let in_span = |line: &Value, name: &str| {
+        line["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == name))
+    };
+    let batch = lines
+        .iter()
+        .find(|l| l["message"] == "create batch done")
+        .unwrap_or_else(|| panic!("no line of the create batch carries the id:\n{log}"));
+    let batch_span = &batch["span"];
+    assert_eq!(batch_span["name"], "create_batch", "{batch}");
+    assert_eq!(batch_span["size"], 1, "{batch}");
+    assert_eq!(batch_span["request_ids"], "trace-me-42", "{batch}");
+    assert!(batch_span["first"].is_number(), "{batch}");
+    assert!(
+        lines.iter().any(|l| in_span(l, "write_commit")),
+        "the commit's lines carry the id:\n{log}"
+    );
+    // No line of another request does.
+    for line in log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        let requests: Vec<&Value> = line["spans"]
+            .as_array()
+            .map(|s| s.iter().filter(|s| s["name"] == "request").collect())
+            .unwrap_or_default();
+        if requests.iter().any(|s| s["route"] == "/workers/register") {
+            assert_ne!(requests[0]["request_id"], "trace-me-42", "{line}");
+        }
+    }
+}
