@@ -1,4 +1,5 @@
-//! Logs (tracing, text or JSON), spans and Prometheus metrics.
+//! Logs (tracing, text or JSON), spans (optionally exported over OTLP) and
+//! Prometheus metrics.
 //!
 //! Every HTTP request runs in a `request` span carrying its method, route
 //! template, request id, status and latency (`api::trace`); the store's
@@ -11,7 +12,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -36,13 +41,57 @@ use crate::store::{Counts, Store};
 /// failed calls, once, at WARN (and repeats at DEBUG).
 pub const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
 
+/// The service name spans are exported under.
+pub const SERVICE_NAME: &str = "appproxy-coordinator";
+
+/// Keeps the OTLP exporter (if any) running; [`Telemetry::shutdown`] sends
+/// the spans still queued.
+#[must_use = "dropping it keeps queued spans from being exported at exit"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued and stops the exporter (at most a few
+    /// seconds: the exporter's own timeout bounds it). Blocking; call it
+    /// outside the async runtime's worker threads or via `spawn_blocking`.
+    pub fn shutdown(self) {
+        if let Some(Err(e)) = self.provider.map(|p| p.shutdown()) {
+            tracing::warn!(error = %e, "cannot export the last spans");
+        }
+    }
+}
+
 /// Installs the global tracing subscriber: log lines on stderr (JSON lines
 /// with the span fields when `json`), filtered by `RUST_LOG` (default
-/// [`DEFAULT_LOG_FILTER`]).
-pub fn init_tracing(json: bool) {
+/// [`DEFAULT_LOG_FILTER`]); with `otlp_endpoint`, spans are also exported
+/// there (OTLP over HTTP/protobuf, to `<endpoint>/v1/traces`).
+pub fn init_tracing(json: bool, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (otel, provider) = match otlp_endpoint {
+        Some(endpoint) => {
+            let provider = otlp_provider(endpoint)?;
+            let tracer = provider.tracer(SERVICE_NAME);
+            // Not the HTTP client's own spans: exporting them would make
+            // spans of every export.
+            let exported = tracing_subscriber::filter::filter_fn(|meta| {
+                !["hyper", "h2", "reqwest"]
+                    .iter()
+                    .any(|c| meta.target().starts_with(c))
+            });
+            (
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(exported),
+                ),
+                Some(provider),
+            )
+        }
+        None => (None, None),
+    };
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(json.then(|| json_layer(std::io::stderr)))
@@ -51,7 +100,9 @@ pub fn init_tracing(json: bool) {
                 .with_writer(std::io::stderr)
                 .with_ansi(ansi)
         }))
+        .with(otel)
         .try_init();
+    Ok(Telemetry { provider })
 }
 
 /// JSON lines to `writer`: the event's fields at the top level, the fields
@@ -68,6 +119,37 @@ where
         .with_current_span(true)
         .with_span_list(true)
         .with_writer(writer)
+}
+
+/// The OTLP trace endpoint for a collector at `endpoint`: the OTLP/HTTP
+/// path `/v1/traces` appended, unless it is there already.
+pub fn otlp_traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// A tracer provider exporting in batches to the collector at `endpoint`.
+fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let url = otlp_traces_url(endpoint);
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(url.clone())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .with_context(|| format!("cannot export spans to {url}"))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(SERVICE_NAME)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 tokio::task_local! {
@@ -372,5 +454,21 @@ mod tests {
         assert_eq!(inside["spans"][1]["name"], "create_batch", "{logged}");
         assert_eq!(lines[1]["span"]["request_id"], "abc-123", "{logged}");
         assert_eq!(lines[1]["span"]["status"], 201, "recorded later: {logged}");
+    }
+
+    #[test]
+    fn the_otlp_path_is_appended_once() {
+        assert_eq!(
+            otlp_traces_url("http://collector:4318"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("http://collector:4318/"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("https://c.example/otlp/v1/traces"),
+            "https://c.example/otlp/v1/traces"
+        );
     }
 }

@@ -356,9 +356,17 @@ fn bad_configuration_is_a_clear_error() {
         "APPPROXY_DATABASE_URL",
         "APPPROXY_DATA_DIR",
         "APPPROXY_MANAGER_TOKEN_FILE",
+        "APPPROXY_OTLP_ENDPOINT",
     ] {
         assert!(help.contains(var), "--help documents {var}");
     }
+    assert!(help.contains("--otlp-endpoint"), "{help}");
+    let out = Command::new(BIN)
+        .args(["config", "--otlp-endpoint", "collector:4318"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("otlp_endpoint must be an http://"));
 }
 
 #[test]
@@ -509,4 +517,78 @@ async fn json_log_lines_carry_the_request_id_of_their_request() {
             assert_ne!(requests[0]["request_id"], "trace-me-42", "{line}");
         }
     }
+}
+
+/// A collector stand-in: records the OTLP/HTTP export requests it gets.
+async fn otlp_collector() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(async move |headers: HeaderMap, body: Bytes| {
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            sink.lock().unwrap().push((content_type, body.to_vec()));
+            StatusCode::OK
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+#[tokio::test]
+async fn spans_are_exported_to_the_otlp_endpoint() {
+    let (collector, received) = otlp_collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--otlp-endpoint",
+            &collector,
+        ],
+        // Export every 100 ms rather than every 5 s: only makes the test quicker.
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        "http",
+    );
+    let r = common::http_client()
+        .get(format!("{}/readyz", c.url))
+        .header("X-Request-Id", "otlp-request-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let contains = |haystack: &[u8], needle: &str| {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    };
+    common::wait_for("the request's span exported", async || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, body)| contains(body, "otlp-request-7"))
+    })
+    .await;
+    let exports = received.lock().unwrap().clone();
+    let (content_type, body) = exports
+        .iter()
+        .find(|(_, body)| contains(body, "otlp-request-7"))
+        .unwrap();
+    assert_eq!(content_type, "application/x-protobuf");
+    for text in ["appproxy-coordinator", "GET /readyz", "request_id"] {
+        assert!(contains(body, text), "{text} not in the exported spans");
+    }
+    assert!(c.terminate(Duration::from_secs(10)).success());
 }
