@@ -102,6 +102,11 @@ pub struct Options {
     #[arg(long, global = true, env = "APPPROXY_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// OTLP/HTTP collector to export spans to, e.g. http://otel-collector:4318
+    /// (spans go to <url>/v1/traces, HTTP/protobuf) [default: off].
+    #[arg(long, global = true, env = "APPPROXY_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// Do not apply migrations at start (run `migrate` separately).
     #[arg(long, global = true, env = "APPPROXY_NO_MIGRATE")]
     #[serde(skip_serializing_if = "std::ops::Not::not", rename = "no_migrate")]
@@ -327,6 +332,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// Where spans are exported (OTLP over HTTP); `None`: nowhere.
+    #[serde(serialize_with = "redact_url")]
+    pub otlp_endpoint: Option<String>,
     pub no_migrate: bool,
     pub max_body_bytes: usize,
     pub max_connections: u32,
@@ -384,6 +392,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             no_migrate: false,
             max_body_bytes: 1024 * 1024,
             max_connections: 16,
@@ -459,10 +468,12 @@ impl Config {
             );
             figment = figment.merge(Toml::file(path));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .merge(Serialized::defaults(options))
             .extract()
             .context("invalid configuration")?;
+        // An empty value (a chart's unset `otlpEndpoint`) means off.
+        config.otlp_endpoint = config.otlp_endpoint.filter(|u| !u.trim().is_empty());
         config.check()?;
         Ok(config)
     }
@@ -480,6 +491,14 @@ impl Config {
             self.max_connections >= 1,
             "max_connections must be at least 1"
         );
+        if let Some(url) = &self.otlp_endpoint {
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "otlp_endpoint must be an http:// or https:// URL (an OTLP/HTTP collector, \
+                 e.g. http://otel-collector:4318), not {}",
+                redacted_url(url)
+            );
+        }
         Ok(())
     }
 
@@ -744,6 +763,26 @@ mod tests {
             vec!["--manager-token", "--worker-token"]
         );
         assert!(secrets_on_command_line(args(&["x", "--manager-token-file", "f"])).is_empty());
+    }
+
+    #[test]
+    fn an_empty_otlp_endpoint_is_off_and_a_bad_one_refused() {
+        let with = |url: &str| {
+            Config::load(&Options {
+                otlp_endpoint: Some(url.to_owned()),
+                ..Options::default()
+            })
+        };
+        assert_eq!(with("").unwrap().otlp_endpoint, None);
+        assert_eq!(
+            with("http://collector:4318")
+                .unwrap()
+                .otlp_endpoint
+                .as_deref(),
+            Some("http://collector:4318")
+        );
+        let err = format!("{:#}", with("collector:4318").unwrap_err());
+        assert!(err.contains("otlp_endpoint must be an http://"), "{err}");
     }
 
     #[test]

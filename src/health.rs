@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::clock::Clock;
@@ -116,20 +117,26 @@ pub async fn pass(
         .into_iter()
         .filter(|w| failover::is_due(w, now, config.failover_grace));
     for worker in due {
-        loop {
-            let moved = store
-                .relocate_routes(worker.id, config.batch_size, clock.now())
-                .await?;
-            if moved.is_empty() {
-                break;
-            }
-            let silent_for = (clock.now() - worker.last_heartbeat)
-                .to_std()
-                .unwrap_or_default();
-            for m in &moved {
-                record_move(metrics, m, &worker.name, Some(silent_for));
+        // One span for the worker's failover, one (in the store) per batch.
+        let span = tracing::info_span!("failover", worker = %worker.id, name = %worker.name);
+        async {
+            loop {
+                let moved = store
+                    .relocate_routes(worker.id, config.batch_size, clock.now())
+                    .await?;
+                if moved.is_empty() {
+                    return Ok::<_, StoreError>(());
+                }
+                let silent_for = (clock.now() - worker.last_heartbeat)
+                    .to_std()
+                    .unwrap_or_default();
+                for m in &moved {
+                    record_move(metrics, m, &worker.name, Some(silent_for));
+                }
             }
         }
+        .instrument(span)
+        .await?;
     }
     for m in store.place_pending(config.batch_size, clock.now()).await? {
         record_move(metrics, &m, "", None);

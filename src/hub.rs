@@ -351,8 +351,19 @@ async fn tail(inner: Arc<Inner>) {
             Ok(changes) if !changes.is_empty() => {
                 failing = false;
                 let full = changes.len() == inner.config.batch_size as usize;
+                let first = changes.first().map_or(cursor, |c| c.revision);
                 cursor = changes.last().map_or(cursor, |c| c.revision);
-                let _ = inner.batches.send(Arc::new(Batch { changes }));
+                let span = tracing::debug_span!(
+                    "fanout",
+                    first,
+                    last = cursor,
+                    changes = changes.len(),
+                    streams = inner.batches.receiver_count(),
+                );
+                span.in_scope(|| {
+                    let _ = inner.batches.send(Arc::new(Batch { changes }));
+                    tracing::debug!("changes handed to the streams");
+                });
                 if full {
                     continue;
                 }

@@ -20,7 +20,22 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    telemetry::init_tracing(config.log_format == LogFormat::Json);
+    let telemetry = match telemetry::init_tracing(
+        config.log_format == LogFormat::Json,
+        config.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(endpoint) = &config.otlp_endpoint {
+        tracing::info!(
+            endpoint = %config::redacted_url(endpoint),
+            "exporting spans over OTLP"
+        );
+    }
     for flag in config::secrets_on_command_line(std::env::args()) {
         tracing::warn!(
             flag,
@@ -37,6 +52,8 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Crdgen => unreachable!("handled before loading the configuration"),
     };
+    // Sends the spans still queued (blocking, so off the async workers).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

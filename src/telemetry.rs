@@ -1,7 +1,22 @@
-//! Logs (tracing, text or JSON) and Prometheus metrics.
+//! Logs (tracing, text or JSON), spans (optionally exported over OTLP) and
+//! Prometheus metrics.
+//!
+//! Every HTTP request runs in a `request` span carrying its method, route
+//! template, request id, status and latency (`api::trace`); the store's
+//! transactions, the create writer's batches, the hub's fan-out, failover
+//! batches and the mirror's writes have spans of their own. A JSON log line
+//! carries the fields of the span it was emitted in (`span`) and of every
+//! span around it (`spans`, outermost first), so a request's id is on every
+//! line it caused. Work a request hands to another task (the create writer)
+//! names the requests it serves in its own span ([`request_id`]).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,6 +24,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use chrono::{DateTime, Utc};
 
@@ -22,20 +41,130 @@ use crate::store::{Counts, Store};
 /// failed calls, once, at WARN (and repeats at DEBUG).
 pub const DEFAULT_LOG_FILTER: &str = "info,kube_client::client::builder=off";
 
-/// Installs the global tracing subscriber, logging JSON lines when `json`.
-/// `RUST_LOG` sets the filter (default [`DEFAULT_LOG_FILTER`]).
-pub fn init_tracing(json: bool) {
+/// The service name spans are exported under.
+pub const SERVICE_NAME: &str = "appproxy-coordinator";
+
+/// Keeps the OTLP exporter (if any) running; [`Telemetry::shutdown`] sends
+/// the spans still queued.
+#[must_use = "dropping it keeps queued spans from being exported at exit"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued and stops the exporter (at most a few
+    /// seconds: the exporter's own timeout bounds it). Blocking; call it
+    /// outside the async runtime's worker threads or via `spawn_blocking`.
+    pub fn shutdown(self) {
+        if let Some(Err(e)) = self.provider.map(|p| p.shutdown()) {
+            tracing::warn!(error = %e, "cannot export the last spans");
+        }
+    }
+}
+
+/// Installs the global tracing subscriber: log lines on stderr (JSON lines
+/// with the span fields when `json`), filtered by `RUST_LOG` (default
+/// [`DEFAULT_LOG_FILTER`]); with `otlp_endpoint`, spans are also exported
+/// there (OTLP over HTTP/protobuf, to `<endpoint>/v1/traces`).
+pub fn init_tracing(json: bool, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (otel, provider) = match otlp_endpoint {
+        Some(endpoint) => {
+            let provider = otlp_provider(endpoint)?;
+            let tracer = provider.tracer(SERVICE_NAME);
+            // Not the HTTP client's own spans: exporting them would make
+            // spans of every export.
+            let exported = tracing_subscriber::filter::filter_fn(|meta| {
+                !["hyper", "h2", "reqwest"]
+                    .iter()
+                    .any(|c| meta.target().starts_with(c))
+            });
+            (
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(exported),
+                ),
+                Some(provider),
+            )
+        }
+        None => (None, None),
     };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| json_layer(std::io::stderr)))
+        .with((!json).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+        }))
+        .with(otel)
+        .try_init();
+    Ok(Telemetry { provider })
+}
+
+/// JSON lines to `writer`: the event's fields at the top level, the fields
+/// of the span it was emitted in under `span`, and those of every span
+/// around it under `spans` (outermost first).
+pub fn json_layer<S, W>(writer: W) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_writer(writer)
+}
+
+/// The OTLP trace endpoint for a collector at `endpoint`: the OTLP/HTTP
+/// path `/v1/traces` appended, unless it is there already.
+pub fn otlp_traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_owned()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// A tracer provider exporting in batches to the collector at `endpoint`.
+fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    let url = otlp_traces_url(endpoint);
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(url.clone())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .with_context(|| format!("cannot export spans to {url}"))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(SERVICE_NAME)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+tokio::task_local! {
+    static REQUEST_ID: Arc<str>;
+}
+
+/// Runs `f` as the work of the request `id`: [`request_id`] answers it
+/// there.
+pub async fn with_request_id<F: Future>(id: Arc<str>, f: F) -> F::Output {
+    REQUEST_ID.scope(id, f).await
+}
+
+/// The id of the HTTP request the calling task is serving, if any.
+pub fn request_id() -> Option<Arc<str>> {
+    REQUEST_ID.try_with(Arc::clone).ok()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -290,5 +419,56 @@ mod tests {
         assert!(!logged.contains("failed with status"), "{logged}");
         assert!(logged.contains("cannot write"), "{logged}");
         assert!(!logged.contains("still failing"), "{logged}");
+    }
+
+    #[test]
+    fn json_lines_carry_the_fields_of_their_spans() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(json_layer(move || writer.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let request = tracing::info_span!(
+                "request",
+                request_id = "abc-123",
+                status = tracing::field::Empty
+            );
+            let _request = request.enter();
+            let batch = tracing::info_span!("create_batch", size = 2);
+            batch.in_scope(|| tracing::info!(revision = 7, "inside"));
+            request.record("status", 201);
+            tracing::info!("answered");
+        });
+        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = logged
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{logged}");
+        let inside = &lines[0];
+        assert_eq!(inside["message"], "inside", "{logged}");
+        assert_eq!(inside["revision"], 7, "event fields at the top: {logged}");
+        assert_eq!(inside["span"]["name"], "create_batch", "{logged}");
+        assert_eq!(inside["span"]["size"], 2, "{logged}");
+        assert_eq!(inside["spans"][0]["request_id"], "abc-123", "{logged}");
+        assert_eq!(inside["spans"][1]["name"], "create_batch", "{logged}");
+        assert_eq!(lines[1]["span"]["request_id"], "abc-123", "{logged}");
+        assert_eq!(lines[1]["span"]["status"], 201, "recorded later: {logged}");
+    }
+
+    #[test]
+    fn the_otlp_path_is_appended_once() {
+        assert_eq!(
+            otlp_traces_url("http://collector:4318"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("http://collector:4318/"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp_traces_url("https://c.example/otlp/v1/traces"),
+            "https://c.example/otlp/v1/traces"
+        );
     }
 }

@@ -1224,3 +1224,61 @@ async fn a_heartbeat_timeout_never_overwrites_a_concurrent_drain(b: Backend) {
         assert_eq!(worker.status, WorkerStatus::Draining, "round {round}");
     }
 }
+
+/// Every answer carries the request's id back: the client's own when it is
+/// a sane value (also when sent as Backend.AI's `X-BackendAI-RequestID`), a
+/// new UUID otherwise.
+#[tokio::test]
+async fn answers_carry_the_request_id() {
+    let app = TestApp::start(Backend::Sqlite).await;
+    let send = async |path: &str, headers: &[(&str, &str)]| {
+        let mut req = app.http.get(format!("{}{path}", app.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        let ids: Vec<String> = r
+            .headers()
+            .get_all("x-request-id")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), 1, "exactly one X-Request-Id on {path}: {ids:?}");
+        (r.status(), ids[0].clone())
+    };
+    let (status, id) = send("/livez", &[("X-Request-Id", "abc-123")]).await;
+    assert_eq!((status, id.as_str()), (StatusCode::OK, "abc-123"));
+    // Error answers too: an unknown path, a missing token.
+    let (status, id) = send("/nowhere", &[("X-Request-Id", "abc-124")]).await;
+    assert_eq!((status, id.as_str()), (StatusCode::NOT_FOUND, "abc-124"));
+    let (status, id) = send("/routes", &[("X-Request-Id", "abc-125")]).await;
+    assert_eq!((status, id.as_str()), (StatusCode::UNAUTHORIZED, "abc-125"));
+    let (_, id) = send("/livez", &[("X-BackendAI-RequestID", "bai-7")]).await;
+    assert_eq!(id, "bai-7");
+    let (_, id) = send(
+        "/livez",
+        &[("X-Request-Id", "own"), ("X-BackendAI-RequestID", "bai-8")],
+    )
+    .await;
+    assert_eq!(id, "own", "X-Request-Id wins over the alias");
+
+    // Without an id, or with one that is no sane value, a new UUID each time.
+    let (_, first) = send("/livez", &[]).await;
+    let (_, second) = send("/livez", &[]).await;
+    let too_long = "x".repeat(129);
+    for bad in ["two words", too_long.as_str()] {
+        let (status, id) = send("/livez", &[("X-Request-Id", bad)]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_ne!(id, bad);
+        id.parse::<Uuid>()
+            .unwrap_or_else(|e| panic!("{id} instead of {bad:?}: {e}"));
+    }
+    for id in [&first, &second] {
+        id.parse::<Uuid>()
+            .unwrap_or_else(|e| panic!("generated id {id}: {e}"));
+    }
+    assert_ne!(first, second);
+    let longest = "y".repeat(128);
+    let (_, id) = send("/livez", &[("X-Request-Id", longest.as_str())]).await;
+    assert_eq!(id, longest, "128 characters are taken");
+}

@@ -356,9 +356,17 @@ fn bad_configuration_is_a_clear_error() {
         "APPPROXY_DATABASE_URL",
         "APPPROXY_DATA_DIR",
         "APPPROXY_MANAGER_TOKEN_FILE",
+        "APPPROXY_OTLP_ENDPOINT",
     ] {
         assert!(help.contains(var), "--help documents {var}");
     }
+    assert!(help.contains("--otlp-endpoint"), "{help}");
+    let out = Command::new(BIN)
+        .args(["config", "--otlp-endpoint", "collector:4318"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("otlp_endpoint must be an http://"));
 }
 
 #[test]
@@ -410,4 +418,177 @@ fn weak_tokens_are_refused_and_tokens_on_the_command_line_warned_about() {
         "{err}"
     );
     assert!(!err.contains("manager-token-on-the-command-line"), "{err}");
+}
+
+/// The JSON log lines of `log` that were emitted inside a span of `request_id`
+/// (under `spans`, outermost first, as the JSON log writes them).
+fn lines_of_request(log: &str, request_id: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|line| {
+            line["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| s["request_id"] == request_id))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn json_log_lines_carry_the_request_id_of_their_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let c = Coordinator::start(
+        &["--data-dir", data.to_str().unwrap(), "--log-format", "json"],
+        &[("RUST_LOG", "debug")],
+        "http",
+    );
+    let (manager, bootstrap) = (read_token(&data, "manager"), read_token(&data, "worker"));
+    let (status, _) = post(
+        &format!("{}/workers/register", c.url),
+        &bootstrap,
+        worker_body("w"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let r = common::http_client()
+        .post(format!("{}/routes", c.url))
+        .bearer_auth(&manager)
+        .header("X-Request-Id", "trace-me-42")
+        .json(
+            &json!({"session_id": uuid::Uuid::new_v4(), "service": "jupyter",
+                      "targets": [{"host": "10.0.1.7", "port": 8888}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+
+    // The create is committed by the create writer, another task: its lines
+    // carry the request's id all the same. Lines reach the log a little
+    // after the answer; wait for the last one of the request.
+    common::wait_for("the request's last log line", async || {
+        lines_of_request(&c.log(), "trace-me-42")
+            .iter()
+            .any(|l| l["message"] == "request answered")
+    })
+    .await;
+    let log = c.log();
+    let lines = lines_of_request(&log, "trace-me-42");
+    let answered = lines
+        .iter()
+        .find(|l| l["message"] == "request answered")
+        .unwrap();
+    let request = &answered["span"];
+    assert_eq!(request["name"], "request", "{answered}");
+    assert_eq!(request["method"], "POST", "{answered}");
+    assert_eq!(request["route"], "/routes", "{answered}");
+    assert_eq!(request["status"], 201, "{answered}");
+    assert!(request["latency_ms"].is_number(), "{answered}");
+
+    let in_span = |line: &Value, name: &str| {
+        line["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == name))
+    };
+    let batch = lines
+        .iter()
+        .find(|l| l["message"] == "create batch done")
+        .unwrap_or_else(|| panic!("no line of the create batch carries the id:\n{log}"));
+    let batch_span = &batch["span"];
+    assert_eq!(batch_span["name"], "create_batch", "{batch}");
+    assert_eq!(batch_span["size"], 1, "{batch}");
+    assert_eq!(batch_span["request_ids"], "trace-me-42", "{batch}");
+    assert!(batch_span["first"].is_number(), "{batch}");
+    assert!(
+        lines.iter().any(|l| in_span(l, "write_commit")),
+        "the commit's lines carry the id:\n{log}"
+    );
+    // No line of another request does.
+    for line in log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        let requests: Vec<&Value> = line["spans"]
+            .as_array()
+            .map(|s| s.iter().filter(|s| s["name"] == "request").collect())
+            .unwrap_or_default();
+        if requests.iter().any(|s| s["route"] == "/workers/register") {
+            assert_ne!(requests[0]["request_id"], "trace-me-42", "{line}");
+        }
+    }
+}
+
+/// A collector stand-in: records the OTLP/HTTP export requests it gets.
+async fn otlp_collector() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(async move |headers: HeaderMap, body: Bytes| {
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            sink.lock().unwrap().push((content_type, body.to_vec()));
+            StatusCode::OK
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received)
+}
+
+#[tokio::test]
+async fn spans_are_exported_to_the_otlp_endpoint() {
+    let (collector, received) = otlp_collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--otlp-endpoint",
+            &collector,
+        ],
+        // Export every 100 ms rather than every 5 s: only makes the test quicker.
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+        "http",
+    );
+    let r = common::http_client()
+        .get(format!("{}/readyz", c.url))
+        .header("X-Request-Id", "otlp-request-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let contains = |haystack: &[u8], needle: &str| {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    };
+    common::wait_for("the request's span exported", async || {
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, body)| contains(body, "otlp-request-7"))
+    })
+    .await;
+    let exports = received.lock().unwrap().clone();
+    let (content_type, body) = exports
+        .iter()
+        .find(|(_, body)| contains(body, "otlp-request-7"))
+        .unwrap();
+    assert_eq!(content_type, "application/x-protobuf");
+    for text in ["appproxy-coordinator", "GET /readyz", "request_id"] {
+        assert!(contains(body, text), "{text} not in the exported spans");
+    }
+    assert!(c.terminate(Duration::from_secs(10)).success());
 }

@@ -7,6 +7,7 @@ mod body;
 pub mod error;
 pub mod openapi;
 mod routes;
+pub mod trace;
 mod watch;
 mod workers;
 
@@ -100,13 +101,13 @@ pub struct SessionPath {
 /// The whole API on one router, serving the document generated from it.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (router, document) = openapi::finish(endpoints);
-    router
+    let router = router
         .layer(Extension(Arc::new(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), record))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), record));
+    trace::traced(router).with_state(state)
 }
 
 /// Every endpoint, each with its handler and the documentation the handler's

@@ -609,6 +609,12 @@ struct Job {
 
 impl Job {
     /// The CR after the write, or `None` once deleted.
+    #[tracing::instrument(
+        level = "debug",
+        name = "mirror_write",
+        skip_all,
+        fields(cr = %self.action.name(), action = action_kind(&self.action))
+    )]
     async fn run(
         &self,
         api: &Api<AppProxyRoute>,
@@ -692,6 +698,16 @@ impl Job {
         Ok(Some(
             within(limit, api.patch_status(name, &params, &Patch::Apply(&body))).await??,
         ))
+    }
+}
+
+/// What a write does, for its span.
+fn action_kind(action: &Action) -> &'static str {
+    match action {
+        Action::Create(_) => "create",
+        Action::ApplySpec(_) => "apply_spec",
+        Action::ApplyStatus(_) => "apply_status",
+        Action::Delete(_) => "delete",
     }
 }
 

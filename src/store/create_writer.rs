@@ -4,9 +4,12 @@
 //! independent ones), while each request gets its own answer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+use tracing::field::Empty;
 use uuid::Uuid;
 
 use super::rows::{self, route_columns, worker_select};
@@ -26,6 +29,9 @@ pub(super) struct NewRoute {
     spec: RouteSpec,
     now: DateTime<Utc>,
     reply: oneshot::Sender<Result<Route>>,
+    /// The caller's span and request id, for the batch's span.
+    span: tracing::Span,
+    request_id: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for NewRoute {
@@ -83,6 +89,8 @@ impl Store {
             spec,
             now,
             reply,
+            span: tracing::Span::current(),
+            request_id: crate::telemetry::request_id(),
         };
         let Some(queue) = &self.creates else {
             return self.create_one(request).await;
@@ -113,40 +121,63 @@ impl Store {
         while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
             let requests: Vec<NewRoute> = std::mem::take(&mut batch);
             self.create_batches.observe(requests.len() as f64);
-            let answers = match self.create_routes(&requests, &mut cache).await {
-                Ok(answers) => answers,
-                Err(e) if e.is_unavailable() || requests.len() == 1 => {
-                    let message = e.to_string();
-                    let mut first = Some(e);
-                    requests
-                        .iter()
-                        .map(|_| {
-                            Err(first
-                                .take()
-                                .unwrap_or_else(|| StoreError::Unavailable(message.clone())))
-                        })
-                        .collect()
-                }
-                // Something in the batch broke the transaction: give each
-                // request its own, so one cannot fail the others.
-                Err(e) => {
-                    tracing::warn!(error = %e, size = requests.len(), "create batch failed; retrying its creates one by one");
-                    let mut answers = Vec::with_capacity(requests.len());
-                    for r in &requests {
-                        let one = self
-                            .create_routes(std::slice::from_ref(r), &mut cache)
-                            .await;
-                        answers.push(match one {
-                            Ok(mut one) => one.pop().unwrap_or(Err(StoreError::NotFound)),
-                            Err(e) => Err(e),
-                        });
-                    }
-                    answers
-                }
-            };
+            let span = batch_span(&requests);
+            let answers = self
+                .commit_batch(&requests, &mut cache)
+                .instrument(span.clone())
+                .await;
+            let revisions = answers.iter().filter_map(|a| a.as_ref().ok());
+            if let Some(first) = revisions.clone().map(|r| r.revision).min() {
+                span.record("first", first);
+            }
+            if let Some(last) = revisions.map(|r| r.revision).max() {
+                span.record("last", last);
+            }
+            span.in_scope(|| {
+                let created = answers.iter().filter(|a| a.is_ok()).count();
+                tracing::debug!(created, "create batch done");
+            });
             for (request, answer) in requests.into_iter().zip(answers) {
                 // The caller may have gone; the route exists all the same.
                 let _ = request.reply.send(answer);
+            }
+        }
+    }
+
+    /// Commits `requests` together; if something in them breaks the
+    /// transaction, each on its own. One answer per request, in order.
+    async fn commit_batch(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut UsedCache,
+    ) -> Vec<Result<Route>> {
+        match self.create_routes(requests, cache).await {
+            Ok(answers) => answers,
+            Err(e) if e.is_unavailable() || requests.len() == 1 => {
+                let message = e.to_string();
+                let mut first = Some(e);
+                requests
+                    .iter()
+                    .map(|_| {
+                        Err(first
+                            .take()
+                            .unwrap_or_else(|| StoreError::Unavailable(message.clone())))
+                    })
+                    .collect()
+            }
+            // Something in the batch broke the transaction: give each
+            // request its own, so one cannot fail the others.
+            Err(e) => {
+                tracing::warn!(error = %e, size = requests.len(), "create batch failed; retrying its creates one by one");
+                let mut answers = Vec::with_capacity(requests.len());
+                for r in requests {
+                    let one = self.create_routes(std::slice::from_ref(r), cache).await;
+                    answers.push(match one {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::NotFound)),
+                        Err(e) => Err(e),
+                    });
+                }
+                answers
             }
         }
     }
@@ -269,6 +300,31 @@ impl Store {
             workers: placer.into_used(),
         };
         Ok(answers)
+    }
+}
+
+/// The span of a batch: its size, the ids of the requests it serves, and the
+/// revisions it committed (`first..=last`, recorded after the commit). A
+/// batch of one is part of its request's trace; a larger one starts its own
+/// and follows from each request's span.
+fn batch_span(requests: &[NewRoute]) -> tracing::Span {
+    let ids: Vec<&str> = requests
+        .iter()
+        .filter_map(|r| r.request_id.as_deref())
+        .collect();
+    let ids = ids.join(",");
+    let size = requests.len();
+    match requests {
+        [one] => {
+            tracing::info_span!(parent: &one.span, "create_batch", size, request_ids = ids, first = Empty, last = Empty)
+        }
+        _ => {
+            let span = tracing::info_span!(parent: None, "create_batch", size, request_ids = ids, first = Empty, last = Empty);
+            for r in requests {
+                span.follows_from(&r.span);
+            }
+            span
+        }
     }
 }
 

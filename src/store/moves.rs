@@ -64,6 +64,11 @@ impl Store {
     /// Moves up to `limit` routes off worker `from` in one transaction: each
     /// gets a `delete` on `from`'s stream and an `upsert` on its new worker's,
     /// or becomes `Pending` (with the reason) if no worker can take it.
+    #[tracing::instrument(
+        name = "failover_batch",
+        skip_all,
+        fields(worker = %from, limit, moved = tracing::field::Empty, pending = tracing::field::Empty)
+    )]
     pub async fn relocate_routes(
         &self,
         from: Uuid,
@@ -136,11 +141,16 @@ impl Store {
             );
         }
         tx.commit().await?;
+        let pending = moved.iter().filter(|m| m.to.is_none()).count();
+        let span = tracing::Span::current();
+        span.record("moved", moved.len() - pending);
+        span.record("pending", pending);
         Ok(moved)
     }
 
     /// Places up to `limit` `Pending` routes on workers that can now take
     /// them, in one transaction. Routes that still fit nowhere keep waiting.
+    #[tracing::instrument(level = "debug", skip_all, fields(limit, placed = tracing::field::Empty))]
     pub async fn place_pending(&self, limit: u32, now: DateTime<Utc>) -> Result<Vec<Moved>> {
         let now = db_time(now);
         let mut tx = self.write().await?;
@@ -203,6 +213,7 @@ impl Store {
             }
         }
         tx.commit().await?;
+        tracing::Span::current().record("placed", placed.len());
         Ok(placed)
     }
 }

@@ -36,6 +36,7 @@ pub struct WriteTx<'s> {
 
 impl Store {
     /// Begins a write: waits for the revision lock.
+    #[tracing::instrument(level = "debug", name = "write_begin", skip_all, fields(head = tracing::field::Empty))]
     pub(crate) async fn write(&self) -> Result<WriteTx<'_>> {
         let gate = match self.db {
             Db::Sqlite(_) => Some(self.sqlite_writer.lock().await),
@@ -49,6 +50,7 @@ impl Store {
                 &[],
             )
             .await?;
+        tracing::Span::current().record("head", head);
         Ok(WriteTx {
             store: self,
             tx,
@@ -120,6 +122,14 @@ impl WriteTx<'_> {
     }
 
     /// Commits. Answers the last revision taken (the head if none was).
+    /// Its span names the revisions committed, `first..=last` (none when
+    /// `changes` is 0).
+    #[tracing::instrument(
+        level = "debug",
+        name = "write_commit",
+        skip_all,
+        fields(first = self.head + 1, last = self.last, changes = self.last - self.head)
+    )]
     pub async fn commit(mut self) -> Result<Revision> {
         let mut rows = std::mem::take(&mut self.log);
         while !rows.is_empty() {
