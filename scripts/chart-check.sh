@@ -716,6 +716,8 @@ def rejections():
         ("Backend.AI timeout without a unit (schema)",
          {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "ackTimeout": "15"}}, ["/backendai/ackTimeout"]),
         ("Backend.AI non-Redis URL (schema)", {"backendai": {"enabled": True, "redisUrl": "http://r:6379"}}, ["/backendai/redisUrl"]),
+        ("Backend.AI rediss:// URL, which the coordinator cannot open (schema)",
+         {"backendai": {"enabled": True, "redisUrl": "rediss://r:6379"}}, ["/backendai/redisUrl"]),
         ("Backend.AI unknown key (schema)", {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "apiKey": "x"}},
          ["additional properties", "apiKey"]),
         ("a Backend.AI secret in extraEnv (schema)",
@@ -1224,8 +1226,17 @@ def run_backendai_install():
                     "advertised_url": values["advertisedUrl"]}
         got = {k: effective.get(k) for k in expected}
         ensure(got == expected, f"the coordinator read {got}, not {expected}")
+        # values.schema.json refuses rediss:// because the coordinator cannot open it.
+        env = dict(pod.env, APPPROXY_REDIS_URL="rediss://127.0.0.1:6379/0", APPPROXY_BIND=f"127.0.0.1:{free_port()}")
+        try:
+            out = subprocess.run([COORDINATOR_BIN, *pod.args], env=env, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed("the coordinator serves with a rediss:// URL: allow rediss in backendai.redisUrl of values.schema.json")
+        ensure(out.returncode != 0 and "redis_url" in out.stderr + out.stdout,
+               f"rediss:// exited {out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}")
     return (f"probes 200 with the rendered secrets and {redis_url}; GET /status advertises {values['advertisedUrl']}; "
-            "the native API still answers; networks and timeouts read as rendered; secrets redacted")
+            "the native API still answers; networks and timeouts read as rendered; secrets redacted; "
+            "rediss://, which the schema refuses, is refused by the coordinator too")
 
 
 check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)
