@@ -71,8 +71,8 @@ database-url key of existingSecret), empty on the embedded SQLite file.
 {{/*
 Name of the Secret holding manager-token, worker-token, on PostgreSQL
 database-url, and with backendai.enabled backendai-api-secret,
-backendai-jwt-secret and redis-url. Also checks that the values make sense together, so a mistake
-fails the install with a message rather than a crash-looping pod. (The schema
+backendai-jwt-secret and redis-url. Also checks that the values make sense
+together, so a mistake fails the install with a message rather than a crash-looping pod. (The schema
 refuses replicaCount > 1 on SQLite too; this message is for installs that skip
 schema validation.)
 */}}
