@@ -19,15 +19,22 @@
 #     embedded SQLite on a PersistentVolumeClaim, generated tokens),
 #     ci/postgres-values.yaml (PostgreSQL, inline credentials) and
 #     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas),
-#     ci/tls-values.yaml (HTTPS with a kubernetes.io/tls Secret)
+#     ci/tls-values.yaml (HTTPS with a kubernetes.io/tls Secret),
+#     ci/backendai-values.yaml (the Backend.AI drop-in)
 #   - the no-values install: one replica, Recreate, the claim, the tokens
 #   - the TLS install: the Secret mounted, the coordinator's TLS flags set, the
 #     probes, Service, ServiceMonitor and NetworkPolicy on HTTPS
+#   - the Backend.AI install: its secrets and Redis URL in the Secret and
+#     read from it (never plain env values, nor in the ConfigMap), the other
+#     backendai values as plain env, the second Service port; nothing of it
+#     when backendai.enabled is false; the in-cluster advertised URL by default
 #   - generated tokens survive an upgrade: rendered against a stub API server
-#     that holds the Secret of the first install, so `lookup` finds it
+#     that holds the Secret of the first install, so `lookup` finds it; the
+#     same for the Backend.AI secrets, also across turning the mode off and on
 #   - ci/bad-values.yaml (replicaCount: "two") rejected by values.schema.json
 #   - other values the chart must reject with a clear message (among them
-#     replicaCount > 1 without a database)
+#     replicaCount > 1 without a database, and a Backend.AI install without
+#     redisUrl or with its secrets in extraEnv)
 #   - the Role grants exactly the expected resources and verbs
 #   - the Deployment keeps its production properties (security context,
 #     probes, grace period, env from the Secret, ...)
@@ -38,7 +45,10 @@
 #     the no-values pod answers its probes on its SQLite volume, authenticates
 #     with the generated tokens, stops cleanly on SIGTERM and finds its data
 #     again after a restart; the TLS pod answers its probes over HTTPS with the
-#     mounted certificate (a throwaway one made with openssl)
+#     mounted certificate (a throwaway one made with openssl); the Backend.AI
+#     pod (its Redis URL pointed at CHART_CHECK_REDIS_URL, default
+#     redis://127.0.0.1:6379/0) answers its probes and Backend.AI's GET /status
+#     with the advertised URL, and reads every backendai value as rendered
 #   - the Grafana dashboard (dashboards/appproxy-coordinator.json, shipped as a
 #     ConfigMap when dashboard.enabled) uses only metric names, and label names,
 #     that the coordinator exports: it is exercised through its API (a worker,
@@ -51,7 +61,8 @@
 # APPPROXY_COORDINATOR_BIN names one.
 #
 # Environment: CHART_CHECK_VENV (default .venv-chart), APPPROXY_COORDINATOR_BIN,
-# CARGO_TARGET_DIR (default target).
+# CARGO_TARGET_DIR (default target), CHART_CHECK_REDIS_URL (the Redis the
+# Backend.AI pod runs against; skipped when it does not answer).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -315,8 +326,9 @@ print(
 postgres = ["ci/postgres-values.yaml"]
 production = ["ci/production-values.yaml"]
 tls = ["ci/tls-values.yaml"]
+backendai = ["ci/backendai-values.yaml"]
 # label -> values files; "default" is the first install with no values at all.
-CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls}
+CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls, "backendai": backendai}
 rendered = {}  # label -> [(template path, document)]
 raw = {}       # label -> {template path: rendered text}
 
@@ -477,6 +489,48 @@ def tokens_survive_upgrades():
 check("generated tokens survive upgrades (lookup against a stub API server)", tokens_survive_upgrades)
 
 
+def backendai_secrets_survive_upgrades():
+    stub = StubAPIServer()
+    bai = {"backendai": {"enabled": True, "redisUrl": "redis://redis:6379/0"}}
+    keys = ("backendai-api-secret", "backendai-jwt-secret")
+    try:
+        with helm.Config(kube_apiserver=stub.url, kube_token="stub", namespace=NAMESPACE) as cfg, \
+                helm.Chart.load(CHART) as chart:
+            def release(values, **kind):
+                secret = one(documents(cfg.render(chart, values, name=RELEASE, namespace=NAMESPACE, **kind)), "Secret")
+                stub.secrets[secret["metadata"]["name"]] = secret  # what the API server holds afterwards
+                return secret_data(secret)
+
+            installed = release(bai, is_install=True)
+            ensure(all(installed.get(k) for k in keys), f"install rendered {sorted(installed)}")
+            upgraded = release(bai, is_upgrade=True)
+            ensure(upgraded == installed, "an upgrade changed the Backend.AI secrets")
+            off = release({}, is_upgrade=True)
+            ensure({k: off.get(k) for k in keys} == {k: installed[k] for k in keys},
+                   "turning Backend.AI mode off dropped its secrets from the Secret")
+            ensure("redis-url" not in off, "redis-url kept while Backend.AI mode is off")
+            on_again = release(bai, is_upgrade=True)
+            ensure(on_again == installed, "turning Backend.AI mode on again changed its secrets")
+            given = "rotated-jwt-secret-0123456789abcdef"
+            rotated = release(deep_merge(bai, {"backendai": {"jwtSecret": given}}), is_upgrade=True)
+            ensure(rotated["backendai-jwt-secret"] == given and rotated["backendai-api-secret"] == installed["backendai-api-secret"]
+                   and rotated["manager-token"] == installed["manager-token"],
+                   "setting backendai.jwtSecret did not replace just that secret")
+            stub.secrets.clear()
+            late = release({}, is_install=True)
+            ensure(not set(late) & set(keys), "Backend.AI secrets generated while the mode is off")
+            enabled_later = release(bai, is_upgrade=True)
+            ensure(all(enabled_later.get(k) for k in keys) and enabled_later["manager-token"] == late["manager-token"],
+                   "turning Backend.AI mode on in an upgrade did not generate its secrets next to the kept tokens")
+    finally:
+        stub.close()
+    return ("generated on install, read back by upgrades, carried over while the mode is off and used again when it is "
+            "back on, replaced one by one when set; an upgrade that turns the mode on generates them, keeping the tokens")
+
+
+check("generated Backend.AI secrets survive upgrades, also across turning the mode off and on", backendai_secrets_survive_upgrades)
+
+
 def bad_values():
     values = load_values("ci/bad-values.yaml")
     try:
@@ -535,6 +589,107 @@ def tls_install():
 check("TLS install: the Secret mounted, the TLS flags set, everything on HTTPS", tls_install)
 
 
+# The Backend.AI values: where each goes. The secrets are Secret keys read
+# through secretKeyRef; the rest plain environment variables.
+BACKENDAI_SECRET_ENV = {
+    "APPPROXY_BACKENDAI_API_SECRET": "backendai-api-secret",
+    "APPPROXY_BACKENDAI_JWT_SECRET": "backendai-jwt-secret",
+    "APPPROXY_REDIS_URL": "redis-url",
+}
+BACKENDAI_PLAIN_ENV = {"APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS", "APPPROXY_BACKENDAI_ACK_TIMEOUT",
+                       "APPPROXY_BACKENDAI_IDLE_TIMEOUT", "APPPROXY_ADVERTISED_URL"}
+BACKENDAI_ENV = set(BACKENDAI_SECRET_ENV) | BACKENDAI_PLAIN_ENV | {
+    "APPPROXY_BACKENDAI_API_SECRET_FILE", "APPPROXY_BACKENDAI_JWT_SECRET_FILE"}
+
+
+def no_secret_in_plain_text(label, docs, secrets):
+    """No secret value appears in a plain env value, in the pod spec, or in a
+    ConfigMap: only the Secret holds them."""
+    for doc in find(docs, "Deployment") + find(docs, "ConfigMap"):
+        text = json.dumps(doc)
+        for key, value in secrets.items():
+            ensure(value not in text, f"{label}: the value of {key} is in the {doc['kind']} {doc['metadata']['name']}")
+    for e in container_of(one(docs, "Deployment"))["env"]:
+        if e["name"] in BACKENDAI_SECRET_ENV:
+            ensure("value" not in e, f"{label}: {e['name']} is a plain value")
+
+
+def backendai_install():
+    docs = rendered.get("backendai")
+    ensure(docs is not None, "the Backend.AI render failed")
+    values = load_values(*backendai)["backendai"]
+    dep = one(docs, "Deployment")
+    env = {e["name"]: e for e in container_of(dep)["env"]}
+    secret = one(docs, "Secret")
+    data = secret_data(secret)
+    ensure(set(data) == {"manager-token", "worker-token", *BACKENDAI_SECRET_ENV.values()}, f"Secret keys {sorted(data)}")
+    for key in ("backendai-api-secret", "backendai-jwt-secret"):
+        ensure(len(data[key]) >= 32 and data[key].isalnum(), f"{key} is not a long random secret ({len(data[key])} characters)")
+    ensure(len({data["backendai-api-secret"], data["backendai-jwt-secret"], data["manager-token"], data["worker-token"]}) == 4,
+           "two of the generated secrets are equal")
+    ensure(data["redis-url"] == values["redisUrl"], "redis-url is not backendai.redisUrl")
+    for var, key in BACKENDAI_SECRET_ENV.items():
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        ensure(ref == {"name": FULLNAME, "key": key}, f"{var} from {ref}")
+    no_secret_in_plain_text("backendai", docs, {k: v for k, v in data.items()})
+    password = values["redisUrl"].split("://", 1)[1].split("@")[0].lstrip(":")
+    no_secret_in_plain_text("backendai", docs, {"the Redis password": password})
+    plain = {name: env.get(name, {}).get("value") for name in BACKENDAI_PLAIN_ENV}
+    expected = {
+        "APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS": ",".join(values["confAllowedNetworks"]),
+        "APPPROXY_BACKENDAI_ACK_TIMEOUT": values["ackTimeout"],
+        "APPPROXY_BACKENDAI_IDLE_TIMEOUT": values["idleTimeout"],
+        "APPPROXY_ADVERTISED_URL": values["advertisedUrl"],
+    }
+    ensure(plain == expected, f"plain env {plain}, expected {expected}")
+    ports = one(docs, "Service")["spec"]["ports"]
+    ensure(ports[0]["name"] == "http" and ports[0]["port"] == 6030, f"first Service port {ports[0]}")
+    ensure(ports[1:] == [{"name": "backendai", "port": values["servicePort"], "targetPort": "http", "protocol": "TCP",
+                          "appProtocol": "http"}], f"backendai Service port {ports[1:]}")
+    notes = raw["backendai"]["appproxy-coordinator/templates/NOTES.txt"]
+    ensure("Backend.AI mode" in notes and values["advertisedUrl"] in notes, "NOTES.txt says nothing of Backend.AI mode")
+    # Off by default: nothing of it anywhere.
+    for label in CONFIGURATIONS:
+        if label == "backendai":
+            continue
+        d = rendered.get(label)
+        ensure(d is not None, f"the {label} render failed")
+        names = {e["name"] for e in container_of(one(d, "Deployment"))["env"]}
+        ensure(not names & BACKENDAI_ENV, f"{label}: {sorted(names & BACKENDAI_ENV)} set without backendai.enabled")
+        ensure(len(one(d, "Service")["spec"]["ports"]) == 1, f"{label}: a second Service port without backendai.enabled")
+        for s in find(d, "Secret"):
+            ensure(not set(s.get("data", {})) & set(BACKENDAI_SECRET_ENV.values()), f"{label}: Backend.AI keys in the Secret")
+        ensure("Backend.AI mode" not in raw[label]["appproxy-coordinator/templates/NOTES.txt"], f"{label}: NOTES.txt speaks of Backend.AI")
+    # The least Backend.AI install: the Service's in-cluster URL advertised, no
+    # token-less networks (and NOTES.txt warns about both).
+    minimal = render({"backendai": {"enabled": True, "redisUrl": "redis://redis:6379"}})
+    mdocs = documents(minimal)
+    menv = {e["name"]: e for e in container_of(one(mdocs, "Deployment"))["env"]}
+    in_cluster = f"http://{FULLNAME}.{NAMESPACE}.svc:6030"
+    ensure(menv["APPPROXY_ADVERTISED_URL"].get("value") == in_cluster, f"default advertised URL {menv['APPPROXY_ADVERTISED_URL']}")
+    ensure("APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS" not in menv, "APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS set for an empty list")
+    ensure(menv["APPPROXY_BACKENDAI_ACK_TIMEOUT"].get("value") == "15s" and menv["APPPROXY_BACKENDAI_IDLE_TIMEOUT"].get("value") == "1h",
+           "default timeouts are not 15s and 1h")
+    ensure(len(one(mdocs, "Service")["spec"]["ports"]) == 1, "a second Service port without backendai.servicePort")
+    mnotes = minimal["appproxy-coordinator/templates/NOTES.txt"]
+    ensure("backendai.advertisedUrl" in mnotes and "confAllowedNetworks is empty" in mnotes,
+           "NOTES.txt does not warn about the in-cluster URL and the empty confAllowedNetworks")
+    # existingSecret: the same keys, read from the user's Secret.
+    existing = documents(render({"existingSecret": "creds", "backendai": {"enabled": True}}))
+    ensure(not find(existing, "Secret"), "a Secret rendered although existingSecret is set")
+    eenv = {e["name"]: e for e in container_of(one(existing, "Deployment"))["env"]}
+    for var, key in BACKENDAI_SECRET_ENV.items():
+        ref = eenv.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        ensure(ref == {"name": "creds", "key": key}, f"existingSecret: {var} from {ref}")
+    return ("backendai-api-secret, backendai-jwt-secret (generated, 48 characters, distinct) and redis-url in the Secret, "
+            "read by secretKeyRef; no secret (nor the Redis password) in env values, the pod spec or the ConfigMap; "
+            "networks, timeouts and advertised URL as plain env; Service port 10200 -> http; none of it when disabled; "
+            f"default advertised URL {in_cluster}; with existingSecret the same keys from the user's Secret")
+
+
+check("Backend.AI install: secrets in the Secret only, plain env for the rest, the upstream port", backendai_install)
+
+
 def rejections():
     base = load_values(*postgres)
     cases = [
@@ -552,6 +707,27 @@ def rejections():
          deep_merge(base, {"terminationGracePeriodSeconds": 20}), ["terminationGracePeriodSeconds"]),
         ("grace period <= preStop + shutdown",
          deep_merge(base, {"preStopSleepSeconds": 15}), ["terminationGracePeriodSeconds"]),
+        ("Backend.AI without redisUrl (schema)", {"backendai": {"enabled": True}}, ["/backendai/redisUrl", "minLength"]),
+        ("Backend.AI short apiSecret (schema)", {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "apiSecret": "short"}},
+         ["/backendai/apiSecret"]),
+        ("Backend.AI network without a prefix length (schema)",
+         {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "confAllowedNetworks": ["10.0.0.1"]}},
+         ["/backendai/confAllowedNetworks/0"]),
+        ("Backend.AI timeout without a unit (schema)",
+         {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "ackTimeout": "15"}}, ["/backendai/ackTimeout"]),
+        ("Backend.AI non-Redis URL (schema)", {"backendai": {"enabled": True, "redisUrl": "http://r:6379"}}, ["/backendai/redisUrl"]),
+        ("Backend.AI rediss:// URL, which the coordinator cannot open (schema)",
+         {"backendai": {"enabled": True, "redisUrl": "rediss://r:6379"}}, ["/backendai/redisUrl"]),
+        ("Backend.AI unknown key (schema)", {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "apiKey": "x"}},
+         ["additional properties", "apiKey"]),
+        ("a Backend.AI secret in extraEnv (schema)",
+         {"extraEnv": [{"name": "APPPROXY_BACKENDAI_API_SECRET", "value": "plain-text-secret-0123456789"}]}, ["/extraEnv/0/name"]),
+        ("the Redis URL in extraEnv (schema)",
+         {"extraEnv": [{"name": "APPPROXY_REDIS_URL", "value": "redis://:password@r:6379"}]}, ["/extraEnv/0/name"]),
+        ("existingSecret and backendai.redisUrl",
+         {"existingSecret": "creds", "backendai": {"enabled": True, "redisUrl": "redis://r:6379"}}, ["existingSecret is set", "redisUrl"]),
+        ("backendai.servicePort = service.port",
+         {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "servicePort": 6030}}, ["backendai.servicePort"]),
     ]
     for label, values, needles in cases:
         try:
@@ -568,7 +744,12 @@ def rejections():
             expect_rejected({"replicaCount": 2}, "set database.url (PostgreSQL) or existingSecret", chart_dir=copy)
         except CheckFailed as e:
             raise CheckFailed(f"replicaCount 2 without a database, schema skipped: {e}")
-    return f"{len(cases) + 1} cases: " + ", ".join(label for label, _, _ in cases) + ", the same without the schema"
+        try:
+            expect_rejected({"backendai": {"enabled": True}}, "backendai.enabled needs backendai.redisUrl", chart_dir=copy)
+        except CheckFailed as e:
+            raise CheckFailed(f"Backend.AI without redisUrl, schema skipped: {e}")
+    return (f"{len(cases) + 2} cases: " + ", ".join(label for label, _, _ in cases)
+            + "; replicaCount 2 and Backend.AI without redisUrl again without the schema")
 
 
 check("chart rejects invalid values with a clear message", rejections)
@@ -1001,8 +1182,66 @@ def run_tls_install():
     return "startup, liveness and readiness probes 200 over HTTPS with the mounted certificate (verified); plain HTTP refused"
 
 
+def redis_answers(url):
+    """Whether a Redis server answers at the host and port of `url`."""
+    import socket
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=3) as sock:
+            sock.sendall(b"PING\r\n")
+            reply = sock.recv(64)
+    except OSError:
+        return False
+    return reply.startswith((b"+PONG", b"-NOAUTH", b"-ERR"))
+
+
+def run_backendai_install():
+    ensure("backendai" in rendered, "the Backend.AI render failed")
+    redis_url = os.environ.get("CHART_CHECK_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if not redis_answers(redis_url):
+        return Skip(f"no Redis answers at {redis_url} (set CHART_CHECK_REDIS_URL)")
+    values = load_values(*backendai)["backendai"]
+    secret = {k: base64.b64decode(v) for k, v in one(rendered["backendai"], "Secret")["data"].items()}
+    secret["redis-url"] = redis_url.encode()  # the rendered one names the cluster's Redis
+    tokens = {k: v.decode() for k, v in secret.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        with Pod("backendai", tmp, secrets={FULLNAME: secret}) as pod:
+            status, text = pod.request("GET", "/status")
+            ensure(status == 200, f"GET /status answered {status}: {text[:200]}")
+            body = json.loads(text)
+            ensure(body.get("advertise_address") == values["advertisedUrl"],
+                   f"GET /status advertises {body.get('advertise_address')!r}, not backendai.advertisedUrl")
+            pod.call("GET", "/workers", tokens["manager-token"])
+            pod.stop()
+        # What the coordinator made of the pod's environment (secrets redacted).
+        args = ["config" if a == "serve" else a for a in pod.args]
+        out = subprocess.run([COORDINATOR_BIN, *args], env=pod.env, capture_output=True, text=True, timeout=60)
+        ensure(out.returncode == 0, f"{COORDINATOR_BIN} config: {out.stderr.strip() or out.stdout.strip()}")
+        for key in ("backendai-api-secret", "backendai-jwt-secret"):
+            ensure(tokens[key] not in out.stdout, f"`config` prints {key}")
+        effective = tomllib.loads(out.stdout)
+        expected = {"backendai_conf_allowed_networks": values["confAllowedNetworks"],
+                    "backendai_ack_timeout": values["ackTimeout"], "backendai_idle_timeout": values["idleTimeout"],
+                    "advertised_url": values["advertisedUrl"]}
+        got = {k: effective.get(k) for k in expected}
+        ensure(got == expected, f"the coordinator read {got}, not {expected}")
+        # values.schema.json refuses rediss:// because the coordinator cannot open it.
+        env = dict(pod.env, APPPROXY_REDIS_URL="rediss://127.0.0.1:6379/0", APPPROXY_BIND=f"127.0.0.1:{free_port()}")
+        try:
+            out = subprocess.run([COORDINATOR_BIN, *pod.args], env=env, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed("the coordinator serves with a rediss:// URL: allow rediss in backendai.redisUrl of values.schema.json")
+        ensure(out.returncode != 0 and "redis_url" in out.stderr + out.stdout,
+               f"rediss:// exited {out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}")
+    return (f"probes 200 with the rendered secrets and {redis_url}; GET /status advertises {values['advertisedUrl']}; "
+            "the native API still answers; networks and timeouts read as rendered; secrets redacted; "
+            "rediss://, which the schema refuses, is refused by the coordinator too")
+
+
 check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)
 check("the coordinator runs as the TLS pod: HTTPS probes", run_tls_install)
+check("the coordinator runs as the Backend.AI pod: GET /status, every backendai value read", run_backendai_install)
 
 
 # ---------------------------------------------------------------------------

@@ -69,9 +69,10 @@ database-url key of existingSecret), empty on the embedded SQLite file.
 {{- end }}
 
 {{/*
-Name of the Secret holding manager-token, worker-token and, on PostgreSQL,
-database-url. Also checks that the values make sense together, so a mistake
-fails the install with a message rather than a crash-looping pod. (The schema
+Name of the Secret holding manager-token, worker-token, on PostgreSQL
+database-url, and with backendai.enabled backendai-api-secret,
+backendai-jwt-secret and redis-url. Also checks that the values make sense
+together, so a mistake fails the install with a message rather than a crash-looping pod. (The schema
 refuses replicaCount > 1 on SQLite too; this message is for installs that skip
 schema validation.)
 */}}
@@ -82,6 +83,9 @@ schema validation.)
 {{- if .Values.existingSecret }}
 {{- if or .Values.database.url .Values.auth.managerToken .Values.auth.workerToken }}
 {{- fail "existingSecret is set: leave database.url, auth.managerToken and auth.workerToken empty (the Secret holds them)" }}
+{{- end }}
+{{- if or .Values.backendai.apiSecret .Values.backendai.jwtSecret .Values.backendai.redisUrl }}
+{{- fail "existingSecret is set: leave backendai.apiSecret, backendai.jwtSecret and backendai.redisUrl empty (the Secret holds them as backendai-api-secret, backendai-jwt-secret and redis-url)" }}
 {{- end }}
 {{- .Values.existingSecret }}
 {{- else }}
@@ -117,9 +121,52 @@ tokens the Secret holds, not a second random draw.
 {{- if eq (index $data "manager-token") (index $data "worker-token") }}
 {{- fail "auth.managerToken and auth.workerToken must differ: a worker must not be able to act as the Manager" }}
 {{- end }}
+{{- /* Backend.AI: the same rules for its two secrets; while backendai.enabled
+is false, secrets a former install stored are carried over untouched, so
+turning the mode off and on again does not change them behind the Manager's
+and the workers' backs. */}}
+{{- range $key, $value := dict "backendai-api-secret" .Values.backendai.apiSecret "backendai-jwt-secret" .Values.backendai.jwtSecret }}
+{{- if and $.Values.backendai.enabled $value }}
+{{- $_ := set $data $key (b64enc $value) }}
+{{- else if index $stored $key }}
+{{- $_ := set $data $key (index $stored $key) }}
+{{- else if $.Values.backendai.enabled }}
+{{- $_ := set $data $key (randAlphaNum 48 | b64enc) }}
+{{- end }}
+{{- end }}
+{{- if .Values.backendai.enabled }}
+{{- $_ := set $data "redis-url" (b64enc .Values.backendai.redisUrl) }}
+{{- end }}
 {{- $_ := set . "appproxyCoordinatorSecretData" (toYaml $data) }}
 {{- end }}
 {{- index . "appproxyCoordinatorSecretData" }}
+{{- end }}
+
+{{/*
+Checks the backendai values that the schema cannot (and, for installs that
+skip schema validation, those it can), in a sentence.
+*/}}
+{{- define "appproxy-coordinator.checkBackendai" -}}
+{{- if .Values.backendai.enabled }}
+{{- if not (or .Values.backendai.redisUrl .Values.existingSecret) }}
+{{- fail "backendai.enabled needs backendai.redisUrl (redis://host:6379): the Backend.AI workers learn their circuits over Redis; or put it in existingSecret as redis-url" }}
+{{- end }}
+{{- if and .Values.backendai.servicePort (eq (int .Values.backendai.servicePort) (int .Values.service.port)) }}
+{{- fail (printf "backendai.servicePort (%d) is service.port already: leave it empty, or pick another port (e.g. 10200)" (int .Values.backendai.servicePort)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the coordinator reports as its own URL in Backend.AI's GET /status:
+backendai.advertisedUrl, else the in-cluster URL of the Service.
+*/}}
+{{- define "appproxy-coordinator.backendaiAdvertisedUrl" -}}
+{{- if .Values.backendai.advertisedUrl }}
+{{- .Values.backendai.advertisedUrl | trimSuffix "/" }}
+{{- else }}
+{{- printf "%s://%s.%s.svc:%d" (include "appproxy-coordinator.portName" .) (include "appproxy-coordinator.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
 {{- end }}
 
 {{/*
