@@ -5,7 +5,9 @@
 //! a worker `Lost` for longer than the grace period has its routes re-placed
 //! (by the same placement rules as new routes, in batches, one transaction
 //! each); routes that fit nowhere wait as `Pending` and are placed as soon as
-//! a worker can take them.
+//! a worker can take them. A Backend.AI circuit whose URL would change stays
+//! on its lost worker instead (`domain::failover` decides; reported once per
+//! route, and handed back when a worker keeps its URL).
 //!
 //! The time of day comes from a [`Clock`]: every timeout, grace and TTL is
 //! measured against it.
@@ -110,6 +112,7 @@ pub async fn pass(
     {
         observe(store, worker, Observation::HeartbeatTimeout, clock.now()).await?;
     }
+    release_stranded(store).await?;
     let now = clock.now();
     let due = store
         .lost_workers_with_routes()
@@ -159,7 +162,37 @@ pub async fn pass(
     Ok(())
 }
 
+/// Hands stranded circuits back to failover once a ready worker would serve
+/// them at the same URL (say a new wildcard worker of the same domain). Reads
+/// nothing more than the stranded circuits and the workers, and only while
+/// there are any: a stranded circuit costs no placement per pass.
+async fn release_stranded(store: &Store) -> Result<(), StoreError> {
+    let stranded = store.stranded_routes().await?;
+    if stranded.is_empty() {
+        return Ok(());
+    }
+    let workers = store.list_workers().await?;
+    let movable: Vec<Uuid> = stranded
+        .iter()
+        .filter(|s| failover::stranded(&s.route, &s.worker, &workers).is_none())
+        .map(|s| s.route.id)
+        .collect();
+    store.unmark_stranded(&movable).await
+}
+
 fn record_move(metrics: &Metrics, m: &Moved, from_name: &str, silent_for: Option<Duration>) {
+    if m.stranded {
+        // Once per route: a stranded circuit is not selected again while its
+        // worker stays lost.
+        tracing::warn!(route = %m.route_id, from = ?m.from, worker = from_name, reason = m.reason.as_deref().unwrap_or(""), "Backend.AI circuit stays on its lost worker: a move would change its URL");
+        metrics
+            .failovers
+            .get_or_create(&OutcomeLabels {
+                outcome: "stranded",
+            })
+            .inc();
+        return;
+    }
     match (m.from, m.to) {
         (Some(from), Some(to)) => {
             tracing::info!(route = %m.route_id, %from, worker = from_name, %to, "route failed over");

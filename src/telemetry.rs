@@ -249,6 +249,7 @@ pub struct Metrics {
     pub failovers: Family<OutcomeLabels, Counter>,
     pub failover_seconds: Histogram,
     pub expired: Counter,
+    pub stranded: Gauge,
 }
 
 impl Metrics {
@@ -314,7 +315,8 @@ impl Metrics {
         let failovers = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "failover_routes",
-            "Routes moved off lost or removed workers (moved), left pending, or placed from pending",
+            "Routes moved off lost or removed workers (moved), left pending, placed from pending, \
+             or kept on a lost worker because a move would change a Backend.AI URL (stranded)",
             failovers.clone(),
         );
         let failover_seconds =
@@ -330,7 +332,14 @@ impl Metrics {
             "Routes collected after expires_at",
             expired.clone(),
         );
+        let stranded = Gauge::default();
+        registry.register(
+            "stranded_routes",
+            "Backend.AI circuits staying on their lost worker because a move would change their URL",
+            stranded.clone(),
+        );
         Arc::new(Metrics {
+            stranded,
             failovers,
             failover_seconds,
             expired,
@@ -360,6 +369,7 @@ impl Metrics {
                 .get_or_create(&StatusLabels { status: s.into() })
                 .set(n);
         }
+        self.stranded.set(counts.stranded);
     }
 
     /// Counts an event sent on a stream; `committed` times live changes.

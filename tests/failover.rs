@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use appproxy_coordinator::backendai::circuit::{WorkerRequest, endpoint_url};
 use appproxy_coordinator::client::{RoutingTable, WorkerClient};
-use appproxy_coordinator::domain::WorkerRegistration;
+use appproxy_coordinator::domain::health::Observation;
+use appproxy_coordinator::domain::{Route, RouteStatus, WorkerRegistration};
 use appproxy_coordinator::health::HealthConfig;
 use common::{BOOTSTRAP, Backend, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
@@ -26,6 +28,8 @@ on_both_backends!(
     a_returning_worker_gets_only_what_is_still_its_own,
     expired_routes_are_collected_as_deletes,
     idle_routes_are_collected_unless_re_sent,
+    a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_when_it_returns,
+    a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_stays,
 );
 
 // Times on the app's manual clock, which only the tests move: the real time
@@ -125,6 +129,10 @@ impl SimWorker {
         self.alive.store(true, Ordering::SeqCst);
     }
 
+    fn named(&self) -> (String, Uuid) {
+        (self.name.clone(), self.id())
+    }
+
     fn routes(&self) -> BTreeMap<Uuid, Option<u16>> {
         self.table
             .lock()
@@ -145,14 +153,20 @@ impl SimWorker {
 /// has heartbeated at the new time. So a live worker is never silent for
 /// longer than half the timeout on the clock, however slow the machine.
 async fn advance(app: &TestApp, by: Duration, alive: &[&SimWorker]) {
+    let alive: Vec<(String, Uuid)> = alive.iter().map(|w| (w.name.clone(), w.id())).collect();
+    advance_keeping(app, by, &alive).await;
+}
+
+/// [`advance`] for workers known by name and id.
+async fn advance_keeping(app: &TestApp, by: Duration, alive: &[(String, Uuid)]) {
     let mut left = by;
     while !left.is_zero() {
         let step = left.min(TIMEOUT / 2);
         left -= step;
         let now = app.clock.advance(step);
-        for w in alive {
-            wait_for(&format!("{} heartbeats at {now}", w.name), async || {
-                app.store.get_worker(w.id()).await.unwrap().last_heartbeat >= now
+        for (name, id) in alive {
+            wait_for(&format!("{name} heartbeats at {now}"), async || {
+                app.store.get_worker(*id).await.unwrap().last_heartbeat >= now
             })
             .await;
         }
@@ -688,4 +702,291 @@ async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
         async || !w.routes().contains_key(&kept_id),
     )
     .await;
+}
+
+/// A Backend.AI worker: registered as `PUT /api/worker` registers it (with
+/// `backendai` set), heartbeating through the store as its `PATCH` does, and
+/// acknowledging every revision (it learns its circuits over Redis, which
+/// these tests leave out).
+struct BaiWorker {
+    name: String,
+    id: Uuid,
+    alive: Arc<AtomicBool>,
+    beating: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl BaiWorker {
+    async fn start(
+        app: &TestApp,
+        name: &str,
+        hostname: &str,
+        frontend: serde_json::Value,
+    ) -> BaiWorker {
+        let mut request = json!({
+            "authority": name, "protocol": "http", "hostname": hostname,
+            "tls_listen": false, "tls_advertised": false, "api_port": 10201,
+            "filtered_apps_only": false, "traefik_last_used_marker_path": null,
+            "accepted_traffics": ["interactive", "inference"], "app_filters": []
+        });
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(frontend.as_object().unwrap().clone());
+        let request: WorkerRequest = serde_json::from_value(request).unwrap();
+        let registration = request.to_registration(1).unwrap();
+        assert!(registration.backendai.is_some());
+        let registered = app
+            .store
+            .register_worker(registration, None, app.clock.now(), |_| [7; 32])
+            .await
+            .unwrap();
+        let id = registered.worker.id;
+        let alive = Arc::new(AtomicBool::new(true));
+        let beating = Arc::new(tokio::sync::Mutex::new(()));
+        let (store, clock, a, b) = (
+            app.store.clone(),
+            app.clock.clone(),
+            alive.clone(),
+            beating.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                {
+                    let _beat = b.lock().await;
+                    if a.load(Ordering::SeqCst) {
+                        let now = clock.now();
+                        let acked = store.current_revision().await.unwrap();
+                        if store.heartbeat(id, acked, now).await.is_ok() {
+                            let _ = appproxy_coordinator::health::observe(
+                                &store,
+                                id,
+                                Observation::Heartbeat,
+                                now,
+                            )
+                            .await;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        BaiWorker {
+            name: name.to_owned(),
+            id,
+            alive,
+            beating,
+        }
+    }
+
+    fn named(&self) -> (String, Uuid) {
+        (self.name.clone(), self.id)
+    }
+
+    async fn silence(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        drop(self.beating.lock().await);
+    }
+
+    fn revive(&self) {
+        self.alive.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A Backend.AI circuit created through the native API, pinned to `worker`.
+async fn create_circuit(app: &TestApp, worker: Uuid, subdomain: Option<&str>) -> Uuid {
+    let mut body = json!({
+        "app_mode": "inference", "endpoint_id": Uuid::new_v4(), "service": "llm",
+        "targets": [], "worker_id": worker,
+        "circuit": {"user_id": Uuid::new_v4(), "runtime_variant": "vllm"}
+    });
+    if let Some(s) = subdomain {
+        body["frontend"] = json!({"subdomain": s});
+    }
+    let r = app.create(body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    r.body["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// The route as served, and the URL the Backend.AI Manager stored for it.
+async fn circuit_url(app: &TestApp, id: Uuid) -> (Route, Option<String>) {
+    let r = app
+        .manager(Method::GET, &format!("/routes/{id}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let route: Route = serde_json::from_value(r.body).unwrap();
+    let worker = app
+        .store
+        .get_worker(route.worker_id.unwrap())
+        .await
+        .unwrap();
+    let url = endpoint_url(&route, &worker);
+    (route, url)
+}
+
+/// Silences `victim` and moves the clock past the heartbeat timeout and the
+/// failover grace, keeping `alive` heartbeating; answers once a pass has run.
+async fn lose(app: &TestApp, victim: &BaiWorker, alive: &[(String, Uuid)]) {
+    victim.silence().await;
+    advance_keeping(app, TIMEOUT + TICK, alive).await;
+    wait_for(&format!("{} is Lost", victim.name), async || {
+        worker_status(app, victim.id).await == "Lost"
+    })
+    .await;
+    advance_keeping(app, GRACE + TICK, alive).await;
+    app.health_pass().await;
+}
+
+async fn metrics_text(app: &TestApp) -> String {
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
+    metrics.as_str().unwrap().to_owned()
+}
+
+async fn a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_when_it_returns(
+    b: Backend,
+) {
+    let app = TestApp::start_with_health(b, health()).await;
+    let bai = BaiWorker::start(
+        &app,
+        "bai-a",
+        "proxy-a.example",
+        json!({"frontend_mode": "port", "port_range": [20000, 20100]}),
+    )
+    .await;
+    let native_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
+    let circuit = create_circuit(&app, bai.id, None).await;
+    let native = create_on(&app, bai.id).await;
+    let (before, url) = circuit_url(&app, circuit).await;
+    assert_eq!(url.as_deref(), Some("http://proxy-a.example:20000/"));
+
+    lose(&app, &bai, &[native_worker.named()]).await;
+    // The native route moves as before; the circuit stays, with its URL.
+    wait_for("the native route moves to b", async || {
+        native_worker.routes().contains_key(&native)
+    })
+    .await;
+    assert_eq!(routes_on(&app, bai.id).await, HashSet::from([circuit]));
+    let (during, url_during) = circuit_url(&app, circuit).await;
+    assert_eq!(url_during, url);
+    assert_eq!(during.status, RouteStatus::FailingOver);
+    assert_eq!(during.revision, before.revision, "staying is no change");
+
+    // Reported: the store query, the log counter once, the gauge.
+    let stranded = app.store.stranded_routes().await.unwrap();
+    assert_eq!(stranded.len(), 1);
+    assert_eq!(
+        (stranded[0].route.id, stranded[0].worker.id),
+        (circuit, bai.id)
+    );
+    assert!(
+        stranded[0].reason.contains("http://proxy-a.example:20000")
+            && stranded[0].reason.contains("worker bai-a is lost"),
+        "{}",
+        stranded[0].reason
+    );
+    // More passes try nothing again: the worker holds only a stranded circuit.
+    for _ in 0..3 {
+        advance_keeping(&app, TICK, &[native_worker.named()]).await;
+        app.health_pass().await;
+    }
+    assert!(
+        app.store
+            .lost_workers_with_routes()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let text = metrics_text(&app).await;
+    assert!(
+        text.contains("appproxy_failover_routes_total{outcome=\"stranded\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("appproxy_failover_routes_total{outcome=\"moved\"} 1\n"),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "appproxy_stranded_routes"), 1.0);
+
+    // The worker comes back: the circuit is served again, at the same URL.
+    bai.revive();
+    wait_for("bai-a is Ready again", async || {
+        worker_status(&app, bai.id).await == "Ready"
+    })
+    .await;
+    wait_for("the circuit is Active again", async || {
+        route_status(&app, circuit).await == "Active"
+    })
+    .await;
+    let (after, url_after) = circuit_url(&app, circuit).await;
+    assert_eq!(url_after, url);
+    assert_eq!(after.worker_id, Some(bai.id));
+    assert!(app.store.stranded_routes().await.unwrap().is_empty());
+    assert_eq!(
+        metric(&metrics_text(&app).await, "appproxy_stranded_routes"),
+        0.0
+    );
+
+    // Lost once more, it is reported once more.
+    lose(&app, &bai, &[native_worker.named()]).await;
+    wait_for("stranded again", async || {
+        app.store.stranded_routes().await.unwrap().len() == 1
+    })
+    .await;
+    assert!(
+        metrics_text(&app)
+            .await
+            .contains("appproxy_failover_routes_total{outcome=\"stranded\"} 2\n")
+    );
+    assert_eq!(routes_on(&app, bai.id).await, HashSet::from([circuit]));
+}
+
+async fn a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_stays(b: Backend) {
+    let app = TestApp::start_with_health(b, health()).await;
+    let wildcard = |domain: &str| {
+        json!({"frontend_mode": "wildcard", "wildcard_domain": format!(".{domain}"),
+               "wildcard_traffic_port": 80})
+    };
+    let w1 = BaiWorker::start(&app, "w1", "w1.example", wildcard("apps.example")).await;
+    let w2 = BaiWorker::start(&app, "w2", "w2.example", wildcard("apps.example")).await;
+    let w3 = BaiWorker::start(&app, "w3", "w3.example", wildcard("other.example")).await;
+    let circuit = create_circuit(&app, w1.id, Some("llm")).await;
+    let (before, url) = circuit_url(&app, circuit).await;
+    assert_eq!(url.as_deref(), Some("http://llm.apps.example/"));
+    assert_eq!(before.frontend.subdomain.as_deref(), Some("llm"));
+
+    // w1 is lost: the circuit moves to w2 (same domain), never to w3.
+    lose(&app, &w1, &[w2.named(), w3.named()]).await;
+    wait_for("the circuit moves to w2", async || {
+        routes_on(&app, w2.id).await.contains(&circuit)
+    })
+    .await;
+    let (moved, url_moved) = circuit_url(&app, circuit).await;
+    assert_eq!(moved.worker_id, Some(w2.id));
+    assert_eq!(moved.frontend.subdomain.as_deref(), Some("llm"));
+    assert_eq!(url_moved, url);
+    assert!(routes_on(&app, w3.id).await.is_empty());
+    assert!(app.store.stranded_routes().await.unwrap().is_empty());
+
+    // w2 is lost too, and only another domain is left: it stays on w2.
+    lose(&app, &w2, &[w3.named()]).await;
+    wait_for("the circuit is stranded on w2", async || {
+        app.store.stranded_routes().await.unwrap().len() == 1
+    })
+    .await;
+    assert_eq!(routes_on(&app, w2.id).await, HashSet::from([circuit]));
+    assert!(routes_on(&app, w3.id).await.is_empty());
+    let (stays, url_stays) = circuit_url(&app, circuit).await;
+    assert_eq!(url_stays, url);
+    assert_eq!(stays.status, RouteStatus::FailingOver);
+
+    // A new worker of the same domain appears: the circuit moves there, same URL.
+    let w4 = BaiWorker::start(&app, "w4", "w4.example", wildcard("apps.example")).await;
+    wait_for("the circuit moves to w4", async || {
+        routes_on(&app, w4.id).await.contains(&circuit)
+    })
+    .await;
+    let (rescued, url_rescued) = circuit_url(&app, circuit).await;
+    assert_eq!(rescued.frontend.subdomain.as_deref(), Some("llm"));
+    assert_eq!(url_rescued, url);
+    assert!(app.store.stranded_routes().await.unwrap().is_empty());
+    assert!(routes_on(&app, w3.id).await.is_empty());
 }

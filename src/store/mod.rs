@@ -160,6 +160,21 @@ pub struct Moved {
     pub from: Option<Uuid>,
     pub to: Option<Uuid>,
     pub reason: Option<String>,
+    /// A Backend.AI circuit that stays on its lost worker (`to` is `None`,
+    /// `reason` says why): a move would change its URL.
+    pub stranded: bool,
+}
+
+/// A Backend.AI circuit that stays on its `Lost` worker because a move would
+/// change the URL its Manager keeps ([`Store::stranded_routes`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StrandedRoute {
+    /// The route as served, on its lost worker (`status` is `FailingOver`).
+    pub route: Route,
+    /// Its worker, `Lost`.
+    pub worker: Worker,
+    /// Why it stays, in a sentence.
+    pub reason: String,
 }
 
 /// What `DELETE /workers/{id}` did with the worker's routes.
@@ -184,6 +199,8 @@ pub struct Removal {
 pub struct Counts {
     pub routes: HashMap<RouteStatus, i64>,
     pub workers: HashMap<WorkerStatus, i64>,
+    /// Backend.AI circuits stranded on a lost worker ([`Store::stranded_routes`]).
+    pub stranded: i64,
 }
 
 impl Store {

@@ -9,12 +9,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::rows::{self, route_columns, worker_select};
-use super::sql::Arg;
-use super::{Moved, Removal, Result, Store, StoreError, db_time};
-use crate::domain::WorkerStatus;
+use super::sql::{Arg, Conn};
+use super::{Moved, Removal, Result, Store, StoreError, StrandedRoute, db_time, sql};
 use crate::domain::events::ChangeKind;
-use crate::domain::failover::relocation_spec;
+use crate::domain::failover::{self, Fallback, relocation_spec};
 use crate::domain::placer::Placer;
+use crate::domain::{Worker, WorkerStatus};
 
 impl Store {
     /// Removes a worker: marks it `Draining` (it takes no new routes), moves its
@@ -63,11 +63,15 @@ impl Store {
 
     /// Moves up to `limit` routes off worker `from` in one transaction: each
     /// gets a `delete` on `from`'s stream and an `upsert` on its new worker's,
-    /// or becomes `Pending` (with the reason) if no worker can take it.
+    /// or becomes `Pending` (with the reason) if no worker can take it. Where a
+    /// route may go is [`crate::domain::failover::relocation`]'s decision: a
+    /// Backend.AI circuit whose URL would change stays on a `Lost` worker,
+    /// marked stranded (no revision, no event; answered with `stranded`), and
+    /// is not selected again while it is marked.
     #[tracing::instrument(
         name = "failover_batch",
         skip_all,
-        fields(worker = %from, limit, moved = tracing::field::Empty, pending = tracing::field::Empty)
+        fields(worker = %from, limit, moved = tracing::field::Empty, pending = tracing::field::Empty, stranded = tracing::field::Empty)
     )]
     pub async fn relocate_routes(
         &self,
@@ -77,16 +81,24 @@ impl Store {
     ) -> Result<Vec<Moved>> {
         let now = db_time(now);
         let mut tx = self.write().await?;
-        let routes = rows::routes(
-            &mut tx.conn(),
+        let Some(from_worker) = rows::worker(&mut tx.conn(), from).await? else {
+            return Ok(Vec::new());
+        };
+        let sql = if from_worker.status == WorkerStatus::Lost {
+            concat!(
+                "SELECT ",
+                route_columns!(),
+                " FROM routes WHERE worker_id = $1 AND stranded_reason IS NULL ORDER BY id LIMIT $2"
+            )
+        } else {
             concat!(
                 "SELECT ",
                 route_columns!(),
                 " FROM routes WHERE worker_id = $1 ORDER BY id LIMIT $2"
-            ),
-            &[from.into(), i64::from(limit).into()],
-        )
-        .await?;
+            )
+        };
+        let routes =
+            rows::routes(&mut tx.conn(), sql, &[from.into(), i64::from(limit).into()]).await?;
         if routes.is_empty() {
             return Ok(Vec::new());
         }
@@ -99,17 +111,57 @@ impl Store {
         let mut placer = Placer::new(others, HashMap::new());
         let mut moved = Vec::with_capacity(routes.len());
         for mut r in routes {
+            let relocation = failover::relocation(&r, &from_worker, placer.workers());
+            let mut kept = None;
+            for pinned in &relocation.same_url {
+                let to = pinned.worker_id.expect("pinned to a worker");
+                let used = rows::used(&mut tx.conn(), to).await?;
+                if !failover::frontend_free(pinned, &used) {
+                    continue;
+                }
+                placer.know_used(to, used);
+                if let Ok(placed) = rows::place(&mut tx.conn(), &mut placer, pinned).await?
+                    && failover::is_exact(pinned, &placed.1)
+                {
+                    kept = Some(placed);
+                    break;
+                }
+            }
+            let spec = match (kept.is_some(), relocation.otherwise) {
+                (true, _) => None,
+                (false, Fallback::Replace(spec)) => Some(*spec),
+                (false, Fallback::Stay(why)) => {
+                    tx.conn()
+                        .execute(
+                            "UPDATE routes SET stranded_reason = $2 WHERE id = $1",
+                            &[r.id.into(), why.message.as_str().into()],
+                        )
+                        .await?;
+                    moved.push(Moved {
+                        route_id: r.id,
+                        from: Some(from),
+                        to: None,
+                        reason: Some(why.message),
+                        stranded: true,
+                    });
+                    continue;
+                }
+            };
             let rev = tx.log_route_deleted(r.id, Some(from), now);
             // Free the old frontend before taking a new one.
-            let preferred = r.subdomain.take();
+            r.subdomain = None;
             r.worker_id = None;
             r.port = None;
             r.revision = rev;
             r.updated_at = now;
             rows::update_route(&mut tx.conn(), &r).await?;
             r.revision = tx.next_revision();
-            let spec = relocation_spec(&r.spec, preferred.as_deref());
-            let target = match rows::place(&mut tx.conn(), &mut placer, &spec).await? {
+            let placed = match (kept, spec) {
+                (Some(placed), _) => Ok(placed),
+                (None, Some(spec)) => rows::place(&mut tx.conn(), &mut placer, &spec).await?,
+                (None, None) => unreachable!("a route is kept, re-placed or stays"),
+            };
+            let target = match placed {
                 Ok((worker, assignment)) => {
                     r.worker_id = Some(worker.id);
                     r.port = assignment.port();
@@ -128,6 +180,7 @@ impl Store {
                 from: Some(from),
                 to: r.worker_id,
                 reason: r.pending_reason.clone(),
+                stranded: false,
             });
             let (revision, id, worker_id) = (r.revision, r.id, r.worker_id);
             let route = r.into_route(target.as_ref());
@@ -141,11 +194,87 @@ impl Store {
             );
         }
         tx.commit().await?;
-        let pending = moved.iter().filter(|m| m.to.is_none()).count();
+        let stranded = moved.iter().filter(|m| m.stranded).count();
+        let pending = moved.iter().filter(|m| m.to.is_none()).count() - stranded;
         let span = tracing::Span::current();
-        span.record("moved", moved.len() - pending);
+        span.record("moved", moved.len() - pending - stranded);
         span.record("pending", pending);
+        span.record("stranded", stranded);
         Ok(moved)
+    }
+
+    /// The Backend.AI circuits that stay on their `Lost` worker because a move
+    /// would change their URL (see [`crate::domain::failover`]): each with its
+    /// worker and why, oldest route first. A circuit is here from the first
+    /// failover pass after its worker's grace period until the worker comes
+    /// back or the circuit moves or is deleted. For `/health/status` and
+    /// operators; one indexed query.
+    pub async fn stranded_routes(&self) -> Result<Vec<StrandedRoute>> {
+        let mut c = sql::acquire(&self.db).await?;
+        let routes = rows::routes(
+            &mut c.conn(),
+            concat!(
+                "SELECT ",
+                route_columns!(),
+                " FROM routes WHERE stranded_reason IS NOT NULL \
+                 AND worker_id IN (SELECT id FROM workers WHERE status = 'Lost') ORDER BY id"
+            ),
+            &[],
+        )
+        .await?;
+        if routes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reasons: Vec<(Uuid, String)> = c
+            .conn()
+            .fetch_all(
+                "SELECT id, stranded_reason FROM routes WHERE stranded_reason IS NOT NULL",
+                &[],
+            )
+            .await?;
+        let reasons: HashMap<Uuid, String> = reasons.into_iter().collect();
+        let workers: HashMap<Uuid, Worker> = rows::workers(
+            &mut c.conn(),
+            concat!(worker_select!(), " WHERE w.status = 'Lost'"),
+            &[],
+        )
+        .await?
+        .into_iter()
+        .map(|w| (w.id, w))
+        .collect();
+        Ok(routes
+            .into_iter()
+            .filter_map(|r| {
+                let worker = workers.get(&r.worker_id?)?.clone();
+                let reason = reasons.get(&r.id)?.clone();
+                Some(StrandedRoute {
+                    route: r.into_route(Some(&worker)),
+                    worker,
+                    reason,
+                })
+            })
+            .collect())
+    }
+
+    /// Clears the stranded mark of `routes` (a worker that keeps their URL
+    /// has appeared), so the next failover pass considers them again.
+    /// (Marks also go when their worker leaves `Lost`, see
+    /// [`clear_stranded`].)
+    pub async fn unmark_stranded(&self, routes: &[Uuid]) -> Result<()> {
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write().await?;
+        for id in routes {
+            tx.conn()
+                .execute(
+                    "UPDATE routes SET stranded_reason = NULL WHERE id = $1",
+                    &[(*id).into()],
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Places up to `limit` `Pending` routes on workers that can now take
@@ -186,6 +315,7 @@ impl Store {
                         from: None,
                         to: Some(worker.id),
                         reason: None,
+                        stranded: false,
                     });
                     let (revision, id) = (r.revision, r.id);
                     let route = r.into_route(Some(&worker));
@@ -216,4 +346,15 @@ impl Store {
         tracing::Span::current().record("placed", placed.len());
         Ok(placed)
     }
+}
+
+/// Clears the stranded marks of `worker`'s routes: it is no longer `Lost`
+/// (it came back, or is being removed), so they are no longer stranded.
+pub(super) async fn clear_stranded(conn: &mut Conn<'_>, worker: Uuid) -> Result<()> {
+    conn.execute(
+        "UPDATE routes SET stranded_reason = NULL WHERE worker_id = $1 AND stranded_reason IS NOT NULL",
+        &[worker.into()],
+    )
+    .await?;
+    Ok(())
 }

@@ -106,6 +106,9 @@ impl Store {
                 ],
             )
             .await?;
+        if existing.is_some() && status != WorkerStatus::Lost {
+            super::moves::clear_stranded(&mut tx.conn(), id).await?;
+        }
         let worker = rows::worker(&mut tx.conn(), id)
             .await?
             .ok_or(StoreError::NotFound)?;
@@ -279,6 +282,9 @@ impl Store {
                 &[worker.id.into(), status.as_str().into(), now.into()],
             )
             .await?;
+        if status != WorkerStatus::Lost {
+            super::moves::clear_stranded(&mut tx.conn(), worker.id).await?;
+        }
         worker.status = status;
         worker.updated_at = now;
         let rev = tx.next_revision();
@@ -338,7 +344,9 @@ impl Store {
             &mut c.conn(),
             concat!(
                 worker_select!(),
-                " WHERE w.status = 'Lost' AND w.route_count > 0 ORDER BY w.id"
+                " WHERE w.status = 'Lost' AND w.route_count > 0 AND EXISTS \
+                 (SELECT 1 FROM routes r WHERE r.worker_id = w.id AND r.stranded_reason IS NULL) \
+                 ORDER BY w.id"
             ),
             &[],
         )
@@ -362,7 +370,18 @@ impl Store {
             .conn()
             .fetch_all("SELECT status, COUNT(*) FROM workers GROUP BY status", &[])
             .await?;
-        let mut counts = Counts::default();
+        let (stranded,): (i64,) = c
+            .conn()
+            .fetch_one(
+                "SELECT COUNT(*) FROM routes r JOIN workers w ON w.id = r.worker_id \
+                 WHERE r.stranded_reason IS NOT NULL AND w.status = 'Lost'",
+                &[],
+            )
+            .await?;
+        let mut counts = Counts {
+            stranded,
+            ..Counts::default()
+        };
         for (status, acked, n) in groups {
             let worker = status
                 .as_deref()
