@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::crd::{AppProxyRouteSpec, AppProxyRouteStatus, RouteCondition, cr_name};
+use crate::domain::failover::{self, Stranded};
 use crate::domain::{Route, RouteStatus, Worker};
 
 /// A CR as the API server has it (the parts the mirror compares).
@@ -71,7 +72,7 @@ pub fn desired(
                 cr_name(r.id),
                 Desired {
                     spec: AppProxyRouteSpec::of(r),
-                    status: status_of(r, worker),
+                    status: with_stranded(status_of(r, worker), r, worker, workers),
                 },
             )
         })
@@ -142,6 +143,46 @@ pub fn status_of(route: &Route, worker: Option<&Worker>) -> AppProxyRouteStatus 
             condition("Propagated", prop, prop_reason, prop_message),
         ],
     }
+}
+
+/// A Backend.AI circuit's CR also carries the `Stranded` condition: `True`
+/// (reason `UrlWouldChange`) while its worker is lost and no ready worker
+/// would serve it at the same URL, so it stays on that worker (the rule is
+/// [`failover::stranded`]); `False` otherwise. Native routes have no such
+/// condition.
+pub fn with_stranded(
+    mut status: AppProxyRouteStatus,
+    route: &Route,
+    worker: Option<&Worker>,
+    workers: &HashMap<Uuid, Worker>,
+) -> AppProxyRouteStatus {
+    if route.circuit.is_none() {
+        return status;
+    }
+    let stranded = worker.and_then(|w| failover::stranded(route, w, workers.values()));
+    let (s, reason, message) = match stranded {
+        Some(why) => {
+            if let Some(ready) = status.conditions.iter_mut().find(|c| c.type_ == "Ready") {
+                ready.message =
+                    "the worker is lost; the circuit stays on it until it comes back".to_owned();
+            }
+            ("True", Stranded::REASON, why.message)
+        }
+        None => (
+            "False",
+            "UrlKept",
+            "the circuit moves only where its URL stays the same".to_owned(),
+        ),
+    };
+    status.conditions.push(RouteCondition {
+        type_: "Stranded".to_owned(),
+        status: s.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: DateTime::<Utc>::UNIX_EPOCH,
+        observed_generation: None,
+    });
+    status
 }
 
 /// Fills in `observedGeneration` and each condition's `lastTransitionTime`:
@@ -436,6 +477,66 @@ mod tests {
         let pending = route(1, None);
         let s = status_of(&pending, None);
         assert_eq!((s.phase.as_str(), s.worker.as_deref()), ("Pending", None));
+    }
+
+    #[test]
+    fn a_stranded_circuit_s_cr_says_so_and_native_routes_carry_no_such_condition() {
+        let w = Uuid::new_v4();
+        let native = route(5, Some(w));
+        let mut circuit = route(5, Some(w));
+        circuit.id = Uuid::new_v4();
+        circuit.circuit = Some(Default::default());
+        let routes = BTreeMap::from([(native.id, native.clone()), (circuit.id, circuit.clone())]);
+        let ready = HashMap::from([(w, worker(w, 5, WorkerStatus::Ready))]);
+        let want = desired(&routes, &ready);
+        assert_eq!(want[&cr_name(native.id)].status.conditions.len(), 2);
+        let kept = &want[&cr_name(circuit.id)].status.conditions[2];
+        assert_eq!(
+            (
+                kept.type_.as_str(),
+                kept.status.as_str(),
+                kept.reason.as_str()
+            ),
+            ("Stranded", "False", "UrlKept")
+        );
+
+        // Lost, and no other worker serves host `proxy`: it stays, and the CR says why.
+        let mut other = worker(Uuid::new_v4(), 5, WorkerStatus::Ready);
+        other.frontend = WorkerFrontend::Port {
+            host: "elsewhere".into(),
+            port_range: [10205, 10300],
+        };
+        let lost = HashMap::from([(w, worker(w, 5, WorkerStatus::Lost)), (other.id, other)]);
+        let want = desired(&routes, &lost);
+        let status = &want[&cr_name(circuit.id)].status;
+        assert_eq!(status.phase, "FailingOver");
+        let c = &status.conditions[2];
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("Stranded", "True", "UrlWouldChange")
+        );
+        assert!(
+            c.message.contains("http://proxy:10205") && c.message.contains("worker-1"),
+            "{}",
+            c.message
+        );
+        assert!(status.conditions[0].message.contains("stays on it"));
+        // The native route on the same worker is about to move, as before.
+        let native_status = &want[&cr_name(native.id)].status;
+        assert_eq!(native_status.conditions.len(), 2);
+        assert!(
+            native_status.conditions[0]
+                .message
+                .contains("about to move")
+        );
+        // Whole-second transition times, like the other conditions.
+        let at = DateTime::<Utc>::from_timestamp(1_000, 0).unwrap()
+            + chrono::Duration::milliseconds(250);
+        let stamped = stamp(status.clone(), None, Some(1), at);
+        assert_eq!(
+            stamped.conditions[2].last_transition_time,
+            DateTime::<Utc>::from_timestamp(1_000, 0).unwrap()
+        );
     }
 
     #[test]
