@@ -244,6 +244,80 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
 }
 
 #[tokio::test]
+async fn a_stranded_backendai_circuit_s_cr_carries_the_stranded_condition() {
+    let e = env().await;
+    let (worker, _, _) = e
+        .app
+        .register_with(json!({
+            "name": "bai-1", "api_url": "http://127.0.0.1:10201",
+            "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
+            "backendai": {"hostname": "proxy.test", "api_port": 10201,
+                          "tls_listen": false, "tls_advertised": false}
+        }))
+        .await;
+    e.start_mirror();
+    let a = e
+        .app
+        .create(json!({
+            "app_mode": "inference", "endpoint_id": Uuid::new_v4(), "service": "llm",
+            "targets": [], "worker_id": worker, "circuit": {"user_id": Uuid::new_v4()}
+        }))
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let id: Uuid = a.body["id"].as_str().unwrap().parse().unwrap();
+    let stranded = |c: &Value| -> Option<Value> {
+        c["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Stranded")
+            .cloned()
+    };
+    e.cr_where(id, "a Stranded=False condition", |c| {
+        stranded(c).is_some_and(|s| s["status"] == "False" && s["reason"] == "UrlKept")
+    })
+    .await;
+
+    // Its worker is lost and no other worker serves proxy.test: it stays, and says so.
+    e.app
+        .store
+        .set_worker_status(worker, WorkerStatus::Lost, e.app.clock.now())
+        .await
+        .unwrap();
+    let cr = e
+        .cr_where(id, "a Stranded=True condition", |c| {
+            stranded(c).is_some_and(|s| s["status"] == "True")
+        })
+        .await;
+    let s = stranded(&cr).unwrap();
+    assert_eq!(s["reason"], "UrlWouldChange");
+    let message = s["message"].as_str().unwrap();
+    assert!(
+        message.contains("http://proxy.test:20000") && message.contains("bai-1"),
+        "{message}"
+    );
+    let time = s["lastTransitionTime"].as_str().unwrap();
+    assert!(
+        time.len() == 20 && time.ends_with('Z') && !time.contains('.'),
+        "{time}"
+    );
+    assert_eq!(cr["status"]["phase"], "FailingOver");
+    assert_eq!(cr["status"]["url"], "http://proxy.test:20000");
+
+    // A native route's CR has no such condition.
+    e.app
+        .register_with(json!({
+            "name": "native-1", "api_url": "http://127.0.0.1:10202",
+            "frontend": {"mode": "port", "host": "other.test", "port_range": [20000, 20100]}
+        }))
+        .await;
+    let native = e.create_route("jupyter").await;
+    let cr = e
+        .cr_where(native, "a native CR", |c| c["status"].is_object())
+        .await;
+    assert!(stranded(&cr).is_none(), "{cr}");
+}
+
+#[tokio::test]
 async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;
