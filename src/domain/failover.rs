@@ -125,10 +125,11 @@ pub fn relocation(route: &StoredRoute, from: &Worker, others: &[Worker]) -> Relo
             pinned
         })
         .collect();
-    let otherwise = if from.status == WorkerStatus::Lost {
-        Fallback::Stay(stranded_because(from, seat))
-    } else {
+    // Only a worker being removed leaves nothing to wait for.
+    let otherwise = if from.status == WorkerStatus::Draining {
         replace()
+    } else {
+        Fallback::Stay(stranded_because(from, seat))
     };
     Relocation {
         same_url,

@@ -84,6 +84,13 @@ impl Store {
         let Some(from_worker) = rows::worker(&mut tx.conn(), from).await? else {
             return Ok(Vec::new());
         };
+        if !matches!(
+            from_worker.status,
+            WorkerStatus::Lost | WorkerStatus::Draining
+        ) {
+            // It came back since it was found lost: its routes stay.
+            return Ok(Vec::new());
+        }
         let sql = if from_worker.status == WorkerStatus::Lost {
             concat!(
                 "SELECT ",
