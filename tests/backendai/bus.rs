@@ -35,6 +35,8 @@ crate::on_both_backends!(
     the_leader_publishes_changes_committed_on_another_replica,
     a_move_is_removed_on_the_old_worker_and_created_on_the_new,
     idle_interactive_circuits_are_collected_and_removed,
+    a_log_compacted_past_the_position_republishes_every_circuit,
+    redis_down_delays_publishing_and_stops_nothing,
 );
 
 /// Fast loops; time-based decisions still read the app's manual clock.
@@ -631,4 +633,72 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Backend) {
+    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let name = authority("compacted");
+    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let mut events = Subscriber::start(&[&name]).await;
+    let _worker = acknowledger(&name, 0).await;
+    let loops = Loops::of(&app, true);
+    let one = create(&app, circuit_route(worker)).await;
+    let one_id = one["id"].as_str().unwrap();
+    events.expect(bus::CREATED, &name, one_id).await;
+    wait_for("the first route is Active", async || {
+        status(&app, one_id).await == "Active"
+    })
+    .await;
+    loops.stop().await;
+
+    // Unpublished changes, then compaction of every row of the log.
+    let two = create(&app, circuit_route(worker)).await;
+    let two_id = two["id"].as_str().unwrap();
+    app.manager(Method::DELETE, &format!("/routes/{one_id}"), None)
+        .await;
+    let dropped = app
+        .store
+        .compact_log(0, app.clock.now() + chrono::Duration::days(1))
+        .await
+        .unwrap();
+    assert!(dropped > 0);
+
+    // The circuit that is gone is removed, then every circuit is created.
+    let loops = Loops::of(&app, true);
+    let removed = events.expect(bus::REMOVED, &name, one_id).await;
+    assert_eq!(removed.circuit()["port"], one["frontend"]["port"]);
+    events.expect(bus::CREATED, &name, two_id).await;
+    wait_for("the second route is Active", async || {
+        status(&app, two_id).await == "Active"
+    })
+    .await;
+    loops.stop().await;
+}
+
+async fn redis_down_delays_publishing_and_stops_nothing(backend: Backend) {
+    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let name = authority("down");
+    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let mut events = Subscriber::start(&[&name]).await;
+    let _worker = acknowledger(&name, 0).await;
+    // Nothing listens on port 1.
+    let mut settings = common::backendai_settings();
+    settings.redis_url = "redis://:secret@127.0.0.1:1".into();
+    let unreachable = Arc::new(BackendAi::new(settings).unwrap());
+    let loops = Loops::start(&app.store, &unreachable, &app.metrics, true, &app.clock);
+
+    // The API keeps serving; the route waits for its publication.
+    let route = create(&app, circuit_route(worker)).await;
+    let id = route["id"].as_str().unwrap();
+    assert_eq!(status(&app, id).await, "Propagating");
+    loops.stop().await;
+
+    // Redis back (here: the reachable one): what waited is published.
+    let loops = Loops::of(&app, true);
+    events.expect(bus::CREATED, &name, id).await;
+    wait_for("the route is Active", async || {
+        status(&app, id).await == "Active"
+    })
+    .await;
+    loops.stop().await;
 }
