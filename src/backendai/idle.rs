@@ -3,16 +3,20 @@
 //! The Manager never deletes interactive circuits; upstream collects the
 //! interactive http ones nobody used for `unused_circuit_collection_timeout`.
 //! Workers write `circuit.<id>.last_access` (a unix timestamp) in Redis DB 2
-//! on every proxied request. A circuit is idle for now − last access, or
-//! now − its creation while no key exists; past [`super::Settings::idle_timeout`]
-//! its route is deleted through the store, so the deletion is logged like any
-//! other and the publisher sends the removed event. Inference and tcp
-//! circuits are never collected (as upstream).
+//! on every proxied request. A circuit (a route with Backend.AI's circuit
+//! fields, on a Backend.AI worker: only those report traffic there) is idle
+//! for now − last access, or now − its creation while no key exists; past
+//! [`super::Settings::idle_timeout`] its route is deleted through the store,
+//! so the deletion is logged like any other and the publisher sends the
+//! removed event. Inference and tcp circuits are never collected (as
+//! upstream). A route changed since it was read (re-sent, moved) is kept.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
 use tokio::sync::watch;
+use uuid::Uuid;
 
 use super::BackendAi;
 use super::bus::{BusConfig, Reconnect, stopped};
@@ -118,11 +122,21 @@ pub async fn collect(
     metrics: &Metrics,
     clock: &Clock,
 ) -> Result<usize, Failure> {
+    // Only Backend.AI workers report traffic in Redis: a route elsewhere
+    // would look idle however busy it is.
+    let reporting: HashSet<Uuid> = store
+        .list_workers()
+        .await?
+        .into_iter()
+        .filter(|w| w.backendai.is_some())
+        .map(|w| w.id)
+        .collect();
     let routes: Vec<StoredRoute> = store
         .interactive_http_routes()
         .await?
         .into_iter()
         .filter(|r| r.spec.circuit.is_some())
+        .filter(|r| r.worker_id.is_some_and(|w| reporting.contains(&w)))
         .collect();
     let timeout = chrono::Duration::from_std(backendai.settings.idle_timeout).unwrap_or_default();
     let mut collected = 0;

@@ -31,7 +31,7 @@
 //! publisher that dies in between publishes them again, in the same order
 //! (a repeated removal is followed by the creation that came after it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +156,9 @@ struct Publisher<'a> {
     workers: HashMap<Uuid, Worker>,
     /// The acked revision last written per worker.
     acked: HashMap<Uuid, Revision>,
+    /// Workers named by changes that no longer exist (deleted since): not
+    /// looked up again.
+    unknown: HashSet<Uuid>,
     /// What is in memory may differ from what is stored: load again.
     stale: bool,
 }
@@ -181,6 +184,7 @@ impl<'a> Publisher<'a> {
             retries: HashMap::new(),
             workers: HashMap::new(),
             acked: HashMap::new(),
+            unknown: HashSet::new(),
             stale: false,
         };
         // Created events the last leader published and no ack came for: the
@@ -274,8 +278,11 @@ impl<'a> Publisher<'a> {
         let Some(worker_id) = worker else {
             return Ok(None);
         };
-        if !self.workers.contains_key(&worker_id) {
+        if !self.workers.contains_key(&worker_id) && !self.unknown.contains(&worker_id) {
             self.refresh_workers().await?;
+            if !self.workers.contains_key(&worker_id) {
+                self.unknown.insert(worker_id);
+            }
         }
         // A worker deleted since: the route moved away later in the log.
         Ok(self

@@ -558,6 +558,9 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
     inference["endpoint_id"] = Uuid::new_v4().to_string().into();
     inference["session_id"] = Value::Null;
     let inference = create(&app, inference).await;
+    // On a worker that does not report traffic in Redis.
+    let (native_worker, _, _) = app.register(&authority("native"), [10305, 10310]).await;
+    let native = create(&app, circuit_route(native_worker)).await;
     let id = |r: &Value| r["id"].as_str().unwrap().to_owned();
 
     // Recent traffic (seconds, as a float), old traffic (milliseconds), none.
@@ -628,6 +631,17 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
             .contains("appproxy_backendai_idle_collected_total 2")
     );
     loops.stop().await;
+    // One more pass: nothing else is idle (the native worker's route is
+    // not judged by Redis keys its worker never writes).
+    let bai = app.backendai.as_ref().unwrap();
+    let collected = idle::collect(&app.store, &mut conn, bai, &app.metrics, &app.clock)
+        .await
+        .unwrap();
+    assert_eq!(collected, 0);
+    let kept = app
+        .manager(Method::GET, &format!("/routes/{}", id(&native)), None)
+        .await;
+    assert_eq!(kept.status, reqwest::StatusCode::OK);
     let _: () = redis::cmd("DEL")
         .arg(&keys[..])
         .query_async(&mut conn)
