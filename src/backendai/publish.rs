@@ -33,7 +33,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
@@ -91,11 +90,14 @@ pub async fn run(
         };
         // A shutdown gives leadership up only once this pass is over.
         let running = leadership.running();
-        let mut wait = Duration::ZERO;
+        // A deadline, not a sleep restarted on every acknowledgement: a
+        // steady stream of them must not hold passes off.
+        let mut next_pass = tokio::time::Instant::now();
+        let mut backing_off = false;
         loop {
             tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                _ = commits.changed(), if wait > Duration::ZERO => {}
+                () = tokio::time::sleep_until(next_pass) => {}
+                _ = commits.changed(), if !backing_off => {}
                 a = acks.recv() => match a {
                     Some(a) => {
                         if let Err(e) = publisher.acknowledged(a).await {
@@ -108,17 +110,20 @@ pub async fn run(
                 () = leadership.lost() => break,
                 () = stopped(&mut shutdown) => return,
             }
-            wait = config.poll_interval;
+            let mut wait = config.poll_interval;
+            backing_off = false;
             match publisher.pass().await {
                 Ok(()) => reconnect.succeeded(),
                 Err(Failure::Redis(e)) => {
                     publisher.conn = None;
                     wait = reconnect.failed(&e, &url).max(config.poll_interval);
+                    backing_off = true;
                 }
                 Err(Failure::Store(e)) => {
                     tracing::warn!(error = %e, "Backend.AI bus: the publisher cannot read or write the database; retrying");
                 }
             }
+            next_pass = tokio::time::Instant::now() + wait;
             if publisher.stale {
                 break; // reload what was stored
             }
