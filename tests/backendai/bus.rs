@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use appproxy_coordinator::backendai::BackendAi;
 use appproxy_coordinator::backendai::bus::{self, BusConfig, Envelope};
-use appproxy_coordinator::backendai::circuit::WorkerRequest;
 use appproxy_coordinator::backendai::idle;
 use appproxy_coordinator::clock::Clock;
 use appproxy_coordinator::leader::Leadership;
@@ -99,22 +98,12 @@ fn authority(what: &str) -> String {
     format!("bus-{what}-{}", &Uuid::new_v4().simple().to_string()[..12])
 }
 
-/// Registers a Backend.AI port-mode worker through the store (as
-/// `PUT /api/worker` does); answers its id.
-async fn bai_worker(store: &Store, name: &str, ports: [u16; 2]) -> Uuid {
-    let request: WorkerRequest = serde_json::from_value(json!({
-        "authority": name, "frontend_mode": "port", "protocol": "http",
-        "hostname": "127.0.0.1", "tls_listen": false, "tls_advertised": false,
-        "api_port": 10201, "port_range": ports, "filtered_apps_only": false,
-        "accepted_traffics": ["interactive", "inference"]
-    }))
-    .unwrap();
-    let registration = request.to_registration(1).unwrap();
-    store
-        .register_worker(registration, None, chrono::Utc::now(), |_| [7; 32])
+/// Registers a Backend.AI port-mode worker (as `PUT /api/worker` does);
+/// answers its id.
+async fn bai_worker(app: &TestApp, name: &str, ports: [u16; 2]) -> Uuid {
+    let frontend = json!({"frontend_mode": "port", "port_range": ports});
+    common::register_backendai_worker(app, name, frontend)
         .await
-        .unwrap()
-        .worker
         .id
 }
 
@@ -268,7 +257,7 @@ async fn a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_act
 ) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("envelope");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
     let loops = Loops::of(&app, true);
@@ -369,7 +358,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
 ) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("retry");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     // The worker misses the first two created events.
     let acked = acknowledger(&name, 2).await;
@@ -418,7 +407,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
 async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("restart");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
 
@@ -461,7 +450,7 @@ async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(bac
 async fn the_leader_publishes_changes_committed_on_another_replica(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("replica");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
     // This replica (serving the API) does not lead; a second one, on its
@@ -495,7 +484,7 @@ async fn the_leader_publishes_changes_committed_on_another_replica(backend: Back
 async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let (a_name, b_name) = (authority("old"), authority("new"));
-    let a = bai_worker(&app.store, &a_name, [10205, 10210]).await;
+    let a = bai_worker(&app, &a_name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&a_name, &b_name]).await;
     let _a = acknowledger(&a_name, 0).await;
     let _b = acknowledger(&b_name, 0).await;
@@ -510,7 +499,7 @@ async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Bac
     .await;
     let id = route["id"].as_str().unwrap();
     let created = events.expect(bus::CREATED, &a_name, id).await;
-    let b = bai_worker(&app.store, &b_name, [10305, 10310]).await;
+    let b = bai_worker(&app, &b_name, [10305, 10310]).await;
 
     // Worker A is lost; its routes move (as failover does).
     app.store
@@ -544,7 +533,7 @@ async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Bac
 async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("idle");
-    let worker = bai_worker(&app.store, &name, [10205, 10215]).await;
+    let worker = bai_worker(&app, &name, [10205, 10215]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
     let idle_timeout = app.backendai.as_ref().unwrap().settings.idle_timeout;
@@ -652,7 +641,7 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
 async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("compacted");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
     let loops = Loops::of(&app, true);
@@ -692,7 +681,7 @@ async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Ba
 async fn redis_down_delays_publishing_and_stops_nothing(backend: Backend) {
     let app = TestApp::start_backendai(backend, manual_clock()).await;
     let name = authority("down");
-    let worker = bai_worker(&app.store, &name, [10205, 10210]).await;
+    let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
     let _worker = acknowledger(&name, 0).await;
     // Nothing listens on port 1.
