@@ -98,6 +98,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.log_retention,
         clock.clone(),
     ));
+    if let Some(bai) = &backendai {
+        // The Backend.AI event bus: acknowledgements on every replica, the
+        // publisher and idle collection on the leader.
+        backendai::bus::spawn(
+            store.clone(),
+            bai.clone(),
+            metrics.clone(),
+            leadership.clone(),
+            clock.clone(),
+            backendai::bus::BusConfig::default(),
+            hub.shutdown_signal(),
+        );
+    }
     tokio::spawn(health::run(
         store.clone(),
         metrics.clone(),

@@ -250,6 +250,12 @@ pub struct Metrics {
     pub failover_seconds: Histogram,
     pub expired: Counter,
     pub stranded: Gauge,
+    /// Backend.AI bus events published, by event name.
+    pub backendai_events: Family<EventLabels, Counter>,
+    /// Created events published again for want of an acknowledgement.
+    pub backendai_republished: Counter,
+    /// Idle interactive Backend.AI circuits collected.
+    pub backendai_idle_collected: Counter,
 }
 
 impl Metrics {
@@ -338,8 +344,29 @@ impl Metrics {
             "Backend.AI circuits staying on their lost worker because a move would change their URL",
             stranded.clone(),
         );
+        let backendai_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "backendai_bus_events",
+            "Events published on the Backend.AI event bus (Redis), by event",
+            backendai_events.clone(),
+        );
+        let backendai_republished = Counter::default();
+        registry.register(
+            "backendai_bus_republished",
+            "Backend.AI created events published again because no worker acknowledged them in time",
+            backendai_republished.clone(),
+        );
+        let backendai_idle_collected = Counter::default();
+        registry.register(
+            "backendai_idle_collected",
+            "Interactive Backend.AI circuits deleted after going unused for the idle timeout",
+            backendai_idle_collected.clone(),
+        );
         Arc::new(Metrics {
             stranded,
+            backendai_events,
+            backendai_republished,
+            backendai_idle_collected,
             failovers,
             failover_seconds,
             expired,

@@ -12,7 +12,9 @@
 //!   upstream writes them;
 //! - [`jwt`]: HS256 tokens (setup and endpoint tokens the workers check);
 //! - [`acks`]: waiting for a worker's acknowledgement of a circuit;
-//! - `bus`: the Redis event bus, fed from the change log.
+//! - [`bus`]: the Redis event bus (envelopes, which change becomes which
+//!   event, the acknowledgement listener), [`publish`] (the leader's
+//!   publisher, fed from the change log) and [`idle`] (idle collection).
 //!
 //! The HTTP side (`/status`, `/health`, `/v2`, `/api`, `/v1`, upstream's
 //! authentication and error bodies) is `crate::api::backendai`.
@@ -21,8 +23,11 @@
 //! otherwise every Backend.AI path answers 404 and nothing here runs.
 
 pub mod acks;
+pub mod bus;
 pub mod circuit;
+pub mod idle;
 pub mod jwt;
+pub mod publish;
 
 use std::time::Duration;
 

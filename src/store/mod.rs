@@ -13,6 +13,7 @@
 //! | `workers.rs` | workers: registration, heartbeats, status transitions, counts |
 //! | `moves.rs` | routes leaving a worker (failover, draining) and pending placement |
 //! | `changes.rs` | the change log: reading after a revision, snapshots, compaction |
+//! | `bus.rs` | the Backend.AI event bus's position and published circuits |
 //!
 //! The store fetches and writes; what to decide (placement, status,
 //! failover) it asks of [`crate::domain`].
@@ -38,6 +39,7 @@ use crate::domain::{
     PlacementError, Revision, Route, RouteStatus, ValidationError, Worker, WorkerStatus,
 };
 
+mod bus;
 mod changes;
 mod create_writer;
 mod moves;
@@ -47,6 +49,7 @@ mod sql;
 mod tx;
 mod workers;
 
+pub use bus::{BusCircuit, BusState, BusWrite};
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};
 

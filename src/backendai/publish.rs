@@ -1,0 +1,567 @@
+//! The leader's publisher: follows the change log and publishes what
+//! Backend.AI workers must hear ([`super::bus::plan`]), records their
+//! acknowledgements, and re-publishes created events until acknowledged.
+//!
+//! **State.** The publisher's position (the last revision published) and,
+//! per route on a Backend.AI worker, the circuit as last published (with its
+//! worker's authority, the revision of its created event and whether the
+//! worker acknowledged it) are stored (`crate::store::BusState`) and written
+//! in one transaction after each stretch of the log is published. A new
+//! leader loads them and resumes. A moved or deleted route therefore finds
+//! the worker that held it, and the exact circuit it was told about, in that
+//! table: the change log's delete rows carry no route, and its upserts are
+//! compacted after an hour, while a removal must name the port or subdomain
+//! the worker holds (it removes by slot, not by id). A table also survives
+//! restarts between a change and its publication, where a map rebuilt from a
+//! snapshot would have lost the routes deleted in between.
+//!
+//! If the log was compacted past the position, the publisher republishes
+//! from a snapshot: removed events for circuits no longer where they were,
+//! then a created event for every route on a Backend.AI worker (workers
+//! overwrite idempotently).
+//!
+//! **Acknowledged revisions.** A route is `Active` when its worker's
+//! `acked_revision` reaches the route's revision. For a Backend.AI worker the
+//! publisher sets it to one less than the oldest created event still waiting
+//! for its acknowledgement, or to its position when none waits: route-updated
+//! and removed events have no acknowledgement, so they count as delivered once
+//! published.
+//!
+//! **At least once.** Events are published before the position is stored; a
+//! publisher that dies in between publishes them again, in the same order
+//! (a repeated removal is followed by the creation that came after it).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use super::BackendAi;
+use super::bus::{self, Ack, BusConfig, Event, Placed, Reconnect, stopped};
+use super::circuit::Circuit;
+use crate::clock::Clock;
+use crate::domain::events::{Change, ChangeKind};
+use crate::domain::{Revision, Route, Worker, WorkerStatus};
+use crate::leader::Leadership;
+use crate::store::{BusCircuit, BusWrite, Store};
+use crate::telemetry::Metrics;
+
+/// Publishes while `leadership` holds, until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    store: Store,
+    backendai: Arc<BackendAi>,
+    metrics: Arc<Metrics>,
+    mut leadership: Leadership,
+    clock: Clock,
+    config: BusConfig,
+    mut acks: mpsc::Receiver<Vec<Ack>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut commits = store.commits();
+    let mut reconnect = Reconnect::new("the publisher");
+    let url = backendai.settings.redis_url.clone();
+    loop {
+        // Not leading: acknowledgements are the leader's to record.
+        while !leadership.is_leader() {
+            tokio::select! {
+                () = leadership.acquired() => {}
+                a = acks.recv() => {
+                    if a.is_none() {
+                        return;
+                    }
+                }
+                () = stopped(&mut shutdown) => return,
+            }
+        }
+        let mut publisher = match Publisher::load(&store, &backendai, &metrics, &clock, &config)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "Backend.AI bus: cannot load the publisher's state; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(config.poll_interval) => continue,
+                    () = stopped(&mut shutdown) => return,
+                }
+            }
+        };
+        // A shutdown gives leadership up only once this pass is over.
+        let running = leadership.running();
+        // A deadline, not a sleep restarted on every acknowledgement: a
+        // steady stream of them must not hold passes off.
+        let mut next_pass = tokio::time::Instant::now();
+        let mut backing_off = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next_pass) => {}
+                _ = commits.changed(), if !backing_off => {}
+                a = acks.recv() => match a {
+                    Some(a) => {
+                        if let Err(e) = publisher.acknowledged(a).await {
+                            tracing::warn!(error = %e, "Backend.AI bus: cannot record an acknowledgement");
+                        }
+                        continue;
+                    }
+                    None => return,
+                },
+                () = leadership.lost() => break,
+                () = stopped(&mut shutdown) => return,
+            }
+            let mut wait = config.poll_interval;
+            backing_off = false;
+            match publisher.pass().await {
+                Ok(()) => reconnect.succeeded(),
+                Err(Failure::Redis(e)) => {
+                    publisher.conn = None;
+                    wait = reconnect.failed(&e, &url).max(config.poll_interval);
+                    backing_off = true;
+                }
+                Err(Failure::Store(e)) => {
+                    tracing::warn!(error = %e, "Backend.AI bus: the publisher cannot read or write the database; retrying");
+                }
+            }
+            next_pass = tokio::time::Instant::now() + wait;
+            if publisher.stale {
+                break; // reload what was stored
+            }
+        }
+        drop(running);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A created event waiting for its acknowledgement.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    due: DateTime<Utc>,
+    /// Re-publishes so far.
+    attempts: u32,
+}
+
+struct Publisher<'a> {
+    store: &'a Store,
+    backendai: &'a BackendAi,
+    metrics: &'a Metrics,
+    clock: &'a Clock,
+    config: &'a BusConfig,
+    conn: Option<redis::aio::MultiplexedConnection>,
+    position: Revision,
+    circuits: HashMap<Uuid, BusCircuit>,
+    retries: HashMap<Uuid, Retry>,
+    workers: HashMap<Uuid, Worker>,
+    /// The acked revision last written per worker.
+    acked: HashMap<Uuid, Revision>,
+    /// Workers named by changes that no longer exist (deleted since): not
+    /// looked up again.
+    unknown: HashSet<Uuid>,
+    /// What is in memory may differ from what is stored: load again.
+    stale: bool,
+}
+
+impl<'a> Publisher<'a> {
+    async fn load(
+        store: &'a Store,
+        backendai: &'a BackendAi,
+        metrics: &'a Metrics,
+        clock: &'a Clock,
+        config: &'a BusConfig,
+    ) -> Result<Publisher<'a>, crate::store::StoreError> {
+        let state = store.bus_state().await?;
+        let mut p = Publisher {
+            store,
+            backendai,
+            metrics,
+            clock,
+            config,
+            conn: None,
+            position: state.position,
+            circuits: HashMap::new(),
+            retries: HashMap::new(),
+            workers: HashMap::new(),
+            acked: HashMap::new(),
+            unknown: HashSet::new(),
+            stale: false,
+        };
+        // Created events the last leader published and no ack came for: the
+        // first re-publish comes one ack timeout from now.
+        for c in state.circuits {
+            if !c.acked {
+                p.wait_for_ack(c.route_id);
+            }
+            p.circuits.insert(c.route_id, c);
+        }
+        p.refresh_workers().await?;
+        tracing::info!(
+            position = p.position,
+            circuits = p.circuits.len(),
+            "Backend.AI bus: publishing from the change log"
+        );
+        Ok(p)
+    }
+
+    async fn refresh_workers(&mut self) -> Result<(), crate::store::StoreError> {
+        self.workers = self
+            .store
+            .list_workers()
+            .await?
+            .into_iter()
+            .map(|w| (w.id, w))
+            .collect();
+        Ok(())
+    }
+
+    fn wait_for_ack(&mut self, route: Uuid) {
+        let due = self.clock.now() + self.ack_timeout();
+        self.retries.insert(route, Retry { due, attempts: 0 });
+    }
+
+    fn ack_timeout(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.backendai.settings.ack_timeout).unwrap_or_default()
+    }
+
+    async fn conn(&mut self) -> redis::RedisResult<&mut redis::aio::MultiplexedConnection> {
+        if self.conn.is_none() {
+            let conn = bus::connect(&self.backendai.redis, self.config.redis_timeout).await?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    async fn send(&mut self, event: &Event) -> redis::RedisResult<()> {
+        let conn = self.conn().await?;
+        bus::publish(conn, event).await?;
+        self.metrics
+            .backendai_events
+            .get_or_create(&crate::telemetry::EventLabels { event: event.name })
+            .inc();
+        tracing::debug!(event = event.name, worker = %event.authority, "Backend.AI bus: published");
+        Ok(())
+    }
+
+    /// Publishes what changed since the position, re-publishes what is due
+    /// and moves acknowledged revisions forward.
+    async fn pass(&mut self) -> Result<(), Failure> {
+        let (compacted, _) = self.store.log_horizon().await?;
+        if self.position < compacted {
+            self.republish_all().await?;
+        }
+        loop {
+            let changes = self
+                .store
+                .changes_after(self.position, None, self.config.batch)
+                .await?;
+            if changes.is_empty() {
+                break;
+            }
+            let full = changes.len() >= self.config.batch as usize;
+            self.publish_changes(changes).await?;
+            if self.stale || !full {
+                break;
+            }
+        }
+        self.republish_due().await?;
+        self.advance_acked().await?;
+        Ok(())
+    }
+
+    /// The circuit `route` has now, if it is on a Backend.AI worker.
+    async fn placed(
+        &mut self,
+        route: &Route,
+        worker: Option<Uuid>,
+    ) -> Result<Option<Placed>, crate::store::StoreError> {
+        let Some(worker_id) = worker else {
+            return Ok(None);
+        };
+        if !self.workers.contains_key(&worker_id) && !self.unknown.contains(&worker_id) {
+            self.refresh_workers().await?;
+            if !self.workers.contains_key(&worker_id) {
+                self.unknown.insert(worker_id);
+            }
+        }
+        // A worker deleted since: the route moved away later in the log.
+        Ok(self
+            .workers
+            .get(&worker_id)
+            .filter(|w| w.backendai.is_some())
+            .map(|w| Placed {
+                worker_id,
+                authority: w.name.clone(),
+                circuit: serde_json::to_value(Circuit::of(route, w)).expect("circuits serialise"),
+            }))
+    }
+
+    async fn publish_changes(&mut self, changes: Vec<Change>) -> Result<(), Failure> {
+        let from = self.position;
+        let mut to = from;
+        let mut write = BusWrite::default();
+        let mut failed = None;
+        for change in changes {
+            let (route_id, new) = match (change.kind, &change.route, change.route_id) {
+                (ChangeKind::RouteUpsert, Some(route), _) => {
+                    (route.id, self.placed(route, change.worker_id).await?)
+                }
+                (ChangeKind::RouteDelete, _, Some(id)) => (id, None),
+                _ => {
+                    to = change.revision;
+                    continue;
+                }
+            };
+            let old = self.circuits.get(&route_id);
+            let events = bus::plan(old, new.as_ref());
+            for event in &events {
+                if let Err(e) = self.send(event).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            to = change.revision;
+            let created = events.iter().any(|e| e.name == bus::CREATED);
+            match new {
+                Some(n) => {
+                    let previous = self.circuits.get(&route_id);
+                    let c = BusCircuit {
+                        route_id,
+                        worker_id: n.worker_id,
+                        authority: n.authority,
+                        circuit: n.circuit,
+                        revision: if created {
+                            change.revision
+                        } else {
+                            previous.map_or(change.revision, |p| p.revision)
+                        },
+                        acked: !created && previous.is_some_and(|p| p.acked),
+                    };
+                    if created {
+                        self.wait_for_ack(route_id);
+                    }
+                    if !events.is_empty() {
+                        write.removed.retain(|id| *id != route_id);
+                        write.put.retain(|p| p.route_id != route_id);
+                        write.put.push(c.clone());
+                    }
+                    self.circuits.insert(route_id, c);
+                }
+                None => {
+                    if self.circuits.remove(&route_id).is_some() {
+                        self.retries.remove(&route_id);
+                        write.put.retain(|p| p.route_id != route_id);
+                        write.removed.push(route_id);
+                    }
+                }
+            }
+        }
+        if to > from {
+            self.commit(from, to, &write).await?;
+        }
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        from: Revision,
+        to: Revision,
+        write: &BusWrite,
+    ) -> Result<(), Failure> {
+        match self.store.bus_advance(from, to, write).await {
+            Ok(true) => {
+                self.position = to;
+                Ok(())
+            }
+            Ok(false) => {
+                tracing::warn!("Backend.AI bus: another publisher moved the position; reloading");
+                self.stale = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.stale = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The log no longer reaches back to the position: publish every
+    /// Backend.AI route from a snapshot (removals of circuits that are gone
+    /// or elsewhere first), and continue from the snapshot's revision.
+    async fn republish_all(&mut self) -> Result<(), Failure> {
+        let (head, routes) = self.store.snapshot(None).await?;
+        self.refresh_workers().await?;
+        tracing::warn!(
+            position = self.position,
+            head,
+            "Backend.AI bus: the change log was compacted past the last published revision; \
+             republishing every circuit"
+        );
+        let mut now: HashMap<Uuid, Placed> = HashMap::new();
+        for route in &routes {
+            if let Some(p) = self.placed(route, route.worker_id).await? {
+                now.insert(route.id, p);
+            }
+        }
+        let mut events = Vec::new();
+        for (id, old) in &self.circuits {
+            let gone = now.get(id).is_none_or(|n| {
+                bus::plan(Some(old), Some(n))
+                    .first()
+                    .is_some_and(|e| e.name == bus::REMOVED)
+            });
+            if gone {
+                events.push(Event::removed(&old.authority, &old.circuit));
+            }
+        }
+        let mut write = BusWrite {
+            reset: true,
+            ..BusWrite::default()
+        };
+        let revisions: HashMap<Uuid, Revision> =
+            routes.iter().map(|r| (r.id, r.revision)).collect();
+        for (id, n) in &now {
+            events.push(Event::created(&n.authority, &n.circuit));
+            write.put.push(BusCircuit {
+                route_id: *id,
+                worker_id: n.worker_id,
+                authority: n.authority.clone(),
+                circuit: n.circuit.clone(),
+                revision: revisions[id],
+                acked: false,
+            });
+        }
+        for event in &events {
+            self.send(event).await?;
+        }
+        let from = self.position;
+        self.commit(from, head, &write).await?;
+        if !self.stale {
+            self.circuits = write.put.into_iter().map(|c| (c.route_id, c)).collect();
+            self.retries.clear();
+            let ids: Vec<Uuid> = self.circuits.keys().copied().collect();
+            for id in ids {
+                self.wait_for_ack(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes again the created events whose acknowledgement is overdue.
+    async fn republish_due(&mut self) -> Result<(), Failure> {
+        let now = self.clock.now();
+        let mut due: Vec<Uuid> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        due.sort();
+        self.refresh_workers().await?;
+        for id in due {
+            let Some(c) = self.circuits.get(&id).filter(|c| !c.acked).cloned() else {
+                self.retries.remove(&id);
+                continue;
+            };
+            let retry = self.retries[&id];
+            let backoff = self.backoff(retry.attempts + 1);
+            // A lost worker hears nothing; try again once it may be back.
+            let lost = self
+                .workers
+                .get(&c.worker_id)
+                .is_none_or(|w| w.status == WorkerStatus::Lost);
+            if !lost {
+                self.send(&Event::created(&c.authority, &c.circuit)).await?;
+                self.metrics.backendai_republished.inc();
+                if retry.attempts == 0 {
+                    tracing::warn!(circuit = %id, worker = %c.authority, "Backend.AI bus: no acknowledgement of a created event; publishing it again until there is one");
+                } else {
+                    tracing::debug!(circuit = %id, worker = %c.authority, attempts = retry.attempts + 1, "Backend.AI bus: created event published again");
+                }
+            }
+            self.retries.insert(
+                id,
+                Retry {
+                    due: now + backoff,
+                    attempts: if lost {
+                        retry.attempts
+                    } else {
+                        retry.attempts + 1
+                    },
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The wait after the `attempt`-th re-publish: the ack timeout, doubled
+    /// each time, at most [`BusConfig::max_backoff`].
+    fn backoff(&self, attempt: u32) -> chrono::Duration {
+        let timeout = self.backendai.settings.ack_timeout;
+        let wait = timeout
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.config.max_backoff.max(timeout));
+        chrono::Duration::from_std(wait).unwrap_or_default()
+    }
+
+    /// Records acknowledgements (the circuit as published, on its worker).
+    async fn acknowledged(&mut self, acks: Vec<Ack>) -> Result<(), Failure> {
+        let mut any = false;
+        for ack in acks {
+            let Some(id) = ack.id() else { continue };
+            let Some(c) = self.circuits.get_mut(&id) else {
+                continue;
+            };
+            if c.acked || !ack.matches(c) {
+                continue;
+            }
+            self.store.bus_acked(id, c.worker_id).await?;
+            c.acked = true;
+            self.retries.remove(&id);
+            any = true;
+        }
+        if any {
+            self.advance_acked().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves each Backend.AI worker's acknowledged revision to just before
+    /// its oldest unacknowledged created event, or to the position.
+    async fn advance_acked(&mut self) -> Result<(), Failure> {
+        let mut oldest: HashMap<Uuid, Revision> = HashMap::new();
+        for c in self.circuits.values().filter(|c| !c.acked) {
+            let o = oldest.entry(c.worker_id).or_insert(c.revision);
+            *o = (*o).min(c.revision);
+        }
+        let workers: Vec<(Uuid, Revision)> = self
+            .workers
+            .values()
+            .filter(|w| w.backendai.is_some())
+            .map(|w| (w.id, w.acked_revision))
+            .collect();
+        for (id, stored) in workers {
+            let target = oldest.get(&id).map_or(self.position, |r| r - 1);
+            let last = self.acked.get(&id).copied().unwrap_or(stored);
+            if target > last {
+                self.store.advance_acked_revision(id, target).await?;
+                self.acked.insert(id, target);
+            }
+        }
+        Ok(())
+    }
+}
