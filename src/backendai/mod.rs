@@ -23,6 +23,7 @@
 pub mod acks;
 pub mod circuit;
 pub mod jwt;
+pub mod live;
 
 use std::time::Duration;
 
