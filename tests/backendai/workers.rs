@@ -285,6 +285,29 @@ async fn re_registration_keeps_the_id_and_counts_nodes(b: Backend) {
     .await;
     assert_eq!(a.status, StatusCode::NOT_FOUND);
     assert_eq!(a.body["title"], "E00002: No such worker.");
+
+    // A native worker's name is not taken over by a Backend.AI registration.
+    let (native, _, _) = app.register("native-worker", [20000, 20010]).await;
+    let a = bai(
+        &app,
+        Method::PUT,
+        "/api/worker",
+        Some(registration("native-worker", port_mode(10205, 10210))),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{:?}", a.body);
+    assert_eq!(
+        a.body["type"],
+        "https://api.backend.ai/probs/generic-forbidden"
+    );
+    let a = bai(&app, Method::GET, &format!("/api/worker/{native}"), None).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    let a = bai(&app, Method::GET, "/api/worker", None).await;
+    assert_eq!(
+        a.body["workers"].as_array().unwrap().len(),
+        1,
+        "Backend.AI workers only"
+    );
 }
 
 async fn a_frontend_without_its_configuration_is_refused(b: Backend) {
