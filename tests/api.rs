@@ -28,7 +28,31 @@ on_both_backends!(
     probes_metrics_and_openapi,
     every_mutation_is_in_the_change_log,
     a_route_may_wait_for_its_targets,
+    only_put_api_worker_makes_a_backendai_worker,
 );
+
+/// `POST /workers/register` refuses a `backendai` description: a Backend.AI
+/// worker is made by `PUT /api/worker` only.
+async fn only_put_api_worker_makes_a_backendai_worker(b: Backend) {
+    let app = TestApp::start(b).await;
+    let a = app
+        .call(
+            Method::POST,
+            "/workers/register",
+            Some(BOOTSTRAP),
+            Some(json!({
+                "name": "w", "api_url": "http://127.0.0.1:10201",
+                "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20010]},
+                "backendai": {"hostname": "127.0.0.1", "api_port": 10201,
+                              "tls_listen": false, "tls_advertised": false, "nodes": 1}
+            })),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{:?}", a.body);
+    assert_eq!(a.problem(), "invalid-request");
+    assert_eq!(a.body["field"], "backendai");
+    assert!(app.store.list_workers().await.unwrap().is_empty());
+}
 
 /// An inference endpoint exists before its replicas do: a route with no
 /// targets is placed and served (its worker answers 503 until targets come).

@@ -20,6 +20,12 @@ pub async fn register(
     Registrant(as_worker): Registrant,
     ApiJson(registration): ApiJson<WorkerRegistration>,
 ) -> Result<Response, ApiError> {
+    if registration.backendai.is_some() {
+        return Err(ApiError {
+            field: Some("backendai".into()),
+            ..ApiError::invalid("backendai: a Backend.AI worker registers through PUT /api/worker")
+        });
+    }
     let now = state.clock.now();
     let mut token = String::new();
     let registered = state

@@ -14,7 +14,9 @@
 //! - [`acks`]: waiting for a worker's acknowledgement of a circuit;
 //! - [`bus`]: the Redis event bus (envelopes, which change becomes which
 //!   event, the acknowledgement listener), [`publish`] (the leader's
-//!   publisher, fed from the change log) and [`idle`] (idle collection).
+//!   publisher, fed from the change log) and [`idle`] (idle collection);
+//! - [`live`]: what the workers keep in Redis DB 2 (last seen, per-circuit
+//!   traffic), read and written for the worker API.
 //!
 //! The HTTP side (`/status`, `/health`, `/v2`, `/api`, `/v1`, upstream's
 //! authentication and error bodies) is `crate::api::backendai`.
@@ -27,6 +29,7 @@ pub mod bus;
 pub mod circuit;
 pub mod idle;
 pub mod jwt;
+pub mod live;
 pub mod publish;
 
 use std::time::Duration;

@@ -306,6 +306,62 @@ impl Store {
             .ok_or(StoreError::NotFound)
     }
 
+    /// The worker named `name` (a Backend.AI worker's authority), if any.
+    pub async fn worker_by_name(&self, name: &str) -> Result<Option<Worker>> {
+        let mut c = sql::acquire(&self.db).await?;
+        Ok(rows::workers(
+            &mut c.conn(),
+            concat!(worker_select!(), " WHERE w.name = $1"),
+            &[name.into()],
+        )
+        .await?
+        .pop())
+    }
+
+    /// One node of Backend.AI worker `id` deregistered (`DELETE
+    /// /api/worker/{id}`): its `nodes` count goes down by one, never below
+    /// zero (a logged worker mutation; the status is left to the caller).
+    /// `NotFound` for an unknown worker or one that is not a Backend.AI worker.
+    pub async fn backendai_node_left(&self, id: Uuid, now: DateTime<Utc>) -> Result<Worker> {
+        let now = db_time(now);
+        let mut tx = self.write().await?;
+        let mut worker = rows::worker(&mut tx.conn(), id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let Some(bai) = worker.backendai.as_mut() else {
+            return Err(StoreError::NotFound);
+        };
+        bai.nodes = bai.nodes.saturating_sub(1);
+        let spec = WorkerRegistration {
+            name: worker.name.clone(),
+            api_url: worker.api_url.clone(),
+            frontend: worker.frontend.clone(),
+            protocols: worker.protocols.clone(),
+            app_modes: worker.app_modes.clone(),
+            labels: worker.labels.clone(),
+            pod: worker.pod.clone(),
+            capacity: worker.capacity,
+            backendai: worker.backendai.clone(),
+        };
+        tx.conn()
+            .execute(
+                "UPDATE workers SET spec = $2 WHERE id = $1",
+                &[id.into(), Arg::json(&spec)],
+            )
+            .await?;
+        let rev = tx.next_revision();
+        tx.log(
+            rev,
+            ChangeKind::WorkerUpsert,
+            None,
+            Some(id),
+            Arg::json(&worker),
+            now,
+        );
+        tx.commit().await?;
+        Ok(worker)
+    }
+
     pub async fn list_workers(&self) -> Result<Vec<Worker>> {
         let mut c = sql::acquire(&self.db).await?;
         let mut workers = rows::workers(&mut c.conn(), worker_select!(), &[]).await?;

@@ -1,0 +1,126 @@
+//! Backend.AI's live data in Redis DB 2 (`REDIS_LIVE_DB`): the workers'
+//! last heartbeats, which the coordinator writes (`proxy-worker.last_seen`),
+//! and the per-circuit traffic the workers write (`circuit.<id>.requests`,
+//! `circuit.<id>.last_access`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use uuid::Uuid;
+
+/// The database Backend.AI keeps live data in.
+pub const LIVE_DB: i64 = 2;
+/// The hash of the workers' last heartbeats (authority → unix seconds).
+pub const LAST_SEEN: &str = "proxy-worker.last_seen";
+/// How long [`LAST_SEEN`] lives after the last heartbeat, as upstream sets it.
+pub const LAST_SEEN_TTL_SECONDS: i64 = 172_800;
+/// The most a live-data read or write may take.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection to DB 2 of the Redis `client` points at (a dedicated
+/// one: a `SELECT` on a shared connection would move its other users).
+pub async fn connect(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let info = client.get_connection_info().clone();
+    let settings = info.redis_settings().clone().set_db(LIVE_DB);
+    let live = redis::Client::open(info.set_redis_settings(settings))?;
+    live.get_multiplexed_async_connection().await
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(TIMEOUT, f).await.unwrap_or_else(|_| {
+        Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "redis did not answer in time",
+        )))
+    })
+}
+
+/// Whether the last `last_seen` write failed (a failure streak is logged once).
+static LAST_SEEN_FAILING: AtomicBool = AtomicBool::new(false);
+
+/// `HSET proxy-worker.last_seen <authority> <unix ts>` and `EXPIRE 172800`,
+/// as upstream's coordinator does on every heartbeat. A failure is logged
+/// (at warn, once per streak of failures) and otherwise ignored: the
+/// heartbeat itself is the database's business.
+pub async fn record_last_seen(client: &redis::Client, authority: &str, unix_seconds: f64) {
+    let result = timed(async {
+        let mut c = connect(client).await?;
+        redis::pipe()
+            .hset(LAST_SEEN, authority, unix_seconds)
+            .ignore()
+            .expire(LAST_SEEN, LAST_SEEN_TTL_SECONDS)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+    })
+    .await;
+    match result {
+        Ok(()) => {
+            if LAST_SEEN_FAILING.swap(false, Ordering::Relaxed) {
+                tracing::info!("writing proxy-worker.last_seen to Redis works again");
+            }
+        }
+        Err(e) => {
+            if !LAST_SEEN_FAILING.swap(true, Ordering::Relaxed) {
+                tracing::warn!(error = %e, worker = authority, "cannot write proxy-worker.last_seen to Redis; heartbeats still count");
+            }
+        }
+    }
+}
+
+/// What the workers counted for one circuit.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CircuitTraffic {
+    /// `circuit.<id>.requests` (0 when absent).
+    pub requests: i64,
+    /// `circuit.<id>.last_access`, in unix seconds, when present.
+    pub last_access: Option<f64>,
+}
+
+/// Reads circuit `id`'s traffic counters.
+pub async fn circuit_traffic(
+    client: &redis::Client,
+    id: Uuid,
+) -> redis::RedisResult<CircuitTraffic> {
+    timed(async {
+        let mut c = connect(client).await?;
+        let (requests, last_access): (Option<String>, Option<String>) = c
+            .mget(&[
+                format!("circuit.{id}.requests"),
+                format!("circuit.{id}.last_access"),
+            ])
+            .await?;
+        Ok(CircuitTraffic {
+            requests: requests
+                .and_then(|r| r.trim().parse::<f64>().ok())
+                .map_or(0, |r| r as i64),
+            last_access: last_access.and_then(|t| parse_timestamp(&t)),
+        })
+    })
+    .await
+}
+
+/// A timestamp as the workers write it: unix seconds (a float), or
+/// milliseconds when it is too large to be seconds.
+fn parse_timestamp(text: &str) -> Option<f64> {
+    let t: f64 = text.trim().parse().ok()?;
+    (t.is_finite() && t >= 0.0).then(|| if t > 1e11 { t / 1000.0 } else { t })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_seconds_or_milliseconds() {
+        assert_eq!(parse_timestamp("1764000000.25"), Some(1_764_000_000.25));
+        assert_eq!(parse_timestamp("1764000000250"), Some(1_764_000_000.25));
+        assert_eq!(parse_timestamp("soon"), None);
+        assert_eq!(parse_timestamp("-1"), None);
+    }
+}
