@@ -10,6 +10,10 @@
 //! - [`circuit`]: the wire shapes (`SerializableCircuit`, `RouteInfo`, the
 //!   worker registration) made from routes and workers, and URLs as
 //!   upstream writes them;
+//! - [`endpoint`]: inference endpoints: `existing_url` re-use, endpoint
+//!   token claims;
+//! - [`interactive`]: interactive apps: served protocols, client networks,
+//!   setup token claims;
 //! - [`jwt`]: HS256 tokens (setup and endpoint tokens the workers check);
 //! - [`acks`]: waiting for a worker's acknowledgement of a circuit;
 //! - [`bus`]: the Redis event bus (envelopes, which change becomes which
@@ -27,7 +31,9 @@
 pub mod acks;
 pub mod bus;
 pub mod circuit;
+pub mod endpoint;
 pub mod idle;
+pub mod interactive;
 pub mod jwt;
 pub mod live;
 pub mod publish;

@@ -14,6 +14,7 @@
 //! | `moves.rs` | routes leaving a worker (failover, draining) and pending placement |
 //! | `changes.rs` | the change log: reading after a revision, snapshots, compaction |
 //! | `bus.rs` | the Backend.AI event bus's position and published circuits |
+//! | `backendai.rs` | Backend.AI's conf tokens, routes by its keys, circuits on lost workers |
 //!
 //! The store fetches and writes; what to decide (placement, status,
 //! failover) it asks of [`crate::domain`].
@@ -40,6 +41,7 @@ use crate::domain::{
 };
 
 mod bus;
+mod backendai;
 mod changes;
 mod create_writer;
 mod moves;
@@ -50,6 +52,7 @@ mod tx;
 mod workers;
 
 pub use bus::{BusCircuit, BusState, BusWrite};
+pub use backendai::ConfToken;
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};
 

@@ -239,7 +239,7 @@ impl Store {
     }
 
     /// Stores `route`'s changed spec at the next revision and logs it.
-    async fn write_spec(
+    pub(super) async fn write_spec(
         &self,
         tx: &mut super::tx::WriteTx<'_>,
         mut route: StoredRoute,

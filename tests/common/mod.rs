@@ -323,6 +323,19 @@ impl TestApp {
         TestApp::serve_full(db, store, 1024 * 1024, hub_config(), clock, Some(bai)).await
     }
 
+    /// A coordinator in Backend.AI mode with `settings` (say a short ack
+    /// timeout, or no network allowed to configure without a token).
+    pub async fn start_backendai_with(
+        backend: Backend,
+        clock: Clock,
+        settings: backendai::Settings,
+    ) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let bai = Arc::new(BackendAi::new(settings).unwrap());
+        TestApp::serve_full(db, store, 1024 * 1024, hub_config(), clock, Some(bai)).await
+    }
+
     pub async fn serve_full(
         db: TestDb,
         store: Store,

@@ -87,6 +87,23 @@ pub fn check(headers: &HeaderMap, secret: &Secret, now: i64) -> Result<(), BaiEr
         .map_err(|_| BaiError::auth_failed("Unauthorized access"))
 }
 
+/// The address the request came from (the TCP peer), when the server
+/// serves with connect info.
+pub struct Peer(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Peer, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip().to_canonical()),
+        ))
+    }
+}
+
 /// `POST /v2/conf`: the api_secret exactly as `X-BackendAI-Token` (no
 /// `Bearer` form, no JWT), unless the caller's address is in
 /// `allowed` (the Manager sends no token at all).

@@ -6,8 +6,11 @@
 //! bodies are read as upstream reads them ([`BaiJson`]).
 
 pub mod auth;
+pub mod endpoints;
 pub mod error;
+pub mod health;
 pub mod manager;
+pub mod proxy;
 pub mod workers;
 
 use aide::axum::ApiRouter;

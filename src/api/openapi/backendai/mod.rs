@@ -14,7 +14,7 @@ use super::{respond, schema_object};
 
 pub mod manager;
 pub mod workers;
-use crate::api::backendai::auth::{Authorized, Mode};
+use crate::api::backendai::auth::{Authorized, Mode, Peer};
 use crate::api::backendai::{BaiError, BaiJson, BaiPath, BaiQuery};
 
 /// The api_secret as `X-BackendAI-Token` (raw, `Bearer …` or `BackendAI …`).
@@ -91,6 +91,8 @@ impl OperationInput for Mode {
         errors(ctx, &[(404, MODE_OFF)])
     }
 }
+
+impl OperationInput for Peer {}
 
 impl OperationInput for Authorized {
     fn operation_input(_: &mut GenContext, operation: &mut Operation) {
