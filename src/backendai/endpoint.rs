@@ -255,6 +255,65 @@ mod tests {
     }
 
     #[test]
+    fn token_claims_are_the_circuit_with_float_times_and_the_url_without_slash() {
+        let worker = worker(
+            "w",
+            WorkerFrontend::Port {
+                host: "proxy.example".into(),
+                port_range: [10200, 10300],
+            },
+            WorkerStatus::Ready,
+        );
+        let (endpoint, user) = (Uuid::now_v7(), Uuid::now_v7());
+        let created = DateTime::parse_from_rfc3339("2026-11-25T16:48:19.690012Z")
+            .unwrap()
+            .to_utc();
+        let route = Route {
+            id: Uuid::now_v7(),
+            app_mode: AppMode::Inference,
+            session_id: None,
+            endpoint_id: Some(endpoint),
+            service: "smoke".into(),
+            protocol: crate::domain::Protocol::Http,
+            targets: Vec::new(),
+            frontend: crate::domain::Frontend::on(
+                &worker.frontend,
+                crate::domain::Protocol::Http,
+                Some(10205),
+                None,
+            ),
+            worker_id: Some(worker.id),
+            access: Default::default(),
+            labels: BTreeMap::new(),
+            envs: BTreeMap::new(),
+            args: None,
+            health_check: None,
+            expires_at: None,
+            circuit: Some(crate::domain::CircuitInfo {
+                user_id: Some(user),
+                runtime_variant: Some("vllm".into()),
+                ..Default::default()
+            }),
+            status: crate::domain::RouteStatus::Active,
+            pending_reason: None,
+            revision: 1,
+            created_at: created,
+            updated_at: created,
+        };
+        let claims = token_claims(&route, &worker, user, 1_900_000_000);
+        assert_eq!(claims["id"], json!(route.id));
+        assert_eq!(claims["worker"], json!(worker.id));
+        assert_eq!(claims["endpoint_id"], json!(endpoint));
+        assert_eq!(claims["app_url"], "http://proxy.example:10205");
+        assert_eq!(claims["user"], json!(user));
+        assert_eq!(claims["exp"], 1_900_000_000);
+        assert_eq!(claims["created_at"], json!(1_795_625_299.690_012));
+        assert_eq!(claims["runtime_variant"], "vllm");
+        assert_eq!(claims["frontend_mode"], "port");
+        assert!(!claims.contains_key("route_info"));
+    }
+
+    #[test]
     fn expiries_are_unix_seconds_or_iso_datetimes() {
         assert_eq!(parse_exp(&json!(1_900_000_000)), Ok(1_900_000_000));
         assert_eq!(parse_exp(&json!(1_900_000_000.7)), Ok(1_900_000_000));

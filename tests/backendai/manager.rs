@@ -201,7 +201,9 @@ async fn the_api_secret_is_taken_in_upstreams_forms_only(b: Backend) {
     let bearer = format!("Bearer {API_SECRET}");
     let backendai = format!("BackendAI {API_SECRET}");
     let basic = format!("Basic {API_SECRET}");
-    let cases: Vec<(Vec<(&str, &str)>, Option<&str>)> = vec![
+    // The headers sent, and the 401 message when they are refused.
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (vec![("x-backendai-token", API_SECRET)], None),
         (vec![("x-backendai-token", &bearer)], None),
         (vec![("x-backendai-token", &backendai)], None),
