@@ -30,6 +30,7 @@ on_both_backends!(
     one_endpoint_is_created_and_deleted_by_its_id,
     bulk_delete_answers_per_endpoint_in_request_order,
     routes_are_replaced_registered_and_unregistered_per_endpoint,
+    concurrent_registrations_all_land,
     the_endpoint_token_carries_the_circuit_and_expiry,
     the_health_check_is_stored_on_the_circuit,
     conf_then_proxy_auth_answers_json_or_a_redirect_to_setup,
@@ -636,6 +637,50 @@ async fn routes_are_replaced_registered_and_unregistered_per_endpoint(b: Backend
     )
     .await;
     assert_eq!(a.body, json!({"endpoints": []}));
+}
+
+async fn concurrent_registrations_all_land(b: Backend) {
+    let app = TestApp::start_backendai(b, manual_clock()).await;
+    port_worker(&app, "worker-1").await;
+    ack_everything(&app);
+    let deployment = Uuid::new_v4();
+    let c = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
+    // The Manager registers each replica as it becomes healthy: the
+    // registrations read and write the route list in one transaction each,
+    // so none is lost.
+    let ids: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+    let replies = futures::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+        manager(
+            &app,
+            Method::POST,
+            "/v2/endpoints/bulk/routes/register",
+            Some(
+                json!({"endpoints": [{"deployment_id": deployment, "routes": [
+                    {"session_id": Uuid::new_v4(), "route_id": id, "kernel_host": "10.0.0.5",
+                     "kernel_port": 8000 + i}
+                ]}]}),
+            ),
+        )
+    }))
+    .await;
+    for (reply, id) in replies.iter().zip(&ids) {
+        assert_eq!(
+            reply.body["endpoints"][0]["registered_route_ids"],
+            json!([id])
+        );
+    }
+    let route = route_of(&app, deployment).await.unwrap();
+    let mut registered: Vec<Uuid> = route["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    registered.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(registered, expected);
 }
 
 async fn the_endpoint_token_carries_the_circuit_and_expiry(b: Backend) {
