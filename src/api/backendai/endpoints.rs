@@ -36,7 +36,7 @@ use crate::backendai::endpoint::{self as inference, UrlPlace};
 use crate::backendai::{BackendAi, jwt};
 use crate::domain::{
     Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, RouteStatus, Target,
-    ValidationError, Worker,
+    ValidationError, Worker, WorkerStatus,
 };
 use crate::store::StoreError;
 
@@ -286,9 +286,17 @@ struct NewEndpoint {
     health_check: Option<Map<String, Value>>,
 }
 
-/// A placed route whose worker must acknowledge it before the answer.
-pub(super) fn needs_ack(route: &Route, worker: &Worker) -> bool {
-    worker.backendai.is_some() && route.status != RouteStatus::Active
+/// Whether `route`'s worker must acknowledge it before the answer: a
+/// Backend.AI worker that has not acknowledged it yet. A Lost worker
+/// cannot: that is 503 `E10001` at once rather than after the timeout.
+pub(super) fn needs_ack(route: &Route, worker: &Worker) -> Result<bool, BaiError> {
+    if worker.backendai.is_none() || route.status == RouteStatus::Active {
+        return Ok(false);
+    }
+    if worker.status == WorkerStatus::Lost {
+        return Err(BaiError::worker_not_responding(&worker.name));
+    }
+    Ok(true)
 }
 
 /// Waits (with `waiter`, subscribed before the routes were written) until
@@ -436,7 +444,7 @@ pub async fn bulk_create(
             },
         )
         .await?;
-        if needs_ack(&route, &worker) {
+        if needs_ack(&route, &worker)? {
             pending.push((route.id, worker.name.clone()));
         }
         endpoints.push(CreatedEndpoint {
@@ -471,7 +479,7 @@ pub async fn create(
         },
     )
     .await?;
-    if needs_ack(&route, &worker) {
+    if needs_ack(&route, &worker)? {
         await_acks(&state, &bai, waiter, &[(route.id, worker.name.clone())]).await?;
     }
     Ok(Json(CreateEndpointResponse {

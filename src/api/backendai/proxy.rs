@@ -308,7 +308,7 @@ pub async fn auth(
     let waiter = bai.acks.subscribe();
     let (route, reuse) = circuit_for(&state, wanted).await?;
     let worker = worker_of(&state, &route).await?;
-    if needs_ack(&route, &worker) {
+    if needs_ack(&route, &worker)? {
         await_acks(&state, &bai, waiter, &[(route.id, worker.name.clone())]).await?;
     }
     let redirect = query.redirect.as_deref().unwrap_or_default();
