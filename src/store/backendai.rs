@@ -1,13 +1,12 @@
 //! What Backend.AI's Manager API needs beyond the route operations: its conf
 //! tokens (`POST /v2/conf`), routes found by their Backend.AI keys, spec
 //! edits that read and write in one transaction (route lists registered
-//! concurrently must not lose each other), and the circuits stranded on
-//! lost workers.
+//! concurrently must not lose each other).
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::rows::{self, route_columns, worker_select};
+use super::rows::{self, route_columns};
 use super::sql;
 use super::{Result, Store, StoreError, db_time};
 use crate::domain::{Route, RouteSpec, Worker, validate};
@@ -190,38 +189,5 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(route)
-    }
-
-    /// Backend.AI circuits (routes with `circuit` set) whose worker is
-    /// Lost, with that worker: nobody serves them until it comes back or
-    /// failover moves them.
-    pub async fn stranded_circuits(&self) -> Result<Vec<(Route, Worker)>> {
-        let mut c = sql::acquire(&self.db).await?;
-        let lost = rows::workers(
-            &mut c.conn(),
-            concat!(worker_select!(), " WHERE w.status = 'Lost'"),
-            &[],
-        )
-        .await?;
-        let mut stranded = Vec::new();
-        for worker in lost {
-            let routes = rows::routes(
-                &mut c.conn(),
-                concat!(
-                    "SELECT ",
-                    route_columns!(),
-                    " FROM routes WHERE worker_id = $1 ORDER BY id"
-                ),
-                &[worker.id.into()],
-            )
-            .await?;
-            stranded.extend(
-                routes
-                    .into_iter()
-                    .filter(|r| r.spec.circuit.is_some())
-                    .map(|r| (r.into_route(Some(&worker)), worker.clone())),
-            );
-        }
-        Ok(stranded)
     }
 }

@@ -14,7 +14,7 @@
 //! | `moves.rs` | routes leaving a worker (failover, draining) and pending placement |
 //! | `changes.rs` | the change log: reading after a revision, snapshots, compaction |
 //! | `bus.rs` | the Backend.AI event bus's position and published circuits |
-//! | `backendai.rs` | Backend.AI's conf tokens, routes by its keys, circuits on lost workers |
+//! | `backendai.rs` | Backend.AI's conf tokens, routes by its keys, spec edits in one transaction |
 //!
 //! The store fetches and writes; what to decide (placement, status,
 //! failover) it asks of [`crate::domain`].

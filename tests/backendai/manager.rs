@@ -1103,18 +1103,29 @@ async fn health_answers_and_lists_workers_and_stranded_circuits(b: Backend) {
     );
     assert_eq!(a.body["stranded_circuits"], json!([]));
 
-    // Its worker lost, the circuit is reported stranded, with the URL the
-    // Manager holds.
+    // Its worker lost, failover keeps the circuit there (a move would change
+    // its URL): it is reported stranded, with the URL the Manager holds.
     app.store
         .set_worker_status(worker.id, WorkerStatus::Lost, app.clock.now())
         .await
         .unwrap();
+    let moved = app
+        .store
+        .relocate_routes(worker.id, 100, app.clock.now())
+        .await
+        .unwrap();
+    assert!(moved.iter().all(|m| m.stranded), "{moved:?}");
     let route = route_of(&app, deployment).await.unwrap();
     let a = manager(&app, Method::GET, "/health/status", None).await;
+    let stranded = &a.body["stranded_circuits"];
+    assert_eq!(stranded.as_array().unwrap().len(), 1, "{stranded}");
+    let mut entry = stranded[0].clone();
+    assert!(entry["reason"].is_string());
+    entry.as_object_mut().unwrap().remove("reason");
     assert_eq!(
-        a.body["stranded_circuits"],
-        json!([{"id": route["id"], "endpoint_id": deployment, "session_id": null,
-                "worker": "worker-1", "url": "http://127.0.0.1:10205/"}])
+        entry,
+        json!({"id": route["id"], "endpoint_id": deployment, "session_id": null,
+               "worker": "worker-1", "url": "http://127.0.0.1:10205/"})
     );
     // Re-creating it cannot wait for a Lost worker: 503 E10001 at once.
     let a = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;

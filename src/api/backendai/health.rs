@@ -2,8 +2,8 @@
 //! check the database and Redis (each with a short timeout), `/health/livez`
 //! only that the process answers. `/health/status` lists the workers as
 //! upstream does and, beyond upstream, the Backend.AI circuits stranded on
-//! Lost workers (not served until the worker returns or failover moves
-//! them). Upstream's `/health/summary`, `/health/endpoints` and
+//! Lost workers (failover keeps them there because a move would change the
+//! URL the Manager holds; not served until the worker returns). Upstream's `/health/summary`, `/health/endpoints` and
 //! `/health/circuits/{id}` always fail there and are not served here.
 
 use std::time::Duration;
@@ -63,7 +63,7 @@ pub struct WorkerSlots {
     pub ha_setup: bool,
 }
 
-/// A circuit whose worker is Lost.
+/// A circuit kept on its Lost worker because a move would change its URL.
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct StrandedCircuit {
     pub id: Uuid,
@@ -73,6 +73,8 @@ pub struct StrandedCircuit {
     pub worker: String,
     /// The URL the Manager holds for it.
     pub url: Option<String>,
+    /// Why it stays, in a sentence.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
@@ -195,15 +197,16 @@ pub async fn status(
         .collect();
     let stranded_circuits = state
         .store
-        .stranded_circuits()
+        .stranded_routes()
         .await?
         .into_iter()
-        .map(|(route, worker)| StrandedCircuit {
-            url: endpoint_url(&route, &worker),
-            id: route.id,
-            endpoint_id: route.endpoint_id,
-            session_id: route.session_id,
-            worker: worker.name,
+        .map(|s| StrandedCircuit {
+            url: endpoint_url(&s.route, &s.worker),
+            id: s.route.id,
+            endpoint_id: s.route.endpoint_id,
+            session_id: s.route.session_id,
+            worker: s.worker.name,
+            reason: s.reason,
         })
         .collect();
     Ok(Json(HealthStatusResponse {
