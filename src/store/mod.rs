@@ -40,8 +40,8 @@ use crate::domain::{
     PlacementError, Revision, Route, RouteStatus, ValidationError, Worker, WorkerStatus,
 };
 
-mod bus;
 mod backendai;
+mod bus;
 mod changes;
 mod create_writer;
 mod moves;
@@ -51,8 +51,8 @@ mod sql;
 mod tx;
 mod workers;
 
-pub use bus::{BusCircuit, BusState, BusWrite};
 pub use backendai::ConfToken;
+pub use bus::{BusCircuit, BusState, BusWrite};
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};
 
