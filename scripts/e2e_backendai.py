@@ -269,7 +269,14 @@ class Harness:
         self._spawn("coordinator", [self.bin], env=env)
         wait_for("the coordinator", lambda: http("GET", f"{self.url}/readyz").status == 200)
 
-    def start_worker(self, name, authority, heartbeat=1.0):
+    def start_worker(self, name, authority, heartbeat=1.0, config_of=None):
+        """Starts a worker; `config_of` names an earlier one whose config
+        (ports included) it reuses, as a restarted worker does."""
+        if config_of is not None:
+            cfg = os.path.join(self.tmp, config_of, "worker.toml")
+            self._spawn(name, [self.worker_script, "run", cfg], cwd=os.path.join(self.tmp, config_of))
+            wait_for(f"worker {name} to start", lambda: self._worker_started(name))
+            return
         lo, hi = free_range(20)
         api_port = free_port()
         aiomon = free_port()
@@ -439,10 +446,12 @@ def inference(h):
     dep, url = ep["deployment_id"], ep["url"]
     expect(url.endswith("/"), f"upstream URLs end in '/': {url}")
     # Idempotent: the Manager retries; same URL, nothing else.
+    log(f"inference: created {url}")
     (again,) = h.bulk_create(items)
     expect(again["url"] == url, f"re-create changed the URL: {again} vs {ep}")
     route = h.register_route(dep)
     token = h.token(dep, user)
+    log("inference: route registered, token issued")
     wait_for("200 through the worker with the token", lambda: proxied(url, token).status == 200)
     body = proxied(url, token).raw
     expect(b"hello from the kernel" in body, f"the kernel's page: {body[:200]!r}")
@@ -501,7 +510,7 @@ def restart(h, inf, ia):
     log("restart: kill the worker, start it again: every circuit comes back")
     h.stop("worker-1", signal.SIGKILL)
     wait_for("the circuits to be gone", lambda: proxied(inf["url"], inf["token"]).status == 0)
-    h.start_worker("worker-1b", "e2e-worker-1")
+    h.start_worker("worker-1b", "e2e-worker-1", config_of="worker-1")
     wait_for("inference back", lambda: proxied(inf["url"], inf["token"]).status == 200)
     wait_for("interactive back", lambda: proxied(ia["url"], cookie=ia["cookie"]).status == 200)
 

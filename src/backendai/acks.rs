@@ -5,24 +5,41 @@
 //! must answer only once the worker holds its circuit subscribes *before* it
 //! commits (so an acknowledgement cannot slip by between the commit and the
 //! wait) and then waits for its ids.
+//!
+//! The most recent acknowledgements are also remembered: a Manager retrying
+//! a create right after the first answer finds its circuit acknowledged here
+//! even before the leader has recorded it (which makes the route `Active`),
+//! instead of waiting for a re-publish.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+/// How many acknowledged circuit ids a replica remembers.
+const REMEMBERED: usize = 65_536;
+
 /// The acknowledgements heard on this replica.
 #[derive(Clone, Debug)]
 pub struct Acks {
     tx: broadcast::Sender<Arc<Vec<Uuid>>>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The last [`REMEMBERED`] acknowledged circuit ids, oldest first.
+#[derive(Debug, Default)]
+struct Recent {
+    order: VecDeque<Uuid>,
+    ids: HashSet<Uuid>,
 }
 
 impl Default for Acks {
     fn default() -> Acks {
         Acks {
             tx: broadcast::channel(4096).0,
+            recent: Arc::default(),
         }
     }
 }
@@ -30,6 +47,19 @@ impl Default for Acks {
 impl Acks {
     /// A worker acknowledged these circuits.
     pub fn heard(&self, circuits: Vec<Uuid>) {
+        {
+            let mut recent = self.recent.lock().expect("never poisoned");
+            for id in &circuits {
+                if recent.ids.insert(*id) {
+                    recent.order.push_back(*id);
+                }
+            }
+            while recent.order.len() > REMEMBERED {
+                if let Some(old) = recent.order.pop_front() {
+                    recent.ids.remove(&old);
+                }
+            }
+        }
         let _ = self.tx.send(Arc::new(circuits));
     }
 
@@ -37,22 +67,30 @@ impl Acks {
     pub fn subscribe(&self) -> AckWaiter {
         AckWaiter {
             rx: self.tx.subscribe(),
+            recent: self.recent.clone(),
         }
     }
 }
 
-/// Acknowledgements heard since [`Acks::subscribe`].
+/// Acknowledgements heard since [`Acks::subscribe`], and the recent ones.
 #[derive(Debug)]
 pub struct AckWaiter {
     rx: broadcast::Receiver<Arc<Vec<Uuid>>>,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl AckWaiter {
-    /// Waits until every circuit of `ids` has been acknowledged, for at most
-    /// `timeout`; answers the ids still waiting when it gave up (empty: all
-    /// acknowledged).
+    /// Waits until every circuit of `ids` has been acknowledged (recently,
+    /// or while it waits), for at most `timeout`; answers the ids still
+    /// waiting when it gave up (empty: all acknowledged).
     pub async fn wait(mut self, ids: &[Uuid], timeout: Duration) -> Vec<Uuid> {
-        let mut waiting: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut waiting: HashSet<Uuid> = {
+            let recent = self.recent.lock().expect("never poisoned");
+            ids.iter()
+                .copied()
+                .filter(|id| !recent.ids.contains(id))
+                .collect()
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         while !waiting.is_empty() {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -81,7 +119,7 @@ mod tests {
     async fn a_waiter_sees_acknowledgements_heard_after_it_subscribed() {
         let acks = Acks::default();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        acks.heard(vec![a]); // before: not seen
+        acks.heard(vec![a]); // before: remembered
         let waiter = acks.subscribe();
         acks.heard(vec![b, Uuid::now_v7()]);
         acks.heard(vec![a]);
@@ -91,6 +129,15 @@ mod tests {
                 .await
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_circuit_acknowledged_before_the_wait_is_not_waited_for_again() {
+        let acks = Acks::default();
+        let a = Uuid::now_v7();
+        acks.heard(vec![a]);
+        let waiter = acks.subscribe();
+        assert!(waiter.wait(&[a], Duration::from_secs(30)).await.is_empty());
     }
 
     #[tokio::test]
