@@ -246,15 +246,14 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
 #[tokio::test]
 async fn a_stranded_backendai_circuit_s_cr_carries_the_stranded_condition() {
     let e = env().await;
-    let (worker, _, _) = e
-        .app
-        .register_with(json!({
-            "name": "bai-1", "api_url": "http://127.0.0.1:10201",
-            "frontend": {"mode": "port", "host": "proxy.test", "port_range": [20000, 20100]},
-            "backendai": {"hostname": "proxy.test", "api_port": 10201,
-                          "tls_listen": false, "tls_advertised": false}
-        }))
-        .await;
+    // A Backend.AI worker (as PUT /api/worker registers one).
+    let worker = common::register_backendai_worker(
+        &e.app,
+        "bai-1",
+        json!({"frontend_mode": "port", "port_range": [20000, 20100], "hostname": "proxy.test"}),
+    )
+    .await
+    .id;
     e.start_mirror();
     let a = e
         .app
