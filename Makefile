@@ -50,6 +50,6 @@ faults: ## Fault tests, including a PostgreSQL restart under load (stops the loc
 e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (needs Redis on 127.0.0.1:6379, Python 3.13; builds its venv under ~/.cache)
 	python3 scripts/e2e_backendai.py
 
-bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); adds backendai.* to bench/results.json
+bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); writes bench/backendai.json
 	cargo build --release --locked --bin appproxy-coordinator
 	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/e2e_backendai.py --bench

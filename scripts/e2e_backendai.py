@@ -13,9 +13,11 @@ then plays the Backend.AI Manager and a browser against them:
   restart      the worker killed and started again gets every circuit back
   failover     a second worker takes new circuits while the first is Lost
 
-With --bench it measures instead (bench/results.json, `backendai.*`): bulk
+With --bench it measures instead (bench/backendai.json): bulk
 create of 100 endpoints with the worker acknowledging, route register and
-unregister calls per second, and create-to-first-proxied-200 latency.
+unregister calls per second, and create-to-first-proxied-200 latency, each next
+to the same work through the native API (or straight to the kernel) in the
+same run.
 
 Every process it starts is stopped and every Redis key it caused is removed,
 whatever happens. Needs: Redis on 127.0.0.1:6379, Python 3.13 for the worker
@@ -180,7 +182,8 @@ class Harness:
         self.keep = keep
         self.procs = {}
         self.circuits = set()
-        self.bin = os.environ.get("APPPROXY_COORDINATOR_BIN") or self._build()
+        given = os.environ.get("APPPROXY_COORDINATOR_BIN")
+        self.bin = os.path.abspath(given) if given else self._build()
         self.worker_script = os.path.join(ROOT, "scripts", "backendai-worker.sh")
         subprocess.run([self.worker_script, "venv"], check=True, stdout=subprocess.DEVNULL)
         self.redis = Redis()
@@ -269,7 +272,7 @@ class Harness:
         self._spawn("coordinator", [self.bin], env=env)
         wait_for("the coordinator", lambda: http("GET", f"{self.url}/readyz").status == 200)
 
-    def start_worker(self, name, authority, heartbeat=1.0, config_of=None):
+    def start_worker(self, name, authority, heartbeat=1.0, config_of=None, ports=20):
         """Starts a worker; `config_of` names an earlier one whose config
         (ports included) it reuses, as a restarted worker does."""
         if config_of is not None:
@@ -277,7 +280,7 @@ class Harness:
             self._spawn(name, [self.worker_script, "run", cfg], cwd=os.path.join(self.tmp, config_of))
             wait_for(f"worker {name} to start", lambda: self._worker_started(name))
             return
-        lo, hi = free_range(20)
+        lo, hi = free_range(ports)
         api_port = free_port()
         aiomon = free_port()
         cfg = os.path.join(self.tmp, name, "worker.toml")
@@ -555,44 +558,88 @@ def scenario(h):
 
 
 def bench(h, out_path):
+    """Each Backend.AI figure next to the same work through the native API,
+    on the same coordinator and worker, in the same run."""
     h.authorities = ["e2e-bench-1"]
     h.start_kernel()
     h.start_coordinator()
-    h.start_worker("worker-1", "e2e-bench-1")
+    h.start_worker("worker-1", "e2e-bench-1", ports=300)
+    native = {"Authorization": f"Bearer {h.manager_token()}"}
     results = {}
-    # Bulk create of 100 endpoints, answered once the worker acknowledged each.
+
+    # Bulk create of 100 endpoints, answered once the worker acknowledged
+    # each; baseline: 100 native creates (published to the same worker, no wait).
     t = time.monotonic()
     user, eps, _ = h.create_endpoints(100, "bench")
-    results["backendai.bulk_create_100.seconds"] = round(time.monotonic() - t, 3)
-    # Register/unregister calls per second (one route per call, as the Manager does).
+    bulk = time.monotonic() - t
+    t = time.monotonic()
+    native_ids = []
+    for i in range(100):
+        a = http(
+            "POST",
+            f"{h.url}/routes",
+            {"app_mode": "inference", "endpoint_id": str(uuid.uuid4()), "service": f"native-{i}", "targets": []},
+            native,
+        )
+        expect(a.status == 201, f"native create: {a}")
+        native_ids.append(a.json["id"])
+    base = time.monotonic() - t
+    results["backendai.bulk_create_100.seconds"] = round(bulk, 3)
+    results["backendai.bulk_create_100.native_baseline_seconds"] = round(base, 3)
+    results["backendai.bulk_create_100.ratio"] = round(bulk / base, 2)
+
+    # Route register + unregister calls per second (one route per call, as the
+    # Manager sends them); baseline: native PATCHes of the targets.
     deps = [e["deployment_id"] for e in eps]
-    n = 0
     t = time.monotonic()
     for dep in deps:
         rid = h.register_route(dep)
         h.unregister_route(dep, rid)
-        n += 2
-    results["backendai.route_calls.per_second"] = round(n / (time.monotonic() - t), 1)
-    # Create -> first proxied 200, through the real worker.
+    calls = 2 * len(deps) / (time.monotonic() - t)
+    t = time.monotonic()
+    for rid in native_ids:
+        for targets in ([{"host": "127.0.0.1", "port": h.kernel_port}], []):
+            a = http("PATCH", f"{h.url}/routes/{rid}", {"targets": targets}, native)
+            expect(a.status == 200, f"native patch: {a}")
+    base_calls = 2 * len(native_ids) / (time.monotonic() - t)
+    results["backendai.route_calls.per_second"] = round(calls, 1)
+    results["backendai.route_calls.native_baseline_per_second"] = round(base_calls, 1)
+    results["backendai.route_calls.ratio"] = round(calls / base_calls, 2)
+
+    # Create -> first proxied 200 through the real worker; baseline: a request
+    # straight to the kernel.
     lat = []
-    for i in range(10):
+    for i in range(20):
         t = time.monotonic()
         user, (ep,), _ = h.create_endpoints(1, f"lat-{i}")
         h.register_route(ep["deployment_id"])
         token = h.token(ep["deployment_id"], user)
         wait_for("first 200", lambda: proxied(ep["url"], token).status == 200)
         lat.append(time.monotonic() - t)
+    direct = []
+    for _ in range(20):
+        t = time.monotonic()
+        expect(http("GET", f"http://127.0.0.1:{h.kernel_port}/").status == 200, "kernel")
+        direct.append(time.monotonic() - t)
     lat.sort()
+    direct.sort()
     results["backendai.create_to_first_200.p50_ms"] = round(lat[len(lat) // 2] * 1000, 1)
     results["backendai.create_to_first_200.max_ms"] = round(lat[-1] * 1000, 1)
+    results["backendai.create_to_first_200.kernel_direct_p50_ms"] = round(direct[len(direct) // 2] * 1000, 2)
     for k, v in results.items():
         log(f"{k} = {v}")
     if out_path:
-        data = {}
-        if os.path.exists(out_path):
-            with open(out_path) as f:
-                data = json.load(f)
-        data.update(results)
+        data = {"backendai": {}}
+        for key, value in results.items():
+            node = data
+            *path, last = key.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+        data["machine"] = {"cpus": os.cpu_count(), "load_average": os.getloadavg()}
+        data["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         with open(out_path, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -602,7 +649,7 @@ def bench(h, out_path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bench", action="store_true", help="measure instead of testing")
-    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results.json"))
+    ap.add_argument("--results", default=os.path.join(ROOT, "bench", "backendai.json"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
     h = Harness(keep=args.keep)
