@@ -52,7 +52,10 @@ pub struct WorkerRegistration {
     pub capacity: Option<u32>,
     /// Set for a Backend.AI App Proxy worker (registered through
     /// `PUT /api/worker`): what it told about itself that has no other place.
+    /// Not part of the native registration (`POST /workers/register` refuses
+    /// it), so not in its schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
     pub backendai: Option<BackendAiWorker>,
 }
 
