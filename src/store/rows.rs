@@ -9,7 +9,7 @@ use super::Result;
 use super::sql::{Arg, Conn};
 use crate::domain::placement::{Assignment, PlacementError, Used};
 use crate::domain::placer::{Placer, Step};
-use crate::domain::{RouteSpec, StoredRoute, Worker, WorkerRegistration, WorkerStatus};
+use crate::domain::{RouteSpec, StoredRoute, Worker, WorkerRegistration, WorkerStatus, route_json};
 
 /// The columns of a [`RouteRow`], for `SELECT`s.
 macro_rules! route_columns {
@@ -184,7 +184,7 @@ pub async fn place(
 pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
     conn.execute(
         "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
-         expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9 WHERE id = $1",
+         expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9, spec_wire = $10 WHERE id = $1",
         &[
             r.id.into(),
             r.worker_id.into(),
@@ -195,6 +195,7 @@ pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
             r.revision.into(),
             r.updated_at.into(),
             r.pending_reason.as_deref().into(),
+            Arg::Text(Some(route_json::spec_fragments(&r.spec))),
         ],
     )
     .await?;
