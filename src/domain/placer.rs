@@ -114,6 +114,31 @@ impl Placer {
         self.used.insert(worker, used);
     }
 
+    /// Workers whose taken frontends placement may need next, `first` (what
+    /// [`Step::NeedUsed`] asked for) and then up to `limit - 1` more, the
+    /// next candidates in placement order not yet known: so the store reads
+    /// them in one query instead of one query each as routes spread over
+    /// many workers.
+    pub fn unknown_ahead(&self, first: Uuid, limit: usize) -> Vec<Uuid> {
+        let mut ids = vec![first];
+        if let Some(order) = &self.order {
+            ids.extend(
+                order
+                    .iter()
+                    .map(|k| &self.workers[k.at])
+                    .filter(|w| {
+                        w.id != first
+                            && w.status == WorkerStatus::Ready
+                            && w.route_count < w.max_routes()
+                            && !self.used.contains_key(&w.id)
+                    })
+                    .map(|w| w.id)
+                    .take(limit.saturating_sub(1)),
+            );
+        }
+        ids
+    }
+
     /// Everything known to be taken, including this batch's placements.
     pub fn into_used(self) -> HashMap<Uuid, Used> {
         self.used
