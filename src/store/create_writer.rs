@@ -63,6 +63,25 @@ struct WorkerCache {
 const REFRESH_MAX: usize = 1000;
 
 impl WorkerCache {
+    /// The placer, lent without a transaction, when it is known current as of
+    /// the last revision the writer committed (`revision`): the batch must
+    /// then write only if the head is still that revision.
+    fn lease_current(&mut self) -> Option<(Revision, Lease<'_>)> {
+        if !self.stale.is_empty() {
+            return None;
+        }
+        let placer = self.placer.take()?;
+        let revision = self.revision;
+        Some((
+            revision,
+            Lease {
+                cache: self,
+                placer,
+                touched: Vec::new(),
+            },
+        ))
+    }
+
     /// The placer as of the transaction's head, lent for one batch.
     async fn lease<'c>(&'c mut self, tx: &mut WriteTx<'_>) -> Result<Lease<'c>> {
         let head = tx.head();
@@ -298,12 +317,115 @@ impl Store {
         requests: &[NewRoute],
         cache: &mut WorkerCache,
     ) -> Result<Vec<Result<Route>>> {
-        if matches!(self.db, Db::Postgres(_))
-            && let Some(answers) = self.create_routes_at_once(requests, cache).await?
-        {
-            return Ok(answers);
+        if matches!(self.db, Db::Postgres(_)) {
+            if let Some(answers) = self.create_routes_unlocked(requests, cache).await? {
+                return Ok(answers);
+            }
+            if let Some(answers) = self.create_routes_at_once(requests, cache).await? {
+                return Ok(answers);
+            }
         }
         self.create_routes_checked(requests, cache).await
+    }
+
+    /// The optimistic create without a transaction of its own (PostgreSQL),
+    /// when the writer's placer is current as of the revision it last
+    /// committed: placed outside any lock, then written in one statement that
+    /// is its own transaction — it takes the revision lock by moving the
+    /// revision on only if it is still the one the placer knows (so no other
+    /// write came in between and what was placed holds), and inserts the
+    /// routes and their change-log rows only then. One round trip and one
+    /// commit per batch, and nothing of it under the lock but that statement.
+    /// `None` when the head had moved or a route conflicts; nothing was
+    /// written then.
+    async fn create_routes_unlocked(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut WorkerCache,
+    ) -> Result<Option<Vec<Result<Route>>>> {
+        let Some((head, mut lease)) = cache.lease_current() else {
+            return Ok(None);
+        };
+        let mut c = sql::acquire(&self.db).await?;
+        let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut last = head;
+        for request in requests {
+            let spec = &request.spec;
+            let key = spec.key();
+            if created
+                .iter()
+                .any(|(s, _)| s.id == request.id || s.spec.key() == key)
+            {
+                return Ok(None);
+            }
+            let (worker, assignment) =
+                match rows::place(&mut c.conn(), &mut lease.placer, spec).await? {
+                    Ok(placed) => placed,
+                    // Refusals are not checked against the head by the
+                    // write below: the locked way gives them.
+                    Err(_) => return Ok(None),
+                };
+            lease.touched.push(worker.id);
+            last += 1;
+            let route = StoredRoute {
+                id: request.id,
+                worker_id: Some(worker.id),
+                port: assignment.port(),
+                subdomain: assignment.subdomain().map(str::to_owned),
+                pending_reason: None,
+                spec: spec.clone(),
+                revision: last,
+                created_at: request.now,
+                updated_at: request.now,
+            };
+            let wire = route.to_route(Some(&worker));
+            answers.push(Ok(wire.clone()));
+            created.push((route, wire));
+        }
+        let (routes, mut args) = insert_values(&created);
+        let log = log_values(&created, &mut args);
+        args.push(head.into());
+        args.push(last.into());
+        let (h, l) = (args.len() - 1, args.len());
+        let query = format!(
+            "WITH saved AS (UPDATE coordinator_state SET revision = ${l}::bigint \
+             WHERE id = 1 AND revision = ${h}::bigint RETURNING revision), \
+             ins AS (INSERT INTO routes ({ROUTE_COLUMNS}) SELECT * FROM (VALUES {routes}) AS v \
+             WHERE EXISTS (SELECT 1 FROM saved) RETURNING 1), \
+             log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
+             SELECT * FROM (VALUES {log}) AS v WHERE EXISTS (SELECT 1 FROM saved)) \
+             SELECT (SELECT COUNT(*) FROM saved), (SELECT COUNT(*) FROM ins), \
+             (SELECT COUNT(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', revision::text) FROM saved) AS n)"
+        );
+        let span = tracing::debug_span!(
+            "write_commit",
+            first = head + 1,
+            last,
+            changes = last - head
+        );
+        let written: sqlx::Result<(i64, i64, i64)> = c
+            .conn()
+            .fetch_one(sqlx::AssertSqlSafe(query), &args)
+            .instrument(span)
+            .await;
+        let (saved, inserted, _) = match written {
+            Ok(counts) => counts,
+            // A route a unique index or a reference refuses: nothing was
+            // written; the checked way words it.
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if saved != 1 {
+            // Another write came first: nothing was written.
+            return Ok(None);
+        }
+        debug_assert_eq!(usize::try_from(inserted).ok(), Some(created.len()));
+        self.published(last);
+        lease.committed(last);
+        Ok(Some(answers))
     }
 
     /// The optimistic create (PostgreSQL): `None` when a route of the batch
@@ -366,17 +488,7 @@ impl Store {
             insert_statement(&created, " ON CONFLICT DO NOTHING RETURNING 1");
         query.insert_str(0, "WITH ins AS (");
         query.push_str("), log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) VALUES ");
-        query.push_str(&sql::values(created.len(), 6, args.len() + 1));
-        for (r, wire) in &created {
-            args.extend([
-                r.revision.into(),
-                ChangeKind::RouteUpsert.as_str().into(),
-                Some(r.id).into(),
-                r.worker_id.into(),
-                Arg::json(wire),
-                r.created_at.into(),
-            ]);
-        }
+        query.push_str(&log_values(&created, &mut args));
         let last = created.last().map_or(tx.head(), |(r, _)| r.revision);
         args.push(last.into());
         let n = args.len();
@@ -576,11 +688,15 @@ async fn port_holder(
     .await
 }
 
-/// The statement inserting the batch's routes in one go (with `suffix`
-/// after its rows), and its arguments.
-fn insert_statement(created: &[(StoredRoute, Route)], suffix: &str) -> (String, Vec<Arg>) {
+/// The columns [`insert_values`] gives, in order.
+const ROUTE_COLUMNS: &str = "id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
+     frontend_port, frontend_subdomain, spec, spec_wire, expires_at, revision, created_at, updated_at";
+
+/// The `VALUES` rows of the batch's routes ([`ROUTE_COLUMNS`]) and their
+/// arguments, numbered from `$1`.
+fn insert_values(created: &[(StoredRoute, Route)]) -> (String, Vec<Arg>) {
     const COLUMNS: usize = 15;
-    let mut args = Vec::with_capacity(created.len() * COLUMNS);
+    let mut args = Vec::with_capacity(created.len() * (COLUMNS + 6) + 2);
     for (r, _) in created {
         args.extend([
             r.id.into(),
@@ -600,10 +716,32 @@ fn insert_statement(created: &[(StoredRoute, Route)], suffix: &str) -> (String, 
             r.updated_at.into(),
         ]);
     }
-    let query = format!(
-        "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
-         frontend_port, frontend_subdomain, spec, spec_wire, expires_at, revision, created_at, updated_at) VALUES {}{suffix}",
-        sql::values(created.len(), COLUMNS, 1)
-    );
-    (query, args)
+    (sql::values(created.len(), COLUMNS, 1), args)
+}
+
+/// The `VALUES` rows of the batch's change-log rows, their arguments
+/// appended to `args`.
+fn log_values(created: &[(StoredRoute, Route)], args: &mut Vec<Arg>) -> String {
+    let rows = sql::values(created.len(), 6, args.len() + 1);
+    for (r, wire) in created {
+        args.extend([
+            r.revision.into(),
+            ChangeKind::RouteUpsert.as_str().into(),
+            Some(r.id).into(),
+            r.worker_id.into(),
+            Arg::json(wire),
+            r.created_at.into(),
+        ]);
+    }
+    rows
+}
+
+/// The statement inserting the batch's routes in one go (with `suffix`
+/// after its rows), and its arguments.
+fn insert_statement(created: &[(StoredRoute, Route)], suffix: &str) -> (String, Vec<Arg>) {
+    let (rows, args) = insert_values(created);
+    (
+        format!("INSERT INTO routes ({ROUTE_COLUMNS}) VALUES {rows}{suffix}"),
+        args,
+    )
 }
