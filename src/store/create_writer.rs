@@ -57,6 +57,10 @@ struct WorkerCache {
     revision: Revision,
     placer: Option<Placer>,
     stale: HashSet<Uuid>,
+    /// The last locked batch found another write after the writer's own
+    /// (another replica, or the health loop): the next batch goes the locked
+    /// way instead of trying without the lock first.
+    contended: bool,
 }
 
 /// More changed workers than this since the cache's revision: read them all.
@@ -67,7 +71,7 @@ impl WorkerCache {
     /// the last revision the writer committed (`revision`): the batch must
     /// then write only if the head is still that revision.
     fn lease_current(&mut self) -> Option<(Revision, Lease<'_>)> {
-        if !self.stale.is_empty() {
+        if !self.stale.is_empty() || self.contended {
             return None;
         }
         let placer = self.placer.take()?;
@@ -85,6 +89,7 @@ impl WorkerCache {
     /// The placer as of the transaction's head, lent for one batch.
     async fn lease<'c>(&'c mut self, tx: &mut WriteTx<'_>) -> Result<Lease<'c>> {
         let head = tx.head();
+        self.contended = self.placer.is_some() && self.revision != head;
         let placer = match self.placer.take() {
             Some(placer) if self.revision == head && self.stale.is_empty() => Some(placer),
             Some(mut placer) if self.revision <= head => {
