@@ -144,14 +144,28 @@ impl Placer {
         self.used
     }
 
+    /// Forgets what is taken on `worker` (it will be asked for again).
+    pub fn forget_used(&mut self, worker: Uuid) {
+        self.used.remove(&worker);
+    }
+
+    /// Records a frontend taken on `worker` by a route placed elsewhere (say
+    /// by another replica), if what is taken there is known.
+    pub fn note_taken(&mut self, worker: Uuid, port: Option<u16>, subdomain: Option<String>) {
+        if let Some(used) = self.used.get_mut(&worker) {
+            used.ports.extend(port);
+            used.subdomains.extend(subdomain);
+        }
+    }
+
     /// Replaces what is known of the workers in `changed` (as read again from
-    /// the store; an id missing from `fresh` no longer exists) and forgets
-    /// their taken frontends; everything else stays as it is.
+    /// the store; an id missing from `fresh` no longer exists); what is taken
+    /// on them stays known unless forgotten ([`Placer::forget_used`]), and
+    /// everything else stays as it is.
     pub fn refresh(&mut self, changed: &[Uuid], fresh: Vec<Worker>) {
         let mut gone: Vec<Uuid> = Vec::new();
         let mut fresh: HashMap<Uuid, Worker> = fresh.into_iter().map(|w| (w.id, w)).collect();
         for id in changed {
-            self.used.remove(id);
             match (self.index.get(id).copied(), fresh.remove(id)) {
                 (Some(i), Some(w)) => {
                     if let Some(order) = &mut self.order {
@@ -173,6 +187,9 @@ impl Placer {
             }
         }
         if !gone.is_empty() {
+            for id in &gone {
+                self.used.remove(id);
+            }
             self.workers.retain(|w| !gone.contains(&w.id));
             self.index = self
                 .workers

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use sqlx::types::Json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -93,10 +94,29 @@ impl WorkerCache {
         let placer = match self.placer.take() {
             Some(placer) if self.revision == head && self.stale.is_empty() => Some(placer),
             Some(mut placer) if self.revision <= head => {
-                match changed_workers(&mut tx.conn(), self.revision).await? {
-                    Some(changed) if changed.len() + self.stale.len() <= REFRESH_MAX => {
+                match changes_since(&mut tx.conn(), self.revision).await? {
+                    Some(changes) if changes.len() + self.stale.len() <= REFRESH_MAX => {
                         let mut ids: Vec<Uuid> = self.stale.iter().copied().collect();
-                        ids.extend(changed);
+                        for &id in &ids {
+                            // Our own placements there were not written.
+                            placer.forget_used(id);
+                        }
+                        for (kind, worker, landed) in changes {
+                            let Some(worker) = worker else { continue };
+                            match (kind.as_str(), landed) {
+                                // A route landed there: its frontend is taken.
+                                ("route_upsert", Some(Json(l))) => {
+                                    placer.note_taken(
+                                        worker,
+                                        l.frontend.port,
+                                        l.frontend.subdomain,
+                                    );
+                                }
+                                // A route left, or the worker changed: read again.
+                                _ => placer.forget_used(worker),
+                            }
+                            ids.push(worker);
+                        }
                         ids.sort_unstable();
                         ids.dedup();
                         let fresh = if ids.is_empty() {
@@ -161,17 +181,43 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// The workers named by change-log rows after `since`; `None` when the log
-/// has been compacted past `since` (and so cannot say).
-async fn changed_workers(conn: &mut sql::Conn<'_>, since: Revision) -> Result<Option<Vec<Uuid>>> {
-    let rows: Vec<(Option<Uuid>,)> = conn
+/// Where a route landed, as its change-log row says.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Landed {
+    frontend: LandedFrontend,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct LandedFrontend {
+    port: Option<u16>,
+    subdomain: Option<String>,
+}
+
+/// A change-log row after the cache's revision: its kind, the worker it
+/// names, and for a route upsert where the route landed.
+type LoggedChange = (String, Option<Uuid>, Option<Json<Landed>>);
+
+/// The change-log rows after `since` that name a worker; `None` when the
+/// log has been compacted past `since` (and so cannot say).
+async fn changes_since(
+    conn: &mut sql::Conn<'_>,
+    since: Revision,
+) -> Result<Option<Vec<LoggedChange>>> {
+    let rows: Vec<LoggedChange> = conn
         .fetch_all(
-            "SELECT DISTINCT worker_id FROM change_log WHERE revision > $1 AND worker_id IS NOT NULL \
-             UNION ALL SELECT NULL FROM coordinator_state WHERE id = 1 AND compacted_revision > $1",
+            "SELECT kind, worker_id, CASE WHEN kind = 'route_upsert' THEN payload END AS payload \
+             FROM change_log WHERE revision > $1 AND worker_id IS NOT NULL \
+             UNION ALL SELECT 'compacted', NULL, NULL FROM coordinator_state \
+             WHERE id = 1 AND compacted_revision > $1",
             &[since.into()],
         )
         .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    if rows.iter().any(|(kind, _, _)| kind == "compacted") {
+        return Ok(None);
+    }
+    Ok(Some(rows))
 }
 
 /// Starts the create writer for `store` (a copy without a queue of its own);
