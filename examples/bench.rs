@@ -328,6 +328,7 @@ fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
         ])
         .output()
         .expect("pgbench");
+    let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
