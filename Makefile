@@ -36,7 +36,7 @@ image: ## Container image (needs a Docker engine): make image IMAGE=registry/app
 .PHONY: bench
 bench: ## Benchmarks against PostgreSQL on 127.0.0.1:5432; writes bench/results.json (see BENCHMARKS.md)
 	cargo build --release --locked --bin appproxy-coordinator --example bench
-	target/release/examples/bench
+	$${CARGO_TARGET_DIR:-target}/release/examples/bench $(BENCH_ARGS)
 
 .PHONY: fuzz
 fuzz: ## Schemathesis (all checks) against a coordinator it starts, with each kind of token; a few minutes

@@ -13,7 +13,13 @@
 //!
 //! `--quick` runs every part at a tenth of the size; `--only=create,resync`
 //! runs only the named parts (create, propagation, resync, sqlite, memory,
-//! failover) and leaves `bench/results.json` alone.
+//! failover, replicas2, scale) and leaves `bench/results.json` alone.
+//!
+//! `replicas2`: creates from 32 clients spread over two coordinators on one
+//! database, against the same load on one of them. `scale`: 10,000 workers
+//! (1,000 streaming), 1,000,000 routes loaded in SQL; creates, propagation,
+//! a manager's page and resume, a failover of 10,000 routes, RSS and the
+//! database's size.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -79,6 +85,22 @@ fn psql(db: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The release coordinator: `APPPROXY_COORDINATOR_BIN`, else the one built
+/// beside this harness (`<target>/release/examples/bench` →
+/// `<target>/release/appproxy-coordinator`, whatever `CARGO_TARGET_DIR` is).
+fn coordinator_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("APPPROXY_COORDINATOR_BIN") {
+        return bin.into();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("appproxy-coordinator")))
+        .filter(|bin| bin.exists())
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/appproxy-coordinator")
+        })
+}
+
 /// The release coordinator as a child process.
 struct Coordinator {
     child: Child,
@@ -87,8 +109,7 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(args: &[&str]) -> Coordinator {
-        let bin =
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/appproxy-coordinator");
+        let bin = coordinator_bin();
         let mut child = Command::new(&bin)
             .args(args)
             .args(["--bind", "127.0.0.1:0", "--log-format", "text"])
@@ -250,6 +271,40 @@ async fn create_load(url: &str, concurrency: usize, total: usize) -> Load {
     }
 }
 
+/// `total` creates from `concurrency` clients spread evenly over `urls`
+/// (client `i` talks to `urls[i % urls.len()]`).
+async fn create_load_over(urls: &[String], concurrency: usize, total: usize) -> Load {
+    let http = http();
+    let per = total / concurrency;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let http = http.clone();
+            let url = urls[i % urls.len()].clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = Instant::now();
+                    create(&http, &url, &route_body(None)).await;
+                    lat.push(ms(t.elapsed()));
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let wall = started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Load {
+        throughput: lat.len() as f64 / wall,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+    }
+}
+
 /// pgbench: `total` single-row inserts from `concurrency` clients, same database.
 fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
     psql(
@@ -273,6 +328,7 @@ fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
         ])
         .output()
         .expect("pgbench");
+    let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -492,6 +548,267 @@ async fn failover(db: &Database, timeout: Duration, grace: Duration, routes: usi
     (died.elapsed().as_secs_f64() - (timeout + grace).as_secs_f64()).max(0.0)
 }
 
+/// Sizes of the `scale` part.
+struct ScaleSize {
+    workers: usize,
+    streaming: usize,
+    routes: usize,
+    failover_routes: usize,
+    creates: usize,
+}
+
+/// What the `scale` part measured.
+#[derive(Default)]
+struct ScaleResult {
+    small: Option<Load>,
+    create: Option<Load>,
+    propagation_p99_ms: f64,
+    routes_page_ms: f64,
+    watch_resume_ms: f64,
+    failover_beyond_s: f64,
+    rss_mb: f64,
+    pg_size_mb: f64,
+    load_s: f64,
+}
+
+/// Milliseconds of one manager GET.
+async fn get_ms(http: &reqwest::Client, url: &str) -> (f64, Value) {
+    let t = Instant::now();
+    let r = http.get(url).bearer_auth(MANAGER).send().await.unwrap();
+    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+    let v: Value = r.json().await.unwrap();
+    (ms(t.elapsed()), v)
+}
+
+/// A large installation: `size.workers` registered (`size.streaming` of them
+/// with open watch streams, the rest idle), `size.routes` routes loaded in
+/// SQL, then creates, propagation, a manager's page and resume, a failover
+/// of `size.failover_routes` off one worker, memory and database size.
+async fn scale_part(size: &ScaleSize) -> ScaleResult {
+    let mut out = ScaleResult::default();
+    // The small case of the same run, for the create throughput's ratio.
+    {
+        let db = Database::create("scale_small");
+        let c = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
+        let http = http();
+        for i in 0..4 {
+            register(&http, &c.url, &format!("w{i}"), [1, 65535]).await;
+        }
+        create_load(&c.url, 32, 64).await;
+        out.small = Some(create_load(&c.url, 32, size.creates).await);
+    }
+    let db = Database::create("scale");
+    let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
+    let loaded = Instant::now();
+    // Register the streaming workers through the API (they need tokens),
+    // with a first coordinator; the rest of the installation goes in in SQL.
+    let mut streaming = Vec::new();
+    {
+        let c = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
+        let http = http();
+        let clients: Vec<WorkerClient> = futures::stream::iter(0..size.streaming)
+            .map(|i| {
+                let (http, url) = (http.clone(), c.url.clone());
+                async move {
+                    register(&http, &url, &format!("stream-{i:05}"), [10000, 60000])
+                        .await
+                        .0
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        streaming.extend(clients);
+    }
+    let idle = size.workers - size.streaming;
+    // Idle workers: copies of a registered one's registration. Their (and the
+    // streaming workers') heartbeats are set a day ahead, so with the short
+    // timeouts below only the worker that is made to die is ever lost.
+    psql(
+        &db.name,
+        &format!(
+            "INSERT INTO workers (id, name, spec, status, token_hash, last_heartbeat, acked_revision, created_at, updated_at) \
+             SELECT gen_random_uuid(), 'idle-' || lpad(n::text, 6, '0'), \
+                    jsonb_set(t.spec, '{{name}}', to_jsonb('idle-' || lpad(n::text, 6, '0'))), \
+                    'Ready', '\\x00'::bytea, now() + interval '1 day', 0, now(), now() \
+             FROM generate_series(1, {idle}) AS n, (SELECT spec FROM workers LIMIT 1) AS t; \
+             UPDATE workers SET last_heartbeat = now() + interval '1 day'"
+        ),
+    );
+    // Routes: spread over every worker, consecutive ports from 10000 on each.
+    let workers = size.workers;
+    psql(
+        &db.name,
+        &format!(
+            "INSERT INTO routes (id, app_mode, session_id, service, protocol, worker_id, frontend_port, spec, revision, created_at, updated_at) \
+             SELECT gen_random_uuid(), 'interactive', s.sid, 'jupyter', 'http', w.id, 10000 + (n / {workers}), \
+                    jsonb_build_object('session_id', s.sid, 'service', 'jupyter', 'targets', jsonb_build_array(jsonb_build_object('host', '10.0.1.7', 'port', 8888))), \
+                    1, now(), now() \
+             FROM generate_series(0, {routes} - 1) AS n \
+             CROSS JOIN LATERAL (SELECT gen_random_uuid() AS sid, n AS row) s \
+             JOIN (SELECT id, row_number() OVER (ORDER BY id) - 1 AS k FROM workers) w ON w.k = n % {workers}; \
+             ANALYZE",
+            routes = size.routes
+        ),
+    );
+    out.load_s = loaded.elapsed().as_secs_f64();
+    // A coordinator started on the installation, with short liveness timeouts.
+    let timeout_s = format!("{}ms", timeout.as_millis());
+    let grace_s = format!("{}ms", grace.as_millis());
+    let c = Coordinator::start(&[
+        "--database-url",
+        &db.url(),
+        "--heartbeat-timeout",
+        &timeout_s,
+        "--failover-grace",
+        &grace_s,
+        "--bookmark-interval",
+        "30s",
+    ]);
+    let url = c.url.clone();
+    let http = http();
+    // The streaming workers open their streams and take their snapshots.
+    let arrivals: Arc<Mutex<HashMap<Uuid, Instant>>> = Arc::default();
+    let mut ids = Vec::new();
+    for w in &streaming {
+        let w = WorkerClient::new(&http, &url, w.worker_id, w.token().expose());
+        let mut stream = w.watch(None).await.unwrap();
+        match stream.next().await {
+            Some(Ok(StreamEvent::Snapshot(_))) => {}
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = stream.next().await {
+                if let StreamEvent::Upsert(u) = e {
+                    arrivals.lock().unwrap().insert(u.route.id, Instant::now());
+                }
+            }
+        });
+        ids.push(w.worker_id);
+    }
+    // Creates against the whole installation.
+    create_load(&url, 32, 64).await;
+    out.create = Some(create_load(&url, 32, size.creates).await);
+    // Propagation to one of the streaming workers.
+    let mut lat = Vec::new();
+    for i in 0..300.min(size.streaming * 3) {
+        let worker = ids[(i * 7) % ids.len()];
+        let sent = Instant::now();
+        let v = create(&http, &url, &route_body(Some(worker))).await;
+        let id: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(at) = arrivals.lock().unwrap().get(&id) {
+                lat.push(ms(at.duration_since(sent)));
+                break;
+            }
+            assert!(Instant::now() < deadline, "event for {id} never arrived");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    out.propagation_p99_ms = percentile(&lat, 0.99);
+    // A manager's page (the first, and one deep in), and a watch resumed 100
+    // revisions back, to its last event.
+    let (first_ms, page) = get_ms(&http, &format!("{url}/routes?limit=100")).await;
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (deep_ms, _) = get_ms(&http, &format!("{url}/routes?limit=100&cursor={cursor}")).await;
+    out.routes_page_ms = first_ms.max(deep_ms);
+    let head: i64 = psql(&db.name, "SELECT revision FROM coordinator_state")
+        .parse()
+        .unwrap();
+    let t = Instant::now();
+    let response = http
+        .get(format!("{url}/routes/watch?since={}", head - 100))
+        .bearer_auth(MANAGER)
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    let last = format!("id: {head}\n");
+    while !text.contains(&last) {
+        let chunk = body.next().await.expect("resume events").unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    out.watch_resume_ms = ms(t.elapsed());
+    drop(body);
+    out.rss_mb = c.rss_mb();
+    // Failover: a worker agent holding `failover_routes` routes dies.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (tx, mut rx) = tokio::sync::watch::channel(RoutingTable::default());
+    let mut agent = Agent::new(&url, BOOTSTRAP, registration("doomed", [1, 65535]));
+    agent.heartbeat_interval = Duration::from_millis(200);
+    tokio::spawn(agent.run(tx, async move {
+        let _ = stopped.await;
+    }));
+    rx.wait_for(|t| t.revision > 0).await.unwrap();
+    let doomed: Uuid = psql(&db.name, "SELECT id FROM workers WHERE name = 'doomed'")
+        .parse()
+        .unwrap();
+    let bodies: Vec<Value> = (0..size.failover_routes)
+        .map(|_| route_body(Some(doomed)))
+        .collect();
+    futures::stream::iter(bodies)
+        .for_each_concurrent(32, |b| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                create(&http, &url, &b).await;
+            }
+        })
+        .await;
+    let n = size.failover_routes;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|t| t.routes.len() == n),
+    )
+    .await
+    .expect("the doomed worker receives its routes")
+    .unwrap();
+    stop.send(()).unwrap();
+    let died = Instant::now();
+    let left = format!(
+        "SELECT COUNT(*) FROM routes WHERE worker_id = '{doomed}' OR (worker_id IS NULL AND id IN \
+         (SELECT route_id FROM change_log WHERE worker_id = '{doomed}'))"
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if psql(&db.name, &left) == "0" {
+            break;
+        }
+        assert!(
+            died.elapsed() < Duration::from_secs(300),
+            "failover never finished"
+        );
+    }
+    out.failover_beyond_s =
+        (died.elapsed().as_secs_f64() - (timeout + grace).as_secs_f64()).max(0.0);
+    out.rss_mb = out.rss_mb.max(c.rss_mb());
+    out.pg_size_mb = psql(&db.name, "SELECT pg_database_size(current_database())")
+        .parse::<f64>()
+        .unwrap()
+        / 1048576.0;
+    out
+}
+
+/// Creates from 32 clients on one replica, then spread over two replicas of
+/// the same database: (one, two).
+async fn replicas2(total: usize) -> (Load, Load) {
+    let db = Database::create("replicas2");
+    let a = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
+    let b = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
+    let http = http();
+    for i in 0..4 {
+        register(&http, &a.url, &format!("w{i}"), [1, 65535]).await;
+    }
+    let both = [a.url.clone(), b.url.clone()];
+    create_load_over(&both, 32, 128).await;
+    let one = create_load_over(&both[..1], 32, total).await;
+    let two = create_load_over(&both, 32, total).await;
+    (one, two)
+}
+
 /// Prints a result as soon as it is measured, and keeps it for the summary.
 fn report(table: &mut Vec<String>, line: String) {
     eprintln!("{line}");
@@ -638,6 +955,80 @@ async fn main() {
             json!({"seconds_beyond_timeouts": beyond, "heartbeat_timeout_s": timeout.as_secs_f64(), "failover_grace_s": grace.as_secs_f64(), "routes": 100}),
         );
         drop(db);
+    }
+    if runs("replicas2") {
+        let (one, two) = replicas2(8000 / scale).await;
+        report(
+            &mut table,
+            format!(
+                "replicas2 c32  {:>8.0} routes/s over two replicas (p99 {:.2} ms) against {:>8.0} on one (p99 {:.2} ms): ratio {:.2}",
+                two.throughput,
+                two.p99_ms,
+                one.throughput,
+                one.p99_ms,
+                two.throughput / one.throughput
+            ),
+        );
+        results.insert(
+            "replicas2".into(),
+            json!({"create": {"throughput": two.throughput, "p50_ms": two.p50_ms, "p99_ms": two.p99_ms,
+                "one_replica_throughput": one.throughput, "one_replica_p99_ms": one.p99_ms,
+                "ratio": two.throughput / one.throughput, "requests": 8000 / scale}}),
+        );
+    }
+    if runs("scale") {
+        let size = ScaleSize {
+            workers: 10_000 / scale,
+            streaming: 1000 / scale,
+            routes: 1_000_000 / scale,
+            failover_routes: 10_000 / scale,
+            creates: 8000 / scale,
+        };
+        let r = scale_part(&size).await;
+        let (small, create) = (r.small.unwrap(), r.create.unwrap());
+        report(
+            &mut table,
+            format!(
+                "scale {} workers ({} streaming), {} routes loaded in {:.0} s:\n  \
+                 create c32 {:>8.0} routes/s p99 {:.2} ms against {:>8.0} p99 {:.2} ms with 4 workers (ratio {:.2})\n  \
+                 propagation p99 {:.2} ms, GET /routes page {:.1} ms, /routes/watch resume of 100 revisions {:.1} ms\n  \
+                 failover of {} routes {:.2} s beyond the timeouts, RSS {:.1} MB, PostgreSQL {:.0} MB",
+                size.workers,
+                size.streaming,
+                size.routes,
+                r.load_s,
+                create.throughput,
+                create.p99_ms,
+                small.throughput,
+                small.p99_ms,
+                create.throughput / small.throughput,
+                r.propagation_p99_ms,
+                r.routes_page_ms,
+                r.watch_resume_ms,
+                size.failover_routes,
+                r.failover_beyond_s,
+                r.rss_mb,
+                r.pg_size_mb
+            ),
+        );
+        results.insert(
+            "scale".into(),
+            json!({
+                "workers": size.workers,
+                "streaming_workers": size.streaming,
+                "routes": size.routes,
+                "create": {"throughput": create.throughput, "p50_ms": create.p50_ms, "p99_ms": create.p99_ms,
+                    "small_throughput": small.throughput, "small_p99_ms": small.p99_ms,
+                    "ratio": create.throughput / small.throughput, "requests": size.creates},
+                "propagation": {"p99_ms": r.propagation_p99_ms},
+                "routes_page_ms": r.routes_page_ms,
+                "watch_resume_ms": r.watch_resume_ms,
+                "failover": {"seconds_beyond_timeouts": r.failover_beyond_s, "routes": size.failover_routes,
+                    "heartbeat_timeout_s": 2.0, "failover_grace_s": 1.0},
+                "rss_mb": r.rss_mb,
+                "pg_size_mb": r.pg_size_mb,
+            }),
+        );
     }
     results.insert(
         "machine".into(),

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use backon::BackoffBuilder;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
@@ -127,14 +128,49 @@ impl WorkerClient {
             request = request.query(&[("since", since)]);
         }
         let response = checked(request.send().await?).await?;
-        let events = response
-            .bytes_stream()
+        let events = whole_lines(response.bytes_stream())
             .eventsource()
             .map(|item| match item {
                 Ok(e) => StreamEvent::parse(&e.event, &e.data).map_err(ClientError::Stream),
                 Err(e) => Err(ClientError::Stream(e.to_string())),
             });
         Ok(Box::pin(events))
+    }
+}
+
+/// `body` re-cut so that every chunk ends at a line end (the last one may
+/// not): the event parser scans what it holds for a line end on each chunk,
+/// so handing it a multi-megabyte `data:` line (a snapshot) in network-sized
+/// pieces would cost it time quadratic in the line's length.
+fn whole_lines<S, E>(body: S) -> impl Stream<Item = Result<Bytes, E>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: Send,
+{
+    async_stream::stream! {
+        let mut body = std::pin::pin!(body);
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    yield Err(e);
+                    return;
+                }
+            };
+            match chunk.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+                None => pending.extend_from_slice(&chunk),
+                Some(end) if pending.is_empty() && end + 1 == chunk.len() => yield Ok(chunk),
+                Some(end) => {
+                    pending.extend_from_slice(&chunk[..=end]);
+                    yield Ok(Bytes::from(std::mem::take(&mut pending)));
+                    pending.extend_from_slice(&chunk[end + 1..]);
+                }
+            }
+        }
+        if !pending.is_empty() {
+            yield Ok(Bytes::from(pending));
+        }
     }
 }
 

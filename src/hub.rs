@@ -113,88 +113,150 @@ impl Hub {
         audience: Audience,
         since: Option<Revision>,
     ) -> Result<impl Stream<Item = StreamEvent> + Send + 'static, ()> {
+        let (_, events) = self.follow(audience, since, false).await?;
+        Ok(events)
+    }
+
+    /// [`Hub::open`], except that a snapshot opening is not an event of the
+    /// stream but comes first, as JSON read from the database while it is
+    /// sent ([`SnapshotJson`]); the events follow from its revision on.
+    pub async fn open_streamed(
+        &self,
+        audience: Audience,
+        since: Option<Revision>,
+    ) -> Result<
+        (
+            Option<SnapshotJson>,
+            impl Stream<Item = StreamEvent> + Send + 'static,
+        ),
+        (),
+    > {
+        self.follow(audience, since, true).await
+    }
+
+    async fn follow(
+        &self,
+        audience: Audience,
+        since: Option<Revision>,
+        streamed: bool,
+    ) -> Result<
+        (
+            Option<SnapshotJson>,
+            impl Stream<Item = StreamEvent> + Send + 'static,
+        ),
+        (),
+    > {
         let inner = self.inner.clone();
         let mut batches = inner.batches.subscribe();
         let mut shutdown = inner.shutdown.subscribe();
         let mut events = Vec::new();
-        let mut cursor = start(&inner, audience, since, &mut events).await?;
-        Ok(async_stream::stream! {
-            let metrics = inner.metrics.clone();
-            metrics.open_streams.inc();
-            let _open = scopeguard(move || { metrics.open_streams.dec(); });
-            let mut last_sent = cursor;
-            for e in events.drain(..) {
-                inner.metrics.sent(&e, None);
-                last_sent = e.revision();
-                yield e;
-            }
-            let mut bookmarks = tokio::time::interval(inner.config.bookmark_interval);
-            bookmarks.reset();
-            loop {
-                tokio::select! {
-                    received = batches.recv() => {
-                        let batch = match received {
-                            Ok(batch) => batch,
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                match resync(&inner, audience, cursor, &mut events).await {
-                                    Ok(c) => cursor = c,
-                                    Err(()) => return,
+        let mut snapshot = None;
+        let mut cursor = start(
+            &inner,
+            audience,
+            since,
+            &mut events,
+            streamed.then_some(&mut snapshot),
+        )
+        .await?;
+        if let Some(s) = &snapshot {
+            inner.metrics.sent(
+                &StreamEvent::Snapshot(Snapshot {
+                    revision: s.revision,
+                    routes: Vec::new(),
+                }),
+                None,
+            );
+        }
+        Ok((
+            snapshot,
+            async_stream::stream! {
+                let metrics = inner.metrics.clone();
+                metrics.open_streams.inc();
+                let _open = scopeguard(move || { metrics.open_streams.dec(); });
+                let mut last_sent = cursor;
+                for e in events.drain(..) {
+                    inner.metrics.sent(&e, None);
+                    last_sent = e.revision();
+                    yield e;
+                }
+                let mut bookmarks = tokio::time::interval(inner.config.bookmark_interval);
+                bookmarks.reset();
+                loop {
+                    tokio::select! {
+                        received = batches.recv() => {
+                            let batch = match received {
+                                Ok(batch) => batch,
+                                Err(broadcast::error::RecvError::Lagged(_)) => {
+                                    match resync(&inner, audience, cursor, &mut events).await {
+                                        Ok(c) => cursor = c,
+                                        Err(()) => return,
+                                    }
+                                    for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
+                                    continue;
                                 }
-                                for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
-                                continue;
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        };
-                        for change in &batch.changes {
-                            if change.revision <= cursor {
-                                continue;
-                            }
-                            if change.revision > cursor + 1 {
-                                // Batches were missed (before we subscribed, or
-                                // the log was compacted under the tailer).
-                                match resync(&inner, audience, cursor, &mut events).await {
-                                    Ok(c) => cursor = c,
-                                    Err(()) => return,
-                                }
-                                for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
+                                Err(broadcast::error::RecvError::Closed) => return,
+                            };
+                            for change in &batch.changes {
                                 if change.revision <= cursor {
                                     continue;
                                 }
+                                if change.revision > cursor + 1 {
+                                    // Batches were missed (before we subscribed, or
+                                    // the log was compacted under the tailer).
+                                    match resync(&inner, audience, cursor, &mut events).await {
+                                        Ok(c) => cursor = c,
+                                        Err(()) => return,
+                                    }
+                                    for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
+                                    if change.revision <= cursor {
+                                        continue;
+                                    }
+                                }
+                                cursor = change.revision;
+                                if audience.ends_with(change) {
+                                    return;
+                                }
+                                if let Some(e) = audience.event(change) {
+                                    inner.metrics.sent(&e, Some(change.created_at));
+                                    last_sent = e.revision();
+                                    yield e;
+                                }
                             }
-                            cursor = change.revision;
-                            if audience.ends_with(change) {
-                                return;
-                            }
-                            if let Some(e) = audience.event(change) {
-                                inner.metrics.sent(&e, Some(change.created_at));
-                                last_sent = e.revision();
+                        }
+                        _ = bookmarks.tick() => {
+                            if cursor > last_sent {
+                                let e = StreamEvent::Bookmark(Bookmark { revision: cursor });
+                                inner.metrics.sent(&e, None);
+                                last_sent = cursor;
                                 yield e;
                             }
                         }
-                    }
-                    _ = bookmarks.tick() => {
-                        if cursor > last_sent {
-                            let e = StreamEvent::Bookmark(Bookmark { revision: cursor });
-                            inner.metrics.sent(&e, None);
-                            last_sent = cursor;
-                            yield e;
+                        _ = stopped(&mut shutdown) => {
+                            // Catch up with the log, then close at the current head.
+                            if let Ok(c) = resync(&inner, audience, cursor, &mut events).await {
+                                cursor = c;
+                            }
+                            for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
+                            if cursor > last_sent {
+                                yield StreamEvent::Bookmark(Bookmark { revision: cursor });
+                            }
+                            return;
                         }
-                    }
-                    _ = stopped(&mut shutdown) => {
-                        // Catch up with the log, then close at the current head.
-                        if let Ok(c) = resync(&inner, audience, cursor, &mut events).await {
-                            cursor = c;
-                        }
-                        for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
-                        if cursor > last_sent {
-                            yield StreamEvent::Bookmark(Bookmark { revision: cursor });
-                        }
-                        return;
                     }
                 }
-            }
-        })
+            },
+        ))
     }
+}
+
+/// A snapshot sent as JSON straight from the database: the `snapshot`
+/// event's revision, and its routes' JSON separated by commas, in chunks
+/// ([`Store::snapshot_json`]). An `Err` chunk means the read failed midway:
+/// the event must not be finished.
+pub struct SnapshotJson {
+    pub revision: Revision,
+    pub routes: futures::stream::BoxStream<'static, Result<Vec<u8>, StoreError>>,
 }
 
 /// Resolves once shutdown has been requested.
@@ -222,6 +284,7 @@ async fn start(
     audience: Audience,
     since: Option<Revision>,
     out: &mut Vec<StreamEvent>,
+    streamed: Option<&mut Option<SnapshotJson>>,
 ) -> Result<Revision, ()> {
     if let Some(since) = since {
         match inner.store.log_horizon().await {
@@ -240,7 +303,22 @@ async fn start(
             }
         }
     }
-    snapshot(inner, audience, out).await
+    match streamed {
+        Some(slot) => {
+            let worker = match audience {
+                Audience::Worker(w) => Some(w),
+                Audience::Manager => None,
+            };
+            let (revision, routes) = inner
+                .store
+                .snapshot_json(worker)
+                .await
+                .map_err(|e| log_stream_error(&e))?;
+            *slot = Some(SnapshotJson { revision, routes });
+            Ok(revision)
+        }
+        None => snapshot(inner, audience, out).await,
+    }
 }
 
 async fn snapshot(

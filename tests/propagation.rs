@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use appproxy_coordinator::client::{Agent, EventStream, RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::WorkerRegistration;
-use appproxy_coordinator::domain::events::StreamEvent;
+use appproxy_coordinator::domain::events::{Snapshot, StreamEvent};
+use appproxy_coordinator::store::Db;
 use common::{BOOTSTRAP, Backend, Coordinator, MANAGER, TestApp, TestDb, route};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
@@ -27,6 +28,7 @@ on_both_backends!(
     acknowledgements_make_routes_active_and_lag_visible,
     shutdown_ends_streams_with_a_final_bookmark,
     a_restarted_coordinator_resumes_the_agent_without_a_gap,
+    a_streamed_snapshot_is_byte_for_byte_the_snapshot_event,
 );
 
 fn registration(name: &str) -> WorkerRegistration {
@@ -617,5 +619,109 @@ async fn two_replicas_share_one_postgres() {
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "delivered through NOTIFY, not the 60 s poll"
+    );
+}
+
+/// The first SSE frame of `path` (up to its blank line), as bytes.
+async fn first_frame(app: &TestApp, path: &str, token: &str) -> String {
+    let response = app
+        .http
+        .get(format!("{}{path}", app.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut bytes = Vec::new();
+    while !bytes.windows(2).any(|w| w == b"\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the stream is open")
+            .unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(bytes).unwrap();
+    let end = text.find("\n\n").unwrap() + 2;
+    text[..end].to_owned()
+}
+
+/// A snapshot is sent from the routes' stored JSON as it is read; what the
+/// client receives is exactly the `snapshot` event built whole from decoded
+/// routes: for routes created, updated, patched, pending, with every kind of
+/// field, and for a route written without its stored JSON.
+async fn a_streamed_snapshot_is_byte_for_byte_the_snapshot_event(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (w, token, _) = app.register("w", [20000, 20100]).await;
+    app.register("other", [20000, 20100]).await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut body = route(Uuid::new_v4(), "jupyter");
+        if i % 2 == 0 {
+            body["worker_id"] = json!(w);
+        }
+        if i % 3 == 0 {
+            body["labels"] = json!({"team": "a\"b", "n": i.to_string()});
+            body["envs"] = json!({"X": "1"});
+            body["args"] = json!({"k": [1, 2.5, null, "é"]});
+            body["access"] = json!({"open_to_public": true, "allowed_client_ips": ["10.0.0.0/8"]});
+            body["health_check"] = json!({"path": "/health", "interval_s": 5});
+            body["expires_at"] = json!("2099-01-02T03:04:05.123456Z");
+        }
+        let a = app.create(body).await;
+        assert!(a.status.is_success(), "{:?}", a.body);
+        ids.push(a.body["id"].as_str().unwrap().to_owned());
+    }
+    // Patched and replaced specs are stored with their JSON too.
+    let a = app
+        .manager(
+            Method::PATCH,
+            &format!("/routes/{}", ids[0]),
+            Some(
+                json!({"labels": {"patched": "yes"}, "targets": [{"host": "10.0.0.9", "port": 1}]}),
+            ),
+        )
+        .await;
+    assert!(a.status.is_success(), "{:?}", a.body);
+    // One route as if written by an older version: no stored JSON.
+    let bare: Uuid = ids[2].parse().unwrap();
+    match app.store.db() {
+        Db::Postgres(pool) => {
+            sqlx::query("UPDATE routes SET spec_wire = NULL WHERE id = $1")
+                .bind(bare)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Db::Sqlite(pool) => {
+            sqlx::query("UPDATE routes SET spec_wire = NULL WHERE id = $1")
+                .bind(bare)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    for (worker, path, token) in [
+        (Some(w), format!("/workers/{w}/watch"), token.as_str()),
+        (None, "/routes/watch".to_owned(), MANAGER),
+    ] {
+        let (revision, routes) = app.store.snapshot(worker).await.unwrap();
+        assert!(routes.len() >= 6, "{}", routes.len());
+        let event = StreamEvent::Snapshot(Snapshot { revision, routes });
+        let expected = format!(
+            "event: snapshot\nid: {revision}\ndata: {}\n\n",
+            event.data()
+        );
+        assert_eq!(first_frame(&app, &path, token).await, expected, "{path}");
+    }
+    // An empty table is an empty snapshot.
+    let (empty, empty_token, _) = app.register("empty", [20000, 20100]).await;
+    let revision = app.revision().await;
+    assert_eq!(
+        first_frame(&app, &format!("/workers/{empty}/watch"), &empty_token).await,
+        format!(
+            "event: snapshot\nid: {revision}\ndata: {{\"revision\":{revision},\"routes\":[]}}\n\n"
+        )
     );
 }

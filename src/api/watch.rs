@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,6 +16,7 @@ use super::auth::{ManagerOnly, WorkerSelf};
 use super::{ApiError, ApiQuery, AppState};
 use crate::domain::Revision;
 use crate::domain::events::{Audience, StreamEvent};
+use crate::hub::SnapshotJson;
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -58,6 +60,39 @@ fn sse(events: impl Stream<Item = StreamEvent> + Send + 'static, keep_alive: Dur
     response
 }
 
+/// [`sse`] with a snapshot sent first as JSON straight from the database,
+/// framed exactly as [`sse`] frames a `snapshot` event (`event:`, `id:`, one
+/// `data:` line, a blank line), so clients cannot tell the two apart.
+fn sse_after(
+    snapshot: Option<SnapshotJson>,
+    events: impl Stream<Item = StreamEvent> + Send + 'static,
+    keep_alive: Duration,
+) -> Response {
+    let response = sse(events, keep_alive);
+    let Some(snapshot) = snapshot else {
+        return response;
+    };
+    let (parts, body) = response.into_parts();
+    let head = format!(
+        "event: snapshot\nid: {r}\ndata: {{\"revision\":{r},\"routes\":[",
+        r = snapshot.revision
+    );
+    let routes = snapshot.routes.map(|chunk| {
+        chunk.map(Bytes::from).map_err(|e| {
+            tracing::warn!(error = %e, "watch stream ends: cannot read the snapshot");
+            axum::BoxError::from(e)
+        })
+    });
+    let framed = futures::stream::iter([Ok(Bytes::from(head))])
+        .chain(routes)
+        .chain(futures::stream::iter([Ok(Bytes::from_static(b"]}\n\n"))]))
+        .chain(
+            body.into_data_stream()
+                .map(|c| c.map_err(axum::BoxError::from)),
+        );
+    Response::from_parts(parts, Body::from_stream(framed))
+}
+
 /// `GET /workers/{id}/watch`: that worker's routes.
 pub async fn worker(
     State(state): State<AppState>,
@@ -67,12 +102,12 @@ pub async fn worker(
 ) -> Result<Response, ApiError> {
     let since = resume_point(&query, &headers)?;
     state.store.get_worker(id).await?;
-    let events = state
+    let (snapshot, events) = state
         .hub
-        .open(Audience::Worker(id), since)
+        .open_streamed(Audience::Worker(id), since)
         .await
         .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
-    Ok(sse(events, state.keep_alive))
+    Ok(sse_after(snapshot, events, state.keep_alive))
 }
 
 /// `GET /routes/watch`: every route change.
@@ -83,10 +118,10 @@ pub async fn routes(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let since = resume_point(&query, &headers)?;
-    let events = state
+    let (snapshot, events) = state
         .hub
-        .open(Audience::Manager, since)
+        .open_streamed(Audience::Manager, since)
         .await
         .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
-    Ok(sse(events, state.keep_alive))
+    Ok(sse_after(snapshot, events, state.keep_alive))
 }

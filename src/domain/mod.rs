@@ -11,6 +11,7 @@ pub mod limits;
 pub mod placement;
 pub mod placer;
 pub mod route;
+pub mod route_json;
 pub mod schemas;
 pub mod served;
 pub mod types;

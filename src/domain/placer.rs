@@ -6,14 +6,23 @@
 //! ([`Step::NeedUsed`]), the store reads it and hands it over with
 //! [`Placer::know_used`], and placement goes on. So a worker's frontends are
 //! read at most once per batch, and only for workers actually tried.
+//!
+//! The candidates are kept in the order [`placement::rank`] gives (load, then
+//! count, then name), so placing one route walks the workers from the least
+//! loaded and stops at the first that has room, instead of ranking every
+//! worker again: with thousands of workers a placement costs a few lookups.
+//! The create writer keeps one `Placer` between batches and refreshes only
+//! the workers that changed ([`Placer::refresh`]).
 
-use std::collections::HashMap;
+use std::cmp::Ordering;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 
 use uuid::Uuid;
 
 use super::placement::{self, Assignment, PlacementError, Used};
 use super::route::RouteSpec;
+use super::types::WorkerStatus;
 use super::worker::Worker;
 
 /// Workers and what is taken on them, for one batch of placements.
@@ -21,7 +30,53 @@ use super::worker::Worker;
 pub struct Placer {
     workers: Vec<Worker>,
     used: HashMap<Uuid, Used>,
+    /// Position of each worker in `workers`.
+    index: HashMap<Uuid, usize>,
+    /// Every worker in placement order; built on the first unpinned placement.
+    order: Option<BTreeSet<RankKey>>,
 }
+
+/// A worker's place in the order of [`placement::rank`]: load as a fraction
+/// of capacity, then absolute count, then name.
+#[derive(Clone, Debug)]
+struct RankKey {
+    load: f64,
+    count: u64,
+    name: String,
+    at: usize,
+}
+
+impl RankKey {
+    fn of(worker: &Worker, at: usize) -> RankKey {
+        RankKey {
+            load: (worker.route_count as f64) / (worker.max_routes() as f64),
+            count: worker.route_count,
+            name: worker.name.clone(),
+            at,
+        }
+    }
+}
+
+impl Ord for RankKey {
+    fn cmp(&self, other: &RankKey) -> Ordering {
+        self.load
+            .total_cmp(&other.load)
+            .then(self.count.cmp(&other.count))
+            .then_with(|| self.name.cmp(&other.name))
+            .then(self.at.cmp(&other.at))
+    }
+}
+impl PartialOrd for RankKey {
+    fn partial_cmp(&self, other: &RankKey) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for RankKey {
+    fn eq(&self, other: &RankKey) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for RankKey {}
 
 /// What one attempt to place a route came to.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +92,13 @@ impl Placer {
     /// `workers` are the candidates; `used` what is already known to be taken
     /// on some of them (e.g. kept from an earlier batch).
     pub fn new(workers: Vec<Worker>, used: HashMap<Uuid, Used>) -> Placer {
-        Placer { workers, used }
+        let index = workers.iter().enumerate().map(|(i, w)| (w.id, i)).collect();
+        Placer {
+            workers,
+            used,
+            index,
+            order: None,
+        }
     }
 
     pub fn workers(&self) -> &[Worker] {
@@ -45,7 +106,7 @@ impl Placer {
     }
 
     pub fn worker(&self, id: Uuid) -> Option<&Worker> {
-        self.workers.iter().find(|w| w.id == id)
+        self.index.get(&id).map(|&i| &self.workers[i])
     }
 
     /// Records what is taken on `worker`, as read from the store.
@@ -53,9 +114,91 @@ impl Placer {
         self.used.insert(worker, used);
     }
 
+    /// Workers whose taken frontends placement may need next, `first` (what
+    /// [`Step::NeedUsed`] asked for) and then up to `limit - 1` more, the
+    /// next candidates in placement order not yet known: so the store reads
+    /// them in one query instead of one query each as routes spread over
+    /// many workers.
+    pub fn unknown_ahead(&self, first: Uuid, limit: usize) -> Vec<Uuid> {
+        let mut ids = vec![first];
+        if let Some(order) = &self.order {
+            ids.extend(
+                order
+                    .iter()
+                    .map(|k| &self.workers[k.at])
+                    .filter(|w| {
+                        w.id != first
+                            && w.status == WorkerStatus::Ready
+                            && w.route_count < w.max_routes()
+                            && !self.used.contains_key(&w.id)
+                    })
+                    .map(|w| w.id)
+                    .take(limit.saturating_sub(1)),
+            );
+        }
+        ids
+    }
+
     /// Everything known to be taken, including this batch's placements.
     pub fn into_used(self) -> HashMap<Uuid, Used> {
         self.used
+    }
+
+    /// Forgets what is taken on `worker` (it will be asked for again).
+    pub fn forget_used(&mut self, worker: Uuid) {
+        self.used.remove(&worker);
+    }
+
+    /// Records a frontend taken on `worker` by a route placed elsewhere (say
+    /// by another replica), if what is taken there is known.
+    pub fn note_taken(&mut self, worker: Uuid, port: Option<u16>, subdomain: Option<String>) {
+        if let Some(used) = self.used.get_mut(&worker) {
+            used.ports.extend(port);
+            used.subdomains.extend(subdomain);
+        }
+    }
+
+    /// Replaces what is known of the workers in `changed` (as read again from
+    /// the store; an id missing from `fresh` no longer exists); what is taken
+    /// on them stays known unless forgotten ([`Placer::forget_used`]), and
+    /// everything else stays as it is.
+    pub fn refresh(&mut self, changed: &[Uuid], fresh: Vec<Worker>) {
+        let mut gone: Vec<Uuid> = Vec::new();
+        let mut fresh: HashMap<Uuid, Worker> = fresh.into_iter().map(|w| (w.id, w)).collect();
+        for id in changed {
+            match (self.index.get(id).copied(), fresh.remove(id)) {
+                (Some(i), Some(w)) => {
+                    if let Some(order) = &mut self.order {
+                        order.remove(&RankKey::of(&self.workers[i], i));
+                        order.insert(RankKey::of(&w, i));
+                    }
+                    self.workers[i] = w;
+                }
+                (None, Some(w)) => {
+                    let i = self.workers.len();
+                    if let Some(order) = &mut self.order {
+                        order.insert(RankKey::of(&w, i));
+                    }
+                    self.index.insert(w.id, i);
+                    self.workers.push(w);
+                }
+                (Some(_), None) => gone.push(*id),
+                (None, None) => {}
+            }
+        }
+        if !gone.is_empty() {
+            for id in &gone {
+                self.used.remove(id);
+            }
+            self.workers.retain(|w| !gone.contains(&w.id));
+            self.index = self
+                .workers
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (w.id, i))
+                .collect();
+            self.order = None;
+        }
     }
 
     /// Places `spec` on the most preferred worker with room, by the rules of
@@ -64,20 +207,67 @@ impl Placer {
         let mut failure =
             PlacementError::NoEligibleWorker("every eligible worker is full".to_owned());
         let mut chosen = None;
-        for w in placement::rank(&self.workers, spec)? {
-            let Some(used) = self.used.get(&w.id) else {
-                return Ok(Step::NeedUsed(w.id));
-            };
-            match placement::allocate(w, spec, used) {
-                Ok(Some(assignment)) => {
-                    chosen = Some((w.id, assignment));
-                    break;
+        match spec.worker_id {
+            Some(id) => {
+                let i = *self
+                    .index
+                    .get(&id)
+                    .ok_or(PlacementError::UnknownWorker(id))?;
+                // The one candidate: rank says why it cannot take the route.
+                for w in placement::rank(std::slice::from_ref(&self.workers[i]), spec)? {
+                    let Some(used) = self.used.get(&w.id) else {
+                        return Ok(Step::NeedUsed(w.id));
+                    };
+                    match placement::allocate(w, spec, used) {
+                        Ok(Some(assignment)) => chosen = Some((i, assignment)),
+                        Ok(None) => {}
+                        Err(e) => failure = e,
+                    }
                 }
-                Ok(None) => {}
-                Err(e) => failure = e,
+            }
+            None => {
+                let workers = &self.workers;
+                let order = self.order.get_or_insert_with(|| {
+                    workers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| RankKey::of(w, i))
+                        .collect()
+                });
+                let mut eligible = false;
+                for key in order.iter() {
+                    let w = &workers[key.at];
+                    // The cheap necessary conditions first: most workers
+                    // passed over are not ready or full, and wording why
+                    // costs an allocation.
+                    let may = w.status == WorkerStatus::Ready
+                        && w.route_count < w.max_routes()
+                        && w.protocols.contains(&spec.protocol)
+                        && w.app_modes.contains(&spec.app_mode);
+                    if !may || placement::ineligibility(w, spec).is_some() {
+                        continue;
+                    }
+                    eligible = true;
+                    let Some(used) = self.used.get(&w.id) else {
+                        return Ok(Step::NeedUsed(w.id));
+                    };
+                    match placement::allocate(w, spec, used) {
+                        Ok(Some(assignment)) => {
+                            chosen = Some((key.at, assignment));
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => failure = e,
+                    }
+                }
+                if !eligible {
+                    // No candidate at all: rank words the reasons.
+                    placement::rank(&self.workers, spec)?;
+                }
             }
         }
-        let (id, assignment) = chosen.ok_or(failure)?;
+        let (at, assignment) = chosen.ok_or(failure)?;
+        let id = self.workers[at].id;
         let taken = match self.used.entry(id) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Used::default()),
@@ -86,12 +276,14 @@ impl Placer {
         taken
             .subdomains
             .extend(assignment.subdomain().map(str::to_owned));
-        let worker = self
-            .workers
-            .iter_mut()
-            .find(|w| w.id == id)
-            .expect("placed on a candidate");
+        if let Some(order) = &mut self.order {
+            order.remove(&RankKey::of(&self.workers[at], at));
+        }
+        let worker = &mut self.workers[at];
         worker.route_count += 1;
+        if let Some(order) = &mut self.order {
+            order.insert(RankKey::of(worker, at));
+        }
         Ok(Step::Placed(Box::new(worker.clone()), assignment))
     }
 }
@@ -232,5 +424,51 @@ mod tests {
         pinned.frontend.port = Some(105);
         let err = place(&mut placer, &pinned, &stored, &mut Vec::new()).unwrap_err();
         assert_eq!(err, PlacementError::PortTaken(105));
+    }
+
+    #[test]
+    fn the_kept_order_chooses_what_rank_chooses_and_follows_refreshes() {
+        let mut workers: Vec<Worker> = (0..40u16)
+            .map(|i| {
+                let low = 1000 + i * 10;
+                worker(
+                    &format!("w{i:02}"),
+                    [low, low + 4 + i % 3],
+                    u64::from(i % 4),
+                )
+            })
+            .collect();
+        workers[3].status = WorkerStatus::NotReady;
+        let mut placer = Placer::new(workers.clone(), HashMap::new());
+        let stored = HashMap::new();
+        let mut naive = workers.clone();
+        for round in 0..150 {
+            if round == 50 {
+                // Another write changed two workers: one is gone, one is back.
+                let mut back = naive[3].clone();
+                back.status = WorkerStatus::Ready;
+                let gone = naive[7].id;
+                naive.retain(|w| w.id != gone);
+                let at = naive.iter().position(|w| w.id == back.id).unwrap();
+                naive[at] = back.clone();
+                placer.refresh(&[gone, back.id], vec![back]);
+            }
+            let spec = spec();
+            let expected = placement::rank(&naive, &spec).ok().and_then(|ranked| {
+                ranked.into_iter().find_map(|w| {
+                    let used = placer.used.get(&w.id).cloned().unwrap_or_default();
+                    placement::allocate(w, &spec, &used)
+                        .ok()
+                        .flatten()
+                        .map(|a| (w.id, a))
+                })
+            });
+            let got = place(&mut placer, &spec, &stored, &mut Vec::new())
+                .ok()
+                .map(|(w, a)| (w.id, a));
+            assert_eq!(got, expected, "round {round}");
+            let Some((id, _)) = got else { break };
+            naive.iter_mut().find(|w| w.id == id).unwrap().route_count += 1;
+        }
     }
 }

@@ -3,10 +3,11 @@
 //! and the commit's fsync (as PostgreSQL's group commit would share
 //! independent ones), while each request gets its own answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use sqlx::types::Json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -14,11 +15,12 @@ use uuid::Uuid;
 
 use super::rows::{self, route_columns, worker_select};
 use super::sql::{self, Arg};
-use super::{Result, Store, StoreError, db_time};
+use super::tx::WriteTx;
+use super::{Db, NOTIFY_CHANNEL, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
-use crate::domain::placement::{PlacementError, Used};
+use crate::domain::placement::PlacementError;
 use crate::domain::placer::Placer;
-use crate::domain::{Revision, Route, RouteKey, RouteSpec, StoredRoute, validate};
+use crate::domain::{Revision, Route, RouteKey, RouteSpec, StoredRoute, route_json, validate};
 
 /// Most creates the create writer commits in one transaction.
 const BATCH_MAX: usize = 64;
@@ -42,14 +44,180 @@ impl std::fmt::Debug for NewRoute {
     }
 }
 
-/// The frontends taken on each worker as of `revision`, kept by the create
-/// writer between batches. Every change to a route's placement takes a new
-/// revision, so the cache holds while the revision is still the one the
-/// writer itself committed; any other write in between empties it.
+/// What the create writer knows of the workers between batches: their
+/// placement facts (status, registration, route count) and the frontends
+/// taken on those it placed on, as of `revision`. Every change to any of
+/// these takes a revision whose change-log row names the worker, so when the
+/// head has moved on (another write, or another replica) the writer reads
+/// again only the workers the log names after `revision`; a batch that did
+/// not commit marks the workers it touched `stale` instead. Nothing here reads
+/// every worker per batch: that happens once, when the cache starts (or the
+/// log no longer reaches back to it).
 #[derive(Debug, Default)]
-struct UsedCache {
+struct WorkerCache {
     revision: Revision,
-    workers: HashMap<Uuid, Used>,
+    placer: Option<Placer>,
+    stale: HashSet<Uuid>,
+    /// The last locked batch found another write after the writer's own
+    /// (another replica, or the health loop): the next batch goes the locked
+    /// way instead of trying without the lock first.
+    contended: bool,
+}
+
+/// More changed workers than this since the cache's revision: read them all.
+const REFRESH_MAX: usize = 1000;
+
+impl WorkerCache {
+    /// The placer, lent without a transaction, when it is known current as of
+    /// the last revision the writer committed (`revision`): the batch must
+    /// then write only if the head is still that revision.
+    fn lease_current(&mut self) -> Option<(Revision, Lease<'_>)> {
+        if !self.stale.is_empty() || self.contended {
+            return None;
+        }
+        let placer = self.placer.take()?;
+        let revision = self.revision;
+        Some((
+            revision,
+            Lease {
+                cache: self,
+                placer,
+                touched: Vec::new(),
+            },
+        ))
+    }
+
+    /// The placer as of the transaction's head, lent for one batch.
+    async fn lease<'c>(&'c mut self, tx: &mut WriteTx<'_>) -> Result<Lease<'c>> {
+        let head = tx.head();
+        self.contended = self.placer.is_some() && self.revision != head;
+        let placer = match self.placer.take() {
+            Some(placer) if self.revision == head && self.stale.is_empty() => Some(placer),
+            Some(mut placer) if self.revision <= head => {
+                match changes_since(&mut tx.conn(), self.revision).await? {
+                    Some(changes) if changes.len() + self.stale.len() <= REFRESH_MAX => {
+                        let mut ids: Vec<Uuid> = self.stale.iter().copied().collect();
+                        for &id in &ids {
+                            // Our own placements there were not written.
+                            placer.forget_used(id);
+                        }
+                        for (kind, worker, landed) in changes {
+                            let Some(worker) = worker else { continue };
+                            match (kind.as_str(), landed) {
+                                // A route landed there: its frontend is taken.
+                                ("route_upsert", Some(Json(l))) => {
+                                    placer.note_taken(
+                                        worker,
+                                        l.frontend.port,
+                                        l.frontend.subdomain,
+                                    );
+                                }
+                                // A route left, or the worker changed: read again.
+                                _ => placer.forget_used(worker),
+                            }
+                            ids.push(worker);
+                        }
+                        ids.sort_unstable();
+                        ids.dedup();
+                        let fresh = if ids.is_empty() {
+                            Vec::new()
+                        } else {
+                            let query = format!(
+                                "{} WHERE w.id IN ({})",
+                                worker_select!(),
+                                sql::list(ids.len(), 1)
+                            );
+                            let args: Vec<Arg> = ids.iter().map(|&id| id.into()).collect();
+                            rows::workers(&mut tx.conn(), sqlx::AssertSqlSafe(query), &args).await?
+                        };
+                        placer.refresh(&ids, fresh);
+                        Some(placer)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let placer = match placer {
+            Some(placer) => placer,
+            None => {
+                let workers = rows::workers(&mut tx.conn(), worker_select!(), &[]).await?;
+                Placer::new(workers, HashMap::new())
+            }
+        };
+        // Fresh as of `head` now.
+        self.revision = head;
+        self.stale.clear();
+        Ok(Lease {
+            cache: self,
+            placer,
+            touched: Vec::new(),
+        })
+    }
+}
+
+/// The create writer's placer, lent to one batch. Whatever way the batch
+/// ends, the placer goes back to the cache; unless the batch committed, the
+/// workers it placed on are marked stale (their counts and frontends in the
+/// placer include routes that were not written).
+struct Lease<'c> {
+    cache: &'c mut WorkerCache,
+    placer: Placer,
+    touched: Vec<Uuid>,
+}
+
+impl Lease<'_> {
+    /// The batch committed (or wrote nothing) at `revision`.
+    fn committed(mut self, revision: Revision) {
+        self.cache.revision = revision;
+        self.touched.clear();
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.cache.stale.extend(self.touched.drain(..));
+        self.cache.placer = Some(std::mem::take(&mut self.placer));
+    }
+}
+
+/// Where a route landed, as its change-log row says.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Landed {
+    frontend: LandedFrontend,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct LandedFrontend {
+    port: Option<u16>,
+    subdomain: Option<String>,
+}
+
+/// A change-log row after the cache's revision: its kind, the worker it
+/// names, and for a route upsert where the route landed.
+type LoggedChange = (String, Option<Uuid>, Option<Json<Landed>>);
+
+/// The change-log rows after `since` that name a worker; `None` when the
+/// log has been compacted past `since` (and so cannot say).
+async fn changes_since(
+    conn: &mut sql::Conn<'_>,
+    since: Revision,
+) -> Result<Option<Vec<LoggedChange>>> {
+    let rows: Vec<LoggedChange> = conn
+        .fetch_all(
+            "SELECT kind, worker_id, CASE WHEN kind = 'route_upsert' THEN payload END AS payload \
+             FROM change_log WHERE revision > $1 AND worker_id IS NOT NULL \
+             UNION ALL SELECT 'compacted', NULL, NULL FROM coordinator_state \
+             WHERE id = 1 AND compacted_revision > $1",
+            &[since.into()],
+        )
+        .await?;
+    if rows.iter().any(|(kind, _, _)| kind == "compacted") {
+        return Ok(None);
+    }
+    Ok(Some(rows))
 }
 
 /// Starts the create writer for `store` (a copy without a queue of its own);
@@ -108,7 +276,7 @@ impl Store {
 
     async fn create_one(&self, request: NewRoute) -> Result<Route> {
         let mut answers = self
-            .create_routes(std::slice::from_ref(&request), &mut UsedCache::default())
+            .create_routes(std::slice::from_ref(&request), &mut WorkerCache::default())
             .await?;
         answers.pop().unwrap_or(Err(StoreError::NotFound))
     }
@@ -117,7 +285,7 @@ impl Store {
     /// [`BATCH_MAX`]) and commits them together.
     async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
-        let mut cache = UsedCache::default();
+        let mut cache = WorkerCache::default();
         while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
             let requests: Vec<NewRoute> = std::mem::take(&mut batch);
             self.create_batches.observe(requests.len() as f64);
@@ -149,7 +317,7 @@ impl Store {
     async fn commit_batch(
         &self,
         requests: &[NewRoute],
-        cache: &mut UsedCache,
+        cache: &mut WorkerCache,
     ) -> Vec<Result<Route>> {
         match self.create_routes(requests, cache).await {
             Ok(answers) => answers,
@@ -187,78 +355,165 @@ impl Store {
     /// answer: one that conflicts (with a stored route or an earlier request of
     /// the batch) or fits nowhere does not fail the others. `Err` only when
     /// the transaction itself fails, and then nothing was created.
+    ///
+    /// On PostgreSQL a batch first goes optimistically: placed without
+    /// reading which ids and keys are taken, and written with its change-log
+    /// rows and the new revision in one statement whose route insert skips
+    /// any row a unique index refuses. When every route went in (the usual
+    /// case) that is the whole batch: four round trips (begin, lock, write,
+    /// commit). When one did not, nothing is kept and the batch goes again
+    /// the checked way, which words each conflict.
     async fn create_routes(
         &self,
         requests: &[NewRoute],
-        cache: &mut UsedCache,
+        cache: &mut WorkerCache,
     ) -> Result<Vec<Result<Route>>> {
-        let mut tx = self.write().await?;
-        // Filled from the cache, then holding this batch's placements,
-        // uncommitted: the cache gets it back only after the commit.
-        let used = if cache.revision == tx.head() {
-            std::mem::take(&mut cache.workers)
-        } else {
-            HashMap::new()
-        };
-        cache.workers.clear();
-
-        let stored = claimed_keys(&mut tx.conn(), requests).await?;
-        // Pinned routes need only their workers; otherwise every worker
-        // is a candidate.
-        let pinned: Option<Vec<Uuid>> = requests.iter().map(|r| r.spec.worker_id).collect();
-        let workers = match pinned {
-            Some(ids) => {
-                let query = format!(
-                    "{} WHERE w.id IN ({})",
-                    worker_select!(),
-                    sql::list(ids.len(), 1)
-                );
-                let args: Vec<Arg> = ids.into_iter().map(Arg::from).collect();
-                rows::workers(&mut tx.conn(), sqlx::AssertSqlSafe(query), &args).await?
+        if matches!(self.db, Db::Postgres(_)) {
+            if let Some(answers) = self.create_routes_unlocked(requests, cache).await? {
+                return Ok(answers);
             }
-            None => rows::workers(&mut tx.conn(), worker_select!(), &[]).await?,
+            if let Some(answers) = self.create_routes_at_once(requests, cache).await? {
+                return Ok(answers);
+            }
+        }
+        self.create_routes_checked(requests, cache).await
+    }
+
+    /// The optimistic create without a transaction of its own (PostgreSQL),
+    /// when the writer's placer is current as of the revision it last
+    /// committed: placed outside any lock, then written in one statement that
+    /// is its own transaction — it takes the revision lock by moving the
+    /// revision on only if it is still the one the placer knows (so no other
+    /// write came in between and what was placed holds), and inserts the
+    /// routes and their change-log rows only then. One round trip and one
+    /// commit per batch, and nothing of it under the lock but that statement.
+    /// `None` when the head had moved or a route conflicts; nothing was
+    /// written then.
+    async fn create_routes_unlocked(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut WorkerCache,
+    ) -> Result<Option<Vec<Result<Route>>>> {
+        let Some((head, mut lease)) = cache.lease_current() else {
+            return Ok(None);
         };
-        let mut placer = Placer::new(workers, used);
+        let mut c = sql::acquire(&self.db).await?;
+        let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        let mut answers = Vec::with_capacity(requests.len());
+        let mut last = head;
+        for request in requests {
+            let spec = &request.spec;
+            let key = spec.key();
+            if created
+                .iter()
+                .any(|(s, _)| s.id == request.id || s.spec.key() == key)
+            {
+                return Ok(None);
+            }
+            let (worker, assignment) =
+                match rows::place(&mut c.conn(), &mut lease.placer, spec).await? {
+                    Ok(placed) => placed,
+                    // Refusals are not checked against the head by the
+                    // write below: the locked way gives them.
+                    Err(_) => return Ok(None),
+                };
+            lease.touched.push(worker.id);
+            last += 1;
+            let route = StoredRoute {
+                id: request.id,
+                worker_id: Some(worker.id),
+                port: assignment.port(),
+                subdomain: assignment.subdomain().map(str::to_owned),
+                pending_reason: None,
+                spec: spec.clone(),
+                revision: last,
+                created_at: request.now,
+                updated_at: request.now,
+            };
+            let wire = route.to_route(Some(&worker));
+            answers.push(Ok(wire.clone()));
+            created.push((route, wire));
+        }
+        let (routes, mut args) = insert_values(&created);
+        let log = log_values(&created, &mut args);
+        args.push(head.into());
+        args.push(last.into());
+        let (h, l) = (args.len() - 1, args.len());
+        let query = format!(
+            "WITH saved AS (UPDATE coordinator_state SET revision = ${l}::bigint \
+             WHERE id = 1 AND revision = ${h}::bigint RETURNING revision), \
+             ins AS (INSERT INTO routes ({ROUTE_COLUMNS}) SELECT * FROM (VALUES {routes}) AS v \
+             WHERE EXISTS (SELECT 1 FROM saved) RETURNING 1), \
+             log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
+             SELECT * FROM (VALUES {log}) AS v WHERE EXISTS (SELECT 1 FROM saved)) \
+             SELECT (SELECT COUNT(*) FROM saved), (SELECT COUNT(*) FROM ins), \
+             (SELECT COUNT(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', revision::text) FROM saved) AS n)"
+        );
+        let span = tracing::debug_span!(
+            "write_commit",
+            first = head + 1,
+            last,
+            changes = last - head
+        );
+        let written: sqlx::Result<(i64, i64, i64)> = c
+            .conn()
+            .fetch_one(sqlx::AssertSqlSafe(query), &args)
+            .instrument(span)
+            .await;
+        let (saved, inserted, _) = match written {
+            Ok(counts) => counts,
+            // A route a unique index or a reference refuses: nothing was
+            // written; the checked way words it.
+            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if saved != 1 {
+            // Another write came first: nothing was written.
+            return Ok(None);
+        }
+        debug_assert_eq!(usize::try_from(inserted).ok(), Some(created.len()));
+        self.published(last);
+        lease.committed(last);
+        Ok(Some(answers))
+    }
+
+    /// The optimistic create (PostgreSQL): `None` when a route of the batch
+    /// conflicts, and then nothing was written.
+    async fn create_routes_at_once(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut WorkerCache,
+    ) -> Result<Option<Vec<Result<Route>>>> {
+        let mut tx = self.write().await?;
+        let mut lease = cache.lease(&mut tx).await?;
         let mut created: Vec<(StoredRoute, Route)> = Vec::new();
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             let spec = &request.spec;
             let key = spec.key();
-            let claimed = || stored.iter().chain(created.iter().map(|(s, _)| s));
-            if claimed().any(|r| r.id == request.id) {
-                answers.push(Err(StoreError::Conflict {
-                    message: format!("route {} already exists", request.id),
-                    existing: None,
-                }));
-                continue;
+            if created
+                .iter()
+                .any(|(s, _)| s.id == request.id || s.spec.key() == key)
+            {
+                // A conflict inside the batch: the checked way words it.
+                tx.rollback().await?;
+                return Ok(None);
             }
-            if let Some(r) = claimed().find(|r| r.spec.key() == key) {
-                let worker = r.worker_id.and_then(|id| placer.worker(id));
-                answers.push(Err(StoreError::Conflict {
-                    message: conflict_message(spec),
-                    existing: Some(Box::new(r.to_route(worker))),
-                }));
-                continue;
-            }
-            let (worker, assignment) = match rows::place(&mut tx.conn(), &mut placer, spec).await? {
-                Ok(placed) => placed,
-                Err(PlacementError::PortTaken(port)) => {
-                    let holder = match spec.worker_id {
-                        Some(w) => port_holder(&mut tx.conn(), &created, w, port).await?,
-                        None => None,
-                    };
-                    let worker = spec.worker_id.and_then(|id| placer.worker(id));
-                    answers.push(Err(StoreError::Conflict {
-                        message: format!("frontend port {port} is already in use"),
-                        existing: holder.map(|h| Box::new(h.into_route(worker))),
-                    }));
-                    continue;
-                }
-                Err(e) => {
-                    answers.push(Err(e.into()));
-                    continue;
-                }
-            };
+            let (worker, assignment) =
+                match rows::place(&mut tx.conn(), &mut lease.placer, spec).await? {
+                    Ok(placed) => placed,
+                    Err(PlacementError::PortTaken(_)) => {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        answers.push(Err(e.into()));
+                        continue;
+                    }
+                };
+            lease.touched.push(worker.id);
             let route = StoredRoute {
                 id: request.id,
                 worker_id: Some(worker.id),
@@ -277,13 +532,115 @@ impl Store {
         if created.is_empty() {
             let head = tx.head();
             tx.rollback().await?;
-            *cache = UsedCache {
-                revision: head,
-                workers: placer.into_used(),
+            lease.committed(head);
+            return Ok(Some(answers));
+        }
+        let (mut query, mut args) =
+            insert_statement(&created, " ON CONFLICT DO NOTHING RETURNING 1");
+        query.insert_str(0, "WITH ins AS (");
+        query.push_str("), log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) VALUES ");
+        query.push_str(&log_values(&created, &mut args));
+        let last = created.last().map_or(tx.head(), |(r, _)| r.revision);
+        args.push(last.into());
+        let n = args.len();
+        query.push_str(&format!(
+            "), saved AS (UPDATE coordinator_state SET revision = ${n}::bigint WHERE id = 1) \
+             SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM pg_notify('{NOTIFY_CHANNEL}', ${n}::bigint::text))"
+        ));
+        let (inserted, _): (i64, i64) = tx
+            .conn()
+            .fetch_one(sqlx::AssertSqlSafe(query), &args)
+            .await?;
+        if usize::try_from(inserted).ok() != Some(created.len()) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let revision = tx.commit_written(last).await?;
+        lease.committed(revision);
+        Ok(Some(answers))
+    }
+
+    /// The checked create: reads which requested ids and keys are taken
+    /// first, so each conflict is answered with the route that holds it.
+    async fn create_routes_checked(
+        &self,
+        requests: &[NewRoute],
+        cache: &mut WorkerCache,
+    ) -> Result<Vec<Result<Route>>> {
+        let mut tx = self.write().await?;
+        let mut lease = cache.lease(&mut tx).await?;
+        let stored = claimed_keys(&mut tx.conn(), requests).await?;
+        let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        let mut answers = Vec::with_capacity(requests.len());
+        for request in requests {
+            let spec = &request.spec;
+            let key = spec.key();
+            let claimed = || stored.iter().chain(created.iter().map(|(s, _)| s));
+            if claimed().any(|r| r.id == request.id) {
+                answers.push(Err(StoreError::Conflict {
+                    message: format!("route {} already exists", request.id),
+                    existing: None,
+                }));
+                continue;
+            }
+            if let Some(r) = claimed().find(|r| r.spec.key() == key) {
+                let r = r.clone();
+                let worker = match r.worker_id {
+                    Some(id) => rows::worker(&mut tx.conn(), id).await?,
+                    None => None,
+                };
+                answers.push(Err(StoreError::Conflict {
+                    message: conflict_message(spec),
+                    existing: Some(Box::new(r.into_route(worker.as_ref()))),
+                }));
+                continue;
+            }
+            let placed = rows::place(&mut tx.conn(), &mut lease.placer, spec).await?;
+            let (worker, assignment) = match placed {
+                Ok(placed) => placed,
+                Err(PlacementError::PortTaken(port)) => {
+                    let (holder, worker) = match spec.worker_id {
+                        Some(w) => (
+                            port_holder(&mut tx.conn(), &created, w, port).await?,
+                            rows::worker(&mut tx.conn(), w).await?,
+                        ),
+                        None => (None, None),
+                    };
+                    answers.push(Err(StoreError::Conflict {
+                        message: format!("frontend port {port} is already in use"),
+                        existing: holder.map(|h| Box::new(h.into_route(worker.as_ref()))),
+                    }));
+                    continue;
+                }
+                Err(e) => {
+                    answers.push(Err(e.into()));
+                    continue;
+                }
             };
+            lease.touched.push(worker.id);
+            let route = StoredRoute {
+                id: request.id,
+                worker_id: Some(worker.id),
+                port: assignment.port(),
+                subdomain: assignment.subdomain().map(str::to_owned),
+                pending_reason: None,
+                spec: spec.clone(),
+                revision: tx.next_revision(),
+                created_at: request.now,
+                updated_at: request.now,
+            };
+            let wire = route.to_route(Some(&worker));
+            answers.push(Ok(wire.clone()));
+            created.push((route, wire));
+        }
+        if created.is_empty() {
+            let head = tx.head();
+            tx.rollback().await?;
+            lease.committed(head);
             return Ok(answers);
         }
-        insert(&mut tx.conn(), &created).await?;
+        let (query, args) = insert_statement(&created, "");
+        tx.conn().execute(sqlx::AssertSqlSafe(query), &args).await?;
         for (r, wire) in &created {
             tx.log(
                 r.revision,
@@ -295,10 +652,7 @@ impl Store {
             );
         }
         let revision = tx.commit().await?;
-        *cache = UsedCache {
-            revision,
-            workers: placer.into_used(),
-        };
+        lease.committed(revision);
         Ok(answers)
     }
 }
@@ -385,10 +739,15 @@ async fn port_holder(
     .await
 }
 
-/// Inserts the batch's routes in one statement.
-async fn insert(conn: &mut sql::Conn<'_>, created: &[(StoredRoute, Route)]) -> Result<()> {
-    const COLUMNS: usize = 14;
-    let mut args = Vec::with_capacity(created.len() * COLUMNS);
+/// The columns [`insert_values`] gives, in order.
+const ROUTE_COLUMNS: &str = "id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
+     frontend_port, frontend_subdomain, spec, spec_wire, expires_at, revision, created_at, updated_at";
+
+/// The `VALUES` rows of the batch's routes ([`ROUTE_COLUMNS`]) and their
+/// arguments, numbered from `$1`.
+fn insert_values(created: &[(StoredRoute, Route)]) -> (String, Vec<Arg>) {
+    const COLUMNS: usize = 15;
+    let mut args = Vec::with_capacity(created.len() * (COLUMNS + 6) + 2);
     for (r, _) in created {
         args.extend([
             r.id.into(),
@@ -401,17 +760,39 @@ async fn insert(conn: &mut sql::Conn<'_>, created: &[(StoredRoute, Route)]) -> R
             r.port.into(),
             r.subdomain.as_deref().into(),
             Arg::json(&r.spec),
+            Arg::Text(Some(route_json::spec_fragments(&r.spec))),
             r.spec.expires_at.into(),
             r.revision.into(),
             r.created_at.into(),
             r.updated_at.into(),
         ]);
     }
-    let query = format!(
-        "INSERT INTO routes (id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
-         frontend_port, frontend_subdomain, spec, expires_at, revision, created_at, updated_at) VALUES {}",
-        sql::values(created.len(), COLUMNS, 1)
-    );
-    conn.execute(sqlx::AssertSqlSafe(query), &args).await?;
-    Ok(())
+    (sql::values(created.len(), COLUMNS, 1), args)
+}
+
+/// The `VALUES` rows of the batch's change-log rows, their arguments
+/// appended to `args`.
+fn log_values(created: &[(StoredRoute, Route)], args: &mut Vec<Arg>) -> String {
+    let rows = sql::values(created.len(), 6, args.len() + 1);
+    for (r, wire) in created {
+        args.extend([
+            r.revision.into(),
+            ChangeKind::RouteUpsert.as_str().into(),
+            Some(r.id).into(),
+            r.worker_id.into(),
+            Arg::json(wire),
+            r.created_at.into(),
+        ]);
+    }
+    rows
+}
+
+/// The statement inserting the batch's routes in one go (with `suffix`
+/// after its rows), and its arguments.
+fn insert_statement(created: &[(StoredRoute, Route)], suffix: &str) -> (String, Vec<Arg>) {
+    let (rows, args) = insert_values(created);
+    (
+        format!("INSERT INTO routes ({ROUTE_COLUMNS}) VALUES {rows}{suffix}"),
+        args,
+    )
 }

@@ -72,10 +72,20 @@ impl Store {
         } else {
             None
         };
-        let workers = if stored.is_empty() {
+        // Only the page's own workers, however many are registered.
+        let mut ids: Vec<Uuid> = stored.iter().filter_map(|r| r.worker_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let workers = if ids.is_empty() {
             Vec::new()
         } else {
-            rows::workers(&mut c.conn(), worker_select!(), &[]).await?
+            let query = format!(
+                "{} WHERE w.id IN ({})",
+                worker_select!(),
+                sql::list(ids.len(), 1)
+            );
+            let args: Vec<Arg> = ids.into_iter().map(Arg::from).collect();
+            rows::workers(&mut c.conn(), sqlx::AssertSqlSafe(query), &args).await?
         };
         let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
         let items = stored

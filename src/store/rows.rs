@@ -1,6 +1,8 @@
 //! Route and worker rows: their columns, how they decode into domain types,
 //! and the reads and writes every part of the store shares.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -9,7 +11,7 @@ use super::Result;
 use super::sql::{Arg, Conn};
 use crate::domain::placement::{Assignment, PlacementError, Used};
 use crate::domain::placer::{Placer, Step};
-use crate::domain::{RouteSpec, StoredRoute, Worker, WorkerRegistration, WorkerStatus};
+use crate::domain::{RouteSpec, StoredRoute, Worker, WorkerRegistration, WorkerStatus, route_json};
 
 /// The columns of a [`RouteRow`], for `SELECT`s.
 macro_rules! route_columns {
@@ -145,24 +147,47 @@ pub async fn worker_of(conn: &mut Conn<'_>, route: &StoredRoute) -> Result<Optio
 }
 
 /// The frontends taken on one worker.
+#[allow(dead_code)] // for callers that need one worker's; placement reads several at once
 pub async fn used(conn: &mut Conn<'_>, worker_id: Uuid) -> Result<Used> {
-    let rows: Vec<(Option<i32>, Option<String>)> = conn
-        .fetch_all(
-            "SELECT frontend_port, frontend_subdomain FROM routes WHERE worker_id = $1",
-            &[worker_id.into()],
-        )
-        .await?;
-    let mut used = Used::default();
-    for (port, sub) in rows {
+    Ok(used_of(conn, &[worker_id])
+        .await?
+        .remove(&worker_id)
+        .unwrap_or_default())
+}
+
+/// Workers' taken frontends read together when the placer asks for one.
+const USED_AHEAD: usize = 64;
+
+/// The frontends taken on each of `ids` (every one of them in the answer).
+pub async fn used_of(conn: &mut Conn<'_>, ids: &[Uuid]) -> Result<HashMap<Uuid, Used>> {
+    let mut out: HashMap<Uuid, Used> = ids.iter().map(|&id| (id, Used::default())).collect();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    // Each half reads its own partial unique index.
+    let n = ids.len();
+    let query = format!(
+        "SELECT worker_id, frontend_port, NULL AS frontend_subdomain FROM routes \
+         WHERE worker_id IN ({}) AND frontend_port IS NOT NULL \
+         UNION ALL SELECT worker_id, NULL, frontend_subdomain FROM routes \
+         WHERE worker_id IN ({}) AND frontend_subdomain IS NOT NULL",
+        super::sql::list(n, 1),
+        super::sql::list(n, n + 1)
+    );
+    let args: Vec<Arg> = ids.iter().chain(ids).map(|&id| id.into()).collect();
+    let rows: Vec<(Uuid, Option<i32>, Option<String>)> =
+        conn.fetch_all(sqlx::AssertSqlSafe(query), &args).await?;
+    for (worker, port, sub) in rows {
+        let used = out.entry(worker).or_default();
         used.ports.extend(port.and_then(|p| u16::try_from(p).ok()));
         used.subdomains.extend(sub);
     }
-    Ok(used)
+    Ok(out)
 }
 
 /// Places `spec` with `placer`, reading a worker's taken frontends when the
-/// placer needs them. The outer `Result` is the database's, the inner one
-/// placement's.
+/// placer needs them (with those of the next few candidates, in one query).
+/// The outer `Result` is the database's, the inner one placement's.
 pub async fn place(
     conn: &mut Conn<'_>,
     placer: &mut Placer,
@@ -171,8 +196,10 @@ pub async fn place(
     loop {
         match placer.place(spec) {
             Ok(Step::NeedUsed(id)) => {
-                let taken = used(conn, id).await?;
-                placer.know_used(id, taken);
+                let ids = placer.unknown_ahead(id, USED_AHEAD);
+                for (id, taken) in used_of(conn, &ids).await? {
+                    placer.know_used(id, taken);
+                }
             }
             Ok(Step::Placed(worker, assignment)) => return Ok(Ok((*worker, assignment))),
             Err(e) => return Ok(Err(e)),
@@ -184,7 +211,7 @@ pub async fn place(
 pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
     conn.execute(
         "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
-         expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9 WHERE id = $1",
+         expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9, spec_wire = $10 WHERE id = $1",
         &[
             r.id.into(),
             r.worker_id.into(),
@@ -195,6 +222,7 @@ pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
             r.revision.into(),
             r.updated_at.into(),
             r.pending_reason.as_deref().into(),
+            Arg::Text(Some(route_json::spec_fragments(&r.spec))),
         ],
     )
     .await?;

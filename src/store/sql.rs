@@ -168,6 +168,25 @@ impl Conn<'_> {
         }
     }
 
+    /// The rows of a query as they arrive, for reads too large to hold at once.
+    pub fn fetch<'e, T: Decode + 'e>(
+        &'e mut self,
+        sql: &'static str,
+        args: &[Arg],
+    ) -> futures::stream::BoxStream<'e, sqlx::Result<T>> {
+        use futures::StreamExt;
+        match self {
+            Conn::Postgres(c) => match arguments::<sqlx::Postgres>(args) {
+                Ok(a) => sqlx::query_as_with(sql, a).fetch(&mut **c),
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            },
+            Conn::Sqlite(c) => match arguments::<sqlx::Sqlite>(args) {
+                Ok(a) => sqlx::query_as_with(sql, a).fetch(&mut **c),
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            },
+        }
+    }
+
     pub async fn fetch_optional<T: Decode>(
         &mut self,
         sql: impl SqlSafeStr,

@@ -159,6 +159,18 @@ impl WriteTx<'_> {
         Ok(self.last)
     }
 
+    /// Commits a transaction whose change-log rows up to `last` (taken with
+    /// [`WriteTx::next_revision`]) and whose saved revision (with its
+    /// NOTIFY) the caller wrote itself, in its own statement; nothing may
+    /// have been given to [`WriteTx::log`]. Answers `last`.
+    pub async fn commit_written(mut self, last: Revision) -> Result<Revision> {
+        debug_assert!(self.log.is_empty() && last == self.last);
+        self.log.clear();
+        self.tx.commit().await?;
+        self.store.published(last);
+        Ok(last)
+    }
+
     /// Ends the transaction without changing anything.
     pub async fn rollback(self) -> Result<()> {
         self.tx.rollback().await?;
