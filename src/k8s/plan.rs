@@ -1,11 +1,14 @@
 //! The mirror's pure core: what the CRs should be, and what to write so that
 //! they are. No I/O here.
 //!
-//! [`TokenBucket`] stays hand-written for now rather than `governor` (issue
-//! 14): governor is not yet among the dependencies (it brings quanta, its own
-//! clock, and a dozen crates), and this bucket is a pure function of the
-//! instant it is given, which its tests rely on. Retry delays do use a crate
-//! (`backon`, already in the tree through kube-runtime).
+//! [`TokenBucket`] stays hand-written (25 lines) rather than `governor`: the
+//! mirror plans its writes, so it asks the bucket for a *reservation* (take a
+//! token now, answer how long until it may be used, so a burst of N writes
+//! gets N staggered slots at once) at an instant it passes in. governor's
+//! GCRA answers "allowed now" or "not until T" without taking anything, and
+//! waits on its own clock (quanta) — a reservation would be a check/sleep
+//! loop around it, plus its dependencies, for less than this does. Retry
+//! delays do use a crate (`backon`, already in the tree through kube-runtime).
 
 use std::collections::{BTreeMap, HashMap};
 
