@@ -20,7 +20,9 @@ use super::{Db, NOTIFY_CHANNEL, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
 use crate::domain::placement::PlacementError;
 use crate::domain::placer::Placer;
-use crate::domain::{Revision, Route, RouteKey, RouteSpec, StoredRoute, route_json, validate};
+use crate::domain::{
+    Assignment, Revision, Route, RouteKey, RouteSpec, StoredRoute, Worker, route_json, validate,
+};
 
 /// Most creates the create writer commits in one transaction.
 const BATCH_MAX: usize = 64;
@@ -419,20 +421,9 @@ impl Store {
                 };
             lease.touched.push(worker.id);
             last += 1;
-            let route = StoredRoute {
-                id: request.id,
-                worker_id: Some(worker.id),
-                port: assignment.port(),
-                subdomain: assignment.subdomain().map(str::to_owned),
-                pending_reason: None,
-                spec: spec.clone(),
-                revision: last,
-                created_at: request.now,
-                updated_at: request.now,
-            };
-            let wire = route.to_route(Some(&worker));
-            answers.push(Ok(wire.clone()));
-            created.push((route, wire));
+            let placed = placed_route(request, &worker, &assignment, last);
+            answers.push(Ok(placed.1.clone()));
+            created.push(placed);
         }
         let (routes, mut args) = insert_values(&created);
         let log = log_values(&created, &mut args);
@@ -514,20 +505,9 @@ impl Store {
                     }
                 };
             lease.touched.push(worker.id);
-            let route = StoredRoute {
-                id: request.id,
-                worker_id: Some(worker.id),
-                port: assignment.port(),
-                subdomain: assignment.subdomain().map(str::to_owned),
-                pending_reason: None,
-                spec: spec.clone(),
-                revision: tx.next_revision(),
-                created_at: request.now,
-                updated_at: request.now,
-            };
-            let wire = route.to_route(Some(&worker));
-            answers.push(Ok(wire.clone()));
-            created.push((route, wire));
+            let placed = placed_route(request, &worker, &assignment, tx.next_revision());
+            answers.push(Ok(placed.1.clone()));
+            created.push(placed);
         }
         if created.is_empty() {
             let head = tx.head();
@@ -618,20 +598,9 @@ impl Store {
                 }
             };
             lease.touched.push(worker.id);
-            let route = StoredRoute {
-                id: request.id,
-                worker_id: Some(worker.id),
-                port: assignment.port(),
-                subdomain: assignment.subdomain().map(str::to_owned),
-                pending_reason: None,
-                spec: spec.clone(),
-                revision: tx.next_revision(),
-                created_at: request.now,
-                updated_at: request.now,
-            };
-            let wire = route.to_route(Some(&worker));
-            answers.push(Ok(wire.clone()));
-            created.push((route, wire));
+            let placed = placed_route(request, &worker, &assignment, tx.next_revision());
+            answers.push(Ok(placed.1.clone()));
+            created.push(placed);
         }
         if created.is_empty() {
             let head = tx.head();
@@ -789,6 +758,29 @@ fn log_values(created: &[(StoredRoute, Route)], args: &mut Vec<Arg>) -> String {
 
 /// The statement inserting the batch's routes in one go (with `suffix`
 /// after its rows), and its arguments.
+/// Route `request`, placed on `worker` at `assignment` as of `revision`:
+/// as stored, and as answered.
+fn placed_route(
+    request: &NewRoute,
+    worker: &Worker,
+    assignment: &Assignment,
+    revision: Revision,
+) -> (StoredRoute, Route) {
+    let route = StoredRoute {
+        id: request.id,
+        worker_id: Some(worker.id),
+        port: assignment.port(),
+        subdomain: assignment.subdomain().map(str::to_owned),
+        pending_reason: None,
+        spec: request.spec.clone(),
+        revision,
+        created_at: request.now,
+        updated_at: request.now,
+    };
+    let wire = route.to_route(Some(worker));
+    (route, wire)
+}
+
 fn insert_statement(created: &[(StoredRoute, Route)], suffix: &str) -> (String, Vec<Arg>) {
     let (rows, args) = insert_values(created);
     (
