@@ -1,23 +1,31 @@
 //! The hub: tails the change log and fans route events out to watch streams.
 //!
-//! One tailer per process reads new change-log rows once and broadcasts them
-//! in batches; every stream filters the batches for its audience (one worker,
-//! or a manager), so a connected worker costs a channel receiver and a cursor,
-//! not a copy of the route table. The tailer wakes on this process's commits,
-//! on PostgreSQL `NOTIFY` from other replicas, and on a polling timer.
+//! One tailer per process reads new change-log rows once and hands them out
+//! in batches: to every manager stream, and to a worker's streams only when
+//! the batch names that worker (so a create wakes the streams of the one
+//! worker it landed on, not every connected worker). A stream filters what it
+//! gets for its audience; a connected worker costs a channel and a cursor,
+//! not a copy of the route table. The tailer wakes on this process's
+//! commits, on PostgreSQL `NOTIFY` from other replicas, and on a polling
+//! timer.
 //!
-//! A stream starts from a snapshot, or — given a revision still in the log —
-//! from the changes after it. It then follows the batches, and whenever it
-//! cannot prove it saw every revision (it lagged, or a batch skips ahead) it
-//! re-reads the log from its cursor. Change-log revisions are contiguous and
-//! committed in order, so a stream never skips and never repeats one.
+//! A stream subscribes before it reads its opening, a snapshot or — given a
+//! revision still in the log — the changes after it; from then on every batch
+//! naming its audience reaches it. Whenever it cannot be sure of that (its
+//! channel overflowed, or the tailer skipped ahead because the log was
+//! compacted under it) the stream is marked and re-reads the log from its
+//! cursor. Change-log revisions are contiguous and committed in order, so a
+//! stream never skips and never repeats one.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
 use sqlx::postgres::PgListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::domain::Revision;
@@ -34,6 +42,9 @@ pub struct HubConfig {
     pub bookmark_interval: Duration,
     /// Rows read per query.
     pub batch_size: u32,
+    /// Batches a stream may have waiting before it is marked lagged (and
+    /// re-reads the log instead).
+    pub stream_queue: usize,
 }
 
 impl Default for HubConfig {
@@ -42,6 +53,7 @@ impl Default for HubConfig {
             poll_interval: Duration::from_secs(1),
             bookmark_interval: Duration::from_secs(10),
             batch_size: 1000,
+            stream_queue: 1024,
         }
     }
 }
@@ -56,8 +68,152 @@ struct Inner {
     store: Store,
     config: HubConfig,
     metrics: Arc<Metrics>,
-    batches: broadcast::Sender<Arc<Batch>>,
+    subscribers: Mutex<Subscribers>,
     shutdown: watch::Sender<bool>,
+}
+
+/// The open streams, by audience, and how far the tailer has handed out.
+#[derive(Default)]
+struct Subscribers {
+    /// Every change up to here has been handed to the streams it names;
+    /// `None` until the tailer has read where the log stands.
+    cursor: Option<Revision>,
+    next_id: u64,
+    managers: HashMap<u64, Subscriber>,
+    workers: HashMap<Uuid, HashMap<u64, Subscriber>>,
+}
+
+struct Subscriber {
+    batches: mpsc::Sender<Arc<Batch>>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    fn deliver(&self, batch: &Arc<Batch>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.batches.try_send(batch.clone()) {
+            // It has a full queue to work through; then it re-reads the log.
+            self.lagged.store(true, Ordering::Release);
+        }
+    }
+
+    /// Makes the stream re-read the log from its cursor.
+    fn mark_lagged(&self) {
+        self.lagged.store(true, Ordering::Release);
+        let _ = self.batches.try_send(Arc::new(Batch {
+            changes: Vec::new(),
+        }));
+    }
+}
+
+impl Subscribers {
+    fn count(&self) -> usize {
+        self.managers.len() + self.workers.values().map(HashMap::len).sum::<usize>()
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Subscriber> {
+        self.managers
+            .values()
+            .chain(self.workers.values().flat_map(HashMap::values))
+    }
+
+    /// Hands `batch` to every manager stream and to the streams of each
+    /// worker it names.
+    fn hand_out(&mut self, batch: Arc<Batch>) {
+        for s in self.managers.values() {
+            s.deliver(&batch);
+        }
+        let mut named: Vec<Uuid> = batch.changes.iter().filter_map(|c| c.worker_id).collect();
+        named.sort_unstable();
+        named.dedup();
+        for w in named {
+            for s in self.workers.get(&w).into_iter().flat_map(HashMap::values) {
+                s.deliver(&batch);
+            }
+        }
+        if let Some(last) = batch.changes.last() {
+            self.cursor = Some(last.revision);
+        }
+    }
+
+    /// The tailer goes on from `cursor` without having handed out what came
+    /// before it: every stream re-reads the log.
+    fn skip_to(&mut self, cursor: Revision) {
+        for s in self.all() {
+            s.mark_lagged();
+        }
+        self.cursor = Some(cursor);
+    }
+}
+
+/// A stream's place among the subscribers; leaves it when dropped.
+struct Subscription {
+    inner: Arc<Inner>,
+    audience: Audience,
+    id: u64,
+    batches: mpsc::Receiver<Arc<Batch>>,
+    lagged: Arc<AtomicBool>,
+}
+
+impl Subscription {
+    fn new(inner: Arc<Inner>, audience: Audience) -> Subscription {
+        let (tx, batches) = mpsc::channel(inner.config.stream_queue.max(1));
+        let lagged = Arc::new(AtomicBool::new(false));
+        let subscriber = Subscriber {
+            batches: tx,
+            lagged: lagged.clone(),
+        };
+        let id = {
+            let mut subs = inner.subscribers.lock().expect("subscribers lock");
+            let id = subs.next_id;
+            subs.next_id += 1;
+            match audience {
+                Audience::Manager => subs.managers.insert(id, subscriber),
+                Audience::Worker(w) => subs.workers.entry(w).or_default().insert(id, subscriber),
+            };
+            id
+        };
+        Subscription {
+            inner,
+            audience,
+            id,
+            batches,
+            lagged,
+        }
+    }
+
+    /// Whether the stream must re-read the log (and no longer must).
+    fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+
+    /// How far the tailer has handed out; every batch up to it that names
+    /// this stream's audience is in its queue once this returns.
+    fn handed_out(&self) -> Option<Revision> {
+        self.inner
+            .subscribers
+            .lock()
+            .expect("subscribers lock")
+            .cursor
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut subs = self.inner.subscribers.lock().expect("subscribers lock");
+        match self.audience {
+            Audience::Manager => {
+                subs.managers.remove(&self.id);
+            }
+            Audience::Worker(w) => {
+                if let Some(streams) = subs.workers.get_mut(&w) {
+                    streams.remove(&self.id);
+                    if streams.is_empty() {
+                        subs.workers.remove(&w);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Handle to the hub; cheap to clone.
@@ -69,13 +225,12 @@ pub struct Hub {
 impl Hub {
     /// Starts the tailer.
     pub fn start(store: Store, config: HubConfig, metrics: Arc<Metrics>) -> Hub {
-        let (batches, _) = broadcast::channel(1024);
         let hub = Hub {
             inner: Arc::new(Inner {
                 store,
                 config,
                 metrics,
-                batches,
+                subscribers: Mutex::default(),
                 shutdown: watch::channel(false).0,
             }),
         };
@@ -97,6 +252,16 @@ impl Hub {
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.shutdown.subscribe();
         async move { stopped(&mut rx).await }
+    }
+
+    /// The revision up to which the hub has handed changes to the streams;
+    /// `None` before it has read where the log stands.
+    pub fn handed_out(&self) -> Option<Revision> {
+        self.inner
+            .subscribers
+            .lock()
+            .expect("subscribers lock")
+            .cursor
     }
 
     pub fn store(&self) -> &Store {
@@ -147,7 +312,8 @@ impl Hub {
         (),
     > {
         let inner = self.inner.clone();
-        let mut batches = inner.batches.subscribe();
+        // Subscribed before the opening is read: nothing after it is missed.
+        let mut subscription = Subscription::new(inner.clone(), audience);
         let mut shutdown = inner.shutdown.subscribe();
         let mut events = Vec::new();
         let mut snapshot = None;
@@ -180,51 +346,46 @@ impl Hub {
                     last_sent = e.revision();
                     yield e;
                 }
+                // Events taken from batches (already counted as sent).
+                let mut fresh = Vec::new();
                 let mut bookmarks = tokio::time::interval(inner.config.bookmark_interval);
                 bookmarks.reset();
                 loop {
+                    if subscription.take_lagged() {
+                        inner.metrics.stream_resyncs.inc();
+                        match resync(&inner, audience, cursor, &mut events).await {
+                            Ok(c) => cursor = c,
+                            Err(()) => return,
+                        }
+                        for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
+                    }
                     tokio::select! {
-                        received = batches.recv() => {
-                            let batch = match received {
-                                Ok(batch) => batch,
-                                Err(broadcast::error::RecvError::Lagged(_)) => {
-                                    match resync(&inner, audience, cursor, &mut events).await {
-                                        Ok(c) => cursor = c,
-                                        Err(()) => return,
-                                    }
-                                    for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
-                                    continue;
-                                }
-                                Err(broadcast::error::RecvError::Closed) => return,
-                            };
-                            for change in &batch.changes {
-                                if change.revision <= cursor {
-                                    continue;
-                                }
-                                if change.revision > cursor + 1 {
-                                    // Batches were missed (before we subscribed, or
-                                    // the log was compacted under the tailer).
-                                    match resync(&inner, audience, cursor, &mut events).await {
-                                        Ok(c) => cursor = c,
-                                        Err(()) => return,
-                                    }
-                                    for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
-                                    if change.revision <= cursor {
-                                        continue;
-                                    }
-                                }
-                                cursor = change.revision;
-                                if audience.ends_with(change) {
-                                    return;
-                                }
-                                if let Some(e) = audience.event(change) {
-                                    inner.metrics.sent(&e, Some(change.created_at));
-                                    last_sent = e.revision();
-                                    yield e;
-                                }
+                        received = subscription.batches.recv() => {
+                            let Some(batch) = received else { return };
+                            let ended = take(&inner, audience, &batch, &mut cursor, &mut fresh);
+                            for e in fresh.drain(..) { last_sent = e.revision(); yield e; }
+                            if ended {
+                                return;
                             }
                         }
                         _ = bookmarks.tick() => {
+                            // Everything up to where the tailer has handed
+                            // out is in the queue: take it, then the stream
+                            // has seen all it should up to there.
+                            let handed_out = subscription.handed_out();
+                            while let Ok(batch) = subscription.batches.try_recv() {
+                                let ended = take(&inner, audience, &batch, &mut cursor, &mut fresh);
+                                for e in fresh.drain(..) { last_sent = e.revision(); yield e; }
+                                if ended {
+                                    return;
+                                }
+                            }
+                            if subscription.lagged.load(Ordering::Acquire) {
+                                continue;
+                            }
+                            if let Some(h) = handed_out {
+                                cursor = cursor.max(h);
+                            }
                             if cursor > last_sent {
                                 let e = StreamEvent::Bookmark(Bookmark { revision: cursor });
                                 inner.metrics.sent(&e, None);
@@ -257,6 +418,32 @@ impl Hub {
 pub struct SnapshotJson {
     pub revision: Revision,
     pub routes: futures::stream::BoxStream<'static, Result<Vec<u8>, StoreError>>,
+}
+
+/// Appends the events `batch` holds for `audience` after `cursor` to `out`
+/// (counted as sent), moving the cursor on; true when the batch ends the
+/// stream (its worker was removed).
+fn take(
+    inner: &Inner,
+    audience: Audience,
+    batch: &Batch,
+    cursor: &mut Revision,
+    out: &mut Vec<StreamEvent>,
+) -> bool {
+    for change in &batch.changes {
+        if change.revision <= *cursor {
+            continue;
+        }
+        *cursor = change.revision;
+        if audience.ends_with(change) {
+            return true;
+        }
+        if let Some(e) = audience.event(change) {
+            inner.metrics.sent(&e, Some(change.created_at));
+            out.push(e);
+        }
+    }
+    false
 }
 
 /// Resolves once shutdown has been requested.
@@ -399,14 +586,23 @@ fn log_stream_error(e: &StoreError) {
     tracing::warn!(error = %e, "watch stream ends: cannot read the change log");
 }
 
-/// Reads new change-log rows and broadcasts them, until shutdown.
+/// Reads new change-log rows and hands them to the streams, until shutdown.
 async fn tail(inner: Arc<Inner>) {
     let store = inner.store.clone();
     let mut commits = store.commits();
     let mut shutdown = inner.shutdown.subscribe();
     let mut cursor = loop {
         match store.log_horizon().await {
-            Ok((_, head)) => break head,
+            Ok((_, head)) => {
+                // Streams opened before this read may have missed what the
+                // tailer starts after: they re-read the log.
+                inner
+                    .subscribers
+                    .lock()
+                    .expect("subscribers lock")
+                    .skip_to(head);
+                break head;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "hub cannot read the change log yet; retrying");
                 tokio::select! {
@@ -430,18 +626,26 @@ async fn tail(inner: Arc<Inner>) {
                 failing = false;
                 let full = changes.len() == inner.config.batch_size as usize;
                 let first = changes.first().map_or(cursor, |c| c.revision);
+                let skipped = first > cursor + 1;
                 cursor = changes.last().map_or(cursor, |c| c.revision);
+                let mut subs = inner.subscribers.lock().expect("subscribers lock");
                 let span = tracing::debug_span!(
                     "fanout",
                     first,
                     last = cursor,
                     changes = changes.len(),
-                    streams = inner.batches.receiver_count(),
+                    streams = subs.count(),
                 );
                 span.in_scope(|| {
-                    let _ = inner.batches.send(Arc::new(Batch { changes }));
+                    if skipped {
+                        // The log was compacted past the tailer's cursor.
+                        subs.skip_to(cursor);
+                    } else {
+                        subs.hand_out(Arc::new(Batch { changes }));
+                    }
                     tracing::debug!("changes handed to the streams");
                 });
+                drop(subs);
                 if full {
                     continue;
                 }

@@ -243,6 +243,8 @@ pub struct Metrics {
     pub routes: Family<StatusLabels, Gauge>,
     pub workers: Family<StatusLabels, Gauge>,
     pub open_streams: Gauge,
+    /// Streams that re-read the change log because they fell behind.
+    pub stream_resyncs: Counter,
     pub events_sent: Family<EventLabels, Counter>,
     pub fanout_latency: Histogram,
     pub ack_lag: Family<WorkerLabels, Gauge>,
@@ -297,6 +299,13 @@ impl Metrics {
             "open_streams",
             "Watch streams currently open (workers and managers)",
             open_streams.clone(),
+        );
+        let stream_resyncs = Counter::default();
+        registry.register(
+            "stream_resyncs",
+            "Times a watch stream re-read the change log because it fell behind \
+             (its queue of batches filled up, or the log was compacted under the hub)",
+            stream_resyncs.clone(),
         );
         let events_sent = Family::<EventLabels, Counter>::default();
         registry.register(
@@ -376,6 +385,7 @@ impl Metrics {
             routes,
             workers,
             open_streams,
+            stream_resyncs,
             events_sent,
             fanout_latency,
             ack_lag,

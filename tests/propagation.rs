@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use appproxy_coordinator::client::{Agent, EventStream, RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::WorkerRegistration;
-use appproxy_coordinator::domain::events::{Snapshot, StreamEvent};
+use appproxy_coordinator::domain::events::{Audience, Snapshot, StreamEvent};
 use appproxy_coordinator::store::Db;
 use common::{BOOTSTRAP, Backend, Coordinator, MANAGER, TestApp, TestDb, route};
 use futures::StreamExt;
@@ -29,6 +29,8 @@ on_both_backends!(
     shutdown_ends_streams_with_a_final_bookmark,
     a_restarted_coordinator_resumes_the_agent_without_a_gap,
     a_streamed_snapshot_is_byte_for_byte_the_snapshot_event,
+    a_stream_that_falls_behind_reads_what_it_missed_from_the_log,
+    a_quiet_worker_stream_follows_the_head_with_bookmarks,
 );
 
 fn registration(name: &str) -> WorkerRegistration {
@@ -724,4 +726,97 @@ async fn a_streamed_snapshot_is_byte_for_byte_the_snapshot_event(b: Backend) {
             "event: snapshot\nid: {revision}\ndata: {{\"revision\":{revision},\"routes\":[]}}\n\n"
         )
     );
+}
+
+/// A stream not read while many batches name its worker overflows its queue
+/// (one batch here); when read again it re-reads the log and carries every
+/// event, in order, without a gap or a repeat.
+async fn a_stream_that_falls_behind_reads_what_it_missed_from_the_log(b: Backend) {
+    let db = TestDb::new(b).await;
+    let store = db.store().await;
+    let hub = appproxy_coordinator::hub::HubConfig {
+        // One change per batch, one batch per queue: the second overflows.
+        batch_size: 1,
+        stream_queue: 1,
+        ..common::hub_config()
+    };
+    let app = TestApp::serve_with(db, store, 64 * 1024, hub).await;
+    let (w, table) = connect(&app.url, "w").await;
+    let since = table.revision;
+    let stream = app
+        .hub
+        .open(Audience::Worker(w.worker_id), Some(since))
+        .await
+        .unwrap();
+    let mut stream = Box::pin(stream);
+    let mut created = Vec::new();
+    for _ in 0..10 {
+        let mut body = route(Uuid::new_v4(), "jupyter");
+        body["worker_id"] = json!(w.worker_id);
+        let answer = app.create(body).await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+        created.push(answer.body["revision"].as_i64().unwrap());
+    }
+    let head = app.revision().await;
+    common::wait_for("the hub hands out every change", async || {
+        app.hub.handed_out() == Some(head)
+    })
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < created.len() {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the stream is open");
+        if let StreamEvent::Upsert(u) = &e {
+            seen.push(u.revision);
+        }
+    }
+    assert_eq!(seen, created, "every route, in order, once");
+    assert_eq!(seen, logged_for(&app, w.worker_id, since).await);
+    let metrics = app.metrics.encode();
+    let resyncs = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("appproxy_stream_resyncs_total "))
+        .expect("the resync counter is exported");
+    assert!(
+        resyncs.parse::<u64>().unwrap() >= 1,
+        "the stream fell behind and re-read the log: {resyncs}"
+    );
+}
+
+/// A worker's stream is handed only the batches that name its worker:
+/// routes created on another worker are no event for it, and its bookmarks
+/// still follow the head (so a worker with nothing to do stays current).
+async fn a_quiet_worker_stream_follows_the_head_with_bookmarks(b: Backend) {
+    let app = TestApp::start(b).await;
+    let (quiet, mut table) = connect(&app.url, "quiet").await;
+    let (busy, _) = connect(&app.url, "busy").await;
+    let mut stream = quiet.watch(Some(table.revision)).await.unwrap();
+    for _ in 0..20 {
+        let mut body = route(Uuid::new_v4(), "jupyter");
+        body["worker_id"] = json!(busy.worker_id);
+        assert_eq!(app.create(body).await.status, StatusCode::CREATED);
+    }
+    let mut body = route(Uuid::new_v4(), "jupyter");
+    body["worker_id"] = json!(quiet.worker_id);
+    let mine = app.create(body).await;
+    let mine_revision = mine.body["revision"].as_i64().unwrap();
+    for _ in 0..5 {
+        let mut body = route(Uuid::new_v4(), "jupyter");
+        body["worker_id"] = json!(busy.worker_id);
+        assert_eq!(app.create(body).await.status, StatusCode::CREATED);
+    }
+    let head = app.revision().await;
+    // Its own route, then bookmarks up to the head; nothing of the other's.
+    let mut data = Vec::new();
+    while table.revision < head {
+        let e = next(&mut stream).await;
+        table.apply(&e).unwrap();
+        if matches!(e, StreamEvent::Upsert(_) | StreamEvent::Delete(_)) {
+            data.push(e.revision());
+        }
+    }
+    assert_eq!(data, vec![mine_revision]);
+    assert_eq!(table.routes.len(), 1);
 }

@@ -109,6 +109,12 @@ impl Placer {
         self.index.get(&id).map(|&i| &self.workers[i])
     }
 
+    /// What is known to be taken on `worker` (placements made with this
+    /// placer included), if it is known.
+    pub fn used(&self, worker: Uuid) -> Option<&Used> {
+        self.used.get(&worker)
+    }
+
     /// Records what is taken on `worker`, as read from the store.
     pub fn know_used(&mut self, worker: Uuid, used: Used) {
         self.used.insert(worker, used);

@@ -3,23 +3,20 @@
 //! and the commit's fsync (as PostgreSQL's group commit would share
 //! independent ones), while each request gets its own answer.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sqlx::types::Json;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
 
-use super::rows::{self, route_columns, worker_select};
+use super::placer_cache::WorkerCache;
+use super::rows::{self, route_columns};
 use super::sql::{self, Arg};
-use super::tx::WriteTx;
 use super::{Db, NOTIFY_CHANNEL, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
 use crate::domain::placement::PlacementError;
-use crate::domain::placer::Placer;
 use crate::domain::{
     Assignment, Revision, Route, RouteKey, RouteSpec, StoredRoute, Worker, route_json, validate,
 };
@@ -44,182 +41,6 @@ impl std::fmt::Debug for NewRoute {
             .field("id", &self.id)
             .finish_non_exhaustive()
     }
-}
-
-/// What the create writer knows of the workers between batches: their
-/// placement facts (status, registration, route count) and the frontends
-/// taken on those it placed on, as of `revision`. Every change to any of
-/// these takes a revision whose change-log row names the worker, so when the
-/// head has moved on (another write, or another replica) the writer reads
-/// again only the workers the log names after `revision`; a batch that did
-/// not commit marks the workers it touched `stale` instead. Nothing here reads
-/// every worker per batch: that happens once, when the cache starts (or the
-/// log no longer reaches back to it).
-#[derive(Debug, Default)]
-struct WorkerCache {
-    revision: Revision,
-    placer: Option<Placer>,
-    stale: HashSet<Uuid>,
-    /// The last locked batch found another write after the writer's own
-    /// (another replica, or the health loop): the next batch goes the locked
-    /// way instead of trying without the lock first.
-    contended: bool,
-}
-
-/// More changed workers than this since the cache's revision: read them all.
-const REFRESH_MAX: usize = 1000;
-
-impl WorkerCache {
-    /// The placer, lent without a transaction, when it is known current as of
-    /// the last revision the writer committed (`revision`): the batch must
-    /// then write only if the head is still that revision.
-    fn lease_current(&mut self) -> Option<(Revision, Lease<'_>)> {
-        if !self.stale.is_empty() || self.contended {
-            return None;
-        }
-        let placer = self.placer.take()?;
-        let revision = self.revision;
-        Some((
-            revision,
-            Lease {
-                cache: self,
-                placer,
-                touched: Vec::new(),
-            },
-        ))
-    }
-
-    /// The placer as of the transaction's head, lent for one batch.
-    async fn lease<'c>(&'c mut self, tx: &mut WriteTx<'_>) -> Result<Lease<'c>> {
-        let head = tx.head();
-        self.contended = self.placer.is_some() && self.revision != head;
-        let placer = match self.placer.take() {
-            Some(placer) if self.revision == head && self.stale.is_empty() => Some(placer),
-            Some(mut placer) if self.revision <= head => {
-                match changes_since(&mut tx.conn(), self.revision).await? {
-                    Some(changes) if changes.len() + self.stale.len() <= REFRESH_MAX => {
-                        let mut ids: Vec<Uuid> = self.stale.iter().copied().collect();
-                        for &id in &ids {
-                            // Our own placements there were not written.
-                            placer.forget_used(id);
-                        }
-                        for (kind, worker, landed) in changes {
-                            let Some(worker) = worker else { continue };
-                            match (kind.as_str(), landed) {
-                                // A route landed there: its frontend is taken.
-                                ("route_upsert", Some(Json(l))) => {
-                                    placer.note_taken(
-                                        worker,
-                                        l.frontend.port,
-                                        l.frontend.subdomain,
-                                    );
-                                }
-                                // A route left, or the worker changed: read again.
-                                _ => placer.forget_used(worker),
-                            }
-                            ids.push(worker);
-                        }
-                        ids.sort_unstable();
-                        ids.dedup();
-                        let fresh = if ids.is_empty() {
-                            Vec::new()
-                        } else {
-                            let query = format!(
-                                "{} WHERE w.id IN ({})",
-                                worker_select!(),
-                                sql::list(ids.len(), 1)
-                            );
-                            let args: Vec<Arg> = ids.iter().map(|&id| id.into()).collect();
-                            rows::workers(&mut tx.conn(), sqlx::AssertSqlSafe(query), &args).await?
-                        };
-                        placer.refresh(&ids, fresh);
-                        Some(placer)
-                    }
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        let placer = match placer {
-            Some(placer) => placer,
-            None => {
-                let workers = rows::workers(&mut tx.conn(), worker_select!(), &[]).await?;
-                Placer::new(workers, HashMap::new())
-            }
-        };
-        // Fresh as of `head` now.
-        self.revision = head;
-        self.stale.clear();
-        Ok(Lease {
-            cache: self,
-            placer,
-            touched: Vec::new(),
-        })
-    }
-}
-
-/// The create writer's placer, lent to one batch. Whatever way the batch
-/// ends, the placer goes back to the cache; unless the batch committed, the
-/// workers it placed on are marked stale (their counts and frontends in the
-/// placer include routes that were not written).
-struct Lease<'c> {
-    cache: &'c mut WorkerCache,
-    placer: Placer,
-    touched: Vec<Uuid>,
-}
-
-impl Lease<'_> {
-    /// The batch committed (or wrote nothing) at `revision`.
-    fn committed(mut self, revision: Revision) {
-        self.cache.revision = revision;
-        self.touched.clear();
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        self.cache.stale.extend(self.touched.drain(..));
-        self.cache.placer = Some(std::mem::take(&mut self.placer));
-    }
-}
-
-/// Where a route landed, as its change-log row says.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct Landed {
-    frontend: LandedFrontend,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default)]
-struct LandedFrontend {
-    port: Option<u16>,
-    subdomain: Option<String>,
-}
-
-/// A change-log row after the cache's revision: its kind, the worker it
-/// names, and for a route upsert where the route landed.
-type LoggedChange = (String, Option<Uuid>, Option<Json<Landed>>);
-
-/// The change-log rows after `since` that name a worker; `None` when the
-/// log has been compacted past `since` (and so cannot say).
-async fn changes_since(
-    conn: &mut sql::Conn<'_>,
-    since: Revision,
-) -> Result<Option<Vec<LoggedChange>>> {
-    let rows: Vec<LoggedChange> = conn
-        .fetch_all(
-            "SELECT kind, worker_id, CASE WHEN kind = 'route_upsert' THEN payload END AS payload \
-             FROM change_log WHERE revision > $1 AND worker_id IS NOT NULL \
-             UNION ALL SELECT 'compacted', NULL, NULL FROM coordinator_state \
-             WHERE id = 1 AND compacted_revision > $1",
-            &[since.into()],
-        )
-        .await?;
-    if rows.iter().any(|(kind, _, _)| kind == "compacted") {
-        return Ok(None);
-    }
-    Ok(Some(rows))
 }
 
 /// Starts the create writer for `store` (a copy without a queue of its own);
@@ -285,33 +106,147 @@ impl Store {
 
     /// The create writer: takes whatever creates are queued (up to
     /// [`BATCH_MAX`]) and commits them together.
+    ///
+    /// On PostgreSQL, while one batch's statement runs without a transaction
+    /// of its own ([`Store::prepare_unlocked`]), the next batch is placed on
+    /// top of it and sent too: it waits on the revision lock inside the
+    /// database, not in this loop, so the batches' round trips and
+    /// placement overlap the commit before them. Each statement checks that
+    /// the head is the revision it was placed on, so a batch after one that
+    /// was not written is not written either; both go again the locked way.
     async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         let mut cache = WorkerCache::default();
-        while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        let mut inflight: Option<InFlight> = None;
+        loop {
+            let received = match inflight.as_mut() {
+                Some(running) => tokio::select! {
+                    biased;
+                    written = &mut running.written => {
+                        let running = inflight.take().expect("a batch in flight");
+                        self.finish(running, written, &mut cache).await;
+                        continue;
+                    }
+                    n = queue.recv_many(&mut batch, BATCH_MAX) => n,
+                },
+                None => queue.recv_many(&mut batch, BATCH_MAX).await,
+            };
+            if received == 0 {
+                if let Some(mut running) = inflight.take() {
+                    let written = (&mut running.written).await;
+                    self.finish(running, written, &mut cache).await;
+                }
+                return;
+            }
             let requests: Vec<NewRoute> = std::mem::take(&mut batch);
             self.create_batches.observe(requests.len() as f64);
             let span = batch_span(&requests);
-            let answers = self
-                .commit_batch(&requests, &mut cache)
-                .instrument(span.clone())
-                .await;
-            let revisions = answers.iter().filter_map(|a| a.as_ref().ok());
-            if let Some(first) = revisions.clone().map(|r| r.revision).min() {
-                span.record("first", first);
-            }
-            if let Some(last) = revisions.map(|r| r.revision).max() {
-                span.record("last", last);
-            }
-            span.in_scope(|| {
-                let created = answers.iter().filter(|a| a.is_ok()).count();
-                tracing::debug!(created, "create batch done");
-            });
-            for (request, answer) in requests.into_iter().zip(answers) {
-                // The caller may have gone; the route exists all the same.
-                let _ = request.reply.send(answer);
+            let prepared = match self.db {
+                Db::Postgres(_) => self
+                    .prepare_unlocked(&requests, &mut cache)
+                    .instrument(span.clone())
+                    .await
+                    .ok()
+                    .flatten(),
+                Db::Sqlite(_) => None,
+            };
+            match prepared {
+                Some(prepared) => {
+                    let next = self.launch(prepared, requests, span);
+                    if let Some(mut running) = inflight.take() {
+                        let written = (&mut running.written).await;
+                        self.finish(running, written, &mut cache).await;
+                    }
+                    inflight = Some(next);
+                }
+                None => {
+                    // The locked way: after the batch in flight, whose
+                    // outcome the cache must know first.
+                    if let Some(mut running) = inflight.take() {
+                        let written = (&mut running.written).await;
+                        self.finish(running, written, &mut cache).await;
+                    }
+                    let answers = self
+                        .commit_batch(&requests, &mut cache)
+                        .instrument(span.clone())
+                        .await;
+                    reply(requests, answers, &span);
+                }
             }
         }
+    }
+
+    /// Sends a prepared batch's statement on a connection of its own.
+    fn launch(&self, prepared: Unlocked, requests: Vec<NewRoute>, span: tracing::Span) -> InFlight {
+        let Unlocked {
+            query,
+            args,
+            answers,
+            head,
+            last,
+            touched,
+        } = prepared;
+        let db = self.db.clone();
+        let statement_span = tracing::debug_span!(
+            parent: &span,
+            "write_commit",
+            first = head + 1,
+            last,
+            changes = last - head
+        );
+        let written = tokio::spawn(
+            async move { write_unlocked(&db, query, args).await }.instrument(statement_span),
+        );
+        InFlight {
+            requests,
+            answers,
+            head,
+            last,
+            touched,
+            span,
+            written,
+        }
+    }
+
+    /// Answers a batch whose statement has run: with what it placed when it
+    /// was written, else (the cache told it was not) the locked way.
+    async fn finish(
+        &self,
+        running: InFlight,
+        written: std::result::Result<Result<bool>, tokio::task::JoinError>,
+        cache: &mut WorkerCache,
+    ) {
+        let InFlight {
+            requests,
+            answers,
+            head,
+            last,
+            touched,
+            span,
+            written: _,
+        } = running;
+        let answers = match written {
+            Ok(Ok(true)) => {
+                self.published(last);
+                answers
+            }
+            outcome => {
+                match outcome {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "unlocked create batch failed; going the locked way");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unlocked create batch's statement stopped; going the locked way");
+                    }
+                }
+                cache.not_written(head, touched);
+                self.commit_batch(&requests, cache)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        reply(requests, answers, &span);
     }
 
     /// Commits `requests` together; if something in them breaks the
@@ -371,8 +306,26 @@ impl Store {
         cache: &mut WorkerCache,
     ) -> Result<Vec<Result<Route>>> {
         if matches!(self.db, Db::Postgres(_)) {
-            if let Some(answers) = self.create_routes_unlocked(requests, cache).await? {
-                return Ok(answers);
+            if let Some(prepared) = self.prepare_unlocked(requests, cache).await? {
+                let Unlocked {
+                    query,
+                    args,
+                    answers,
+                    head,
+                    last,
+                    touched,
+                } = prepared;
+                match write_unlocked(&self.db, query, args).await {
+                    Ok(true) => {
+                        self.published(last);
+                        return Ok(answers);
+                    }
+                    Ok(false) => cache.not_written(head, touched),
+                    Err(e) => {
+                        cache.not_written(head, touched);
+                        return Err(e);
+                    }
+                }
             }
             if let Some(answers) = self.create_routes_at_once(requests, cache).await? {
                 return Ok(answers);
@@ -383,19 +336,21 @@ impl Store {
 
     /// The optimistic create without a transaction of its own (PostgreSQL),
     /// when the writer's placer is current as of the revision it last
-    /// committed: placed outside any lock, then written in one statement that
-    /// is its own transaction — it takes the revision lock by moving the
-    /// revision on only if it is still the one the placer knows (so no other
-    /// write came in between and what was placed holds), and inserts the
-    /// routes and their change-log rows only then. One round trip and one
-    /// commit per batch, and nothing of it under the lock but that statement.
-    /// `None` when the head had moved or a route conflicts; nothing was
-    /// written then.
-    async fn create_routes_unlocked(
+    /// committed (or sent): placed outside any lock, into one statement
+    /// ([`write_unlocked`]) that is its own transaction — it takes the
+    /// revision lock by moving the revision on only if it is still the one
+    /// the placer knows (so no other write came in between and what was
+    /// placed holds), and inserts the routes and their change-log rows only
+    /// then. One round trip and one commit per batch, and nothing of it under
+    /// the lock but that statement. `None` when the placer is not known
+    /// current or a route conflicts within the batch or fits nowhere (the
+    /// locked way words those). The cache takes the batch as written; if it
+    /// was not, say so with [`WorkerCache::not_written`].
+    async fn prepare_unlocked(
         &self,
         requests: &[NewRoute],
         cache: &mut WorkerCache,
-    ) -> Result<Option<Vec<Result<Route>>>> {
+    ) -> Result<Option<Unlocked>> {
         let Some((head, mut lease)) = cache.lease_current() else {
             return Ok(None);
         };
@@ -440,34 +395,16 @@ impl Store {
              SELECT (SELECT COUNT(*) FROM saved), (SELECT COUNT(*) FROM ins), \
              (SELECT COUNT(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', revision::text) FROM saved) AS n)"
         );
-        let span = tracing::debug_span!(
-            "write_commit",
-            first = head + 1,
-            last,
-            changes = last - head
-        );
-        let written: sqlx::Result<(i64, i64, i64)> = c
-            .conn()
-            .fetch_one(sqlx::AssertSqlSafe(query), &args)
-            .instrument(span)
-            .await;
-        let (saved, inserted, _) = match written {
-            Ok(counts) => counts,
-            // A route a unique index or a reference refuses: nothing was
-            // written; the checked way words it.
-            Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if saved != 1 {
-            // Another write came first: nothing was written.
-            return Ok(None);
-        }
-        debug_assert_eq!(usize::try_from(inserted).ok(), Some(created.len()));
-        self.published(last);
+        let touched = std::mem::take(&mut lease.touched);
         lease.committed(last);
-        Ok(Some(answers))
+        Ok(Some(Unlocked {
+            query,
+            args,
+            answers,
+            head,
+            last,
+            touched,
+        }))
     }
 
     /// The optimistic create (PostgreSQL): `None` when a route of the batch
@@ -623,6 +560,62 @@ impl Store {
         let revision = tx.commit().await?;
         lease.committed(revision);
         Ok(answers)
+    }
+}
+
+/// A batch placed for the unlocked write ([`Store::prepare_unlocked`]): its
+/// statement, the answers it gives once written, the revisions it moves the
+/// head from and to, and the workers it placed on.
+struct Unlocked {
+    query: String,
+    args: Vec<Arg>,
+    answers: Vec<Result<Route>>,
+    head: Revision,
+    last: Revision,
+    touched: Vec<Uuid>,
+}
+
+/// An unlocked batch whose statement is running.
+struct InFlight {
+    requests: Vec<NewRoute>,
+    answers: Vec<Result<Route>>,
+    head: Revision,
+    last: Revision,
+    touched: Vec<Uuid>,
+    span: tracing::Span,
+    written: tokio::task::JoinHandle<Result<bool>>,
+}
+
+/// Runs an unlocked batch's statement: `true` when it was written, `false`
+/// when nothing was (the head had moved, or a unique index or a reference
+/// refused a route).
+async fn write_unlocked(db: &Db, query: String, args: Vec<Arg>) -> Result<bool> {
+    let mut c = sql::acquire(db).await?;
+    let written: sqlx::Result<(i64, i64, i64)> =
+        c.conn().fetch_one(sqlx::AssertSqlSafe(query), &args).await;
+    match written {
+        Ok((saved, _, _)) => Ok(saved == 1),
+        Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sends each request its answer, and records the batch's revisions.
+fn reply(requests: Vec<NewRoute>, answers: Vec<Result<Route>>, span: &tracing::Span) {
+    let revisions = answers.iter().filter_map(|a| a.as_ref().ok());
+    if let Some(first) = revisions.clone().map(|r| r.revision).min() {
+        span.record("first", first);
+    }
+    if let Some(last) = revisions.map(|r| r.revision).max() {
+        span.record("last", last);
+    }
+    span.in_scope(|| {
+        let created = answers.iter().filter(|a| a.is_ok()).count();
+        tracing::debug!(created, "create batch done");
+    });
+    for (request, answer) in requests.into_iter().zip(answers) {
+        // The caller may have gone; the route exists all the same.
+        let _ = request.reply.send(answer);
     }
 }
 

@@ -45,6 +45,7 @@ mod bus;
 mod changes;
 mod create_writer;
 mod moves;
+mod placer_cache;
 mod routes;
 mod rows;
 mod sql;
@@ -84,6 +85,9 @@ pub struct Store {
     create_batches: Histogram,
     /// Recently read worker token hashes.
     tokens: Arc<workers::TokenCache>,
+    /// What failover and the placing of pending routes know of the workers
+    /// between their transactions (one at a time; they are writes anyway).
+    relocations: Arc<tokio::sync::Mutex<placer_cache::WorkerCache>>,
 }
 
 /// What can go wrong in the store, in terms a caller can act on.
@@ -219,6 +223,7 @@ impl Store {
             creates: None,
             create_batches: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             tokens: Arc::default(),
+            relocations: Arc::default(),
         };
         let creates = create_writer::spawn(writer.clone());
         Store {

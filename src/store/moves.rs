@@ -13,7 +13,6 @@ use super::sql::{Arg, Conn};
 use super::{Moved, Removal, Result, Store, StoreError, StrandedRoute, db_time, sql};
 use crate::domain::events::ChangeKind;
 use crate::domain::failover::{self, Fallback, relocation_spec};
-use crate::domain::placer::Placer;
 use crate::domain::{Worker, WorkerStatus};
 
 impl Store {
@@ -80,6 +79,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Vec<Moved>> {
         let now = db_time(now);
+        let mut cache = self.relocations.lock().await;
         let mut tx = self.write().await?;
         let Some(from_worker) = rows::worker(&mut tx.conn(), from).await? else {
             return Ok(Vec::new());
@@ -109,29 +109,33 @@ impl Store {
         if routes.is_empty() {
             return Ok(Vec::new());
         }
-        let others = rows::workers(
-            &mut tx.conn(),
-            concat!(worker_select!(), " WHERE w.id <> $1"),
-            &[from.into()],
-        )
-        .await?;
-        let mut placer = Placer::new(others, HashMap::new());
+        // The workers as of this transaction, without reading them all
+        // again for every batch of one failover.
+        let mut lease = cache.lease(&mut tx).await?;
         let mut moved = Vec::with_capacity(routes.len());
+        let mut updated = Vec::with_capacity(routes.len());
         for mut r in routes {
-            let relocation = failover::relocation(&r, &from_worker, placer.workers());
+            let relocation = failover::relocation(&r, &from_worker, lease.placer.workers());
             let mut kept = None;
             for pinned in &relocation.same_url {
                 let to = pinned.worker_id.expect("pinned to a worker");
-                let used = rows::used(&mut tx.conn(), to).await?;
-                if !failover::frontend_free(pinned, &used) {
+                if lease.placer.used(to).is_none() {
+                    let used = rows::used(&mut tx.conn(), to).await?;
+                    lease.placer.know_used(to, used);
+                }
+                if !lease
+                    .placer
+                    .used(to)
+                    .is_some_and(|used| failover::frontend_free(pinned, used))
+                {
                     continue;
                 }
-                placer.know_used(to, used);
-                if let Ok(placed) = rows::place(&mut tx.conn(), &mut placer, pinned).await?
-                    && failover::is_exact(pinned, &placed.1)
-                {
-                    kept = Some(placed);
-                    break;
+                if let Ok(placed) = rows::place(&mut tx.conn(), &mut lease.placer, pinned).await? {
+                    lease.touched.push(placed.0.id);
+                    if failover::is_exact(pinned, &placed.1) {
+                        kept = Some(placed);
+                        break;
+                    }
                 }
             }
             let spec = match (kept.is_some(), relocation.otherwise) {
@@ -154,22 +158,17 @@ impl Store {
                     continue;
                 }
             };
-            let rev = tx.log_route_deleted(r.id, Some(from), now);
-            // Free the old frontend before taking a new one.
-            r.subdomain = None;
-            r.worker_id = None;
-            r.port = None;
-            r.revision = rev;
-            r.updated_at = now;
-            rows::update_route(&mut tx.conn(), &r).await?;
+            tx.log_route_deleted(r.id, Some(from), now);
             r.revision = tx.next_revision();
+            r.updated_at = now;
             let placed = match (kept, spec) {
                 (Some(placed), _) => Ok(placed),
-                (None, Some(spec)) => rows::place(&mut tx.conn(), &mut placer, &spec).await?,
+                (None, Some(spec)) => rows::place(&mut tx.conn(), &mut lease.placer, &spec).await?,
                 (None, None) => unreachable!("a route is kept, re-placed or stays"),
             };
             let target = match placed {
                 Ok((worker, assignment)) => {
+                    lease.touched.push(worker.id);
                     r.worker_id = Some(worker.id);
                     r.port = assignment.port();
                     r.subdomain = assignment.subdomain().map(str::to_owned);
@@ -177,11 +176,13 @@ impl Store {
                     Some(worker)
                 }
                 Err(e) => {
+                    r.worker_id = None;
+                    r.port = None;
+                    r.subdomain = None;
                     r.pending_reason = Some(e.to_string());
                     None
                 }
             };
-            rows::update_route(&mut tx.conn(), &r).await?;
             moved.push(Moved {
                 route_id: r.id,
                 from: Some(from),
@@ -189,18 +190,21 @@ impl Store {
                 reason: r.pending_reason.clone(),
                 stranded: false,
             });
-            let (revision, id, worker_id) = (r.revision, r.id, r.worker_id);
-            let route = r.into_route(target.as_ref());
             tx.log(
-                revision,
+                r.revision,
                 ChangeKind::RouteUpsert,
-                Some(id),
-                worker_id,
-                Arg::json(&route),
+                Some(r.id),
+                r.worker_id,
+                Arg::json(&r.to_route(target.as_ref())),
                 now,
             );
+            updated.push(r);
         }
-        tx.commit().await?;
+        // Where every moved route now sits, in one statement (a route's
+        // new frontend is on another worker, so no row waits for another's).
+        rows::update_routes(&mut tx.conn(), &updated).await?;
+        let revision = tx.commit().await?;
+        lease.committed(revision);
         let stranded = moved.iter().filter(|m| m.stranded).count();
         let pending = moved.iter().filter(|m| m.to.is_none()).count() - stranded;
         let span = tracing::Span::current();
@@ -289,6 +293,7 @@ impl Store {
     #[tracing::instrument(level = "debug", skip_all, fields(limit, placed = tracing::field::Empty))]
     pub async fn place_pending(&self, limit: u32, now: DateTime<Utc>) -> Result<Vec<Moved>> {
         let now = db_time(now);
+        let mut cache = self.relocations.lock().await;
         let mut tx = self.write().await?;
         let pending = rows::routes(
             &mut tx.conn(),
@@ -303,20 +308,20 @@ impl Store {
         if pending.is_empty() {
             return Ok(Vec::new());
         }
-        let workers = rows::workers(&mut tx.conn(), worker_select!(), &[]).await?;
-        let mut placer = Placer::new(workers, HashMap::new());
+        let mut lease = cache.lease(&mut tx).await?;
         let mut placed = Vec::new();
+        let mut updated = Vec::new();
         for mut r in pending {
             let spec = relocation_spec(&r.spec, r.spec.frontend.subdomain.clone().as_deref());
-            match rows::place(&mut tx.conn(), &mut placer, &spec).await? {
+            match rows::place(&mut tx.conn(), &mut lease.placer, &spec).await? {
                 Ok((worker, assignment)) => {
+                    lease.touched.push(worker.id);
                     r.worker_id = Some(worker.id);
                     r.port = assignment.port();
                     r.subdomain = assignment.subdomain().map(str::to_owned);
                     r.pending_reason = None;
                     r.revision = tx.next_revision();
                     r.updated_at = now;
-                    rows::update_route(&mut tx.conn(), &r).await?;
                     placed.push(Moved {
                         route_id: r.id,
                         from: None,
@@ -324,16 +329,15 @@ impl Store {
                         reason: None,
                         stranded: false,
                     });
-                    let (revision, id) = (r.revision, r.id);
-                    let route = r.into_route(Some(&worker));
                     tx.log(
-                        revision,
+                        r.revision,
                         ChangeKind::RouteUpsert,
-                        Some(id),
+                        Some(r.id),
                         Some(worker.id),
-                        Arg::json(&route),
+                        Arg::json(&r.to_route(Some(&worker))),
                         now,
                     );
+                    updated.push(r);
                 }
                 Err(e) => {
                     let reason = e.to_string();
@@ -349,7 +353,9 @@ impl Store {
                 }
             }
         }
-        tx.commit().await?;
+        rows::update_routes(&mut tx.conn(), &updated).await?;
+        let revision = tx.commit().await?;
+        lease.committed(revision);
         tracing::Span::current().record("placed", placed.len());
         Ok(placed)
     }

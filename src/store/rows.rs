@@ -207,24 +207,74 @@ pub async fn place(
     }
 }
 
+/// The values [`update_route`] and [`update_routes`] write, in the order of
+/// [`UPDATED_COLUMNS`].
+fn updated_values(r: &StoredRoute) -> [Arg; 10] {
+    [
+        r.id.into(),
+        r.worker_id.into(),
+        r.port.into(),
+        r.subdomain.as_deref().into(),
+        Arg::json(&r.spec),
+        r.spec.expires_at.into(),
+        r.revision.into(),
+        r.updated_at.into(),
+        r.pending_reason.as_deref().into(),
+        Arg::Text(Some(route_json::spec_fragments(&r.spec))),
+    ]
+}
+
+/// The columns [`updated_values`] gives (`id` first, the key).
+const UPDATED_COLUMNS: [&str; 10] = [
+    "id",
+    "worker_id",
+    "frontend_port",
+    "frontend_subdomain",
+    "spec",
+    "expires_at",
+    "revision",
+    "updated_at",
+    "pending_reason",
+    "spec_wire",
+];
+
+/// Routes [`update_routes`] writes per statement on PostgreSQL.
+const UPDATES_PER_STATEMENT: usize = 500;
+
 /// Writes where a route sits and its spec.
 pub async fn update_route(conn: &mut Conn<'_>, r: &StoredRoute) -> Result<()> {
     conn.execute(
         "UPDATE routes SET worker_id = $2, frontend_port = $3, frontend_subdomain = $4, spec = $5, \
          expires_at = $6, revision = $7, updated_at = $8, pending_reason = $9, spec_wire = $10 WHERE id = $1",
-        &[
-            r.id.into(),
-            r.worker_id.into(),
-            r.port.into(),
-            r.subdomain.as_deref().into(),
-            Arg::json(&r.spec),
-            r.spec.expires_at.into(),
-            r.revision.into(),
-            r.updated_at.into(),
-            r.pending_reason.as_deref().into(),
-            Arg::Text(Some(route_json::spec_fragments(&r.spec))),
-        ],
+        &updated_values(r),
     )
     .await?;
+    Ok(())
+}
+
+/// Writes where each of `routes` sits and its spec: on PostgreSQL one
+/// statement per [`UPDATES_PER_STATEMENT`] routes, on SQLite (in process,
+/// no round trips) one each.
+pub async fn update_routes(conn: &mut Conn<'_>, routes: &[StoredRoute]) -> Result<()> {
+    if matches!(conn, Conn::Sqlite(_)) {
+        for r in routes {
+            update_route(conn, r).await?;
+        }
+        return Ok(());
+    }
+    let set = UPDATED_COLUMNS[1..]
+        .iter()
+        .map(|c| format!("{c} = v.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in routes.chunks(UPDATES_PER_STATEMENT) {
+        let query = format!(
+            "UPDATE routes AS r SET {set} FROM (VALUES {}) AS v ({}) WHERE r.id = v.id",
+            super::sql::values(chunk.len(), UPDATED_COLUMNS.len(), 1),
+            UPDATED_COLUMNS.join(", ")
+        );
+        let args: Vec<Arg> = chunk.iter().flat_map(updated_values).collect();
+        conn.execute(sqlx::AssertSqlSafe(query), &args).await?;
+    }
     Ok(())
 }
