@@ -106,147 +106,19 @@ impl Store {
 
     /// The create writer: takes whatever creates are queued (up to
     /// [`BATCH_MAX`]) and commits them together.
-    ///
-    /// On PostgreSQL, while one batch's statement runs without a transaction
-    /// of its own ([`Store::prepare_unlocked`]), the next batch is placed on
-    /// top of it and sent too: it waits on the revision lock inside the
-    /// database, not in this loop, so the batches' round trips and
-    /// placement overlap the commit before them. Each statement checks that
-    /// the head is the revision it was placed on, so a batch after one that
-    /// was not written is not written either; both go again the locked way.
     async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         let mut cache = WorkerCache::default();
-        let mut inflight: Option<InFlight> = None;
-        loop {
-            let received = match inflight.as_mut() {
-                Some(running) => tokio::select! {
-                    biased;
-                    written = &mut running.written => {
-                        let running = inflight.take().expect("a batch in flight");
-                        self.finish(running, written, &mut cache).await;
-                        continue;
-                    }
-                    n = queue.recv_many(&mut batch, BATCH_MAX) => n,
-                },
-                None => queue.recv_many(&mut batch, BATCH_MAX).await,
-            };
-            if received == 0 {
-                if let Some(mut running) = inflight.take() {
-                    let written = (&mut running.written).await;
-                    self.finish(running, written, &mut cache).await;
-                }
-                return;
-            }
+        while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
             let requests: Vec<NewRoute> = std::mem::take(&mut batch);
             self.create_batches.observe(requests.len() as f64);
             let span = batch_span(&requests);
-            let prepared = match self.db {
-                Db::Postgres(_) => self
-                    .prepare_unlocked(&requests, &mut cache)
-                    .instrument(span.clone())
-                    .await
-                    .ok()
-                    .flatten(),
-                Db::Sqlite(_) => None,
-            };
-            match prepared {
-                Some(prepared) => {
-                    let next = self.launch(prepared, requests, span);
-                    if let Some(mut running) = inflight.take() {
-                        let written = (&mut running.written).await;
-                        self.finish(running, written, &mut cache).await;
-                    }
-                    inflight = Some(next);
-                }
-                None => {
-                    // The locked way: after the batch in flight, whose
-                    // outcome the cache must know first.
-                    if let Some(mut running) = inflight.take() {
-                        let written = (&mut running.written).await;
-                        self.finish(running, written, &mut cache).await;
-                    }
-                    let answers = self
-                        .commit_batch(&requests, &mut cache)
-                        .instrument(span.clone())
-                        .await;
-                    reply(requests, answers, &span);
-                }
-            }
+            let answers = self
+                .commit_batch(&requests, &mut cache)
+                .instrument(span.clone())
+                .await;
+            reply(requests, answers, &span);
         }
-    }
-
-    /// Sends a prepared batch's statement on a connection of its own.
-    fn launch(&self, prepared: Unlocked, requests: Vec<NewRoute>, span: tracing::Span) -> InFlight {
-        let Unlocked {
-            query,
-            args,
-            answers,
-            head,
-            last,
-            touched,
-        } = prepared;
-        let db = self.db.clone();
-        let statement_span = tracing::debug_span!(
-            parent: &span,
-            "write_commit",
-            first = head + 1,
-            last,
-            changes = last - head
-        );
-        let written = tokio::spawn(
-            async move { write_unlocked(&db, query, args).await }.instrument(statement_span),
-        );
-        InFlight {
-            requests,
-            answers,
-            head,
-            last,
-            touched,
-            span,
-            written,
-        }
-    }
-
-    /// Answers a batch whose statement has run: with what it placed when it
-    /// was written, else (the cache told it was not) the locked way.
-    async fn finish(
-        &self,
-        running: InFlight,
-        written: std::result::Result<Result<bool>, tokio::task::JoinError>,
-        cache: &mut WorkerCache,
-    ) {
-        let InFlight {
-            requests,
-            answers,
-            head,
-            last,
-            touched,
-            span,
-            written: _,
-        } = running;
-        let answers = match written {
-            Ok(Ok(true)) => {
-                self.published(last);
-                answers
-            }
-            outcome => {
-                match outcome {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "unlocked create batch failed; going the locked way");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "unlocked create batch's statement stopped; going the locked way");
-                    }
-                }
-                cache.not_written(head, touched);
-                self.commit_batch(&requests, cache)
-                    .instrument(span.clone())
-                    .await
-            }
-        };
-        reply(requests, answers, &span);
     }
 
     /// Commits `requests` together; if something in them breaks the
@@ -573,17 +445,6 @@ struct Unlocked {
     head: Revision,
     last: Revision,
     touched: Vec<Uuid>,
-}
-
-/// An unlocked batch whose statement is running.
-struct InFlight {
-    requests: Vec<NewRoute>,
-    answers: Vec<Result<Route>>,
-    head: Revision,
-    last: Revision,
-    touched: Vec<Uuid>,
-    span: tracing::Span,
-    written: tokio::task::JoinHandle<Result<bool>>,
 }
 
 /// Runs an unlocked batch's statement: `true` when it was written, `false`
