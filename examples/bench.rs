@@ -286,6 +286,86 @@ fn median_load(turns: Vec<Load>) -> Load {
     }
 }
 
+/// CPU time, in clock ticks, of the machine's parts during a load: the
+/// coordinator, this harness (its HTTP clients), PostgreSQL's processes,
+/// pgbench, and the machine's idle time (all cores).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    coordinator: u64,
+    harness: u64,
+    postgres: u64,
+    pgbench: u64,
+    idle: u64,
+    total: u64,
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, with the process's name.
+fn proc_ticks(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some((&stat[open + 1..close], user + system))
+}
+
+impl Cpu {
+    /// The counters now; `coordinator` is its process id.
+    fn now(coordinator: u32) -> Cpu {
+        let mut cpu = Cpu::default();
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        if let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) {
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            cpu.total = v.iter().take(8).sum();
+            cpu.idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        }
+        let me = std::process::id();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((name, ticks)) = proc_ticks(&stat) else {
+                continue;
+            };
+            if pid == coordinator {
+                cpu.coordinator += ticks;
+            } else if pid == me {
+                cpu.harness += ticks;
+            } else if name == "postgres" {
+                cpu.postgres += ticks;
+            } else if name == "pgbench" {
+                cpu.pgbench += ticks;
+            }
+        }
+        cpu
+    }
+
+    /// Shares of the machine (1.0 = every core) between `self` and `later`.
+    /// PostgreSQL backends that ended in between are not counted.
+    fn shares(self, later: Cpu) -> Value {
+        let total = later.total.saturating_sub(self.total).max(1) as f64;
+        let share = |a: u64, b: u64| (b.saturating_sub(a) as f64 / total * 1000.0).round() / 1000.0;
+        json!({
+            "coordinator": share(self.coordinator, later.coordinator),
+            "harness": share(self.harness, later.harness),
+            "postgres": share(self.postgres, later.postgres),
+            "pgbench": share(self.pgbench, later.pgbench),
+            "idle": share(self.idle, later.idle),
+        })
+    }
+}
+
 /// `total` creates from `concurrency` clients spread evenly over `urls`
 /// (client `i` talks to `urls[i % urls.len()]`).
 async fn create_load_over(urls: &[String], concurrency: usize, total: usize) -> Load {
@@ -876,19 +956,37 @@ async fn main() {
             break;
         }
         create_load(&coordinator.url, c, 64.min(total)).await; // warm up connections
+        let before = Cpu::now(coordinator.child.id());
         let load = create_load(&coordinator.url, c, total).await;
+        let during = Cpu::now(coordinator.child.id());
         let baseline = pgbench_baseline(&db, c, total);
+        let after = Cpu::now(coordinator.child.id());
+        let cpu = before.shares(during);
+        let cpu_baseline = during.shares(after);
         let ratio = load.throughput / baseline;
         report(
             &mut table,
             format!(
-                "create {label:<4} {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms   pgbench {:>8.0} inserts/s   ratio {:.2}",
-                load.throughput, load.p50_ms, load.p99_ms, baseline, ratio
+                "create {label:<4} {:>8.0} routes/s  p50 {:>6.2} ms  p99 {:>6.2} ms   pgbench {:>8.0} inserts/s   ratio {:.2}\n  \
+                 CPU (share of all cores) creates: coordinator {} harness {} postgres {} idle {}; pgbench: pgbench {} postgres {} idle {}",
+                load.throughput,
+                load.p50_ms,
+                load.p99_ms,
+                baseline,
+                ratio,
+                cpu["coordinator"],
+                cpu["harness"],
+                cpu["postgres"],
+                cpu["idle"],
+                cpu_baseline["pgbench"],
+                cpu_baseline["postgres"],
+                cpu_baseline["idle"],
             ),
         );
         create_results.insert(
             label.into(),
-            json!({"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "baseline_tps": baseline, "ratio": ratio, "requests": total}),
+            json!({"throughput": load.throughput, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "baseline_tps": baseline, "ratio": ratio, "requests": total,
+                "cpu": cpu, "baseline_cpu": cpu_baseline}),
         );
     }
     results.insert("create".into(), create_results.into());

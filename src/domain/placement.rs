@@ -36,6 +36,47 @@ impl Assignment {
 pub struct Used {
     pub ports: BTreeSet<u16>,
     pub subdomains: HashSet<String>,
+    /// `(from, to)`: every port in `from..to` is in `ports`, so the lowest
+    /// free port of a range starting in `from..=to` is not below `to`.
+    /// Kept by [`Used::take`]; ports are only ever added to a `Used`, so it
+    /// stays true. (A worker with thousands of routes then costs a lookup per
+    /// placement, not a walk over every port it has.)
+    packed: Option<(u16, u32)>,
+}
+
+impl Used {
+    /// Records `assignment` as taken on a worker whose port range starts at
+    /// `low` (for a port; `None` for a wildcard worker).
+    pub fn take(&mut self, assignment: &Assignment, low: Option<u16>) {
+        match assignment {
+            Assignment::Port(port) => {
+                self.ports.insert(*port);
+                let Some(low) = low else { return };
+                let (from, mut to) = match self.packed {
+                    Some((from, to)) if from <= low && u32::from(low) <= to => (from, to),
+                    _ => (low, u32::from(low)),
+                };
+                while u16::try_from(to).is_ok_and(|p| self.ports.contains(&p)) {
+                    to += 1;
+                }
+                self.packed = Some((from, to));
+            }
+            Assignment::Subdomain(subdomain) => {
+                self.subdomains.insert(subdomain.clone());
+            }
+        }
+    }
+
+    /// The lowest port of `range` not taken.
+    pub fn lowest_free_port(&self, range: [u16; 2]) -> Option<u16> {
+        let start = match self.packed {
+            Some((from, to)) if from <= range[0] && u32::from(range[0]) <= to => {
+                u16::try_from(to).ok()?
+            }
+            _ => range[0],
+        };
+        lowest_free_port([start, range[1]], &self.ports)
+    }
 }
 
 /// Why a route could not be placed.
@@ -172,7 +213,7 @@ pub fn allocate(
                     Ok(Some(Assignment::Port(port)))
                 };
             }
-            Ok(lowest_free_port(*port_range, &used.ports).map(Assignment::Port))
+            Ok(used.lowest_free_port(*port_range).map(Assignment::Port))
         }
         WorkerFrontend::Wildcard { .. } => {
             let base = spec
@@ -470,6 +511,38 @@ mod tests {
         assert_eq!(lowest_free_port([200, 100], &set(&[])), None);
         let dense: BTreeSet<u16> = (1..40_000).collect();
         assert_eq!(lowest_free_port([1, 65535], &dense), Some(40_000));
+    }
+
+    #[test]
+    fn the_packed_prefix_gives_the_same_port_as_a_full_walk() {
+        // Requested ports land anywhere (gaps, beyond the end, outside the
+        // range), the rest take the lowest free one; the range's start moves
+        // once (a worker registered again with another range).
+        let mut used = Used::default();
+        let mut state = 7u32;
+        let mut next = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            state >> 16
+        };
+        for i in 0..3000 {
+            let range = if i < 2000 { [100, 2600] } else { [90, 2600] };
+            let expected = lowest_free_port(range, &used.ports);
+            assert_eq!(used.lowest_free_port(range), expected, "step {i}");
+            let port = if next() % 3 == 0 {
+                u16::try_from(next() % 2800).unwrap()
+            } else {
+                match expected {
+                    Some(p) => p,
+                    None => break,
+                }
+            };
+            used.take(&Assignment::Port(port), Some(range[0]));
+        }
+        assert!(
+            used.ports.len() > 2000,
+            "the range filled up: {}",
+            used.ports.len()
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::placement::{self, Assignment, PlacementError, Used};
 use super::route::RouteSpec;
+use super::types::WorkerFrontend;
 use super::types::WorkerStatus;
 use super::worker::Worker;
 
@@ -278,10 +279,11 @@ impl Placer {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Used::default()),
         };
-        taken.ports.extend(assignment.port());
-        taken
-            .subdomains
-            .extend(assignment.subdomain().map(str::to_owned));
+        let low = match &self.workers[at].frontend {
+            WorkerFrontend::Port { port_range, .. } => Some(port_range[0]),
+            WorkerFrontend::Wildcard { .. } => None,
+        };
+        taken.take(&assignment, low);
         if let Some(order) = &mut self.order {
             order.remove(&RankKey::of(&self.workers[at], at));
         }
@@ -300,6 +302,12 @@ mod tests {
 
     use super::*;
     use crate::domain::{WorkerRegistration, WorkerStatus};
+
+    fn ports_used(ports: &[u16]) -> Used {
+        let mut used = Used::default();
+        used.ports.extend(ports);
+        used
+    }
 
     fn worker(name: &str, range: [u16; 2], routes: u64) -> Worker {
         let registration: WorkerRegistration = serde_json::from_value(serde_json::json!({
@@ -351,13 +359,7 @@ mod tests {
     fn consecutive_routes_take_consecutive_ports_and_count_on_their_worker() {
         let a = worker("a", [100, 102], 0);
         let mut stored = HashMap::new();
-        stored.insert(
-            a.id,
-            Used {
-                ports: [100].into(),
-                ..Used::default()
-            },
-        );
+        stored.insert(a.id, ports_used(&[100]));
         let mut placer = Placer::new(vec![a.clone()], HashMap::new());
         let mut asked = Vec::new();
         let (w1, p1) = place(&mut placer, &spec(), &stored, &mut asked).unwrap();
@@ -399,13 +401,7 @@ mod tests {
         let b = worker("b", [200, 200], 0);
         let mut stored = HashMap::new();
         // The count says a has room, but its only port is taken.
-        stored.insert(
-            a.id,
-            Used {
-                ports: [100].into(),
-                ..Used::default()
-            },
-        );
+        stored.insert(a.id, ports_used(&[100]));
         let mut placer = Placer::new(vec![a.clone(), b.clone()], HashMap::new());
         let mut asked = Vec::new();
         let (w, port) = place(&mut placer, &spec(), &stored, &mut asked).unwrap();
@@ -417,13 +413,7 @@ mod tests {
     fn a_requested_port_in_use_is_reported_as_taken() {
         let a = worker("a", [100, 110], 0);
         let mut stored = HashMap::new();
-        stored.insert(
-            a.id,
-            Used {
-                ports: [105].into(),
-                ..Used::default()
-            },
-        );
+        stored.insert(a.id, ports_used(&[105]));
         let mut placer = Placer::new(vec![a.clone()], HashMap::new());
         let mut pinned = spec();
         pinned.worker_id = Some(a.id);
