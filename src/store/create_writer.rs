@@ -178,23 +178,15 @@ impl Store {
         cache: &mut WorkerCache,
     ) -> Result<Vec<Result<Route>>> {
         if matches!(self.db, Db::Postgres(_)) {
-            if let Some(prepared) = self.prepare_unlocked(requests, cache).await? {
-                let Unlocked {
-                    query,
-                    args,
-                    answers,
-                    head,
-                    last,
-                    touched,
-                } = prepared;
-                match write_unlocked(&self.db, query, args).await {
+            if let Some(batch) = self.prepare_unlocked(requests, cache).await? {
+                match write_unlocked(&self.db, batch.query, batch.args).await {
                     Ok(true) => {
-                        self.published(last);
-                        return Ok(answers);
+                        self.published(batch.last);
+                        return Ok(batch.answers);
                     }
-                    Ok(false) => cache.not_written(head, touched),
+                    Ok(false) => cache.not_written(batch.head, batch.touched),
                     Err(e) => {
-                        cache.not_written(head, touched);
+                        cache.not_written(batch.head, batch.touched);
                         return Err(e);
                     }
                 }

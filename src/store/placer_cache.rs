@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::Result;
 use super::rows::{self, worker_select};
-use super::sql::{self, Arg};
+use super::sql;
 use super::tx::WriteTx;
 use crate::domain::Revision;
 use crate::domain::placer::Placer;
@@ -102,17 +102,7 @@ impl WorkerCache {
                         }
                         ids.sort_unstable();
                         ids.dedup();
-                        let fresh = if ids.is_empty() {
-                            Vec::new()
-                        } else {
-                            let query = format!(
-                                "{} WHERE w.id IN ({})",
-                                worker_select!(),
-                                sql::list(ids.len(), 1)
-                            );
-                            let args: Vec<Arg> = ids.iter().map(|&id| id.into()).collect();
-                            rows::workers(&mut tx.conn(), sqlx::AssertSqlSafe(query), &args).await?
-                        };
+                        let fresh = rows::workers_by_id(&mut tx.conn(), &ids).await?;
                         placer.refresh(&ids, fresh);
                         Some(placer)
                     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::rows::{self, route_columns, worker_select};
+use super::rows::{self, route_columns};
 use super::sql::{self, Arg};
 use super::{Page, Result, Store, StoreError, Upserted, db_time};
 use crate::domain::events::ChangeKind;
@@ -76,17 +76,7 @@ impl Store {
         let mut ids: Vec<Uuid> = stored.iter().filter_map(|r| r.worker_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let workers = if ids.is_empty() {
-            Vec::new()
-        } else {
-            let query = format!(
-                "{} WHERE w.id IN ({})",
-                worker_select!(),
-                sql::list(ids.len(), 1)
-            );
-            let args: Vec<Arg> = ids.into_iter().map(Arg::from).collect();
-            rows::workers(&mut c.conn(), sqlx::AssertSqlSafe(query), &args).await?
-        };
+        let workers = rows::workers_by_id(&mut c.conn(), &ids).await?;
         let by_id: HashMap<Uuid, &Worker> = workers.iter().map(|w| (w.id, w)).collect();
         let items = stored
             .into_iter()

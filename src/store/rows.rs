@@ -130,6 +130,20 @@ pub async fn workers(
     Ok(rows.into_iter().map(Worker::from).collect())
 }
 
+/// The workers among `ids` (those that exist).
+pub async fn workers_by_id(conn: &mut Conn<'_>, ids: &[Uuid]) -> Result<Vec<Worker>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let query = format!(
+        "{} WHERE w.id IN ({})",
+        worker_select!(),
+        super::sql::list(ids.len(), 1)
+    );
+    let args: Vec<Arg> = ids.iter().map(|&id| id.into()).collect();
+    workers(conn, sqlx::AssertSqlSafe(query), &args).await
+}
+
 /// Worker `id`.
 pub async fn worker(conn: &mut Conn<'_>, id: Uuid) -> Result<Option<Worker>> {
     let row: Option<WorkerRow> = conn
