@@ -240,35 +240,7 @@ struct Load {
 
 /// `total` creates from `concurrency` clients; throughput and latency.
 async fn create_load(url: &str, concurrency: usize, total: usize) -> Load {
-    let http = http();
-    let per = total / concurrency;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let http = http.clone();
-            let url = url.to_owned();
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per);
-                for _ in 0..per {
-                    let t = Instant::now();
-                    create(&http, &url, &route_body(None)).await;
-                    lat.push(ms(t.elapsed()));
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let wall = started.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    Load {
-        throughput: lat.len() as f64 / wall,
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-    }
+    create_load_over(&[url.to_owned()], concurrency, total).await
 }
 
 /// The median of several turns of one load: its throughput and its p99 each
