@@ -3,9 +3,10 @@
 //! and the commit's fsync (as PostgreSQL's group commit would share
 //! independent ones), while each request gets its own answer.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use tracing::field::Empty;
@@ -13,7 +14,7 @@ use uuid::Uuid;
 
 use super::placer_cache::WorkerCache;
 use super::rows::{self, route_columns};
-use super::sql::{self, Arg};
+use super::sql::{self, Arg, Column};
 use super::{Db, NOTIFY_CHANNEL, Result, Store, StoreError, db_time};
 use crate::domain::events::ChangeKind;
 use crate::domain::placement::PlacementError;
@@ -244,21 +245,8 @@ impl Store {
             answers.push(Ok(placed.1.clone()));
             created.push(placed);
         }
-        let (routes, mut args) = insert_values(&created);
-        let log = log_values(&created, &mut args);
-        args.push(head.into());
-        args.push(last.into());
-        let (h, l) = (args.len() - 1, args.len());
-        let query = format!(
-            "WITH saved AS (UPDATE coordinator_state SET revision = ${l}::bigint \
-             WHERE id = 1 AND revision = ${h}::bigint RETURNING revision), \
-             ins AS (INSERT INTO routes ({ROUTE_COLUMNS}) SELECT * FROM (VALUES {routes}) AS v \
-             WHERE EXISTS (SELECT 1 FROM saved) RETURNING 1), \
-             log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
-             SELECT * FROM (VALUES {log}) AS v WHERE EXISTS (SELECT 1 FROM saved)) \
-             SELECT (SELECT COUNT(*) FROM saved), (SELECT COUNT(*) FROM ins), \
-             (SELECT COUNT(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', revision::text) FROM saved) AS n)"
-        );
+        let args = unnest_args(head, last, &created);
+        let query = PG_UNLOCKED_INSERT.as_str();
         let touched = std::mem::take(&mut lease.touched);
         lease.committed(last);
         Ok(Some(Unlocked {
@@ -316,21 +304,11 @@ impl Store {
             lease.committed(head);
             return Ok(Some(answers));
         }
-        let (mut query, mut args) =
-            insert_statement(&created, " ON CONFLICT DO NOTHING RETURNING 1");
-        query.insert_str(0, "WITH ins AS (");
-        query.push_str("), log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) VALUES ");
-        query.push_str(&log_values(&created, &mut args));
         let last = created.last().map_or(tx.head(), |(r, _)| r.revision);
-        args.push(last.into());
-        let n = args.len();
-        query.push_str(&format!(
-            "), saved AS (UPDATE coordinator_state SET revision = ${n}::bigint WHERE id = 1) \
-             SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM pg_notify('{NOTIFY_CHANNEL}', ${n}::bigint::text))"
-        ));
+        let args = unnest_args(tx.head(), last, &created);
         let (inserted, _): (i64, i64) = tx
             .conn()
-            .fetch_one(sqlx::AssertSqlSafe(query), &args)
+            .fetch_one(PG_LOCKED_INSERT.as_str(), &args)
             .await?;
         if usize::try_from(inserted).ok() != Some(created.len()) {
             tx.rollback().await?;
@@ -431,7 +409,7 @@ impl Store {
 /// statement, the answers it gives once written, the revisions it moves the
 /// head from and to, and the workers it placed on.
 struct Unlocked {
-    query: String,
+    query: &'static str,
     args: Vec<Arg>,
     answers: Vec<Result<Route>>,
     head: Revision,
@@ -442,10 +420,9 @@ struct Unlocked {
 /// Runs an unlocked batch's statement: `true` when it was written, `false`
 /// when nothing was (the head had moved, or a unique index or a reference
 /// refused a route).
-async fn write_unlocked(db: &Db, query: String, args: Vec<Arg>) -> Result<bool> {
+async fn write_unlocked(db: &Db, query: &'static str, args: Vec<Arg>) -> Result<bool> {
     let mut c = sql::acquire(db).await?;
-    let written: sqlx::Result<(i64, i64, i64)> =
-        c.conn().fetch_one(sqlx::AssertSqlSafe(query), &args).await;
+    let written: sqlx::Result<(i64, i64, i64)> = c.conn().fetch_one(query, &args).await;
     match written {
         Ok((saved, _, _)) => Ok(saved == 1),
         Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("23")) => Ok(false),
@@ -554,9 +531,96 @@ async fn port_holder(
     .await
 }
 
-/// The columns [`insert_values`] gives, in order.
+/// The columns [`insert_values`] and [`unnest_args`] give, in order.
 const ROUTE_COLUMNS: &str = "id, app_mode, session_id, endpoint_id, service, protocol, worker_id, \
      frontend_port, frontend_subdomain, spec, spec_wire, expires_at, revision, created_at, updated_at";
+
+/// A batch's routes and change-log rows, from the arrays of [`unnest_args`]
+/// (`$3`…`$18`): one statement text whatever the batch's size, so each
+/// connection parses and plans it once.
+const PG_UNNEST: &str = "ins AS (INSERT INTO routes ({ROUTE_COLUMNS}) \
+     SELECT * FROM unnest($3::uuid[], $4::text[], $5::uuid[], $6::uuid[], $7::text[], $8::text[], \
+     $9::uuid[], $10::int[], $11::text[], $12::jsonb[], $13::text[], $14::timestamptz[], \
+     $15::bigint[], $16::timestamptz[], $17::timestamptz[]) {GUARD} {ON_CONFLICT} RETURNING 1), \
+     log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
+     SELECT r, 'route_upsert', i, w, p, c \
+     FROM unnest($15::bigint[], $3::uuid[], $9::uuid[], $18::jsonb[], $16::timestamptz[]) AS l(r, i, w, p, c) {GUARD})";
+
+/// The unlocked write ([`Store::prepare_unlocked`]): moves the revision from
+/// `$1` to `$2` only if it is still `$1`, and writes the batch only then.
+/// Answers (1 if the revision moved, routes inserted, notifications sent).
+static PG_UNLOCKED_INSERT: LazyLock<String> = LazyLock::new(|| {
+    let unnest = PG_UNNEST
+        .replace("{ROUTE_COLUMNS}", ROUTE_COLUMNS)
+        .replace("{GUARD}", "WHERE EXISTS (SELECT 1 FROM saved)")
+        .replace("{ON_CONFLICT}", "");
+    format!(
+        "WITH saved AS (UPDATE coordinator_state SET revision = $2 \
+         WHERE id = 1 AND revision = $1 RETURNING revision), {unnest} \
+         SELECT (SELECT COUNT(*) FROM saved), (SELECT COUNT(*) FROM ins), \
+         (SELECT COUNT(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', revision::text) FROM saved) AS n)"
+    )
+});
+
+/// The optimistic write inside a transaction holding the revision lock at
+/// `$1` ([`Store::create_routes_at_once`]): a route a unique index refuses
+/// is skipped, so the count of inserted routes tells whether all went in.
+/// Answers (routes inserted, notifications sent).
+static PG_LOCKED_INSERT: LazyLock<String> = LazyLock::new(|| {
+    let unnest = PG_UNNEST
+        .replace("{ROUTE_COLUMNS}", ROUTE_COLUMNS)
+        .replace("{GUARD}", "")
+        .replace("{ON_CONFLICT}", "ON CONFLICT DO NOTHING");
+    format!(
+        "WITH {unnest}, saved AS (UPDATE coordinator_state SET revision = $2 \
+         WHERE id = 1 AND revision = $1) \
+         SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM pg_notify('{NOTIFY_CHANNEL}', $2::text))"
+    )
+});
+
+fn to_raw<T: serde::Serialize>(value: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("domain types serialize")
+}
+
+/// The arguments of [`PG_UNLOCKED_INSERT`] and [`PG_LOCKED_INSERT`]: the
+/// revision the batch starts from and the one it ends at, then one array per
+/// route column ([`ROUTE_COLUMNS`]) and the change-log payloads.
+fn unnest_args(head: Revision, last: Revision, created: &[(StoredRoute, Route)]) -> Vec<Arg> {
+    let column = |f: &dyn Fn(&StoredRoute) -> Option<Uuid>| {
+        Arg::Column(Column::Uuid(created.iter().map(|(r, _)| f(r)).collect()))
+    };
+    let text = |f: &dyn Fn(&StoredRoute) -> Option<String>| {
+        Arg::Column(Column::Text(created.iter().map(|(r, _)| f(r)).collect()))
+    };
+    let time = |f: &dyn Fn(&StoredRoute) -> Option<DateTime<Utc>>| {
+        Arg::Column(Column::Time(created.iter().map(|(r, _)| f(r)).collect()))
+    };
+    let json = |v: Vec<Box<RawValue>>| Arg::Column(Column::Json(v.into_iter().map(Some).collect()));
+    vec![
+        head.into(),
+        last.into(),
+        column(&|r| Some(r.id)),
+        text(&|r| Some(r.spec.app_mode.as_str().to_owned())),
+        column(&|r| r.spec.session_id),
+        column(&|r| r.spec.endpoint_id),
+        text(&|r| Some(r.spec.service.as_str().to_owned())),
+        text(&|r| Some(r.spec.protocol.as_str().to_owned())),
+        column(&|r| r.worker_id),
+        Arg::Column(Column::Int32(
+            created.iter().map(|(r, _)| r.port.map(i32::from)).collect(),
+        )),
+        text(&|r| r.subdomain.clone()),
+        json(created.iter().map(|(r, _)| to_raw(&r.spec)).collect()),
+        text(&|r| Some(route_json::spec_fragments(&r.spec))),
+        time(&|r| r.spec.expires_at),
+        Arg::Column(Column::Int(
+            created.iter().map(|(r, _)| Some(r.revision)).collect(),
+        )),
+        time(&|r| Some(r.created_at)),
+        time(&|r| Some(r.updated_at)),
+        json(created.iter().map(|(_, wire)| to_raw(wire)).collect()),
+    ]
+}
 
 /// The `VALUES` rows of the batch's routes ([`ROUTE_COLUMNS`]) and their
 /// arguments, numbered from `$1`.
@@ -583,23 +647,6 @@ fn insert_values(created: &[(StoredRoute, Route)]) -> (String, Vec<Arg>) {
         ]);
     }
     (sql::values(created.len(), COLUMNS, 1), args)
-}
-
-/// The `VALUES` rows of the batch's change-log rows, their arguments
-/// appended to `args`.
-fn log_values(created: &[(StoredRoute, Route)], args: &mut Vec<Arg>) -> String {
-    let rows = sql::values(created.len(), 6, args.len() + 1);
-    for (r, wire) in created {
-        args.extend([
-            r.revision.into(),
-            ChangeKind::RouteUpsert.as_str().into(),
-            Some(r.id).into(),
-            r.worker_id.into(),
-            Arg::json(wire),
-            r.created_at.into(),
-        ]);
-    }
-    rows
 }
 
 /// The statement inserting the batch's routes in one go (with `suffix`

@@ -26,6 +26,20 @@ pub enum Arg {
     Time(Option<DateTime<Utc>>),
     Json(Option<Box<RawValue>>),
     Bytes(Vec<u8>),
+    /// A column of values bound as one PostgreSQL array (for `unnest`, so
+    /// a statement's text does not grow with its rows); SQLite refuses it.
+    Column(Column),
+}
+
+/// The values of one column, for [`Arg::Column`].
+#[derive(Clone, Debug)]
+pub enum Column {
+    Uuid(Vec<Option<Uuid>>),
+    Int(Vec<Option<i64>>),
+    Int32(Vec<Option<i32>>),
+    Text(Vec<Option<String>>),
+    Time(Vec<Option<DateTime<Utc>>>),
+    Json(Vec<Option<Box<RawValue>>>),
 }
 
 impl Arg {
@@ -91,8 +105,40 @@ impl From<&[u8]> for Arg {
     }
 }
 
+/// How a driver binds an [`Arg::Column`].
+trait Columns: Database {
+    fn add_column(
+        out: &mut Self::Arguments,
+        column: &Column,
+    ) -> Result<(), sqlx::error::BoxDynError>;
+}
+
+impl Columns for sqlx::Postgres {
+    fn add_column(
+        out: &mut Self::Arguments,
+        column: &Column,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        match column {
+            Column::Uuid(v) => out.add(v),
+            Column::Int(v) => out.add(v),
+            Column::Int32(v) => out.add(v),
+            Column::Text(v) => out.add(v),
+            Column::Time(v) => out.add(v),
+            Column::Json(v) => {
+                out.add(v.iter().map(|j| j.as_deref().map(Json)).collect::<Vec<_>>())
+            }
+        }
+    }
+}
+
+impl Columns for sqlx::Sqlite {
+    fn add_column(_: &mut Self::Arguments, _: &Column) -> Result<(), sqlx::error::BoxDynError> {
+        Err("array arguments are PostgreSQL's only".into())
+    }
+}
+
 /// The driver's arguments for `args`.
-fn arguments<DB: Database>(args: &[Arg]) -> Result<DB::Arguments, sqlx::Error>
+fn arguments<DB: Columns>(args: &[Arg]) -> Result<DB::Arguments, sqlx::Error>
 where
     for<'q> Option<Uuid>: Encode<'q, DB> + Type<DB>,
     for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
@@ -112,6 +158,7 @@ where
             Arg::Time(v) => out.add(*v),
             Arg::Json(v) => out.add(v.as_deref().map(Json)),
             Arg::Bytes(v) => out.add(v.as_slice()),
+            Arg::Column(c) => DB::add_column(&mut out, c),
         }
         .map_err(sqlx::Error::Encode)?;
     }
