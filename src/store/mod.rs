@@ -63,6 +63,10 @@ static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sql
 /// PostgreSQL channel a commit notifies, with its revision as the payload.
 pub const NOTIFY_CHANNEL: &str = "appproxy_changes";
 
+/// How long a pooled PostgreSQL connection may sit idle before it is pinged
+/// when taken from the pool.
+const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
 /// The database behind the coordinator.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -241,6 +245,18 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
+                // sqlx pings every connection it hands out: a round trip per
+                // acquire, several per create batch. A connection used in the
+                // last second is taken as live; one idle longer is pinged.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for > IDLE_PING_AFTER {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect_lazy_with(options);
             Ok(Store::new(Db::Postgres(pool)))
         } else if database_url.starts_with("sqlite:") {
