@@ -658,22 +658,32 @@ async fn tail(inner: Arc<Inner>) {
                 failing = true;
             }
         }
-        let notified = async {
-            match listener.as_mut() {
-                Some(l) => l.recv().await.map(|_| ()),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = commits.changed() => {}
-            received = notified => {
-                if let Err(e) = received {
-                    tracing::warn!(error = %e, "lost the PostgreSQL listener; polling until it is back");
-                    listener = None;
+        // Wait for a commit past the cursor: this replica's own commits wake
+        // the tailer twice (once here, once by their NOTIFY), and the second
+        // needs no read.
+        loop {
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(|n| n.payload().parse::<Revision>().ok()),
+                    None => std::future::pending().await,
                 }
+            };
+            let newer = tokio::select! {
+                _ = commits.changed() => *commits.borrow_and_update() > cursor,
+                received = notified => match received {
+                    Ok(revision) => revision.is_none_or(|r| r > cursor),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the PostgreSQL listener; polling until it is back");
+                        listener = None;
+                        true
+                    }
+                },
+                _ = tokio::time::sleep(inner.config.poll_interval) => true,
+                _ = stopped(&mut shutdown) => return,
+            };
+            if newer || failing {
+                break;
             }
-            _ = tokio::time::sleep(inner.config.poll_interval) => {}
-            _ = stopped(&mut shutdown) => return,
         }
     }
 }
