@@ -271,14 +271,17 @@ struct Cpu {
     total: u64,
 }
 
-/// utime + stime of a `/proc/<pid>/stat` line, with the process's name.
-fn proc_ticks(stat: &str) -> Option<(&str, u64)> {
+/// A `/proc/<pid>/stat` line's process name, its own CPU ticks (utime +
+/// stime) and those of its children that ended and were waited for (cutime
+/// + cstime).
+fn proc_ticks(stat: &str) -> Option<(&str, u64, u64)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-    let user: u64 = fields.get(11)?.parse().ok()?;
-    let system: u64 = fields.get(12)?.parse().ok()?;
-    Some((&stat[open + 1..close], user + system))
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    let own = tick(11)? + tick(12)?;
+    let children = tick(13)? + tick(14)?;
+    Some((&stat[open + 1..close], own, children))
 }
 
 impl Cpu {
@@ -307,24 +310,25 @@ impl Cpu {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
             };
-            let Some((name, ticks)) = proc_ticks(&stat) else {
+            let Some((name, ticks, ended)) = proc_ticks(&stat) else {
                 continue;
             };
             if pid == coordinator {
                 cpu.coordinator += ticks;
             } else if pid == me {
+                // pgbench (and psql) run as this harness's children and are
+                // waited for: their time is in its children's ticks.
                 cpu.harness += ticks;
+                cpu.pgbench += ended;
             } else if name == "postgres" {
-                cpu.postgres += ticks;
-            } else if name == "pgbench" {
-                cpu.pgbench += ticks;
+                // Backends that ended are in the postmaster's children's ticks.
+                cpu.postgres += ticks + ended;
             }
         }
         cpu
     }
 
     /// Shares of the machine (1.0 = every core) between `self` and `later`.
-    /// PostgreSQL backends that ended in between are not counted.
     fn shares(self, later: Cpu) -> Value {
         let total = later.total.saturating_sub(self.total).max(1) as f64;
         let share = |a: u64, b: u64| (b.saturating_sub(a) as f64 / total * 1000.0).round() / 1000.0;
