@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 
 use crate::api::{self, AppState};
 use crate::backendai::{self, BackendAi};
@@ -146,19 +147,24 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         });
         // Peer addresses: `POST /v2/conf` admits allowed networks without a token.
+        // TCP_NODELAY: a stream's events are small writes; without it the
+        // last of a burst waits for the client's delayed ACK (~40 ms).
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
         match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
                 let tls = RustlsConfig::from_pem_file(cert, key)
                     .await
                     .context("cannot load the TLS certificate and key")?;
-                axum_server::bind_rustls(config.bind, tls)
+                let tls = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());
+                axum_server::bind(config.bind)
+                    .acceptor(tls)
                     .handle(handle)
                     .serve(service)
                     .await
             }
             _ => {
                 axum_server::bind(config.bind)
+                    .acceptor(NoDelayAcceptor::new())
                     .handle(handle)
                     .serve(service)
                     .await
