@@ -633,6 +633,10 @@ struct ScaleSize {
 struct ScaleResult {
     small: Option<Load>,
     create: Option<Load>,
+    /// PostgreSQL alone doing the same inserts (rows/s): on the small
+    /// database and on the large one.
+    small_pg: f64,
+    pg: f64,
     propagation_p99_ms: f64,
     routes_page_ms: f64,
     watch_resume_ms: f64,
@@ -640,6 +644,80 @@ struct ScaleResult {
     rss_mb: f64,
     pg_size_mb: f64,
     load_s: f64,
+}
+
+/// Sets up `db` for [`pg_insert_rows`]: copies of `routes` and `change_log`
+/// (columns, checks, indexes), holding a copy of every route when
+/// `copy_routes`, and the workers numbered from 0.
+fn pg_insert_setup(db: &str, copy_routes: bool) {
+    psql(
+        db,
+        "CREATE TABLE bench_routes (LIKE routes INCLUDING ALL); \
+         CREATE TABLE bench_log (LIKE change_log INCLUDING ALL); \
+         CREATE SEQUENCE bench_seq; \
+         CREATE TABLE bench_workers AS SELECT (row_number() OVER (ORDER BY id) - 1)::int AS k, id FROM workers; \
+         CREATE UNIQUE INDEX ON bench_workers (k)",
+    );
+    if copy_routes {
+        psql(db, "INSERT INTO bench_routes SELECT * FROM routes");
+    }
+    psql(
+        db,
+        "VACUUM (ANALYZE) bench_routes, bench_log, bench_workers",
+    );
+}
+
+/// PostgreSQL alone doing what a create batch does to the database, rows per
+/// second: one client, `batch` routes per statement, each on another of the
+/// database's workers, with their change-log rows, into the copies
+/// [`pg_insert_setup`] made (route ids ascending as the coordinator's are;
+/// session ids random). The baseline of the scale part's create ratio.
+fn pg_insert_rows(db: &Database, rows: usize, batch: usize) -> f64 {
+    let script =
+        std::env::temp_dir().join(format!("appproxy-bench-rows-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "WITH n AS (SELECT nextval('bench_seq') AS n, gen_random_uuid() AS sid FROM generate_series(1, {batch})), \
+             ins AS (INSERT INTO bench_routes (id, app_mode, session_id, service, protocol, worker_id, frontend_port, spec, revision, created_at, updated_at) \
+               SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'interactive', sid, 'jupyter', 'http', w.id, 20000 + n % 45000, \
+                      jsonb_build_object('session_id', sid, 'service', 'jupyter', 'targets', jsonb_build_array(jsonb_build_object('host', '10.0.1.7', 'port', 8888))), \
+                      n, now(), now() \
+               FROM n JOIN bench_workers w ON w.k = (n * 7919) % (SELECT count(*) FROM bench_workers) \
+               RETURNING id, worker_id, revision, spec) \
+             INSERT INTO bench_log (revision, kind, route_id, worker_id, payload, created_at) \
+               SELECT revision, 'route_upsert', id, worker_id, spec, now() FROM ins;\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "1",
+            "-t",
+            &(rows / batch).to_string(),
+            "-f",
+            script.to_str().unwrap(),
+            &db.url(),
+        ])
+        .output()
+        .expect("pgbench");
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .expect("pgbench prints tps");
+    tps * batch as f64
 }
 
 /// Milliseconds of one manager GET.
@@ -674,6 +752,7 @@ async fn scale_part(size: &ScaleSize) -> ScaleResult {
         }
         create_load(&small.url, 32, 64).await;
     }
+    pg_insert_setup(&small_db.name, false);
     let db = Database::create("scale");
     let (timeout, grace) = (Duration::from_secs(2), Duration::from_secs(1));
     let loaded = Instant::now();
@@ -731,6 +810,7 @@ async fn scale_part(size: &ScaleSize) -> ScaleResult {
     // the visibility map that lets index-only scans skip the heap).
     psql(&db.name, "VACUUM (ANALYZE)");
     out.load_s = loaded.elapsed().as_secs_f64();
+    pg_insert_setup(&db.name, true);
     // A coordinator started on the installation, with short liveness timeouts.
     let timeout_s = format!("{}ms", timeout.as_millis());
     let grace_s = format!("{}ms", grace.as_millis());
@@ -770,13 +850,26 @@ async fn scale_part(size: &ScaleSize) -> ScaleResult {
     // the median of three turns each.
     create_load(&url, 32, 64).await;
     let (mut small_turns, mut large_turns) = (Vec::new(), Vec::new());
+    // And PostgreSQL alone doing the same inserts on each, in the same turns.
+    let (mut small_pg, mut large_pg) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         small_turns.push(create_load(&small.url, 32, size.creates).await);
         large_turns.push(create_load(&url, 32, size.creates).await);
+        small_pg.push(pg_insert_rows(&small_db, size.creates, 16));
+        large_pg.push(pg_insert_rows(&db, size.creates, 16));
     }
     drop(small);
     out.small = Some(median_load(small_turns));
     out.create = Some(median_load(large_turns));
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (out.small_pg, out.pg) = (median(small_pg), median(large_pg));
+    psql(
+        &db.name,
+        "DROP TABLE bench_routes, bench_log, bench_workers",
+    );
     // Propagation to one of the streaming workers.
     let mut lat = Vec::new();
     for i in 0..300.min(size.streaming * 3) {
@@ -1096,6 +1189,7 @@ async fn main() {
             format!(
                 "scale {} workers ({} streaming), {} routes loaded in {:.0} s:\n  \
                  create c32 {:>8.0} routes/s p99 {:.2} ms against {:>8.0} p99 {:.2} ms with 4 workers (ratio {:.2})\n  \
+                 PostgreSQL alone, the same inserts in batches of 16: {:>8.0} rows/s against {:>8.0} (ratio {:.2})\n  \
                  propagation p99 {:.2} ms, GET /routes page {:.1} ms, /routes/watch resume of 100 revisions {:.1} ms\n  \
                  failover of {} routes {:.2} s beyond the timeouts, RSS {:.1} MB, PostgreSQL {:.0} MB",
                 size.workers,
@@ -1107,6 +1201,9 @@ async fn main() {
                 small.throughput,
                 small.p99_ms,
                 create.throughput / small.throughput,
+                r.pg,
+                r.small_pg,
+                r.pg / r.small_pg,
                 r.propagation_p99_ms,
                 r.routes_page_ms,
                 r.watch_resume_ms,
@@ -1124,7 +1221,8 @@ async fn main() {
                 "routes": size.routes,
                 "create": {"throughput": create.throughput, "p50_ms": create.p50_ms, "p99_ms": create.p99_ms,
                     "small_throughput": small.throughput, "small_p99_ms": small.p99_ms,
-                    "ratio": create.throughput / small.throughput, "requests": size.creates, "turns": 3},
+                    "ratio": create.throughput / small.throughput, "requests": size.creates, "turns": 3,
+                    "pg_rows_per_s": r.pg, "small_pg_rows_per_s": r.small_pg, "pg_ratio": r.pg / r.small_pg},
                 "propagation": {"p99_ms": r.propagation_p99_ms},
                 "routes_page_ms": r.routes_page_ms,
                 "watch_resume_ms": r.watch_resume_ms,

@@ -306,6 +306,7 @@ impl Store {
         }
         let last = created.last().map_or(tx.head(), |(r, _)| r.revision);
         let args = unnest_args(tx.head(), last, &created);
+        // The transaction holds the revision lock, so the guard always holds.
         let (inserted, _): (i64, i64) = tx
             .conn()
             .fetch_one(PG_LOCKED_INSERT.as_str(), &args)
