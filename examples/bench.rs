@@ -382,8 +382,19 @@ fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
         &db.name,
         "CREATE TABLE IF NOT EXISTS bench_insert (id BIGSERIAL PRIMARY KEY, payload JSONB NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     );
-    let script = std::env::temp_dir().join(format!("appproxy-bench-{}.sql", std::process::id()));
-    std::fs::write(&script, "INSERT INTO bench_insert (payload) VALUES ('{\"service\": \"jupyter\", \"targets\": [{\"host\": \"10.0.1.7\", \"port\": 8888}]}');\n").unwrap();
+    pgbench_tps(
+        db,
+        "INSERT INTO bench_insert (payload) VALUES ('{\"service\": \"jupyter\", \"targets\": [{\"host\": \"10.0.1.7\", \"port\": 8888}]}');\n",
+        concurrency,
+        total / concurrency,
+    )
+}
+
+/// `pgbench` running `script` (one transaction) `transactions` times from
+/// each of `concurrency` clients on `db`: transactions per second.
+fn pgbench_tps(db: &Database, script: &str, concurrency: usize, transactions: usize) -> f64 {
+    let file = std::env::temp_dir().join(format!("appproxy-bench-{}.sql", std::process::id()));
+    std::fs::write(&file, script).unwrap();
     let out = Command::new("pgbench")
         .args([
             "-n",
@@ -392,14 +403,14 @@ fn pgbench_baseline(db: &Database, concurrency: usize, total: usize) -> f64 {
             "-j",
             &concurrency.min(2).to_string(),
             "-t",
-            &(total / concurrency).to_string(),
+            &transactions.to_string(),
             "-f",
-            script.to_str().unwrap(),
+            file.to_str().unwrap(),
             &db.url(),
         ])
         .output()
         .expect("pgbench");
-    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&file);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -673,12 +684,8 @@ fn pg_insert_setup(db: &str, copy_routes: bool) {
 /// [`pg_insert_setup`] made (route ids ascending as the coordinator's are;
 /// session ids random). The baseline of the scale part's create ratio.
 fn pg_insert_rows(db: &Database, rows: usize, batch: usize) -> f64 {
-    let script =
-        std::env::temp_dir().join(format!("appproxy-bench-rows-{}.sql", std::process::id()));
-    std::fs::write(
-        &script,
-        format!(
-            "WITH n AS (SELECT nextval('bench_seq') AS n, gen_random_uuid() AS sid FROM generate_series(1, {batch})), \
+    let script = format!(
+        "WITH n AS (SELECT nextval('bench_seq') AS n, gen_random_uuid() AS sid FROM generate_series(1, {batch})), \
              ins AS (INSERT INTO bench_routes (id, app_mode, session_id, service, protocol, worker_id, frontend_port, spec, revision, created_at, updated_at) \
                SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid, 'interactive', sid, 'jupyter', 'http', w.id, 20000 + n % 45000, \
                       jsonb_build_object('session_id', sid, 'service', 'jupyter', 'targets', jsonb_build_array(jsonb_build_object('host', '10.0.1.7', 'port', 8888))), \
@@ -687,37 +694,8 @@ fn pg_insert_rows(db: &Database, rows: usize, batch: usize) -> f64 {
                RETURNING id, worker_id, revision, spec) \
              INSERT INTO bench_log (revision, kind, route_id, worker_id, payload, created_at) \
                SELECT revision, 'route_upsert', id, worker_id, spec, now() FROM ins;\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "1",
-            "-t",
-            &(rows / batch).to_string(),
-            "-f",
-            script.to_str().unwrap(),
-            &db.url(),
-        ])
-        .output()
-        .expect("pgbench");
-    let _ = std::fs::remove_file(&script);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench: {}{}",
-        text,
-        String::from_utf8_lossy(&out.stderr)
     );
-    let tps: f64 = text
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|v| v.parse().ok())
-        .expect("pgbench prints tps");
-    tps * batch as f64
+    pgbench_tps(db, &script, 1, rows / batch) * batch as f64
 }
 
 /// Milliseconds of one manager GET.
