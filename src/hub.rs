@@ -669,7 +669,11 @@ async fn tail(inner: Arc<Inner>) {
                 }
             };
             let newer = tokio::select! {
-                _ = commits.changed() => *commits.borrow_and_update() > cursor,
+                changed = commits.changed() => match changed {
+                    Ok(()) => *commits.borrow_and_update() > cursor,
+                    // The store is gone: nothing more will be committed here.
+                    Err(_) => return,
+                },
                 received = notified => match received {
                     Ok(revision) => revision.is_none_or(|r| r > cursor),
                     Err(e) => {
