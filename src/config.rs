@@ -199,6 +199,12 @@ pub struct Options {
         default
     )]
     pub leader_renew_interval: Option<Duration>,
+    /// Refused credentials a client address may present per minute (a burst
+    /// of as many, then one every 60s/N); beyond it the address gets 429 for
+    /// a while. 0 turns the limit off [default: 30].
+    #[arg(long, global = true, env = "APPPROXY_AUTH_FAILURES_PER_MINUTE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_failures_per_minute: Option<u32>,
     /// Collect routes nobody created or re-sent (PUT) for this long, e.g. "24h" [default: never].
     #[arg(long, global = true, env = "APPPROXY_ROUTE_IDLE_TTL", value_parser = humantime::parse_duration)]
     #[serde(
@@ -297,6 +303,15 @@ pub struct Options {
         default
     )]
     pub backendai_idle_timeout: Option<Duration>,
+    /// How long a Backend.AI conf token (`POST /v2/conf`) stays usable; it is
+    /// deleted after [default: 10m].
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_CONF_TOKEN_TTL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub backendai_conf_token_ttl: Option<Duration>,
     /// The coordinator's own URL as clients reach it (Backend.AI `/status`)
     /// [default: http(s)://<bind address>].
     #[arg(long, global = true, env = "APPPROXY_ADVERTISED_URL")]
@@ -360,6 +375,7 @@ pub struct Config {
     pub leader_renew_interval: Duration,
     #[serde(with = "humantime_serde::option")]
     pub route_idle_ttl: Option<Duration>,
+    pub auth_failures_per_minute: u32,
     /// Kubernetes mode; `None` detects a cluster.
     pub kubernetes: Option<bool>,
     pub namespace: Option<String>,
@@ -376,6 +392,8 @@ pub struct Config {
     pub backendai_ack_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub backendai_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backendai_conf_token_ttl: Duration,
     pub advertised_url: Option<String>,
 }
 
@@ -408,6 +426,7 @@ impl Default for Config {
             failover_batch: 100,
             leader_renew_interval: Duration::from_secs(2),
             route_idle_ttl: None,
+            auth_failures_per_minute: 30,
             kubernetes: None,
             namespace: None,
             worker_selector: DEFAULT_WORKER_SELECTOR.to_owned(),
@@ -420,6 +439,7 @@ impl Default for Config {
             backendai_conf_allowed_networks: Vec::new(),
             backendai_ack_timeout: Duration::from_secs(15),
             backendai_idle_timeout: Duration::from_secs(3600),
+            backendai_conf_token_ttl: Duration::from_secs(600),
             advertised_url: None,
         }
     }
@@ -540,7 +560,7 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
         manager: resolve(&config.manager_token, &config.manager_token_file, "manager")?,
         worker: resolve(&config.worker_token, &config.worker_token_file, "worker")?,
     };
-    check_tokens(&tokens)?;
+    check_secrets(&tokens, None)?;
     Ok(tokens)
 }
 
@@ -566,8 +586,14 @@ pub fn secrets_on_command_line(args: impl IntoIterator<Item = String>) -> Vec<&'
 
 /// The Backend.AI secrets, when Backend.AI mode is on (an api_secret is
 /// configured): each from its value, else its file. The jwt_secret and a
-/// Redis URL are then required.
-pub fn resolve_backendai(config: &Config) -> anyhow::Result<Option<BackendAiSecrets>> {
+/// Redis URL are then required. Both are held to the native tokens' rules
+/// ([`MIN_TOKEN_LEN`]), and the four secrets (`tokens` too) must differ
+/// pairwise: an api_secret equal to the jwt_secret would make every setup
+/// token handed to a browser a Manager credential.
+pub fn resolve_backendai(
+    config: &Config,
+    tokens: &Tokens,
+) -> anyhow::Result<Option<BackendAiSecrets>> {
     let read = |value: &Option<Secret>, file: &Option<PathBuf>| -> anyhow::Result<Option<Secret>> {
         match (value, file) {
             (Some(v), _) => Ok(Some(v.clone())),
@@ -585,17 +611,62 @@ pub fn resolve_backendai(config: &Config) -> anyhow::Result<Option<BackendAiSecr
     let jwt_secret = read(&config.backendai_jwt_secret, &config.backendai_jwt_secret_file)?
         .context("Backend.AI mode (an api_secret is set) needs backendai_jwt_secret (APPPROXY_BACKENDAI_JWT_SECRET)")?;
     anyhow::ensure!(
-        !api_secret.expose().trim().is_empty() && !jwt_secret.expose().trim().is_empty(),
-        "the Backend.AI api_secret and jwt_secret must not be empty"
-    );
-    anyhow::ensure!(
         config.redis_url.is_some(),
         "Backend.AI mode (an api_secret is set) needs redis_url (APPPROXY_REDIS_URL): its workers learn their routes over Redis"
     );
-    Ok(Some(BackendAiSecrets {
+    let secrets = BackendAiSecrets {
         api_secret,
         jwt_secret,
-    }))
+    };
+    check_secrets(tokens, Some(&secrets))?;
+    Ok(Some(secrets))
+}
+
+/// Every configured secret with the setting that holds it.
+fn named_secrets<'a>(
+    tokens: &'a Tokens,
+    backendai: Option<&'a BackendAiSecrets>,
+) -> Vec<(&'static str, &'a Secret)> {
+    let mut all = vec![
+        ("manager_token (APPPROXY_MANAGER_TOKEN)", &tokens.manager),
+        ("worker_token (APPPROXY_WORKER_TOKEN)", &tokens.worker),
+    ];
+    if let Some(b) = backendai {
+        all.push((
+            "backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET)",
+            &b.api_secret,
+        ));
+        all.push((
+            "backendai_jwt_secret (APPPROXY_BACKENDAI_JWT_SECRET)",
+            &b.jwt_secret,
+        ));
+    }
+    all
+}
+
+/// Refuses secrets that would make authentication meaningless: any shorter
+/// than [`MIN_TOKEN_LEN`], and any two equal (the holder of one would hold
+/// the other's powers too). Each error names the settings involved.
+pub fn check_secrets(tokens: &Tokens, backendai: Option<&BackendAiSecrets>) -> anyhow::Result<()> {
+    let all = named_secrets(tokens, backendai);
+    for (name, secret) in &all {
+        let len = secret.expose().trim().chars().count();
+        anyhow::ensure!(
+            len >= MIN_TOKEN_LEN,
+            "{name} is {len} characters long; use at least {MIN_TOKEN_LEN} \
+             (e.g. `openssl rand -base64 32`)"
+        );
+    }
+    for (i, (a, x)) in all.iter().enumerate() {
+        for (b, y) in &all[i + 1..] {
+            anyhow::ensure!(
+                x != y,
+                "{a} equals {b}: every secret must be different (whoever holds one would \
+                 also have the other's rights)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The two secrets a Backend.AI installation shares with its coordinator.
@@ -609,24 +680,6 @@ pub struct BackendAiSecrets {
 
 /// Shortest token accepted: a guessable token is no authentication.
 pub const MIN_TOKEN_LEN: usize = 16;
-
-/// Refuses tokens that would make authentication meaningless.
-fn check_tokens(tokens: &Tokens) -> anyhow::Result<()> {
-    for (name, token) in [("manager", &tokens.manager), ("worker", &tokens.worker)] {
-        anyhow::ensure!(
-            token.expose().len() >= MIN_TOKEN_LEN,
-            "the {name} token is {} characters long; use at least {MIN_TOKEN_LEN} \
-             (e.g. `openssl rand -base64 32`)",
-            token.expose().len()
-        );
-    }
-    anyhow::ensure!(
-        tokens.manager != tokens.worker,
-        "the manager token equals the worker bootstrap token, which would make every \
-         worker a manager; give them different values"
-    );
-    Ok(())
-}
 
 fn read_token(path: &Path) -> anyhow::Result<Secret> {
     let raw = std::fs::read_to_string(path)
@@ -743,16 +796,60 @@ mod tests {
         let long = "0123456789abcdef-manager";
         let err = resolve_tokens(&with("short", "0123456789abcdef-worker")).unwrap_err();
         assert!(
-            err.to_string().contains("manager token is 5 characters"),
+            err.to_string()
+                .contains("manager_token (APPPROXY_MANAGER_TOKEN) is 5 characters"),
             "{err}"
         );
         let err = resolve_tokens(&with(long, long)).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("equals the worker bootstrap token"),
+            err.to_string().contains(
+                "manager_token (APPPROXY_MANAGER_TOKEN) equals worker_token (APPPROXY_WORKER_TOKEN)"
+            ),
             "{err}"
         );
         resolve_tokens(&with(long, "0123456789abcdef-worker")).unwrap();
+    }
+
+    #[test]
+    fn backendai_secrets_follow_the_token_rules_and_differ_from_every_other_secret() {
+        let tokens = Tokens {
+            manager: Secret::new("0123456789abcdef-manager"),
+            worker: Secret::new("0123456789abcdef-worker"),
+        };
+        let with = |api: &str, jwt: &str| Config {
+            backendai_api_secret: Some(Secret::new(api)),
+            backendai_jwt_secret: Some(Secret::new(jwt)),
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Config::default()
+        };
+        let refused = |api: &str, jwt: &str| {
+            resolve_backendai(&with(api, jwt), &tokens)
+                .unwrap_err()
+                .to_string()
+        };
+        let api = "0123456789abcdef-api-secret";
+        let jwt = "0123456789abcdef-jwt-secret";
+        assert!(
+            refused("a", jwt)
+                .contains("backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET) is 1 characters"),
+            "{}",
+            refused("a", jwt)
+        );
+        assert!(refused(api, "short-jwt").contains("backendai_jwt_secret"));
+        assert!(refused(api, api).contains(
+            "backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET) equals backendai_jwt_secret"
+        ));
+        assert!(refused("0123456789abcdef-manager", jwt).contains("manager_token"));
+        assert!(refused(api, "0123456789abcdef-worker").contains("worker_token"));
+        let secrets = resolve_backendai(&with(api, jwt), &tokens)
+            .unwrap()
+            .unwrap();
+        assert_eq!(secrets.api_secret.expose(), api);
+        assert!(
+            resolve_backendai(&Config::default(), &tokens)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

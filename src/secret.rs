@@ -4,6 +4,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// A secret value.
@@ -19,12 +20,29 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Whether `given` is this secret. Both sides are hashed first and the
+    /// two digests compared in constant time, so the time a comparison
+    /// takes depends neither on where they differ nor on `given`'s length.
+    pub fn matches(&self, given: &str) -> bool {
+        same_digest(given, &self.0)
+    }
+}
+
+/// SHA-256 of `text`: what tokens are compared and stored as.
+pub fn sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// `a == b`, compared as SHA-256 digests in constant time.
+fn same_digest(a: &str, b: &str) -> bool {
+    sha256(a).ct_eq(&sha256(b)).into()
 }
 
 impl PartialEq for Secret {
-    /// In constant time, so a comparison reveals nothing of where two differ.
+    /// As [`Secret::matches`]: digests compared in constant time.
     fn eq(&self, other: &Secret) -> bool {
-        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+        same_digest(&self.0, &other.0)
     }
 }
 
@@ -63,5 +81,22 @@ mod tests {
         assert_eq!(s, Secret::new("hunter2-hunter2-hunter2"));
         assert_ne!(s, Secret::new("hunter2-hunter2-hunter3"));
         assert_ne!(s, Secret::new("hunter2"));
+    }
+
+    #[test]
+    fn a_given_value_matches_only_the_whole_secret() {
+        let s = Secret::new("0123456789abcdef-api-secret");
+        assert!(s.matches("0123456789abcdef-api-secret"));
+        // Prefixes, extensions and values of other lengths are compared as
+        // digests of the same size, never byte by byte until a mismatch.
+        for other in [
+            "",
+            "0",
+            "0123456789abcdef",
+            "0123456789abcdef-api-secret ",
+            "0123456789abcdef-api-secreT",
+        ] {
+            assert!(!s.matches(other), "{other:?}");
+        }
     }
 }

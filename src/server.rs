@@ -54,7 +54,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
-    let backendai = match config::resolve_backendai(&config)? {
+    let backendai = match config::resolve_backendai(&config, &tokens)? {
         Some(secrets) => Some(Arc::new(BackendAi::new(backendai::Settings::new(
             &config, secrets,
         ))?)),
@@ -127,6 +127,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         keep_alive: config.keepalive_interval,
         batch_size: config.failover_batch,
+        auth_limit: Arc::new(api::limit::AuthLimiter::new(
+            config.auth_failures_per_minute,
+            clock.clone(),
+        )),
         clock,
         backendai,
     };

@@ -230,6 +230,16 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A refused credential: which API, and whether it was only refused or the
+/// address is now (or still) over its limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    /// `native` or `backendai`.
+    pub api: &'static str,
+    /// `refused` (401) or `limited` (429).
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
     pub worker: String,
@@ -258,6 +268,8 @@ pub struct Metrics {
     pub backendai_republished: Counter,
     /// Idle interactive Backend.AI circuits collected.
     pub backendai_idle_collected: Counter,
+    /// Refused credentials and requests refused for too many of them.
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
 
 impl Metrics {
@@ -371,7 +383,15 @@ impl Metrics {
             "Interactive Backend.AI circuits deleted after going unused for the idle timeout",
             backendai_idle_collected.clone(),
         );
+        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Requests whose credentials were refused (outcome=refused, 401) and requests refused \
+             because their address failed too often (outcome=limited, 429), by API",
+            auth_failures.clone(),
+        );
         Arc::new(Metrics {
+            auth_failures,
             stranded,
             backendai_events,
             backendai_republished,

@@ -15,6 +15,8 @@ on_both_backends!(
     the_bootstrap_token_cannot_take_over_a_live_worker,
     auth_matrix,
     worker_tokens_are_read_from_the_database_at_most_once_per_ttl,
+    refused_tokens_are_limited_per_address,
+    made_up_methods_are_one_metric_label,
 );
 
 async fn registration_is_idempotent_by_name(b: Backend) {
@@ -325,8 +327,13 @@ async fn worker_tokens_are_read_from_the_database_at_most_once_per_ttl(b: Backen
     }
     let made_up = format!("apw.{}.not-a-real-secret", Uuid::new_v4().simple());
     let floods = (0..60).map(|_| app.call(Method::GET, "/workers/x", Some(&made_up), None));
+    // Refused, and past the failure limit answered 429 without a lookup.
     for answer in futures::future::join_all(floods).await {
-        assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            [StatusCode::UNAUTHORIZED, StatusCode::TOO_MANY_REQUESTS].contains(&answer.status),
+            "{:?}",
+            answer.status
+        );
     }
     // One read per id (the valid one was cached at registration) per period.
     let periods = 1 + (started.elapsed().as_secs_f64() / TOKEN_CACHE_TTL.as_secs_f64()) as u64;
@@ -335,4 +342,106 @@ async fn worker_tokens_are_read_from_the_database_at_most_once_per_ttl(b: Backen
         read >= 1 && read <= 2 * periods,
         "{read} reads in {periods} cache period(s)"
     );
+}
+
+/// A client whose requests come from `source` (any address of 127/8 is
+/// this host's loopback).
+fn client_from(source: &str) -> reqwest::Client {
+    appproxy_coordinator::install_crypto_provider();
+    reqwest::Client::builder()
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+/// 30 refused tokens from one address (the default burst), then 429 with
+/// `Retry-After` for that address only, until the clock says it may try
+/// again; right tokens cost nothing, and no token at all is no attempt.
+async fn refused_tokens_are_limited_per_address(b: Backend) {
+    let app = TestApp::start_with_clock(b, common::manual_clock()).await;
+    let (attacker, manager) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
+    let workers = |client: &reqwest::Client, token: Option<&str>| {
+        let mut request = client.get(format!("{}/workers", app.url));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    for _ in 0..100 {
+        assert_eq!(
+            workers(&manager, Some(MANAGER)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(workers(&attacker, None).await.unwrap().status(), 401);
+    }
+    for i in 0..30 {
+        let r = workers(&attacker, Some(&format!("guess-{i:04}-0123456789")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "guess {i}");
+    }
+    let r = workers(&attacker, Some("guess-0030-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://appproxy.backend.ai/problems/too-many-requests"
+    );
+    // The address's right token waits too; another address does not.
+    assert_eq!(
+        workers(&attacker, Some(MANAGER)).await.unwrap().status(),
+        429
+    );
+    assert_eq!(
+        workers(&manager, Some(MANAGER)).await.unwrap().status(),
+        200
+    );
+    app.clock.advance(std::time::Duration::from_secs(2));
+    assert_eq!(
+        workers(&attacker, Some(MANAGER)).await.unwrap().status(),
+        200
+    );
+    let metrics = app.call(Method::GET, "/metrics", None, None).await;
+    let text = metrics.body.as_str().unwrap();
+    assert!(
+        text.contains(r#"appproxy_auth_failures_total{api="native",outcome="refused"} 30"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"appproxy_auth_failures_total{api="native",outcome="limited"} 2"#));
+}
+
+/// Request metrics are labelled by route template and a bounded method:
+/// methods a client makes up are all `other`, so no request adds series.
+async fn made_up_methods_are_one_metric_label(b: Backend) {
+    let app = TestApp::start(b).await;
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("appproxy_http_"))
+            .count()
+    };
+    let before = app.call(Method::GET, "/metrics", None, None).await;
+    let before = series(before.body.as_str().unwrap());
+    let sends = (0..2000).map(|i| {
+        let method = Method::from_bytes(format!("M{i:05}X").as_bytes()).unwrap();
+        app.http
+            .request(method, format!("{}/routes/{i}", app.url))
+            .send()
+    });
+    for r in futures::future::join_all(sends).await {
+        assert!(r.unwrap().status().is_client_error());
+    }
+    let after = app.call(Method::GET, "/metrics", None, None).await;
+    let text = after.body.as_str().unwrap();
+    assert!(
+        !text.contains("M00000X") && !text.contains("M01999X"),
+        "{text}"
+    );
+    assert!(text.contains(r#"method="other""#), "{text}");
+    // The methods added a handful of series (count, latency buckets), not 2000 × that.
+    let added = series(text).saturating_sub(before);
+    assert!(added < 40, "{added} series added by 2000 made-up methods");
 }

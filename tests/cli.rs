@@ -392,7 +392,10 @@ fn weak_tokens_are_refused_and_tokens_on_the_command_line_warned_about() {
     );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("equals the worker bootstrap token"), "{err}");
+    assert!(
+        err.contains("manager_token (APPPROXY_MANAGER_TOKEN) equals worker_token"),
+        "{err}"
+    );
     assert!(
         !err.contains(shared),
         "the token itself is never printed: {err}"
@@ -418,6 +421,37 @@ fn weak_tokens_are_refused_and_tokens_on_the_command_line_warned_about() {
         "{err}"
     );
     assert!(!err.contains("manager-token-on-the-command-line"), "{err}");
+
+    // The Backend.AI secrets follow the same rules, against every secret.
+    let tokens = [
+        ("APPPROXY_MANAGER_TOKEN", "manager-token-0123456789"),
+        ("APPPROXY_WORKER_TOKEN", "worker-token-0123456789"),
+        ("APPPROXY_REDIS_URL", "redis://127.0.0.1:6379"),
+    ];
+    let backendai = |api: &'static str, jwt: &'static str| {
+        let mut envs = tokens.to_vec();
+        envs.push(("APPPROXY_BACKENDAI_API_SECRET", api));
+        envs.push(("APPPROXY_BACKENDAI_JWT_SECRET", jwt));
+        let out = run(&[], &envs);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let same = "one-secret-for-api-and-jwt-0123";
+    let err = backendai(same, same);
+    assert!(
+        err.contains(
+            "backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET) equals backendai_jwt_secret"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains(same), "{err}");
+    let err = backendai("x", "jwt-secret-0123456789");
+    assert!(
+        err.contains("backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET) is 1 characters long"),
+        "{err}"
+    );
+    let err = backendai("manager-token-0123456789", "jwt-secret-0123456789");
+    assert!(err.contains("equals backendai_api_secret"), "{err}");
 }
 
 /// The JSON log lines of `log` that were emitted inside a span of `request_id`

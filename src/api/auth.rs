@@ -9,7 +9,6 @@ use axum::extract::{FromRequestParts, Path};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -24,13 +23,7 @@ pub enum Caller {
     Worker(Uuid),
 }
 
-pub fn sha256(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn same_secret(given: &str, expected: &str) -> bool {
-    sha256(given).ct_eq(&sha256(expected)).into()
-}
+use crate::secret::sha256;
 
 /// A fresh per-worker token and its hash.
 pub fn issue_worker_token(worker_id: Uuid) -> (String, [u8; 32]) {
@@ -44,12 +37,27 @@ pub fn issue_worker_token(worker_id: Uuid) -> (String, [u8; 32]) {
     (token, hash)
 }
 
-/// Identifies the caller from `Authorization: Bearer …`.
+/// Identifies the caller from `Authorization: Bearer …`. A request without
+/// the header is refused without counting as an attempt; a credential that
+/// is refused counts against the caller's address ([`super::limit`]), and an
+/// address over its limit is answered 429 before its credential is looked at.
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
     let header = parts
         .headers
         .get(AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <token>"))?;
+    let peer = super::peer(parts);
+    state.admit("native", peer, ApiError::too_many_attempts)?;
+    match identify(header, state).await {
+        Err(e) if e.status == axum::http::StatusCode::UNAUTHORIZED => {
+            Err(state.refused("native", peer, e, ApiError::too_many_attempts))
+        }
+        identified => identified,
+    }
+}
+
+/// Who the bearer token in `header` belongs to.
+async fn identify(header: &axum::http::HeaderValue, state: &AppState) -> Result<Caller, ApiError> {
     let token = header
         .to_str()
         .ok()
@@ -60,10 +68,10 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, Api
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("the Authorization header is not a bearer token"))?;
-    if same_secret(token, state.tokens.manager.expose()) {
+    if state.tokens.manager.matches(token) {
         return Ok(Caller::Manager);
     }
-    if same_secret(token, state.tokens.worker.expose()) {
+    if state.tokens.worker.matches(token) {
         return Ok(Caller::Bootstrap);
     }
     if let Some(worker_id) = token

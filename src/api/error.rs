@@ -20,6 +20,8 @@ pub struct ApiError {
     pub detail: String,
     pub field: Option<String>,
     pub existing: Option<Box<Route>>,
+    /// Seconds for `Retry-After` (429 answers).
+    pub retry_after: Option<u64>,
 }
 
 /// An RFC 9457 problem, as every error is answered.
@@ -53,6 +55,7 @@ impl ApiError {
             detail: detail.into(),
             field: None,
             existing: None,
+            retry_after: None,
         }
     }
 
@@ -71,6 +74,20 @@ impl ApiError {
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
+    /// 429: too many failed authentications from the caller's address.
+    pub fn too_many_attempts(wait: std::time::Duration) -> ApiError {
+        let seconds = super::limit::retry_after_seconds(wait);
+        ApiError {
+            retry_after: Some(seconds),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                format!(
+                    "too many failed authentication attempts from this address; retry in {seconds} s"
+                ),
+            )
+        }
+    }
 
     fn title(&self) -> &'static str {
         match self.slug {
@@ -83,6 +100,7 @@ impl ApiError {
             "payload-too-large" => "Payload too large",
             "unsupported-media-type" => "Unsupported media type",
             "method-not-allowed" => "Method not allowed",
+            "too-many-requests" => "Too many failed authentication attempts",
             "unavailable" => "Service unavailable",
             _ => "Internal error",
         }
@@ -108,6 +126,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -141,9 +164,9 @@ impl From<StoreError> for ApiError {
             StoreError::Refused(r @ RegistrationRefused::OtherWorker(_)) => {
                 ApiError::forbidden(r.to_string())
             }
-            StoreError::Refused(r @ RegistrationRefused::Live { .. }) => {
-                ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string())
-            }
+            StoreError::Refused(
+                r @ (RegistrationRefused::Live { .. } | RegistrationRefused::OtherKind { .. }),
+            ) => ApiError::new(StatusCode::CONFLICT, "conflict", r.to_string()),
             // A well-formed revision that this coordinator has not issued
             // yet: the worker is ahead of the state, not malformed.
             StoreError::Invalid(v) if v.field == "acked_revision" => ApiError {

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod backendai;
 mod body;
 pub mod error;
+pub mod limit;
 pub mod openapi;
 mod routes;
 pub mod trace;
@@ -44,6 +45,60 @@ pub struct AppState {
     pub clock: Clock,
     /// Backend.AI mode, when on (`crate::backendai`).
     pub backendai: Option<Arc<crate::backendai::BackendAi>>,
+    /// Failed authentications per client address ([`limit`]).
+    pub auth_limit: Arc<limit::AuthLimiter>,
+}
+
+impl AppState {
+    /// Counts a refused credential from `peer`; answers `refused`, or 429
+    /// when the address has now failed too often.
+    pub(crate) fn refused<E>(
+        &self,
+        api: &'static str,
+        peer: Option<std::net::IpAddr>,
+        refused: E,
+        limited: impl FnOnce(std::time::Duration) -> E,
+    ) -> E {
+        let outcome = self.auth_limit.failed(peer);
+        self.count_auth_failure(api, outcome.is_err());
+        match outcome {
+            Ok(()) => refused,
+            Err(wait) => limited(wait),
+        }
+    }
+
+    /// Whether a request from `peer` may have its credentials checked;
+    /// `limited` makes the 429 answer for an address serving a penalty.
+    pub(crate) fn admit<E>(
+        &self,
+        api: &'static str,
+        peer: Option<std::net::IpAddr>,
+        limited: impl FnOnce(std::time::Duration) -> E,
+    ) -> Result<(), E> {
+        self.auth_limit.admit(peer).map_err(|wait| {
+            self.count_auth_failure(api, true);
+            limited(wait)
+        })
+    }
+
+    fn count_auth_failure(&self, api: &'static str, limited: bool) {
+        self.metrics
+            .auth_failures
+            .get_or_create(&crate::telemetry::AuthFailureLabels {
+                api,
+                outcome: if limited { "limited" } else { "refused" },
+            })
+            .inc();
+    }
+}
+
+/// The address a request came from (the TCP peer), when the server serves
+/// with connect info.
+pub fn peer(parts: &axum::http::request::Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip().to_canonical())
 }
 
 /// JSON body; malformed or unknown input becomes a problem answer. It is
@@ -177,7 +232,7 @@ async fn method_not_allowed() -> ApiError {
 /// Counts and times every request by route template.
 async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method()).to_owned();
     let path = request
         .extensions()
         .get::<MatchedPath>()
@@ -199,6 +254,24 @@ async fn record(State(state): State<AppState>, request: Request, next: Next) -> 
         .get_or_create(&HttpLatencyLabels { method, path })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// A request method as a metric label: the standard methods by name, any
+/// other one as `other`, so a client inventing methods cannot add series.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// The process is up.

@@ -44,6 +44,69 @@ pub fn client_networks(raw: Option<&str>) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+/// Upstream's column sizes for a conf token (`login_session_token` is a
+/// VARCHAR(127), `kernel_host` a VARCHAR(255)); `access_key` and
+/// `domain_name` are TEXT there and held to 255 here, far above what the
+/// Manager sends (a 20-character access key, a domain name).
+pub const CONF_LIMITS: [(&str, usize); 4] = [
+    ("login_session_token", 127),
+    ("kernel_host", 255),
+    ("session.access_key", 255),
+    ("session.domain_name", 255),
+];
+
+/// Checks a conf token's text fields against [`CONF_LIMITS`] (values in the
+/// same order); answers the offending field and why.
+pub fn conf_fields_fit(values: [Option<&str>; 4]) -> Result<(), (&'static str, String)> {
+    for ((field, max), value) in CONF_LIMITS.into_iter().zip(values) {
+        let Some(value) = value else { continue };
+        if value.chars().count() > max {
+            return Err((field, format!("at most {max} characters")));
+        }
+        if value.chars().any(char::is_control) {
+            return Err((field, "no control characters".to_owned()));
+        }
+    }
+    if values[1].is_some_and(|host| host.trim().is_empty()) {
+        return Err(("kernel_host", "must not be empty".to_owned()));
+    }
+    Ok(())
+}
+
+/// `redirect` of `/v2/proxy/auth`: the path the worker sends the browser to
+/// after `/setup`, appended to the worker's own origin. Empty, or a path: one
+/// leading `/`, and nothing that would make a browser leave the origin (no
+/// `//` or `\\` at the start, no `@`, no backslash or control character
+/// anywhere). Answers why not.
+pub fn redirect_path(raw: &str) -> Result<&str, &'static str> {
+    if raw.is_empty() {
+        return Ok(raw);
+    }
+    if !raw.starts_with('/') {
+        return Err("a path starting with one '/'");
+    }
+    if raw.starts_with("//") {
+        return Err("a path, not '//' (a host)");
+    }
+    if raw.contains('@') {
+        return Err("a path without '@'");
+    }
+    if raw.contains('\\') || raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("a path without backslashes, spaces or control characters");
+    }
+    Ok(raw)
+}
+
+/// Whether a conf token of `token_user` may use (and update) an app's
+/// existing circuit, which belongs to `circuit_user`: only the same user's
+/// may. Another user's token is refused and changes nothing: it would
+/// otherwise re-target the app's URL, open it to the public, or hand its
+/// setup token (and with it the owner's permit cookie) to whoever forged
+/// the token.
+pub fn same_user(circuit_user: Option<Uuid>, token_user: Uuid) -> bool {
+    circuit_user == Some(token_user)
+}
+
 /// The setup token's claims: the conf token, where to go after `/setup`,
 /// and the circuit. No expiry (as upstream).
 pub fn setup_claims(conf_token: Uuid, redirect: &str, circuit: Uuid) -> Map<String, Value> {
@@ -115,6 +178,70 @@ mod tests {
         assert!(!wants_json(Some("*/*")));
         assert!(!wants_json(Some("application/*")));
         assert!(!wants_json(None));
+    }
+
+    #[test]
+    fn a_redirect_is_a_path_on_the_workers_own_origin() {
+        for ok in ["", "/", "/lab", "/lab?token=1&x=/y", "/a/b#c"] {
+            assert_eq!(redirect_path(ok), Ok(ok), "{ok:?}");
+        }
+        for bad in [
+            "https://evil.example/",
+            "evil.example",
+            "//evil.example/x",
+            "/\\evil.example",
+            "\\\\evil.example",
+            "/@evil.example",
+            "/x@evil.example",
+            "/a b",
+            "/a\nb",
+            "javascript:alert(1)",
+        ] {
+            assert!(redirect_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn conf_fields_keep_upstreams_sizes() {
+        assert_eq!(
+            conf_fields_fit([None, Some("10.0.0.1"), Some("AK"), Some("default")]),
+            Ok(())
+        );
+        let long = "x".repeat(128);
+        assert_eq!(
+            conf_fields_fit([Some(&long), Some("h"), Some("a"), Some("d")])
+                .unwrap_err()
+                .0,
+            "login_session_token"
+        );
+        assert!(conf_fields_fit([Some(&long[..127]), Some("h"), Some("a"), Some("d")]).is_ok());
+        let host = "h".repeat(256);
+        assert_eq!(
+            conf_fields_fit([None, Some(&host), Some("a"), Some("d")])
+                .unwrap_err()
+                .0,
+            "kernel_host"
+        );
+        assert_eq!(
+            conf_fields_fit([None, Some(" "), Some("a"), Some("d")])
+                .unwrap_err()
+                .0,
+            "kernel_host"
+        );
+        assert_eq!(
+            conf_fields_fit([None, Some("h\n"), Some("a"), Some("d")])
+                .unwrap_err()
+                .0,
+            "kernel_host"
+        );
+    }
+
+    #[test]
+    fn only_the_circuits_own_user_may_use_it() {
+        let owner = Uuid::now_v7();
+        assert!(same_user(Some(owner), owner));
+        assert!(!same_user(Some(owner), Uuid::now_v7()));
+        assert!(!same_user(None, owner));
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub enum JwtError {
     Signature,
     #[error("token has expired")]
     Expired,
+    #[error("token is not yet valid ({0})")]
+    Immature(&'static str),
+    #[error("the {0} claim is not an integer")]
+    NotAnInteger(&'static str),
 }
 
 fn mac(secret: &str) -> Hmac<Sha256> {
@@ -76,13 +80,60 @@ pub fn decode(token: &str, secret: &str, now: i64) -> Result<Map<String, Value>,
         .ok()
         .and_then(|p| serde_json::from_slice(&p).ok())
         .ok_or(JwtError::Malformed)?;
-    if let Some(exp) = claims.get("exp") {
-        let exp = exp.as_f64().ok_or(JwtError::Malformed)?;
-        if (now as f64) >= exp {
-            return Err(JwtError::Expired);
-        }
-    }
+    check_times(&claims, now)?;
     Ok(claims)
+}
+
+/// The time claims as PyJWT (what upstream and its workers use) checks
+/// them, with no leeway: each that is present must read as an integer
+/// (`int(value)` in Python: a number, truncated, or a string of digits);
+/// `exp` must be after `now`, `nbf` and `iat` not after it.
+fn check_times(claims: &Map<String, Value>, now: i64) -> Result<(), JwtError> {
+    let time = |name: &'static str| -> Result<Option<i64>, JwtError> {
+        claims
+            .get(name)
+            .map(|v| python_int(v).ok_or(JwtError::NotAnInteger(name)))
+            .transpose()
+    };
+    if let Some(exp) = time("exp")?
+        && exp <= now
+    {
+        return Err(JwtError::Expired);
+    }
+    if let Some(nbf) = time("nbf")?
+        && nbf > now
+    {
+        return Err(JwtError::Immature("nbf"));
+    }
+    if let Some(iat) = time("iat")?
+        && iat > now
+    {
+        return Err(JwtError::Immature("iat"));
+    }
+    Ok(())
+}
+
+/// Python's `int(value)` for a JSON value: numbers truncate toward zero,
+/// booleans are 0 and 1, a string must be an optionally signed run of
+/// digits (surrounding spaces allowed); anything else is not an integer.
+fn python_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Bool(b) => Some(i64::from(*b)),
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite())
+                .map(|f| f.trunc() as i64)
+        }),
+        Value::String(s) => {
+            let s = s.trim();
+            let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        }
+        _ => None,
+    }
 }
 
 fn header_and_payload_len(token: &str) -> usize {
@@ -121,6 +172,40 @@ mod tests {
              q9rSPf4ratZ1Xkhd3M-FudlLIKYdlSzrHeXV7AICSuw"
         );
         assert!(decode(&token, "k", 0).is_ok());
+    }
+
+    #[test]
+    fn time_claims_are_checked_as_pyjwt_checks_them() {
+        let verdict = |c: Value| decode(&encode(&claims(c), "k"), "k", 1_000);
+        // Measured against PyJWT 2.15 (jwt.decode with HS256 and no leeway).
+        assert!(verdict(json!({"nbf": 1_000, "iat": 1_000, "exp": 1_001})).is_ok());
+        assert_eq!(
+            verdict(json!({"nbf": 1_000 + 86_400})),
+            Err(JwtError::Immature("nbf"))
+        );
+        assert_eq!(
+            verdict(json!({"iat": 1_001})),
+            Err(JwtError::Immature("iat"))
+        );
+        assert_eq!(
+            verdict(json!({"iat": "yesterday"})),
+            Err(JwtError::NotAnInteger("iat"))
+        );
+        assert_eq!(
+            verdict(json!({"iat": null})),
+            Err(JwtError::NotAnInteger("iat"))
+        );
+        assert_eq!(
+            verdict(json!({"nbf": [1]})),
+            Err(JwtError::NotAnInteger("nbf"))
+        );
+        assert_eq!(
+            verdict(json!({"exp": "soon"})),
+            Err(JwtError::NotAnInteger("exp"))
+        );
+        // Python's int() of a float truncates, and reads a string of digits.
+        assert_eq!(verdict(json!({"exp": 1_000.9})), Err(JwtError::Expired));
+        assert!(verdict(json!({"exp": 1_001.2, "iat": " 999 "})).is_ok());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Settings {
     pub ack_timeout: Duration,
     /// Interactive http circuits unused this long are collected.
     pub idle_timeout: Duration,
+    /// A conf token (`POST /v2/conf`) is usable this long, then deleted.
+    pub conf_token_ttl: Duration,
     /// What `GET /status` reports as `advertise_address`.
     pub advertised_url: String,
     pub redis_url: String,
@@ -69,6 +71,7 @@ impl std::fmt::Debug for Settings {
             .field("conf_allowed_networks", &self.conf_allowed_networks)
             .field("ack_timeout", &self.ack_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("conf_token_ttl", &self.conf_token_ttl)
             .field("advertised_url", &self.advertised_url)
             .field("redis_url", &crate::config::redacted_url(&self.redis_url))
             .finish_non_exhaustive()
@@ -89,6 +92,7 @@ impl Settings {
             conf_allowed_networks: config.backendai_conf_allowed_networks.clone(),
             ack_timeout: config.backendai_ack_timeout,
             idle_timeout: config.backendai_idle_timeout,
+            conf_token_ttl: config.backendai_conf_token_ttl,
             advertised_url: config
                 .advertised_url
                 .clone()
@@ -107,6 +111,25 @@ pub struct BackendAi {
     pub acks: Acks,
     /// The event bus's Redis (connections are opened by who needs one).
     pub redis: redis::Client,
+    /// One multiplexed connection for short commands on the request path
+    /// (health checks), opened on first use and re-established by itself.
+    commands: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    /// The last check of the dependencies, answered again for
+    /// [`PROBE_CACHE`] (one check at a time: callers meanwhile wait for it).
+    probed: tokio::sync::Mutex<Option<(tokio::time::Instant, Probe)>>,
+}
+
+/// How long a dependency check is answered again instead of repeated.
+pub const PROBE_CACHE: Duration = Duration::from_secs(1);
+/// How long a dependency may take to answer a check.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a check of the database and Redis found: `None` when healthy, else
+/// why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub database: Option<String>,
+    pub redis: Option<String>,
 }
 
 impl std::fmt::Debug for BackendAi {
@@ -126,6 +149,62 @@ impl BackendAi {
             settings,
             acks: Acks::default(),
             redis,
+            commands: tokio::sync::OnceCell::new(),
+            probed: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The shared command connection, opened if it is not yet.
+    async fn commands(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(PROBE_TIMEOUT))
+            .set_response_timeout(Some(PROBE_TIMEOUT))
+            .set_number_of_retries(1);
+        self.commands
+            .get_or_try_init(|| self.redis.get_connection_manager_with_config(config))
+            .await
+            .cloned()
+    }
+
+    /// `PING` on the shared connection.
+    async fn ping_redis(&self) -> redis::RedisResult<()> {
+        let mut connection = self.commands().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(|_| ())
+    }
+
+    /// The database (`ping`) and Redis, checked concurrently, each within
+    /// [`PROBE_TIMEOUT`]; a check younger than [`PROBE_CACHE`] is answered
+    /// again. However many callers ask at once, one check runs.
+    pub async fn probe<F, E>(&self, database: F) -> Probe
+    where
+        F: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let mut last = self.probed.lock().await;
+        if let Some((at, probe)) = last.as_ref()
+            && at.elapsed() < PROBE_CACHE
+        {
+            return probe.clone();
+        }
+        let (database, redis) = tokio::join!(timed(database), timed(self.ping_redis()));
+        let probe = Probe { database, redis };
+        *last = Some((tokio::time::Instant::now(), probe.clone()));
+        probe
+    }
+}
+
+/// `None` when `check` succeeds within [`PROBE_TIMEOUT`], else why not.
+async fn timed<F, E>(check: F) -> Option<String>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    match tokio::time::timeout(PROBE_TIMEOUT, check).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
     }
 }

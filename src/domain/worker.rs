@@ -204,6 +204,22 @@ pub enum RegistrationRefused {
          from its pod, or once it is Lost"
     )]
     Live { name: String, status: &'static str },
+    /// The name belongs to a worker of the other kind: a Backend.AI worker
+    /// (registered with `PUT /api/worker` and the api_secret) is never taken
+    /// over through the native API, whatever its status, and the reverse.
+    #[error(
+        "{name} is the name of a {existing} worker; it cannot be registered as a {registering} worker"
+    )]
+    OtherKind {
+        name: String,
+        existing: &'static str,
+        registering: &'static str,
+    },
+}
+
+/// The kind of a worker, by how it registered.
+fn kind(backendai: bool) -> &'static str {
+    if backendai { "Backend.AI" } else { "native" }
 }
 
 /// Whether `registration` may (re-)register under the name of `existing`.
@@ -212,13 +228,24 @@ pub enum RegistrationRefused {
 /// is `Lost` (a restarted worker gets its routes back once its old self timed
 /// out). For a live worker it takes that worker's own token (`as_worker` is
 /// its id) or a registration from the same pod (same uid). A worker's own
-/// token never registers another name.
+/// token never registers another name. A name keeps its kind (native or
+/// Backend.AI) for good: neither kind's credentials take over the other's
+/// workers.
 pub fn may_register(
     existing: Option<&Worker>,
     registration: &WorkerRegistration,
     as_worker: Option<uuid::Uuid>,
 ) -> Result<(), RegistrationRefused> {
     let name = || registration.name.clone();
+    if let Some(w) = existing
+        && w.backendai.is_some() != registration.backendai.is_some()
+    {
+        return Err(RegistrationRefused::OtherKind {
+            name: name(),
+            existing: kind(w.backendai.is_some()),
+            registering: kind(registration.backendai.is_some()),
+        });
+    }
     match (existing, as_worker) {
         (Some(w), Some(id)) if w.id == id => Ok(()),
         (_, Some(_)) => Err(RegistrationRefused::OtherWorker(name())),
@@ -286,6 +313,46 @@ mod tests {
                 ),
                 "{status:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_name_never_changes_its_kind_whatever_the_status() {
+        let backendai: crate::domain::BackendAiWorker = serde_json::from_value(serde_json::json!({
+            "hostname": "w", "api_port": 10201, "tls_listen": false, "tls_advertised": false,
+            "filtered_apps_only": false, "nodes": 0
+        }))
+        .unwrap();
+        let mut bai_registration = registration(None);
+        bai_registration.backendai = Some(backendai);
+        for status in [
+            WorkerStatus::Lost,
+            WorkerStatus::Ready,
+            WorkerStatus::Draining,
+        ] {
+            let mut bai_worker = worker(status, None);
+            bai_worker.backendai = bai_registration.backendai.clone();
+            // The bootstrap token (None) and even the worker's own id.
+            for as_worker in [None, Some(bai_worker.id)] {
+                assert!(
+                    matches!(
+                        may_register(Some(&bai_worker), &registration(None), as_worker),
+                        Err(RegistrationRefused::OtherKind {
+                            existing: "Backend.AI",
+                            ..
+                        })
+                    ),
+                    "{status:?} {as_worker:?}"
+                );
+            }
+            let native = worker(status, None);
+            assert!(matches!(
+                may_register(Some(&native), &bai_registration, Some(native.id)),
+                Err(RegistrationRefused::OtherKind {
+                    existing: "native",
+                    ..
+                })
+            ));
         }
     }
 

@@ -3,6 +3,8 @@
 //! edits that read and write in one transaction (route lists registered
 //! concurrently must not lose each other).
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -58,11 +60,25 @@ impl From<ConfTokenRow> for ConfToken {
     }
 }
 
+/// A TTL as a calendar duration (saturating: a huge TTL never expires).
+fn ttl_of(ttl: Duration) -> chrono::Duration {
+    let century = chrono::Duration::days(36_500);
+    chrono::Duration::from_std(ttl).map_or(century, |t| t.min(century))
+}
+
 impl Store {
-    /// Stores a conf token (its `created_at` at the database's precision).
-    pub async fn insert_conf_token(&self, token: &ConfToken) -> Result<()> {
-        let mut c = sql::acquire(&self.db).await?;
-        c.conn()
+    /// Stores a conf token (its `created_at` at the database's precision),
+    /// and deletes the tokens older than `ttl` in the same transaction, so
+    /// the table holds at most what `ttl` worth of `POST /v2/conf` adds.
+    pub async fn insert_conf_token(&self, token: &ConfToken, ttl: Duration) -> Result<()> {
+        let mut tx = sql::Tx::write(&self.db).await?;
+        tx.conn()
+            .execute(
+                "DELETE FROM backendai_conf_tokens WHERE created_at < $1",
+                &[db_time(token.created_at - ttl_of(ttl)).into()],
+            )
+            .await?;
+        tx.conn()
             .execute(
                 "INSERT INTO backendai_conf_tokens (id, login_session_token, kernel_host, kernel_port, \
                  session_id, user_uuid, group_id, access_key, domain_name, created_at) \
@@ -81,18 +97,26 @@ impl Store {
                 ],
             )
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    /// Conf token `id`, if it exists.
-    pub async fn conf_token(&self, id: Uuid) -> Result<Option<ConfToken>> {
+    /// Conf token `id`, if it exists and was issued less than `ttl` before
+    /// `now` (an expired token is absent, whether or not it was deleted yet).
+    pub async fn conf_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<Option<ConfToken>> {
         let mut c = sql::acquire(&self.db).await?;
         let row: Option<ConfTokenRow> = c
             .conn()
             .fetch_optional(
                 "SELECT id, login_session_token, kernel_host, kernel_port, session_id, user_uuid, \
-                 group_id, access_key, domain_name, created_at FROM backendai_conf_tokens WHERE id = $1",
-                &[id.into()],
+                 group_id, access_key, domain_name, created_at FROM backendai_conf_tokens \
+                 WHERE id = $1 AND created_at >= $2",
+                &[id.into(), db_time(now - ttl_of(ttl)).into()],
             )
             .await?;
         Ok(row.map(ConfToken::from))

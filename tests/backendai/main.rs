@@ -8,4 +8,5 @@ mod common;
 
 mod bus;
 mod manager;
+mod security;
 mod workers;

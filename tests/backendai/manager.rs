@@ -40,14 +40,14 @@ on_both_backends!(
 );
 
 /// What a Backend.AI path answered.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
 }
 
 /// Sends `body` (JSON) with `headers`; redirects are not followed.
-async fn send(
+pub(crate) async fn send(
     app: &TestApp,
     method: Method,
     path: &str,
@@ -79,7 +79,12 @@ async fn send(
 }
 
 /// A call as the Manager makes it: the api_secret in `X-BackendAI-Token`.
-async fn manager(app: &TestApp, method: Method, path: &str, body: Option<Value>) -> Reply {
+pub(crate) async fn manager(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Reply {
     send(
         app,
         method,
@@ -95,7 +100,7 @@ async fn manager(app: &TestApp, method: Method, path: &str, body: Option<Value>)
 
 /// Plays the worker: acknowledges every route in the store, again and
 /// again, until the test ends.
-fn ack_everything(app: &TestApp) {
+pub(crate) fn ack_everything(app: &TestApp) {
     let store = app.store.clone();
     let bai = app.backendai.clone().expect("Backend.AI mode");
     tokio::spawn(async move {
@@ -108,7 +113,10 @@ fn ack_everything(app: &TestApp) {
     });
 }
 
-async fn port_worker(app: &TestApp, authority: &str) -> appproxy_coordinator::domain::Worker {
+pub(crate) async fn port_worker(
+    app: &TestApp,
+    authority: &str,
+) -> appproxy_coordinator::domain::Worker {
     register_backendai_worker(
         app,
         authority,
@@ -158,7 +166,7 @@ async fn route_of(app: &TestApp, deployment: Uuid) -> Option<Value> {
     a.body["items"].as_array().unwrap().first().cloned()
 }
 
-fn assert_error(reply: &Reply, status: StatusCode, kind: &str) {
+pub(crate) fn assert_error(reply: &Reply, status: StatusCode, kind: &str) {
     assert_eq!(reply.status, status, "{:?}", reply.body);
     assert_eq!(
         reply.body["type"],
@@ -778,7 +786,7 @@ async fn the_health_check_is_stored_on_the_circuit(b: Backend) {
 }
 
 /// `POST /v2/conf` as the Manager sends it (no token); answers the token.
-async fn conf(app: &TestApp, session: Uuid, user: Uuid, port: u16) -> String {
+pub(crate) async fn conf(app: &TestApp, session: Uuid, user: Uuid, port: u16) -> String {
     let a = send(
         app,
         Method::POST,
@@ -791,7 +799,7 @@ async fn conf(app: &TestApp, session: Uuid, user: Uuid, port: u16) -> String {
     a.body["token"].as_str().unwrap().to_owned()
 }
 
-fn conf_body(session: Uuid, user: Uuid, port: u16) -> Value {
+pub(crate) fn conf_body(session: Uuid, user: Uuid, port: u16) -> Value {
     json!({
         "login_session_token": null,
         "kernel_host": "10.0.0.9",
@@ -989,7 +997,12 @@ async fn proxy_auth_reuses_the_sessions_circuit_and_updates_it_in_place(b: Backe
 }
 
 /// `GET /v2/proxy/auth` for `token` and `session` plus `query`, asking JSON.
-async fn proxy_auth_json(app: &TestApp, token: &str, session: Uuid, query: String) -> Reply {
+pub(crate) async fn proxy_auth_json(
+    app: &TestApp,
+    token: &str,
+    session: Uuid,
+    query: String,
+) -> Reply {
     send(
         app,
         Method::GET,
@@ -1028,8 +1041,18 @@ async fn conf_without_a_token_only_from_allowed_networks(b: Backend) {
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
     assert!(Uuid::parse_str(a.body["token"].as_str().unwrap()).is_ok());
 
-    // The body is checked first, then the caller, then the session.
+    // The caller is checked first (before the body is read), then the
+    // body, then the session.
     let a = send(&app, Method::POST, "/v2/conf", &[], Some(json!({}))).await;
+    assert_error(&a, StatusCode::UNAUTHORIZED, "auth-failed");
+    let a = send(
+        &app,
+        Method::POST,
+        "/v2/conf",
+        &[("x-backendai-token", API_SECRET)],
+        Some(json!({})),
+    )
+    .await;
     assert_error(&a, StatusCode::BAD_REQUEST, "invalid-api-params");
     let mut inference = body;
     inference["session"]["id"] = Value::Null;

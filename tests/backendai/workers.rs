@@ -643,7 +643,7 @@ async fn statistics_read_the_workers_counters(b: Backend) {
     let inference = app
         .create(
             json!({"app_mode": "inference", "endpoint_id": endpoint, "service": "llm",
-                       "targets": [], "worker_id": id}),
+                       "targets": [], "worker_id": id, "circuit": {"runtime_variant": "custom"}}),
         )
         .await;
     assert_eq!(

@@ -215,6 +215,7 @@ pub fn backendai_settings() -> backendai::Settings {
         conf_allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
         ack_timeout: Duration::from_secs(15),
         idle_timeout: Duration::from_secs(3600),
+        conf_token_ttl: Duration::from_secs(600),
         advertised_url: "http://coordinator.test:10200".into(),
         redis_url: REDIS_URL.into(),
     }
@@ -358,6 +359,8 @@ impl TestApp {
                 worker: Secret::new(BOOTSTRAP),
             }),
             backendai: backendai.clone(),
+            // The production default, on the test's clock.
+            auth_limit: Arc::new(api::limit::AuthLimiter::new(30, clock.clone())),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -633,4 +636,69 @@ pub async fn register_backendai_worker(
         .await
         .unwrap()
         .worker
+}
+
+/// A Redis server of a test's own, on a free port, stopped when dropped:
+/// for what must be counted on a server nothing else uses.
+pub struct PrivateRedis {
+    child: Child,
+    port: u16,
+    /// One connection of the test's, opened before anything is counted.
+    conn: Mutex<redis::Connection>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (Debian package redis-server)");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let conn = loop {
+            match client.get_connection() {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "redis-server on {port}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        PrivateRedis {
+            child,
+            port,
+            conn: Mutex::new(conn),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Connections the server has accepted so far (`INFO stats`).
+    pub fn connections_received(&self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut *self.conn.lock().unwrap())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("INFO stats has total_connections_received")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -20,11 +20,15 @@ use crate::secret::Secret;
 pub const TOKEN_HEADER: &str = "x-backendai-token";
 
 /// Backend.AI mode is on; no credentials needed (`/status`, `/health`,
-/// `/v2/proxy/*`, and `/v2/conf`, which checks its own).
+/// `/v2/proxy/*`).
 pub struct Mode(pub Arc<BackendAi>);
 
 /// Backend.AI mode is on and the caller holds the api_secret.
 pub struct Authorized(pub Arc<BackendAi>);
+
+/// `POST /v2/conf`'s caller: from an allowed network, or with the exact
+/// api_secret. Decided before the body is read.
+pub struct ConfCaller(pub Arc<BackendAi>);
 
 fn mode(parts: &Parts, state: &AppState) -> Result<Arc<BackendAi>, BaiError> {
     state
@@ -41,6 +45,27 @@ impl FromRequestParts<AppState> for Mode {
     }
 }
 
+/// Checks the credentials in `parts` with `verdict`, counting a refusal
+/// against the caller's address (429 once it failed too often; a request
+/// without any credential is refused without counting).
+fn limited(
+    parts: &Parts,
+    state: &AppState,
+    verdict: impl FnOnce(&HeaderMap) -> Result<(), BaiError>,
+) -> Result<(), BaiError> {
+    let presented = parts.headers.contains_key(TOKEN_HEADER)
+        || parts
+            .headers
+            .contains_key(axum::http::header::AUTHORIZATION);
+    if !presented {
+        return Err(BaiError::auth_failed("Unauthorized access"));
+    }
+    let peer = crate::api::peer(parts);
+    state.admit("backendai", peer, BaiError::too_many_attempts)?;
+    verdict(&parts.headers)
+        .map_err(|e| state.refused("backendai", peer, e, BaiError::too_many_attempts))
+}
+
 impl FromRequestParts<AppState> for Authorized {
     type Rejection = BaiError;
 
@@ -49,12 +74,30 @@ impl FromRequestParts<AppState> for Authorized {
         state: &AppState,
     ) -> Result<Authorized, BaiError> {
         let bai = mode(parts, state)?;
-        check(
-            &parts.headers,
-            &bai.settings.secrets.api_secret,
-            state.clock.now().timestamp(),
-        )?;
+        let now = state.clock.now().timestamp();
+        limited(parts, state, |headers| {
+            check(headers, &bai.settings.secrets.api_secret, now)
+        })?;
         Ok(Authorized(bai))
+    }
+}
+
+impl FromRequestParts<AppState> for ConfCaller {
+    type Rejection = BaiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<ConfCaller, BaiError> {
+        let bai = mode(parts, state)?;
+        let peer = crate::api::peer(parts);
+        if on_allowed_network(peer, &bai.settings.conf_allowed_networks) {
+            return Ok(ConfCaller(bai));
+        }
+        limited(parts, state, |headers| {
+            check_conf(headers, &bai.settings.secrets.api_secret)
+        })?;
+        Ok(ConfCaller(bai))
     }
 }
 
@@ -66,7 +109,7 @@ pub fn check(headers: &HeaderMap, secret: &Secret, now: i64) -> Result<(), BaiEr
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("BackendAI "))
             .unwrap_or(value);
-        return if Secret::new(given) == *secret {
+        return if secret.matches(given) {
             Ok(())
         } else {
             Err(BaiError::auth_failed("Unauthorized access"))
@@ -87,39 +130,17 @@ pub fn check(headers: &HeaderMap, secret: &Secret, now: i64) -> Result<(), BaiEr
         .map_err(|_| BaiError::auth_failed("Unauthorized access"))
 }
 
-/// The address the request came from (the TCP peer), when the server
-/// serves with connect info.
-pub struct Peer(pub Option<std::net::IpAddr>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Peer {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Peer, Self::Rejection> {
-        Ok(Peer(
-            parts
-                .extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|info| info.0.ip().to_canonical()),
-        ))
-    }
+/// Whether `peer` is on one of the networks from which `POST /v2/conf`
+/// needs no token (the Manager sends none).
+pub fn on_allowed_network(peer: Option<std::net::IpAddr>, allowed: &[ipnet::IpNet]) -> bool {
+    peer.is_some_and(|ip| allowed.iter().any(|net| net.contains(&ip)))
 }
 
-/// `POST /v2/conf`: the api_secret exactly as `X-BackendAI-Token` (no
-/// `Bearer` form, no JWT), unless the caller's address is in
-/// `allowed` (the Manager sends no token at all).
-pub fn check_conf(
-    headers: &HeaderMap,
-    peer: Option<std::net::IpAddr>,
-    secret: &Secret,
-    allowed: &[ipnet::IpNet],
-) -> Result<(), BaiError> {
-    if let Some(ip) = peer
-        && allowed.iter().any(|net| net.contains(&ip))
-    {
-        return Ok(());
-    }
+/// `POST /v2/conf` from elsewhere: the api_secret exactly as
+/// `X-BackendAI-Token` (no `Bearer` form, no JWT).
+pub fn check_conf(headers: &HeaderMap, secret: &Secret) -> Result<(), BaiError> {
     match headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
-        Some(given) if Secret::new(given) == *secret => Ok(()),
+        Some(given) if secret.matches(given) => Ok(()),
         _ => Err(BaiError::auth_failed("Unauthorized access")),
     }
 }
@@ -189,12 +210,14 @@ mod tests {
         let allowed: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let manager = Some("10.1.2.3".parse().unwrap());
         let stranger = Some("192.0.2.1".parse().unwrap());
-        assert!(check_conf(&HeaderMap::new(), manager, &secret, &allowed).is_ok());
-        assert!(check_conf(&HeaderMap::new(), stranger, &secret, &allowed).is_err());
-        assert!(check_conf(&HeaderMap::new(), manager, &secret, &[]).is_err());
+        assert!(on_allowed_network(manager, &allowed));
+        assert!(!on_allowed_network(stranger, &allowed));
+        assert!(!on_allowed_network(manager, &[]));
+        assert!(!on_allowed_network(None, &allowed));
         let exact = headers(&[(TOKEN_HEADER, SECRET.into())]);
         let bearer = headers(&[(TOKEN_HEADER, format!("Bearer {SECRET}"))]);
-        assert!(check_conf(&exact, stranger, &secret, &allowed).is_ok());
-        assert!(check_conf(&bearer, stranger, &secret, &allowed).is_err());
+        assert!(check_conf(&HeaderMap::new(), &secret).is_err());
+        assert!(check_conf(&exact, &secret).is_ok());
+        assert!(check_conf(&bearer, &secret).is_err());
     }
 }

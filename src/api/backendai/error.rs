@@ -24,6 +24,8 @@ pub struct BaiError {
     pub error_code: &'static str,
     pub msg: Option<String>,
     pub data: Option<Value>,
+    /// Seconds for `Retry-After` (429 answers); 16 bits keep the error small.
+    pub retry_after: Option<u16>,
 }
 
 impl BaiError {
@@ -40,6 +42,7 @@ impl BaiError {
             error_code,
             msg: None,
             data: None,
+            retry_after: None,
         }
     }
 
@@ -62,6 +65,22 @@ impl BaiError {
             "agent_auth_unauthorized",
         )
         .with_msg(msg)
+    }
+
+    /// 429 `too-many-requests`: too many failed authentications from the
+    /// caller's address (upstream has no such limit).
+    pub fn too_many_attempts(wait: std::time::Duration) -> BaiError {
+        let seconds = crate::api::limit::retry_after_seconds(wait);
+        BaiError {
+            retry_after: Some(u16::try_from(seconds).unwrap_or(u16::MAX)),
+            ..BaiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-requests",
+                "Too many failed authentication attempts.",
+                "agent_auth_rate-limited",
+            )
+            .with_msg(format!("Retry in {seconds} s"))
+        }
     }
 
     /// 401 `invalid-credentials`.
@@ -273,6 +292,9 @@ impl IntoResponse for BaiError {
             header::ACCESS_CONTROL_EXPOSE_HEADERS,
             HeaderValue::from_static("*"),
         );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }

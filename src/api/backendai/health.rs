@@ -1,12 +1,12 @@
 //! `/health`: upstream's health answers. `/health` and `/health/readyz`
-//! check the database and Redis (each with a short timeout), `/health/livez`
+//! check the database and Redis (each with a short timeout, Redis on the
+//! coordinator's one shared connection, a result answered again for a
+//! second so a flood of calls costs one check), `/health/livez`
 //! only that the process answers. `/health/status` lists the workers as
 //! upstream does and, beyond upstream, the Backend.AI circuits stranded on
 //! Lost workers (failover keeps them there because a move would change the
 //! URL the Manager holds; not served until the worker returns). Upstream's `/health/summary`, `/health/endpoints` and
 //! `/health/circuits/{id}` always fail there and are not served here.
-
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -21,9 +21,6 @@ use crate::api::AppState;
 use crate::backendai::BackendAi;
 use crate::backendai::circuit::{endpoint_url, iso_time};
 use crate::domain::WorkerFrontend;
-
-/// How long a dependency may take to answer a health check.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One dependency's check.
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
@@ -85,29 +82,9 @@ pub struct HealthStatusResponse {
     pub stranded_circuits: Vec<StrandedCircuit>,
 }
 
-async fn timed<F, E>(check: F) -> Option<String>
-where
-    F: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e.to_string()),
-        Err(_) => Some(format!("no answer within {CHECK_TIMEOUT:?}")),
-    }
-}
-
-async fn ping_redis(client: &redis::Client) -> redis::RedisResult<()> {
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    redis::cmd("PING")
-        .query_async::<String>(&mut connection)
-        .await
-        .map(|_| ())
-}
-
-/// The database and Redis, checked concurrently.
+/// The database and Redis, as [`BackendAi::probe`] last found them.
 async fn connectivity(state: &AppState, bai: &BackendAi) -> Connectivity {
-    let (database, redis) = tokio::join!(timed(state.store.ping()), timed(ping_redis(&bai.redis)));
+    let probe = bai.probe(state.store.ping()).await;
     let now = iso_time(state.clock.now());
     let check = |group: &str, component: &str, error: Option<String>| ConnectivityCheck {
         service_group: group.into(),
@@ -117,8 +94,8 @@ async fn connectivity(state: &AppState, bai: &BackendAi) -> Connectivity {
         error_message: error,
     };
     let checks = vec![
-        check("database", state.store.backend(), database),
-        check("redis", "redis", redis),
+        check("database", state.store.backend(), probe.database),
+        check("redis", "redis", probe.redis),
     ];
     Connectivity {
         overall_healthy: checks.iter().all(|c| c.is_healthy),

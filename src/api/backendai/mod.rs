@@ -40,23 +40,62 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for BaiJson<T> {
     type Rejection = BaiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, BaiError> {
-        let yaml = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/yaml"));
+        let yaml = is_yaml(request.headers());
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|e| BaiError::invalid_params(format!("Malformed body: {e}")))?;
-        let value: Value = if yaml {
-            serde_saphyr::from_slice(&bytes)
-                .map_err(|_| BaiError::invalid_params("Malformed body"))?
-        } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|_| BaiError::invalid_params("Malformed body"))?
-        };
+        let value = parse_body(bytes, yaml).await?;
         from_value(value).map(BaiJson)
     }
+}
+
+/// Whether a request's body is YAML (`Content-Type: text/yaml`), as upstream
+/// decides it.
+pub fn is_yaml(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/yaml"))
+}
+
+/// YAML is read within a budget no request body needs more than: a few
+/// dozen anchors and aliases, shallow nesting, one document. A body built
+/// to expand (an alias bomb) is refused before it grows.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1,
+            max_depth: 32,
+            max_events: 50_000,
+            max_nodes: 20_000,
+            max_aliases: 64,
+            max_anchors: 64,
+            max_recorded_anchor_events: 10_000,
+            max_recorded_anchor_bytes: 1 << 20,
+            max_merge_keys: 64,
+            max_total_scalar_bytes: 4 << 20,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 10_000,
+            max_replay_stack_depth: 16,
+            max_alias_expansions_per_anchor: 64,
+        },
+    }
+}
+
+/// A body as upstream reads it: JSON, or YAML when `yaml`. YAML is parsed
+/// on a blocking thread, within [`yaml_options`]' budget.
+pub async fn parse_body(bytes: Bytes, yaml: bool) -> Result<Value, BaiError> {
+    let malformed = || BaiError::invalid_params("Malformed body");
+    if !yaml {
+        return serde_json::from_slice(&bytes).map_err(|_| malformed());
+    }
+    tokio::task::spawn_blocking(move || {
+        serde_saphyr::from_slice_with_options::<Value>(&bytes, yaml_options())
+    })
+    .await
+    .map_err(|_| BaiError::internal())?
+    .map_err(|_| malformed())
 }
 
 /// Reads `value` as `T`, failing as upstream's validation does.

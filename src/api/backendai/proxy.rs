@@ -7,11 +7,20 @@
 //! - Token-less `POST /v2/conf` is accepted only from the networks in
 //!   `conf_allowed_networks` (upstream: a switch for everyone); from
 //!   elsewhere it takes the exact api_secret.
-//! - A session has one circuit per app. Upstream's `no_reuse`, or a request
-//!   with other access settings (`open_to_public`, `allowed_client_ips`),
-//!   would create a second circuit for the same app; here the existing one
-//!   is updated in place (and answered with `reuse: false`). A new kernel
-//!   address from a newer conf token updates its target too.
+//!   The caller is checked before the body is read.
+//! - A session has one circuit per app, and it belongs to the user it was
+//!   opened for. A conf token of that same user may update it in place:
+//!   upstream's `no_reuse`, or other access settings (`open_to_public`,
+//!   `allowed_client_ips`), would create a second circuit for the app with
+//!   the token's kernel address and access; here the existing one takes
+//!   them (and is answered with `reuse: false`), which gives that user
+//!   nothing a second circuit would not. A conf token of any other user
+//!   for an existing app is refused (403) and changes nothing: the app's
+//!   URL keeps its targets, its access and its user.
+//! - `redirect` must be a path on the worker's origin (see
+//!   [`redirect_path`]).
+//! - Conf tokens expire `conf_token_ttl` after they were issued (upstream:
+//!   never) and are deleted then; upstream's column sizes are enforced.
 //! - Bad input (a non-UUID token, an unknown protocol, a bad CIDR) is a 400,
 //!   never a 500 or status -1.
 
@@ -23,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::auth::{Mode, Peer, check_conf};
+use super::auth::{ConfCaller, Mode};
 use super::endpoints::{
     SessionConfig, TokenResponse, await_acks, create_error, needs_ack, worker_of,
 };
@@ -31,7 +40,8 @@ use super::{BaiError, BaiJson, BaiPath, BaiQuery, validation_error};
 use crate::api::AppState;
 use crate::backendai::circuit::{WEIGHT_PER_RATIO, worker_api_url};
 use crate::backendai::interactive::{
-    client_networks, parse_bool, served_protocol, setup_claims, wants_json,
+    client_networks, conf_fields_fit, parse_bool, redirect_path, same_user, served_protocol,
+    setup_claims, wants_json,
 };
 use crate::backendai::jwt;
 use crate::domain::{
@@ -118,20 +128,23 @@ fn with_cors(mut response: Response) -> Response {
     response
 }
 
-/// `POST /v2/conf`: body checks, then who may call, then the session.
+/// `POST /v2/conf`: who may call (before the body is read), then the body,
+/// then the session.
 pub async fn conf(
     State(state): State<AppState>,
-    Mode(bai): Mode,
-    Peer(peer): Peer,
-    headers: HeaderMap,
+    ConfCaller(bai): ConfCaller,
     BaiJson(request): BaiJson<ConfRequest>,
 ) -> Result<Json<TokenResponse>, BaiError> {
-    check_conf(
-        &headers,
-        peer,
-        &bai.settings.secrets.api_secret,
-        &bai.settings.conf_allowed_networks,
-    )?;
+    conf_fields_fit([
+        request.login_session_token.as_deref(),
+        Some(&request.kernel_host),
+        request.session.access_key.as_deref(),
+        Some(&request.session.domain_name),
+    ])
+    .map_err(|(field, msg)| {
+        let loc = field.split('.').map(Value::from).collect();
+        validation_error(loc, msg)
+    })?;
     let session = request.session;
     let access_key = session.access_key.filter(|k| !k.is_empty());
     let (Some(session_id), Some(access_key)) = (session.id, access_key) else {
@@ -157,7 +170,10 @@ pub async fn conf(
         domain_name: session.domain_name,
         created_at: state.clock.now(),
     };
-    state.store.insert_conf_token(&token).await?;
+    state
+        .store
+        .insert_conf_token(&token, bai.settings.conf_token_ttl)
+        .await?;
     Ok(Json(TokenResponse {
         token: token.id.to_string(),
     }))
@@ -247,7 +263,18 @@ fn wanted(query: &ProxyQuery, conf: &ConfToken) -> Result<Wanted, BaiError> {
 async fn circuit_for(state: &AppState, wanted: Wanted) -> Result<(Route, bool), BaiError> {
     let Wanted { spec, no_reuse } = wanted;
     let session_id = spec.session_id.unwrap_or_default();
+    let token_user = spec
+        .circuit
+        .as_ref()
+        .and_then(|c| c.user_id)
+        .unwrap_or_default();
     if let Some((route, _)) = state.store.session_route(session_id, &spec.service).await? {
+        let owner = route.circuit.as_ref().and_then(|c| c.user_id);
+        if !same_user(owner, token_user) {
+            return Err(BaiError::forbidden(
+                "This app of the session is open for another user",
+            ));
+        }
         if route.protocol == spec.protocol {
             let same = route.access == spec.access;
             let route = state
@@ -296,9 +323,12 @@ pub async fn auth(
 ) -> Result<Response, BaiError> {
     let token_id = query_uuid("token", &query.token)?;
     let session_id = query_uuid("session_id", &query.session_id)?;
+    let redirect = redirect_path(query.redirect.as_deref().unwrap_or_default())
+        .map_err(|why| query_error("redirect", why))?
+        .to_owned();
     let conf = state
         .store
-        .conf_token(token_id)
+        .conf_token(token_id, state.clock.now(), bai.settings.conf_token_ttl)
         .await?
         .ok_or_else(|| BaiError::not_found("token"))?;
     if conf.session_id != session_id {
@@ -311,9 +341,8 @@ pub async fn auth(
     if needs_ack(&route, &worker)? {
         await_acks(&state, &bai, waiter, &[(route.id, worker.name.clone())]).await?;
     }
-    let redirect = query.redirect.as_deref().unwrap_or_default();
     let token = jwt::encode(
-        &setup_claims(conf.id, redirect, route.id),
+        &setup_claims(conf.id, &redirect, route.id),
         bai.settings.secrets.jwt_secret.expose(),
     );
     let redirect_url = format!("{}/setup?token={token}", worker_api_url(&worker));

@@ -4,8 +4,12 @@
 //! A Backend.AI worker is a worker registered through `PUT /api/worker`
 //! (its name is its authority); the `/api/worker` paths see only those:
 //! a worker registered through the native API has no Backend.AI
-//! description (host, API port, TLS, nodes) and is 404 there. A circuit is
-//! any placed route, whoever created it.
+//! description (host, API port, TLS, nodes) and is 404 there. The
+//! `/api/circuit` paths see only Backend.AI circuits (routes created through
+//! Backend.AI's API): every worker holds the api_secret, and it must not
+//! read or delete routes created through the native API (404, as if absent).
+//! A worker's own list (`/api/worker/{id}/circuits`, the slots) is whatever
+//! is placed on it, since it serves all of that.
 
 use std::collections::HashMap;
 
@@ -409,13 +413,8 @@ async fn register(
     super::BaiJson(request): super::BaiJson<WorkerRequest>,
 ) -> Result<Json<WorkerResponseModel>, BaiError> {
     let now = state.clock.now();
+    // A native worker's name is refused by the store (`may_register`).
     let existing = state.store.worker_by_name(&request.authority).await?;
-    if existing.as_ref().is_some_and(|w| w.backendai.is_none()) {
-        return Err(BaiError::forbidden(format!(
-            "authority {:?} is the name of a worker registered through the native API",
-            request.authority
-        )));
-    }
     let nodes = existing
         .as_ref()
         .and_then(|w| w.backendai.as_ref())
@@ -522,10 +521,21 @@ async fn circuits(
     Ok(Json(CircuitListModel { circuits }))
 }
 
-/// Route `id` and its worker; 404 `No such circuit.` for an unknown route
-/// and for one no worker holds (it is `Pending`).
-async fn placed_circuit(state: &AppState, id: Uuid) -> Result<(Route, Worker), BaiError> {
+/// Backend.AI circuit `id`: a route created through Backend.AI's API (it
+/// has circuit fields). Routes created through the native API are not the
+/// api_secret's to read or delete: 404 `No such circuit.`, as if absent.
+async fn backendai_circuit(state: &AppState, id: Uuid) -> Result<Route, BaiError> {
     let route = state.store.get_route(id).await?;
+    if route.circuit.is_none() {
+        return Err(BaiError::not_found("circuit"));
+    }
+    Ok(route)
+}
+
+/// Backend.AI circuit `id` and its worker; 404 `No such circuit.` for an
+/// unknown or native route and for one no worker holds (it is `Pending`).
+async fn placed_circuit(state: &AppState, id: Uuid) -> Result<(Route, Worker), BaiError> {
+    let route = backendai_circuit(state, id).await?;
     let Some(worker_id) = route.worker_id else {
         return Err(BaiError::not_found("circuit")
             .with_msg(format!("circuit {id} is on no worker yet (Pending)")));
@@ -550,9 +560,32 @@ async fn get_circuit(
     Ok(Json(Circuit::of(&route, &worker)))
 }
 
-/// Deletes a circuit (a route); its worker hears of it from the event bus.
+/// Deletes Backend.AI circuit `id` (a route; its worker hears of it from
+/// the event bus); answers whether it was there to delete. A native route is
+/// left alone, as if absent. The route is deleted only as it was read, so it
+/// cannot become another route between the check and the delete.
+async fn delete_backendai_circuit(state: &AppState, id: Uuid) -> Result<bool, BaiError> {
+    loop {
+        let route = match backendai_circuit(state, id).await {
+            Ok(route) => route,
+            Err(e) if e.status == axum::http::StatusCode::NOT_FOUND => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if state
+            .store
+            .delete_route_at(id, route.revision, state.clock.now())
+            .await?
+        {
+            return Ok(true);
+        }
+    }
+}
+
+/// `DELETE /api/circuit/{id}`: 404 `No such circuit.` when there is none.
 async fn delete_one(state: &AppState, id: Uuid) -> Result<Json<SuccessModel>, BaiError> {
-    state.store.delete_route(id, state.clock.now()).await?;
+    if !delete_backendai_circuit(state, id).await? {
+        return Err(BaiError::not_found("circuit"));
+    }
     tracing::info!(circuit = %id, "circuit deleted through the worker API");
     Ok(Json(SUCCESS))
 }
@@ -618,11 +651,7 @@ impl<S: Send + Sync> FromRequest<S> for BulkDeleteRequest {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, BaiError> {
         let uri = request.uri().clone();
-        let yaml = request
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/yaml"));
+        let yaml = super::is_yaml(request.headers());
         let bytes = Bytes::from_request(request, state)
             .await
             .map_err(|e| BaiError::invalid_params(format!("Malformed body: {e}")))?;
@@ -631,20 +660,17 @@ impl<S: Send + Sync> FromRequest<S> for BulkDeleteRequest {
                 axum::extract::Query::<HashMap<String, String>>::try_from_uri(&uri)
                     .map_err(|e| validation_error(vec![json!("query")], e.body_text()))?;
             json!(pairs)
-        } else if yaml {
-            serde_saphyr::from_slice(&bytes)
-                .map_err(|_| BaiError::invalid_params("Malformed body"))?
         } else {
-            serde_json::from_slice(&bytes)
-                .map_err(|_| BaiError::invalid_params("Malformed body"))?
+            super::parse_body(bytes, yaml).await?
         };
         let request: BulkDelete = super::from_value(value)?;
         request.circuit_ids.ids().map(BulkDeleteRequest)
     }
 }
 
-/// `DELETE /api/circuit/_/bulk`: deletes every listed circuit; unknown ids
-/// are skipped (as upstream, the answer is `success` either way).
+/// `DELETE /api/circuit/_/bulk`: deletes every listed Backend.AI circuit;
+/// unknown ids and native routes are skipped (as upstream, the answer is
+/// `success` either way).
 async fn delete_circuits(
     State(state): State<AppState>,
     Authorized(_): Authorized,
@@ -652,10 +678,8 @@ async fn delete_circuits(
 ) -> Result<Json<SuccessModel>, BaiError> {
     let mut deleted = 0;
     for id in ids {
-        match state.store.delete_route(id, state.clock.now()).await {
-            Ok(()) => deleted += 1,
-            Err(StoreError::NotFound) => {}
-            Err(e) => return Err(e.into()),
+        if delete_backendai_circuit(&state, id).await? {
+            deleted += 1;
         }
     }
     tracing::info!(deleted, "circuits deleted in bulk through the worker API");

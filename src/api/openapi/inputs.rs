@@ -12,7 +12,8 @@ use schemars::JsonSchema;
 use serde_json::Value;
 
 use super::{
-    BOOTSTRAP, INVALID, MANAGER, UNAUTHORIZED, UNAVAILABLE, WORKER, problems, schema_object,
+    BOOTSTRAP, INVALID, MANAGER, TOO_MANY, UNAUTHORIZED, UNAVAILABLE, WORKER, problems,
+    schema_object,
 };
 use crate::api::auth::{AnyCaller, ManagerOnly, Registrant, WorkerSelf, WorkerSelfOrManager};
 use crate::api::{ApiJson, ApiPath, ApiQuery, WorkerPath};
@@ -151,7 +152,12 @@ fn secured(operation: &mut Operation, schemes: &[&str]) {
 fn auth_problems(ctx: &mut GenContext, forbidden: &str) -> Vec<(Option<StatusCode>, Response)> {
     problems(
         ctx,
-        &[(401, UNAUTHORIZED), (403, forbidden), (503, UNAVAILABLE)],
+        &[
+            (401, UNAUTHORIZED),
+            (403, forbidden),
+            (429, TOO_MANY),
+            (503, UNAVAILABLE),
+        ],
     )
 }
 

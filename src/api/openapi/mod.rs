@@ -188,6 +188,15 @@ fn problem(ctx: &mut GenContext, status: u16, description: &str) -> Response {
             )),
         );
     }
+    if status == 429 {
+        response.headers.insert(
+            "Retry-After".into(),
+            ReferenceOr::Item(header(
+                json!({"type": "integer", "minimum": 1}),
+                "Seconds until this address may present credentials again",
+            )),
+        );
+    }
     response
 }
 
@@ -206,6 +215,8 @@ const INVALID: &str = "invalid-request: a malformed path, query or body, or a va
                        refuses; `field` names it";
 const UNAUTHORIZED: &str = "unauthorized: no bearer token, or not a valid one";
 const UNAVAILABLE: &str = "unavailable: the database does not answer; retry shortly";
+const TOO_MANY: &str = "too-many-requests: too many refused credentials from this address; \
+                        `Retry-After` says when to try again";
 
 impl OperationOutput for ApiError {
     type Inner = Self;

@@ -14,7 +14,7 @@ use super::{respond, schema_object};
 
 pub mod manager;
 pub mod workers;
-use crate::api::backendai::auth::{Authorized, Mode, Peer};
+use crate::api::backendai::auth::{Authorized, ConfCaller, Mode};
 use crate::api::backendai::{BaiError, BaiJson, BaiPath, BaiQuery};
 
 /// The api_secret as `X-BackendAI-Token` (raw, `Bearer …` or `BackendAI …`).
@@ -72,6 +72,8 @@ pub fn raises<'a>(
 }
 
 const MODE_OFF: &str = "url-not-found: Backend.AI mode is off (no api_secret configured)";
+const TOO_MANY: &str = "too-many-requests: too many refused credentials from this address; \
+                        `Retry-After` says when to try again";
 const INVALID: &str = "invalid-api-params: `Malformed body` or `Input validation error` \
                        (`data.errors[].loc` names the field)";
 
@@ -92,7 +94,25 @@ impl OperationInput for Mode {
     }
 }
 
-impl OperationInput for Peer {}
+impl OperationInput for ConfCaller {
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(
+            ctx,
+            &[
+                (
+                    401,
+                    "auth-failed: not from an allowed network, and no exact api_secret in \
+                     X-BackendAI-Token",
+                ),
+                (404, MODE_OFF),
+                (429, TOO_MANY),
+            ],
+        )
+    }
+}
 
 impl OperationInput for Authorized {
     fn operation_input(_: &mut GenContext, operation: &mut Operation) {
@@ -115,6 +135,7 @@ impl OperationInput for Authorized {
                     "auth-failed: no api_secret, a wrong one, or an unsupported scheme",
                 ),
                 (404, MODE_OFF),
+                (429, TOO_MANY),
             ],
         )
     }
