@@ -12,11 +12,9 @@
 //! The time of day comes from a [`Clock`]: every timeout, grace and TTL is
 //! measured against it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -24,7 +22,7 @@ use crate::clock::Clock;
 use crate::domain::WorkerStatus;
 use crate::domain::failover;
 use crate::domain::health::{Observation, statuses_that_time_out};
-use crate::leader::Leadership;
+use crate::leader::Context;
 use crate::store::{Moved, Store, StoreError};
 use crate::telemetry::{Metrics, OutcomeLabels};
 
@@ -69,33 +67,18 @@ impl HealthConfig {
 }
 
 /// The leader's loops: liveness sweep, failover, placing pending routes and
-/// collecting expired ones. Each pass runs only while `leadership` holds and
-/// reads the time from `clock`.
-pub async fn run(
-    store: Store,
-    metrics: Arc<Metrics>,
-    mut leadership: Leadership,
-    config: HealthConfig,
-    clock: Clock,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(config.tick());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        if !leadership.is_leader() {
-            tokio::select! {
-                () = leadership.acquired() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+/// collecting expired ones, a pass every [`HealthConfig::tick`] while this
+/// process leads (through [`Context::every`]), at the time `ctx.clock` shows.
+pub async fn run(ctx: Context, config: HealthConfig) {
+    let tick = config.tick();
+    ctx.every("health", tick, (ctx.clone(), config), |(ctx, config)| {
+        Box::pin(async move {
+            if let Err(e) = pass(&ctx.store, &ctx.metrics, config, &ctx.clock).await {
+                tracing::warn!(error = %e, "health pass failed; retrying");
             }
-        }
-        if let Err(e) = pass(&store, &metrics, &config, &clock).await {
-            tracing::warn!(error = %e, "health pass failed; retrying");
-        }
-    }
+        })
+    })
+    .await;
 }
 
 /// One pass of every loop, at the time `clock` shows.

@@ -30,6 +30,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::domain::Revision;
 use crate::domain::events::{Audience, Bookmark, Change, Snapshot, StreamEvent};
+use crate::leader::Context;
 use crate::store::{Db, NOTIFY_CHANNEL, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -266,6 +267,18 @@ impl Hub {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The context of work that runs beside this hub: its store, metrics and
+    /// shutdown signal, with `clock` and `leadership`.
+    pub fn context(&self, clock: Clock, leadership: crate::leader::Leadership) -> Context {
+        Context {
+            store: self.inner.store.clone(),
+            metrics: self.inner.metrics.clone(),
+            clock,
+            leadership,
+            shutdown: self.shutdown_signal(),
+        }
     }
 
     /// Opens a stream of the events `audience` should see: the changes after
@@ -713,30 +726,25 @@ async fn listen(store: &Store) -> Option<PgListener> {
     }
 }
 
-/// Deletes change-log rows beyond retention, every `interval`, until shutdown;
-/// a row's age is measured against `clock`.
+/// Deletes change-log rows beyond retention, every `interval` while this
+/// process leads (through [`Context::every`]), until shutdown; a row's age is
+/// measured against `ctx.clock`.
 pub async fn compact_periodically(
-    hub: Hub,
-    leadership: crate::leader::Leadership,
+    ctx: Context,
     interval: Duration,
     keep_revisions: u64,
     keep_for: Duration,
-    clock: Clock,
 ) {
-    let mut shutdown = hub.inner.shutdown.subscribe();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stopped(&mut shutdown) => return,
-        }
-        if !leadership.is_leader() {
-            continue;
-        }
-        let older_than = clock.now() - chrono::Duration::from_std(keep_for).unwrap_or_default();
-        match hub.store().compact_log(keep_revisions, older_than).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "compacted the change log"),
-            Err(e) => tracing::warn!(error = %e, "cannot compact the change log"),
-        }
-    }
+    ctx.every("log compaction", interval, ctx.clone(), move |ctx| {
+        Box::pin(async move {
+            let older_than =
+                ctx.clock.now() - chrono::Duration::from_std(keep_for).unwrap_or_default();
+            match ctx.store.compact_log(keep_revisions, older_than).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(rows = n, "compacted the change log"),
+                Err(e) => tracing::warn!(error = %e, "cannot compact the change log"),
+            }
+        })
+    })
+    .await;
 }

@@ -1,15 +1,30 @@
-//! Leader election for the singleton loops (liveness sweep, failover, expiry,
-//! log compaction, the Kubernetes mirror). Every replica serves the API and
-//! streams; only the leader runs these loops.
+//! Leader election, and the one way leader-only work runs.
+//!
+//! Every replica serves the API and streams; only the leader runs the
+//! singleton work: the liveness sweep, failover, expiry and pending
+//! placement (`health`), log compaction (`hub`), the Backend.AI publisher
+//! and idle collection, the Kubernetes mirror and pod watcher. Each runs
+//! through [`Context::every`] (a pass at a time, periodically) or
+//! [`Context::while_leading`] (a task that runs as long as leadership
+//! does). Both hold the leadership guard ([`Leadership::running`]) while
+//! work is under way, so at shutdown leadership is released only between
+//! passes, never while one is running (a second replica could otherwise
+//! start the same pass); a lost Lease stops the work at once.
 //!
 //! Two electors implement [`Elector`]: a PostgreSQL advisory lock (standalone)
 //! and a Kubernetes Lease. With SQLite there is one process, which always leads.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::store::Store;
+use crate::telemetry::Metrics;
 
 /// A way to hold leadership among replicas.
 pub trait Elector: Send + Sync + 'static {
@@ -211,6 +226,134 @@ pub fn spawn<E: Elector>(
         rx,
         _fixed: None,
         shared,
+    }
+}
+
+/// What every subsystem takes: the store, the metrics, the clock, who leads,
+/// and the shutdown signal (true once the process stops).
+#[derive(Clone)]
+pub struct Context {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    pub leadership: Leadership,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Tells a task run by [`Context::while_leading`] to stop: leadership ended
+/// (lost, or given up for a shutdown).
+pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Context {
+    /// Resolves once the process shuts down.
+    pub async fn stopped(&self) {
+        let _ = self.shutdown.clone().wait_for(|s| *s).await;
+    }
+
+    /// Whether leadership ends for a shutdown (work may finish what it
+    /// started) rather than a lost Lease (work must stop at once).
+    fn winding_down(&self) -> bool {
+        *self.shutdown.borrow() || self.leadership.shutting_down()
+    }
+
+    /// Leadership ended or the process stops.
+    fn stop_signal(&self) -> Stop {
+        let (mut leadership, ctx) = (self.leadership.clone(), self.clone());
+        Box::pin(async move {
+            tokio::select! {
+                () = leadership.lost() => {}
+                () = ctx.stopped() => {}
+            }
+        })
+    }
+
+    /// Waits until this process leads; `false` when it never will again
+    /// (shutdown, or the election ended).
+    async fn lead(&self) -> bool {
+        let mut leadership = self.leadership.clone();
+        tokio::select! {
+            () = leadership.acquired() => leadership.is_leader() && !*self.shutdown.borrow(),
+            () = self.stopped() => false,
+        }
+    }
+
+    /// Runs `pass` on `state` every `period` while this process leads, until
+    /// shutdown. A pass holds the leadership guard: at shutdown it finishes
+    /// (within [`STOP_LIMIT`]) before leadership is released; when the Lease
+    /// is lost it is dropped at once (its transaction rolls back).
+    pub async fn every<S: Send>(
+        &self,
+        what: &'static str,
+        period: Duration,
+        mut state: S,
+        mut pass: impl for<'a> FnMut(&'a mut S) -> BoxFuture<'a, ()> + Send,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stopped() => return,
+            }
+            if !self.leadership.is_leader() {
+                if !self.lead().await {
+                    return;
+                }
+                tick.reset();
+                continue;
+            }
+            let _running = self.leadership.running();
+            let run = pass(&mut state);
+            tokio::pin!(run);
+            let mut stop = self.stop_signal();
+            tokio::select! {
+                () = &mut run => {}
+                () = &mut stop => self.finish(what, run).await,
+            }
+        }
+    }
+
+    /// Runs `task` on `state` whenever this process leads, with a [`Stop`]
+    /// that resolves when leadership ends; restarts it (after a pause) if it
+    /// ends on its own. At a shutdown the task is told to stop and given
+    /// [`STOP_LIMIT`] to finish what it started, holding the leadership
+    /// guard meanwhile; a lost Lease drops it at once.
+    pub async fn while_leading<S: Send>(
+        &self,
+        what: &'static str,
+        mut state: S,
+        mut task: impl for<'a> FnMut(&'a mut S, Stop) -> BoxFuture<'a, anyhow::Result<()>> + Send,
+    ) {
+        while self.lead().await {
+            let _running = self.leadership.running();
+            tracing::info!(task = what, "leading: starting");
+            let run = task(&mut state, self.stop_signal());
+            tokio::pin!(run);
+            let mut stop = self.stop_signal();
+            tokio::select! {
+                result = &mut run => {
+                    if let Err(e) = result {
+                        tracing::warn!(task = what, error = %e, "stopped; restarting");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = &mut stop => {}
+                    }
+                }
+                () = &mut stop => {
+                    self.finish(what, run).await;
+                    tracing::info!(task = what, "no longer leading: stopped");
+                }
+            }
+        }
+    }
+
+    /// Leadership ended while `run` was under way: at a shutdown, let it
+    /// finish (within [`STOP_LIMIT`]); after a lost Lease, drop it.
+    async fn finish<F: Future>(&self, what: &'static str, run: Pin<&mut F>) {
+        if self.winding_down() && tokio::time::timeout(STOP_LIMIT, run).await.is_err() {
+            tracing::warn!(task = what, "did not stop in time");
+        }
     }
 }
 

@@ -91,35 +91,23 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(k8s) => k8s.leadership.clone(),
         None => elect_leader(&store, &config, hub.stopped()),
     };
+    let ctx = hub.context(clock.clone(), leadership);
     tokio::spawn(hub::compact_periodically(
-        hub.clone(),
-        leadership.clone(),
+        ctx.clone(),
         config.compaction_interval,
         config.log_retention_revisions,
         config.log_retention,
-        clock.clone(),
     ));
     if let Some(bai) = &backendai {
         // The Backend.AI event bus: acknowledgements on every replica, the
         // publisher and idle collection on the leader.
         backendai::bus::spawn(
-            store.clone(),
+            ctx.clone(),
             bai.clone(),
-            metrics.clone(),
-            leadership.clone(),
-            clock.clone(),
             backendai::bus::BusConfig::default(),
-            hub.shutdown_signal(),
         );
     }
-    tokio::spawn(health::run(
-        store.clone(),
-        metrics.clone(),
-        leadership,
-        health_settings(&config),
-        clock.clone(),
-        hub.shutdown_signal(),
-    ));
+    tokio::spawn(health::run(ctx, health_settings(&config)));
     let state = AppState {
         store: store.clone(),
         hub: hub.clone(),

@@ -14,7 +14,7 @@ use appproxy_coordinator::client::{RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::health::Observation;
 use appproxy_coordinator::domain::{Route, RouteStatus, WorkerRegistration};
 use appproxy_coordinator::health::HealthConfig;
-use common::{BOOTSTRAP, Backend, TestApp, TestDb, route, wait_for};
+use common::{BOOTSTRAP, Backend, PATIENCE, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use reqwest::{Method, StatusCode};
@@ -989,4 +989,86 @@ async fn a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_
     assert_eq!(url_rescued, url);
     assert!(app.store.stranded_routes().await.unwrap().is_empty());
     assert!(routes_on(&app, w3.id).await.is_empty());
+}
+
+/// An elector that always wins and records when it was released.
+struct Recorded(Arc<std::sync::atomic::AtomicBool>);
+
+impl appproxy_coordinator::leader::Elector for Recorded {
+    async fn try_acquire(&mut self) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+    async fn release(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A shutdown that comes while a leader-only pass runs releases leadership
+/// only once that pass is over, for both forms of leader work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_pass_releases_leadership_after_the_pass() {
+    use std::sync::atomic::Ordering;
+    for continuous in [false, true] {
+        let app = TestApp::start(Backend::Sqlite).await;
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let leadership = appproxy_coordinator::leader::spawn(
+            Recorded(released.clone()),
+            Duration::from_millis(10),
+            async move {
+                let _ = stop_rx.await;
+            },
+        );
+        let ctx = app.hub.context(app.clock.clone(), leadership.clone());
+        // The pass starts, says so, and ends when the test lets it.
+        let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(1);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let pass_gate = gate.clone();
+        let work = tokio::spawn(async move {
+            let state = (started_tx, pass_gate);
+            if continuous {
+                ctx.while_leading("test task", state, |(started, gate), _stop| {
+                    Box::pin(async move {
+                        let _ = started.send(()).await;
+                        let _ = gate.acquire().await.unwrap();
+                        Ok(())
+                    })
+                })
+                .await
+            } else {
+                ctx.every(
+                    "test pass",
+                    Duration::from_millis(10),
+                    state,
+                    |(started, gate)| {
+                        Box::pin(async move {
+                            let _ = started.send(()).await;
+                            let _ = gate.acquire().await.unwrap();
+                        })
+                    },
+                )
+                .await
+            }
+        });
+        started.recv().await.expect("a pass started");
+        stop_tx.send(()).unwrap();
+        // Leadership ends for the shutdown at once…
+        let mut lost = leadership.clone();
+        tokio::time::timeout(PATIENCE, lost.lost()).await.unwrap();
+        assert!(leadership.shutting_down());
+        // …but while the pass runs nothing is released: the leader task
+        // waits for the pass's guard, however long the test waits here.
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(!released.load(Ordering::SeqCst), "released during a pass");
+        }
+        gate.add_permits(1);
+        wait_for("the release after the pass", async || {
+            released.load(Ordering::SeqCst)
+        })
+        .await;
+        app.hub.shutdown();
+        tokio::time::timeout(PATIENCE, work).await.unwrap().unwrap();
+    }
 }

@@ -737,12 +737,10 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         route_idle_ttl: None,
     };
     tokio::spawn(appproxy_coordinator::health::run(
-        e.app.store.clone(),
-        e.app.metrics.clone(),
-        running.leadership.clone(),
+        e.app
+            .hub
+            .context(e.app.clock.clone(), running.leadership.clone()),
         health.clone(),
-        e.app.clock.clone(),
-        e.app.hub.shutdown_signal(),
     ));
     let mut leadership = running.leadership.clone();
     tokio::time::timeout(PATIENCE, leadership.acquired())

@@ -41,10 +41,8 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::BackendAi;
-use crate::clock::Clock;
-use crate::leader::Leadership;
-use crate::store::{BusCircuit, Store};
-use crate::telemetry::Metrics;
+use crate::leader::Context;
+use crate::store::BusCircuit;
 
 /// The pub/sub channel of every circuit event, both ways.
 pub const CHANNEL: &str = "events_all-appproxy";
@@ -256,37 +254,27 @@ impl Default for BusConfig {
 }
 
 /// Starts the bus: the acknowledgement listener on this replica, the
-/// publisher and idle collection while `leadership` holds; all stop when
-/// `shutdown` turns true. The handle finishes once they have.
+/// publisher and idle collection while `ctx.leadership` holds; all stop when
+/// `ctx.shutdown` turns true. The handle finishes once they have.
 pub fn spawn(
-    store: Store,
+    ctx: Context,
     backendai: Arc<BackendAi>,
-    metrics: Arc<Metrics>,
-    leadership: Leadership,
-    clock: Clock,
     config: BusConfig,
-    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let (acks_tx, acks_rx) = mpsc::channel(4096);
     let listener = tokio::spawn(listen(
         backendai.clone(),
         acks_tx,
         config.clone(),
-        shutdown.clone(),
+        ctx.shutdown.clone(),
     ));
     let publisher = tokio::spawn(super::publish::run(
-        store.clone(),
+        ctx.clone(),
         backendai.clone(),
-        metrics.clone(),
-        leadership.clone(),
-        clock.clone(),
         config.clone(),
         acks_rx,
-        shutdown.clone(),
     ));
-    let idle = tokio::spawn(super::idle::run(
-        store, backendai, metrics, leadership, clock, config, shutdown,
-    ));
+    let idle = tokio::spawn(super::idle::run(ctx, backendai, config));
     tokio::spawn(async move {
         let _ = tokio::join!(listener, publisher, idle);
     })

@@ -15,14 +15,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::BackendAi;
-use super::bus::{BusConfig, Reconnect, stopped};
+use super::bus::{BusConfig, Reconnect};
 use crate::clock::Clock;
 use crate::domain::StoredRoute;
-use crate::leader::Leadership;
+use crate::leader::Context;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -49,48 +48,56 @@ pub fn parse_last_access(value: &str) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(millis as i64).single()
 }
 
-/// Collects idle circuits every [`BusConfig::idle_interval`] while
-/// `leadership` holds, until `shutdown`.
-pub async fn run(
-    store: Store,
+/// What idle collection keeps between passes: its Redis connection.
+struct Collector {
+    ctx: Context,
     backendai: Arc<BackendAi>,
-    metrics: Arc<Metrics>,
-    mut leadership: Leadership,
-    clock: Clock,
-    config: BusConfig,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let live = live_client(&backendai.redis);
-    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
-    let mut reconnect = Reconnect::new("idle collection");
-    let mut wait = config.idle_interval;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stopped(&mut shutdown) => return,
-        }
-        wait = config.idle_interval;
-        if !leadership.is_leader() {
-            tokio::select! {
-                () = leadership.acquired() => {}
-                () = stopped(&mut shutdown) => return,
-            }
-        }
-        if conn.is_none() {
-            match super::bus::connect(&live, config.redis_timeout).await {
-                Ok(c) => conn = Some(c),
+    live: redis::Client,
+    conn: Option<redis::aio::MultiplexedConnection>,
+    reconnect: Reconnect,
+    timeout: std::time::Duration,
+}
+
+/// Collects idle circuits every [`BusConfig::idle_interval`] while this
+/// process leads (through [`Context::every`]), until shutdown.
+pub async fn run(ctx: Context, backendai: Arc<BackendAi>, config: BusConfig) {
+    let collector = Collector {
+        ctx: ctx.clone(),
+        live: live_client(&backendai.redis),
+        backendai,
+        conn: None,
+        reconnect: Reconnect::new("idle collection"),
+        timeout: config.redis_timeout,
+    };
+    ctx.every(
+        "Backend.AI idle collection",
+        config.idle_interval,
+        collector,
+        |c| Box::pin(c.pass()),
+    )
+    .await;
+}
+
+impl Collector {
+    async fn pass(&mut self) {
+        let url = &self.backendai.settings.redis_url;
+        if self.conn.is_none() {
+            match super::bus::connect(&self.live, self.timeout).await {
+                Ok(c) => self.conn = Some(c),
                 Err(e) => {
-                    wait = reconnect.failed(&e, &backendai.settings.redis_url);
-                    continue;
+                    // The next pass (an interval later) tries again.
+                    self.reconnect.failed(&e, url);
+                    return;
                 }
             }
         }
-        let c = conn.as_mut().expect("connected");
-        match collect(&store, c, &backendai, &metrics, &clock).await {
-            Ok(_) => reconnect.succeeded(),
+        let conn = self.conn.as_mut().expect("connected");
+        let ctx = &self.ctx;
+        match collect(&ctx.store, conn, &self.backendai, &ctx.metrics, &ctx.clock).await {
+            Ok(_) => self.reconnect.succeeded(),
             Err(Failure::Redis(e)) => {
-                conn = None;
-                wait = reconnect.failed(&e, &backendai.settings.redis_url);
+                self.conn = None;
+                self.reconnect.failed(&e, url);
             }
             Err(Failure::Store(e)) => {
                 tracing::warn!(error = %e, "Backend.AI idle collection cannot read or write the database; retrying");

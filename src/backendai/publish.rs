@@ -39,96 +39,133 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::BackendAi;
-use super::bus::{self, Ack, BusConfig, Event, Placed, Reconnect, stopped};
+use super::bus::{self, Ack, BusConfig, Event, Placed, Reconnect};
 use super::circuit::Circuit;
 use crate::clock::Clock;
 use crate::domain::events::{Change, ChangeKind};
 use crate::domain::{Revision, Route, Worker, WorkerStatus};
-use crate::leader::Leadership;
+use crate::leader::{Context, Stop};
 use crate::store::{BusCircuit, BusWrite, Store};
 use crate::telemetry::Metrics;
 
-/// Publishes while `leadership` holds, until `shutdown`.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    store: Store,
+/// What the publisher keeps from one leadership to the next.
+struct Standing {
+    ctx: Context,
     backendai: Arc<BackendAi>,
-    metrics: Arc<Metrics>,
-    mut leadership: Leadership,
-    clock: Clock,
     config: BusConfig,
-    mut acks: mpsc::Receiver<Vec<Ack>>,
-    mut shutdown: watch::Receiver<bool>,
+    acks: mpsc::Receiver<Vec<Ack>>,
+    commits: watch::Receiver<Revision>,
+    reconnect: Reconnect,
+}
+
+/// Publishes while this process leads (through [`Context::while_leading`]),
+/// until shutdown. Acknowledgements heard while not leading are the
+/// leader's to record: the listener drops them when this queue is full.
+pub async fn run(
+    ctx: Context,
+    backendai: Arc<BackendAi>,
+    config: BusConfig,
+    acks: mpsc::Receiver<Vec<Ack>>,
 ) {
-    let mut commits = store.commits();
-    let mut reconnect = Reconnect::new("the publisher");
-    let url = backendai.settings.redis_url.clone();
+    let standing = Standing {
+        commits: ctx.store.commits(),
+        ctx: ctx.clone(),
+        backendai,
+        config,
+        acks,
+        reconnect: Reconnect::new("the publisher"),
+    };
+    ctx.while_leading("Backend.AI publisher", standing, |standing, stop| {
+        Box::pin(lead(standing, stop))
+    })
+    .await;
+}
+
+/// Publishes until `stop`: loads what the last leader stored, publishes
+/// from there, and loads again whenever what is stored moved under it.
+async fn lead(s: &mut Standing, mut stop: Stop) -> anyhow::Result<()> {
     loop {
-        // Not leading: acknowledgements are the leader's to record.
-        while !leadership.is_leader() {
-            tokio::select! {
-                () = leadership.acquired() => {}
-                a = acks.recv() => {
-                    if a.is_none() {
-                        return;
+        let publisher = loop {
+            let loaded = Publisher::load(
+                &s.ctx.store,
+                &s.backendai,
+                &s.ctx.metrics,
+                &s.ctx.clock,
+                &s.config,
+            )
+            .await;
+            match loaded {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Backend.AI bus: cannot load the publisher's state; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(s.config.poll_interval) => {}
+                        () = &mut stop => return Ok(()),
                     }
-                }
-                () = stopped(&mut shutdown) => return,
-            }
-        }
-        let mut publisher = match Publisher::load(&store, &backendai, &metrics, &clock, &config)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "Backend.AI bus: cannot load the publisher's state; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(config.poll_interval) => continue,
-                    () = stopped(&mut shutdown) => return,
                 }
             }
         };
-        // A shutdown gives leadership up only once this pass is over.
-        let running = leadership.running();
-        // A deadline, not a sleep restarted on every acknowledgement: a
-        // steady stream of them must not hold passes off.
-        let mut next_pass = tokio::time::Instant::now();
-        let mut backing_off = false;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(next_pass) => {}
-                _ = commits.changed(), if !backing_off => {}
-                a = acks.recv() => match a {
-                    Some(a) => {
-                        if let Err(e) = publisher.acknowledged(a).await {
-                            tracing::warn!(error = %e, "Backend.AI bus: cannot record an acknowledgement");
-                        }
-                        continue;
+        if publish(
+            publisher,
+            &mut s.commits,
+            &mut s.acks,
+            &mut s.reconnect,
+            &mut stop,
+        )
+        .await
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Passes on every commit, acknowledgement and poll; answers `true` once
+/// `stop` resolved, `false` when what is stored must be loaded again.
+async fn publish(
+    mut publisher: Publisher<'_>,
+    commits: &mut watch::Receiver<Revision>,
+    acks: &mut mpsc::Receiver<Vec<Ack>>,
+    reconnect: &mut Reconnect,
+    stop: &mut Stop,
+) -> bool {
+    let url = publisher.backendai.settings.redis_url.clone();
+    let poll = publisher.config.poll_interval;
+    // A deadline, not a sleep restarted on every acknowledgement: a steady
+    // stream of them must not hold passes off.
+    let mut next_pass = tokio::time::Instant::now();
+    let mut backing_off = false;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next_pass) => {}
+            _ = commits.changed(), if !backing_off => {}
+            a = acks.recv() => match a {
+                Some(a) => {
+                    if let Err(e) = publisher.acknowledged(a).await {
+                        tracing::warn!(error = %e, "Backend.AI bus: cannot record an acknowledgement");
                     }
-                    None => return,
-                },
-                () = leadership.lost() => break,
-                () = stopped(&mut shutdown) => return,
-            }
-            let mut wait = config.poll_interval;
-            backing_off = false;
-            match publisher.pass().await {
-                Ok(()) => reconnect.succeeded(),
-                Err(Failure::Redis(e)) => {
-                    publisher.conn = None;
-                    wait = reconnect.failed(&e, &url).max(config.poll_interval);
-                    backing_off = true;
+                    continue;
                 }
-                Err(Failure::Store(e)) => {
-                    tracing::warn!(error = %e, "Backend.AI bus: the publisher cannot read or write the database; retrying");
-                }
+                None => return true,
+            },
+            () = &mut *stop => return true,
+        }
+        let mut wait = poll;
+        backing_off = false;
+        match publisher.pass().await {
+            Ok(()) => reconnect.succeeded(),
+            Err(Failure::Redis(e)) => {
+                publisher.conn = None;
+                wait = reconnect.failed(&e, &url).max(poll);
+                backing_off = true;
             }
-            next_pass = tokio::time::Instant::now() + wait;
-            if publisher.stale {
-                break; // reload what was stored
+            Err(Failure::Store(e)) => {
+                tracing::warn!(error = %e, "Backend.AI bus: the publisher cannot read or write the database; retrying");
             }
         }
-        drop(running);
+        next_pass = tokio::time::Instant::now() + wait;
+        if publisher.stale {
+            return false;
+        }
     }
 }
 

@@ -112,99 +112,44 @@ pub fn start(
     );
     let released = elector.released();
     let leadership = leader::spawn(elector, settings.renew_every, shutdown);
+    let ctx = hub.context(clock, leadership.clone());
     let recorder = events::Recorder::new(client.clone(), &settings.namespace, &settings.identity);
-    {
-        let (client, hub, config) = (client.clone(), hub.clone(), settings.mirror.clone());
-        tokio::spawn(while_leading(leadership.clone(), "mirror", move |stop| {
-            mirror::run(
-                client.clone(),
-                hub.clone(),
-                recorder.clone(),
-                config.clone(),
-                stop,
-            )
-        }));
-    }
-    {
-        let (ns, selector, store) = (
-            settings.namespace.clone(),
-            settings.worker_selector.clone(),
-            hub.store().clone(),
-        );
-        tokio::spawn(while_leading(
-            leadership.clone(),
-            "pod watcher",
-            move |stop| {
-                let (client, ns, selector, store, clock) = (
+    let mirror = (client.clone(), hub, recorder, settings.mirror.clone());
+    tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            ctx.while_leading("mirror", mirror, |(client, hub, recorder, config), stop| {
+                Box::pin(mirror::run(
                     client.clone(),
-                    ns.clone(),
-                    selector.clone(),
-                    store.clone(),
-                    clock.clone(),
-                );
-                async move {
-                    tokio::select! {
-                        () = pods::watch(client, &ns, &selector, store, clock) => {}
-                        () = stop => {}
-                    }
-                    Ok(())
+                    hub.clone(),
+                    recorder.clone(),
+                    config.clone(),
+                    stop,
+                ))
+            })
+            .await
+        }
+    });
+    let pods = (
+        client,
+        settings.namespace.clone(),
+        settings.worker_selector.clone(),
+        ctx.clone(),
+    );
+    tokio::spawn(async move {
+        ctx.while_leading("pod watcher", pods, |(client, ns, selector, ctx), stop| {
+            Box::pin(async move {
+                tokio::select! {
+                    () = pods::watch(client.clone(), ns, selector, ctx.store.clone(), ctx.clock.clone()) => {}
+                    () = stop => {}
                 }
-            },
-        ));
-    }
+                Ok(())
+            })
+        })
+        .await
+    });
     Running {
         leadership,
         released,
-    }
-}
-
-/// Tells a task started by [`while_leading`] that leadership has ended.
-pub type Stop = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Runs `task` whenever this replica leads, stopping it when leadership is
-/// lost and restarting it (after a pause) if it ends on its own. At a
-/// shutdown the task is told to [`Stop`] and given time (at most
-/// [`leader::STOP_LIMIT`]) to finish what it has started; leadership is
-/// released only after that. A lost Lease stops it at once.
-pub async fn while_leading<F, Fut>(mut leadership: Leadership, what: &'static str, mut task: F)
-where
-    F: FnMut(Stop) -> Fut + Send,
-    Fut: Future<Output = anyhow::Result<()>> + Send,
-{
-    loop {
-        leadership.acquired().await;
-        if !leadership.is_leader() {
-            return; // the election ended
-        }
-        let _running = leadership.running();
-        tracing::info!(task = what, "leading: starting");
-        let stop: Stop = {
-            let mut l = leadership.clone();
-            Box::pin(async move { l.lost().await })
-        };
-        let run = task(stop);
-        tokio::pin!(run);
-        let ended = tokio::select! {
-            result = &mut run => Some(result),
-            () = leadership.lost() => None,
-        };
-        match ended {
-            Some(result) => {
-                if let Err(e) = result {
-                    tracing::warn!(task = what, error = %e, "stopped; restarting");
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            None => {
-                if leadership.shutting_down()
-                    && tokio::time::timeout(leader::STOP_LIMIT, &mut run)
-                        .await
-                        .is_err()
-                {
-                    tracing::warn!(task = what, "did not stop in time");
-                }
-                tracing::info!(task = what, "no longer leading: stopped");
-            }
-        }
     }
 }

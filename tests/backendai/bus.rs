@@ -16,7 +16,7 @@ use appproxy_coordinator::backendai::BackendAi;
 use appproxy_coordinator::backendai::bus::{self, BusConfig, Envelope};
 use appproxy_coordinator::backendai::idle;
 use appproxy_coordinator::clock::Clock;
-use appproxy_coordinator::leader::Leadership;
+use appproxy_coordinator::leader::{Context, Leadership};
 use appproxy_coordinator::store::Store;
 use appproxy_coordinator::telemetry::Metrics;
 use futures::StreamExt;
@@ -62,15 +62,14 @@ impl Loops {
         clock: &Clock,
     ) -> Loops {
         let (stop, stopped) = watch::channel(false);
-        let handle = bus::spawn(
-            store.clone(),
-            bai.clone(),
-            metrics.clone(),
-            Leadership::fixed(leading),
-            clock.clone(),
-            fast(),
-            stopped,
-        );
+        let ctx = Context {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            leadership: Leadership::fixed(leading),
+            shutdown: stopped,
+        };
+        let handle = bus::spawn(ctx, bai.clone(), fast());
         Loops { stop, handle }
     }
 

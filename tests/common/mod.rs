@@ -281,12 +281,8 @@ impl TestApp {
     pub async fn start_with_health(backend: Backend, health: HealthConfig) -> TestApp {
         let mut app = TestApp::start_with_clock(backend, manual_clock()).await;
         tokio::spawn(appproxy_coordinator::health::run(
-            app.store.clone(),
-            app.metrics.clone(),
-            Leadership::fixed(true),
+            app.hub.context(app.clock.clone(), Leadership::fixed(true)),
             health.clone(),
-            app.clock.clone(),
-            app.hub.shutdown_signal(),
         ));
         app.health = Some(health);
         app
