@@ -12,7 +12,7 @@ use std::time::Duration;
 use appproxy_coordinator::backendai::circuit::{WorkerRequest, endpoint_url};
 use appproxy_coordinator::client::{RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::health::Observation;
-use appproxy_coordinator::domain::{Route, RouteStatus, WorkerRegistration};
+use appproxy_coordinator::domain::{Route, RouteStatus, WorkerFrontend, WorkerRegistration};
 use appproxy_coordinator::health::HealthConfig;
 use common::{BOOTSTRAP, Backend, PATIENCE, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
@@ -30,6 +30,7 @@ on_both_backends!(
     idle_routes_are_collected_unless_re_sent,
     a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_when_it_returns,
     a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_stays,
+    failover_moves_a_circuit_exactly_where_the_managers_url_stays,
 );
 
 // Times on the app's manual clock, which only the tests move: the real time
@@ -722,9 +723,19 @@ impl BaiWorker {
         hostname: &str,
         frontend: serde_json::Value,
     ) -> BaiWorker {
+        BaiWorker::start_tls(app, name, hostname, false, frontend).await
+    }
+
+    async fn start_tls(
+        app: &TestApp,
+        name: &str,
+        hostname: &str,
+        tls: bool,
+        frontend: serde_json::Value,
+    ) -> BaiWorker {
         let mut request = json!({
             "authority": name, "protocol": "http", "hostname": hostname,
-            "tls_listen": false, "tls_advertised": false, "api_port": 10201,
+            "tls_listen": tls, "tls_advertised": false, "api_port": 10201,
             "filtered_apps_only": false, "traefik_last_used_marker_path": null,
             "accepted_traffics": ["interactive", "inference"], "app_filters": []
         });
@@ -755,7 +766,10 @@ impl BaiWorker {
                     let _beat = b.lock().await;
                     if a.load(Ordering::SeqCst) {
                         let now = clock.now();
-                        let acked = store.current_revision().await.unwrap();
+                        // The test (and its database) may be gone.
+                        let Ok(acked) = store.current_revision().await else {
+                            return;
+                        };
                         if store.heartbeat(id, acked, now).await.is_ok() {
                             let _ = appproxy_coordinator::health::observe(
                                 &store,
@@ -1071,4 +1085,92 @@ async fn a_shutdown_during_a_pass_releases_leadership_after_the_pass() {
         app.hub.shutdown();
         tokio::time::timeout(PATIENCE, work).await.unwrap().unwrap();
     }
+}
+
+/// Failover moves a Backend.AI circuit off its lost worker exactly when the
+/// other worker gives it the URL the Manager was answered (the same string),
+/// for port and wildcard workers, with and without TLS, whatever the
+/// spelling of the host; otherwise it stays.
+async fn failover_moves_a_circuit_exactly_where_the_managers_url_stays(b: Backend) {
+    let port = |range: [u16; 2]| json!({"frontend_mode": "port", "port_range": range});
+    let wild = |domain: &str, traffic: u16| json!({"frontend_mode": "wildcard", "wildcard_domain": domain, "wildcard_traffic_port": traffic});
+    // (the lost worker: hostname, tls, frontend), (the other one: …)
+    type Side = (&'static str, bool, serde_json::Value);
+    let cases: Vec<(Side, Side)> = vec![
+        (
+            ("proxy.example", false, port([20000, 20100])),
+            ("PROXY.Example", false, port([20000, 20100])),
+        ),
+        (
+            ("proxy.example", false, port([20000, 20100])),
+            ("proxy.example.", false, port([20000, 20100])),
+        ),
+        (
+            ("proxy.example", false, port([20000, 20100])),
+            ("proxy.example", true, port([20000, 20100])),
+        ),
+        (
+            ("proxy.example", false, port([20000, 20100])),
+            ("proxy.example", false, port([20050, 20100])),
+        ),
+        (
+            ("proxy.example", true, port([443, 443])),
+            ("Proxy.Example", true, port([443, 443])),
+        ),
+        (
+            ("h", false, wild(".apps.example", 80)),
+            ("h", false, wild(".APPS.example", 80)),
+        ),
+        (
+            ("h", false, wild(".apps.example", 80)),
+            ("h", false, wild(".apps.example.", 80)),
+        ),
+        (
+            ("h", false, wild(".apps.example", 80)),
+            ("h", false, wild(".apps.example", 8080)),
+        ),
+        (
+            ("h", false, wild(".apps.example", 443)),
+            ("h", true, wild(".apps.example", 443)),
+        ),
+        (
+            ("h", true, wild(".apps.example", 443)),
+            ("h", true, wild(".Apps.Example", 443)),
+        ),
+    ];
+    let mut moved_any = (false, false);
+    for (i, ((from_host, from_tls, from_front), (to_host, to_tls, to_front))) in
+        cases.into_iter().enumerate()
+    {
+        let app = TestApp::start_with_health(b, health()).await;
+        let wildcard = from_front["frontend_mode"] == "wildcard";
+        let lost = BaiWorker::start_tls(&app, "bai-lost", from_host, from_tls, from_front).await;
+        let other = BaiWorker::start_tls(&app, "bai-other", to_host, to_tls, to_front).await;
+        let circuit = create_circuit(&app, lost.id, wildcard.then_some("llm-1")).await;
+        let (before, managers_url) = circuit_url(&app, circuit).await;
+        let other_worker = app.store.get_worker(other.id).await.unwrap();
+        // Only a port the other worker's range holds is a place there.
+        let fits = match (&other_worker.frontend, before.frontend.port) {
+            (WorkerFrontend::Port { port_range, .. }, Some(p)) => {
+                (port_range[0]..=port_range[1]).contains(&p)
+            }
+            _ => true,
+        };
+        let url_there = endpoint_url(&before, &other_worker).filter(|_| fits);
+        lose(&app, &lost, &[other.named()]).await;
+        let (after, url_after) = circuit_url(&app, circuit).await;
+        let moved = after.worker_id == Some(other.id);
+        assert_eq!(
+            moved,
+            url_there == managers_url,
+            "case {i}: {managers_url:?} on the lost worker, {url_there:?} on the other"
+        );
+        assert_eq!(url_after, managers_url, "case {i}: the URL never changes");
+        if moved {
+            moved_any.0 = true;
+        } else {
+            moved_any.1 = true;
+        }
+    }
+    assert_eq!(moved_any, (true, true), "both outcomes were seen");
 }

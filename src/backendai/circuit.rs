@@ -193,51 +193,18 @@ pub fn endpoint_url(route: &Route, worker: &Worker) -> Option<String> {
     Some(format!("{base}/"))
 }
 
-/// [`endpoint_url`] without the trailing `/` (the endpoint token's `app_url`).
+/// [`endpoint_url`] without the trailing `/` (the endpoint token's `app_url`):
+/// the route's URL by the one rule ([`crate::domain::UrlHome`]).
 pub fn base_url(route: &Route, worker: &Worker) -> Option<String> {
-    let scheme = worker
-        .backendai
-        .as_ref()
-        .map_or("http", BackendAiWorker::scheme);
-    match &worker.frontend {
-        WorkerFrontend::Port { host, .. } => {
-            let host = worker.backendai.as_ref().map_or(host, |b| &b.hostname);
-            route
-                .frontend
-                .port
-                .map(|p| format!("{scheme}://{host}:{p}"))
-        }
-        WorkerFrontend::Wildcard { domain, port, tls } => {
-            let scheme = if worker.backendai.is_some() {
-                scheme
-            } else if *tls {
-                "https"
-            } else {
-                "http"
-            };
-            let default = if scheme == "https" { 443 } else { 80 };
-            let suffix = if *port == default {
-                String::new()
-            } else {
-                format!(":{port}")
-            };
-            let sub = route.frontend.subdomain.as_deref()?;
-            Some(format!("{scheme}://{sub}.{domain}{suffix}"))
-        }
-    }
+    worker
+        .url_home(route.protocol)
+        .url(route.frontend.port, route.frontend.subdomain.as_deref())
 }
 
 /// The worker's API as its users' browsers reach it (`/setup`).
 pub fn worker_api_url(worker: &Worker) -> String {
     match &worker.backendai {
-        Some(b) => {
-            let default = if b.scheme() == "https" { 443 } else { 80 };
-            if b.api_port == default {
-                format!("{}://{}", b.scheme(), b.hostname)
-            } else {
-                format!("{}://{}:{}", b.scheme(), b.hostname, b.api_port)
-            }
-        }
+        Some(b) => crate::domain::url::origin(b.scheme(), &b.hostname, b.api_port),
         None => worker.api_url.trim_end_matches('/').to_owned(),
     }
 }

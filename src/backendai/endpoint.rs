@@ -276,8 +276,8 @@ mod tests {
             service: "smoke".into(),
             protocol: crate::domain::Protocol::Http,
             targets: Vec::new(),
-            frontend: crate::domain::Frontend::on(
-                &worker.frontend,
+            frontend: crate::domain::served::frontend_on(
+                &worker,
                 crate::domain::Protocol::Http,
                 Some(10205),
                 None,

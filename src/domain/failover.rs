@@ -23,7 +23,8 @@ use chrono::{DateTime, Utc};
 
 use super::placement::{self, Used};
 use super::route::{Route, RouteSpec, StoredRoute};
-use super::types::{WorkerFrontend, WorkerStatus};
+use super::types::{Protocol, WorkerFrontend, WorkerStatus};
+use super::url::Place;
 use super::worker::Worker;
 
 /// Whether `worker`'s routes move now: it has been `Lost` for longer than
@@ -129,7 +130,7 @@ pub fn relocation(route: &StoredRoute, from: &Worker, others: &[Worker]) -> Relo
     let otherwise = if from.status == WorkerStatus::Draining {
         replace()
     } else {
-        Fallback::Stay(stranded_because(from, seat))
+        Fallback::Stay(stranded_because(from, route.spec.protocol, seat))
     };
     Relocation {
         same_url,
@@ -186,7 +187,7 @@ pub fn stranded<'w>(
     let can_move = url_keepers(&exact, worker, others)
         .into_iter()
         .any(|w| placement::ineligibility(w, &exact).is_none());
-    (!can_move).then(|| stranded_because(worker, seat))
+    (!can_move).then(|| stranded_because(worker, route.protocol, seat))
 }
 
 /// The frontend a route has on its worker.
@@ -225,10 +226,10 @@ fn url_keepers<'w>(
     from: &Worker,
     others: impl IntoIterator<Item = &'w Worker>,
 ) -> Vec<&'w Worker> {
-    let home = UrlHome::of(from);
+    let home = from.url_home(exact.protocol);
     others
         .into_iter()
-        .filter(|w| w.id != from.id && UrlHome::of(w) == home)
+        .filter(|w| w.id != from.id && w.url_home(exact.protocol) == home)
         .filter(|w| match (&w.frontend, exact.frontend.port) {
             (WorkerFrontend::Port { port_range, .. }, Some(p)) => {
                 (port_range[0]..=port_range[1]).contains(&p)
@@ -238,72 +239,15 @@ fn url_keepers<'w>(
         .collect()
 }
 
-/// What a route's URL is made of on a worker besides the route's own port
-/// or subdomain, as Backend.AI writes it (`crate::backendai::circuit::base_url`):
-/// two workers with the same home give a route the same URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum UrlHome {
-    Port {
-        scheme: &'static str,
-        host: String,
-    },
-    Wildcard {
-        scheme: &'static str,
-        domain: String,
-        port: u16,
-    },
-}
-
-impl UrlHome {
-    fn of(worker: &Worker) -> UrlHome {
-        let scheme = worker.backendai.as_ref().map(|b| b.scheme());
-        match &worker.frontend {
-            WorkerFrontend::Port { host, .. } => UrlHome::Port {
-                scheme: scheme.unwrap_or("http"),
-                host: worker
-                    .backendai
-                    .as_ref()
-                    .map_or(host, |b| &b.hostname)
-                    .to_ascii_lowercase(),
-            },
-            WorkerFrontend::Wildcard { domain, port, tls } => UrlHome::Wildcard {
-                scheme: scheme.unwrap_or(if *tls { "https" } else { "http" }),
-                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
-                port: *port,
-            },
-        }
-    }
-
-    /// The URL of `seat` here.
-    fn url(&self, seat: Seat<'_>) -> Option<String> {
-        match self {
-            UrlHome::Port { scheme, host } => Some(format!("{scheme}://{host}:{}", seat.port?)),
-            UrlHome::Wildcard {
-                scheme,
-                domain,
-                port,
-            } => {
-                let default = if *scheme == "https" { 443 } else { 80 };
-                let suffix = if *port == default {
-                    String::new()
-                } else {
-                    format!(":{port}")
-                };
-                Some(format!("{scheme}://{}.{domain}{suffix}", seat.subdomain?))
-            }
-        }
-    }
-}
-
-fn stranded_because(from: &Worker, seat: Seat<'_>) -> Stranded {
-    let home = UrlHome::of(from);
-    let url = home.url(seat);
-    let elsewhere = match &home {
-        UrlHome::Port { host, .. } => format!(
+fn stranded_because(from: &Worker, protocol: Protocol, seat: Seat<'_>) -> Stranded {
+    let home = from.url_home(protocol);
+    let url = home.url(seat.port, seat.subdomain);
+    let elsewhere = match &home.place {
+        Place::Host(host) => format!(
             "no other ready worker with hostname {host} can take port {}",
             seat.port.map_or_else(|| "?".to_owned(), |p| p.to_string())
         ),
-        UrlHome::Wildcard { domain, port, .. } => {
+        Place::Domain { domain, port } => {
             format!("no other ready wildcard worker serves {domain} on port {port}")
         }
     };
@@ -602,7 +546,7 @@ mod tests {
             service: s.spec.service.clone(),
             protocol: s.spec.protocol,
             targets: Vec::new(),
-            frontend: crate::domain::Frontend::on(&lost.frontend, s.spec.protocol, s.port, None),
+            frontend: crate::domain::served::frontend_on(&lost, s.spec.protocol, s.port, None),
             worker_id: s.worker_id,
             access: Default::default(),
             labels: Default::default(),

@@ -15,6 +15,7 @@ pub mod route_json;
 pub mod schemas;
 pub mod served;
 pub mod types;
+pub mod url;
 pub mod validate;
 pub mod worker;
 
@@ -24,6 +25,7 @@ pub use route::{
     RoutePatch, RouteSpec, RouteStatus, StoredRoute, Target,
 };
 pub use types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
+pub use url::UrlHome;
 pub use validate::ValidationError;
 pub use worker::{BackendAiWorker, PodRef, Worker, WorkerRegistration};
 

@@ -16,6 +16,7 @@ use super::limits::{
 };
 use super::schemas;
 use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
+use super::url::UrlHome;
 
 /// One backend of a route: where the worker forwards traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -312,44 +313,28 @@ impl Frontend {
         url: None,
     };
 
-    /// The frontend of a route placed on `worker` at `port` or `subdomain`.
+    /// The frontend of a route placed on a worker with `frontend` at `port`
+    /// or `subdomain`, its URL made by the worker's [`UrlHome`].
     pub fn on(
-        worker: &WorkerFrontend,
-        protocol: Protocol,
+        frontend: &WorkerFrontend,
+        home: &UrlHome,
         port: Option<u16>,
         subdomain: Option<&str>,
     ) -> Frontend {
-        match worker {
-            WorkerFrontend::Port { host, .. } => Frontend {
+        match frontend {
+            WorkerFrontend::Port { .. } => Frontend {
                 mode: Some(FrontendMode::Port),
                 port,
                 subdomain: None,
-                url: port.map(|p| format!("{}://{host}:{p}", url_scheme(protocol, false))),
+                url: home.url(port, None),
             },
-            WorkerFrontend::Wildcard { domain, port, tls } => {
-                let scheme = url_scheme(protocol, *tls);
-                let default_port = if *tls { 443 } else { 80 };
-                let suffix = if *port == default_port {
-                    String::new()
-                } else {
-                    format!(":{port}")
-                };
-                Frontend {
-                    mode: Some(FrontendMode::Wildcard),
-                    port: Some(*port),
-                    subdomain: subdomain.map(str::to_owned),
-                    url: subdomain.map(|s| format!("{scheme}://{s}.{domain}{suffix}")),
-                }
-            }
+            WorkerFrontend::Wildcard { port, .. } => Frontend {
+                mode: Some(FrontendMode::Wildcard),
+                port: Some(*port),
+                subdomain: subdomain.map(str::to_owned),
+                url: home.url(None, subdomain),
+            },
         }
-    }
-}
-
-fn url_scheme(protocol: Protocol, tls: bool) -> &'static str {
-    match (protocol, tls) {
-        (Protocol::Tcp, _) => "tcp",
-        (_, true) => "https",
-        (_, false) => "http",
     }
 }
 
@@ -507,32 +492,29 @@ mod tests {
     }
 
     #[test]
-    fn urls_follow_the_worker_frontend() {
+    fn a_frontend_has_its_workers_mode_and_url() {
         let port = WorkerFrontend::Port {
             host: "proxy.example.com".into(),
             port_range: [10205, 10300],
         };
-        let f = Frontend::on(&port, Protocol::Http, Some(10210), None);
-        assert_eq!(f.url.as_deref(), Some("http://proxy.example.com:10210"));
-        let f = Frontend::on(&port, Protocol::Tcp, Some(10211), None);
+        let home = UrlHome::new(&port, None, Protocol::Tcp);
+        let f = Frontend::on(&port, &home, Some(10211), None);
+        assert_eq!(f.mode, Some(FrontendMode::Port));
         assert_eq!(f.url.as_deref(), Some("tcp://proxy.example.com:10211"));
-
         let wild = WorkerFrontend::Wildcard {
             domain: "apps.example.com".into(),
             port: 443,
             tls: true,
         };
-        let f = Frontend::on(&wild, Protocol::Http, None, Some("jupyter-3f6c"));
+        let home = UrlHome::new(&wild, None, Protocol::Http);
+        let f = Frontend::on(&wild, &home, None, Some("jupyter-3f6c"));
+        assert_eq!(
+            (f.port, f.subdomain.as_deref()),
+            (Some(443), Some("jupyter-3f6c"))
+        );
         assert_eq!(
             f.url.as_deref(),
             Some("https://jupyter-3f6c.apps.example.com")
         );
-        let wild_http = WorkerFrontend::Wildcard {
-            domain: "apps.example.com".into(),
-            port: 8080,
-            tls: false,
-        };
-        let f = Frontend::on(&wild_http, Protocol::Http, None, Some("a"));
-        assert_eq!(f.url.as_deref(), Some("http://a.apps.example.com:8080"));
     }
 }

@@ -4,7 +4,24 @@
 
 use super::Revision;
 use super::route::{Frontend, Route, RouteStatus, StoredRoute};
+use super::types::Protocol;
 use super::worker::Worker;
+
+/// The frontend of a route of `protocol` placed on `worker` at `port` or
+/// `subdomain`.
+pub fn frontend_on(
+    worker: &Worker,
+    protocol: Protocol,
+    port: Option<u16>,
+    subdomain: Option<&str>,
+) -> Frontend {
+    Frontend::on(
+        &worker.frontend,
+        &worker.url_home(protocol),
+        port,
+        subdomain,
+    )
+}
 
 /// The status of a route at `revision` placed on `worker` (if any).
 pub fn status(revision: Revision, worker: Option<&Worker>) -> RouteStatus {
@@ -22,12 +39,7 @@ impl StoredRoute {
         let spec = self.spec;
         let worker = worker.filter(|w| Some(w.id) == self.worker_id);
         let frontend = match worker {
-            Some(w) => Frontend::on(
-                &w.frontend,
-                spec.protocol,
-                self.port,
-                self.subdomain.as_deref(),
-            ),
+            Some(w) => frontend_on(w, spec.protocol, self.port, self.subdomain.as_deref()),
             None => Frontend::UNASSIGNED,
         };
         Route {

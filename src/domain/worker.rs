@@ -11,6 +11,7 @@ use super::Revision;
 use super::limits::{HTTP_URL_PATTERN, MAX_WORKER_NAME_LEN, NAME_PATTERN};
 use super::schemas;
 use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
+use super::url::UrlHome;
 
 /// The Kubernetes pod a worker runs in (from the downward API).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -180,6 +181,16 @@ impl Worker {
             created_at,
             updated_at,
         }
+    }
+
+    /// Where this worker's routes of `protocol` are reached: the one URL
+    /// rule ([`UrlHome`]), with a Backend.AI worker's own TLS.
+    pub fn url_home(&self, protocol: Protocol) -> UrlHome {
+        let tls = self
+            .backendai
+            .as_ref()
+            .map(|b| b.tls_listen || b.tls_advertised);
+        UrlHome::new(&self.frontend, tls, protocol)
     }
 
     /// How many routes this worker can hold in total.

@@ -54,12 +54,9 @@ impl WireRow {
             .find(|p| p.as_str() == self.protocol);
         if let (Some(fragments), Some(protocol)) = (&self.spec_wire, protocol) {
             let frontend = match worker {
-                Some(w) => Frontend::on(
-                    &w.frontend,
-                    protocol,
-                    port,
-                    self.frontend_subdomain.as_deref(),
-                ),
+                Some(w) => {
+                    served::frontend_on(w, protocol, port, self.frontend_subdomain.as_deref())
+                }
                 None => Frontend::UNASSIGNED,
             };
             let placed = Placed {
