@@ -18,26 +18,33 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
 
-# 1. Dependencies. This layer depends on Cargo.toml and Cargo.lock only, so a
-#    change to the sources reuses the compiled dependencies. Stub targets stand
-#    in for the crate's own code.
+# 1. Dependencies. This layer depends on the manifests and Cargo.lock only, so
+#    a change to the sources reuses the compiled dependencies. Stub targets
+#    stand in for the workspace's own code (the coordinator and its two
+#    crates, crates/core and crates/client).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
+COPY crates/core/Cargo.toml crates/core/
+COPY crates/client/Cargo.toml crates/client/
+RUN mkdir -p src crates/core/src crates/client/src \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
+ && : > crates/core/src/lib.rs \
+ && : > crates/client/src/lib.rs \
  && cargo build --release --locked --bin appproxy-coordinator \
- && rm -rf src \
+ && rm -rf src crates/core/src crates/client/src \
       target/release/appproxy-coordinator \
-      target/release/.fingerprint/appproxy-coordinator-* \
-      target/release/deps/appproxy_coordinator-* \
-      target/release/deps/libappproxy_coordinator-*
+      target/release/.fingerprint/appproxy-* \
+      target/release/deps/appproxy_* \
+      target/release/deps/libappproxy_*
 
-# 2. The crate. Migrations are embedded in the binary (sqlx::migrate!) at build
-#    time. touch: COPY keeps the context's timestamps, which can be older than
-#    the stubs; the build must not mistake the real sources for up to date.
+# 2. The workspace's code. Migrations are embedded in the binary
+#    (sqlx::migrate!) at build time. touch: COPY keeps the context's
+#    timestamps, which can be older than the stubs; the build must not mistake
+#    the real sources for up to date.
+COPY crates ./crates
 COPY src ./src
 COPY migrations ./migrations
-RUN touch src/main.rs src/lib.rs \
+RUN touch src/main.rs src/lib.rs crates/core/src/lib.rs crates/client/src/lib.rs \
  && cargo build --release --locked --bin appproxy-coordinator \
  && install -D -m 0755 target/release/appproxy-coordinator /out/usr/local/bin/appproxy-coordinator \
  && mkdir -p /out/data \

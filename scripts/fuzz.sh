@@ -21,7 +21,7 @@
 # FUZZ_SEED makes a run repeatable.
 #
 # Schemathesis applies scripts/fuzz_hooks.py: the three rules of the document
-# that JSON Schema cannot state (see src/domain/schemas.rs) are kept by the
+# that JSON Schema cannot state (see crates/core/src/domain/schemas.rs) are kept by the
 # data it generates as valid.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

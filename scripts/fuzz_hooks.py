@@ -1,7 +1,7 @@
 """Schemathesis hooks for scripts/fuzz.sh.
 
 The document states three rules that JSON Schema has no keyword for (see
-src/domain/schemas.rs): a health check's `timeout_s` is at most its
+crates/core/src/domain/schemas.rs): a health check's `timeout_s` is at most its
 `interval_s` (defaults: 10 and 5), a port range's low end is at most its high
 end, and `expires_at` is in the future; and target ids are unique within a
 route. Data generated as *valid* is made to keep them; data generated as

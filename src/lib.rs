@@ -31,22 +31,19 @@
 
 pub mod api;
 pub mod backendai;
-pub mod client;
-pub mod clock;
 pub mod config;
-pub mod domain;
 pub mod health;
 pub mod hub;
 pub mod k8s;
 pub mod leader;
-pub mod secret;
+pub mod request_id;
 pub mod server;
 pub mod store;
 pub mod telemetry;
-pub mod wire;
 
-/// Selects the TLS implementation (ring) for the server and HTTP clients.
-/// Call once at start; later calls are no-ops.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+// The pure core and the worker library are crates of their own; their
+// modules keep their paths here.
+pub use appproxy_client as client;
+pub use appproxy_core::{clock, domain, secret, wire};
+
+pub use appproxy_client::install_crypto_provider;

@@ -8,9 +8,8 @@
 //! carries the fields of the span it was emitted in (`span`) and of every
 //! span around it (`spans`, outermost first), so a request's id is on every
 //! line it caused. Work a request hands to another task (the create writer)
-//! names the requests it serves in its own span ([`request_id`]).
+//! names the requests it serves in its own span ([`crate::request_id`]).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,21 +149,6 @@ fn otlp_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
-}
-
-tokio::task_local! {
-    static REQUEST_ID: Arc<str>;
-}
-
-/// Runs `f` as the work of the request `id`: [`request_id`] answers it
-/// there.
-pub async fn with_request_id<F: Future>(id: Arc<str>, f: F) -> F::Output {
-    REQUEST_ID.scope(id, f).await
-}
-
-/// The id of the HTTP request the calling task is serving, if any.
-pub fn request_id() -> Option<Arc<str>> {
-    REQUEST_ID.try_with(Arc::clone).ok()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -6,7 +6,7 @@
 //! the answer carries it back in `X-Request-Id`, and the request runs in a
 //! `request` span with `method`, `route` (the template, `/routes/{id}`),
 //! `request_id`, then `status` and `latency_ms` once answered. Work it hands
-//! to another task finds the id with [`crate::telemetry::request_id`].
+//! to another task finds the id with [`crate::request_id::current`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +101,7 @@ fn on_response(response: &Response, latency: Duration, span: &Span) {
     tracing::debug!("request answered");
 }
 
-/// Runs the rest of the request where [`crate::telemetry::request_id`]
+/// Runs the rest of the request where [`crate::request_id::current`]
 /// answers its id.
 async fn in_request_scope(request: Request, next: Next) -> Response {
     let id: Arc<str> = request
@@ -110,7 +110,7 @@ async fn in_request_scope(request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .into();
-    crate::telemetry::with_request_id(id, next.run(request)).await
+    crate::request_id::scope(id, next.run(request)).await
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ impl Store {
             now,
             reply,
             span: tracing::Span::current(),
-            request_id: crate::telemetry::request_id(),
+            request_id: crate::request_id::current(),
         };
         let Some(queue) = &self.creates else {
             return self.create_one(request).await;

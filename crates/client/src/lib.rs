@@ -9,18 +9,24 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use backon::BackoffBuilder;
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::StatusCode;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::domain::events::StreamEvent;
-use crate::domain::{Revision, Route, WorkerRegistration};
-use crate::secret::Secret;
-use crate::wire::{Heartbeat, HeartbeatAck, Registration};
+use appproxy_core::domain::events::StreamEvent;
+use appproxy_core::domain::{Revision, Route, WorkerRegistration};
+use appproxy_core::secret::Secret;
+use appproxy_core::wire::{Heartbeat, HeartbeatAck, Registration};
+
+/// Selects the TLS implementation (ring) for HTTP clients and servers in
+/// this process. Call once at start; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -249,7 +255,7 @@ impl Agent {
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
-        crate::install_crypto_provider();
+        install_crypto_provider();
         let http = reqwest::Client::new();
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
@@ -381,7 +387,7 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::events::{Bookmark, Delete};
+    use appproxy_core::domain::events::{Bookmark, Delete};
 
     #[test]
     fn the_table_refuses_repeated_or_older_revisions() {
