@@ -1,5 +1,6 @@
 //! The real binary: the README tour on the embedded default, restarts,
-//! PostgreSQL with `migrate`, HTTPS, configuration and shutdown.
+//! PostgreSQL with `migrate`, HTTPS, TLS to PostgreSQL (against a cluster
+//! the test starts, with certificates it makes), configuration and shutdown.
 
 mod common;
 
@@ -591,4 +592,237 @@ async fn spans_are_exported_to_the_otlp_endpoint() {
         assert!(contains(body, text), "{text} not in the exported spans");
     }
     assert!(c.terminate(Duration::from_secs(10)).success());
+}
+
+/// Runs the binary with `args` and `envs` to its exit (within the patience).
+fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > common::PATIENCE {
+            child.kill().unwrap();
+            panic!("{args:?} did not exit within {:?}", common::PATIENCE);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// PostgreSQL over TLS, against a cluster of the test's own that admits TLS
+/// connections only (its pg_hba rejects `hostnossl`), with a server
+/// certificate for localhost and 127.0.0.1 signed by a test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_verifies_the_server_and_refuses_plaintext() {
+    use appproxy_coordinator::store::{Db, Store};
+    use common::tls::{Pki, TlsPostgres};
+
+    let mut pki = Pki::new();
+    let pg = TlsPostgres::start(&pki);
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let other_ca = pki.other_ca.to_str().unwrap().to_owned();
+    // Trust authentication never asks for it; it must never be logged either.
+    let password = "pg-url-password-never-logged";
+    let user = format!("postgres:{password}");
+    let shown = format!(
+        "postgres://postgres:<redacted>@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // verify-full with the CA: migrations apply; nothing warns of plaintext.
+    let verified = pg.url(
+        &user,
+        "postgres",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &verified], &[]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pg.log());
+    assert!(!stderr(&out).contains("not encrypted"), "{}", stderr(&out));
+
+    // The coordinator serves on it: a write and a read through its API.
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        &[
+            "--database-url",
+            &verified,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[
+            ("APPPROXY_MANAGER_TOKEN", "m-secret-0123456789"),
+            ("APPPROXY_WORKER_TOKEN", "w-secret-0123456789"),
+        ],
+        "http",
+    );
+    let (status, _) = post(
+        &format!("{}/workers/register", c.url),
+        "w-secret-0123456789",
+        worker_body("tls-worker"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, route) = post(
+        &format!("{}/routes", c.url),
+        "m-secret-0123456789",
+        common::route(uuid::Uuid::new_v4(), "jupyter"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{route}");
+    let read: Value = common::http_client()
+        .get(format!(
+            "{}/routes/{}",
+            c.url,
+            route["id"].as_str().unwrap()
+        ))
+        .bearer_auth("m-secret-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["id"], route["id"]);
+    assert_eq!(read["targets"], route["targets"]);
+
+    // The server says the coordinator's connections are encrypted.
+    let store = Store::connect(&verified, 1).await.unwrap();
+    let transport = store.transport().await.unwrap().unwrap();
+    assert!(transport.encrypted, "{transport:?}");
+    assert_eq!(transport.ssl_mode, "verify-full");
+    let Db::Postgres(pool) = store.db() else {
+        unreachable!()
+    };
+    let (coordinators, all_ssl): (i64, Option<bool>) = sqlx::query_as(
+        "SELECT count(*), bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name = 'appproxy-coordinator' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(coordinators > 0, "the coordinator is connected");
+    assert_eq!(
+        all_ssl,
+        Some(true),
+        "every connection of the coordinator is TLS"
+    );
+    store.close().await;
+    let log = c.log();
+    assert!(!log.contains("not encrypted"), "{log}");
+    assert!(!log.contains(password), "{log}");
+    assert!(c.terminate(Duration::from_secs(10)).success());
+
+    // A CA that did not sign the server's certificate: refused at start,
+    // saying so, naming the database without its password.
+    let wrong = pg.url(
+        &user,
+        "postgres",
+        &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+    );
+    for args in [
+        vec!["migrate", "--database-url", &wrong],
+        vec![
+            "serve",
+            "--database-url",
+            &wrong,
+            "--no-migrate",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    ] {
+        let out = run_to_exit(
+            &args,
+            &[("APPPROXY_DATA_DIR", dir.path().to_str().unwrap())],
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("certificate verification failed")
+                && err.contains("not signed by a CA")
+                && err.contains("sslrootcert"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(&shown), "{args:?} names the database: {err}");
+        assert!(!err.contains(password), "{args:?}: {err}");
+    }
+    // As libpq: `require` with a root certificate verifies against it.
+    let out = run_to_exit(
+        &[
+            "migrate",
+            "--database-url",
+            &pg.url(
+                &user,
+                "postgres",
+                &format!("sslmode=require&sslrootcert={other_ca}"),
+            ),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("certificate verification failed"),
+        "{}",
+        stderr(&out)
+    );
+    // `require` alone encrypts without checking the certificate; `prefer`
+    // (sqlx's default) takes the TLS the server offers.
+    for mode in ["require", "prefer"] {
+        let store = Store::connect(
+            &pg.url("postgres", "postgres", &format!("sslmode={mode}")),
+            1,
+        )
+        .await
+        .unwrap();
+        let transport = store.transport().await.unwrap().unwrap();
+        assert!(transport.encrypted, "{mode}: {transport:?}");
+        assert!(transport.local && !transport.plaintext_over_network());
+        store.close().await;
+    }
+
+    // Plaintext is refused by this server.
+    let out = run_to_exit(
+        &[
+            "migrate",
+            "--database-url",
+            &pg.url(&user, "postgres", "sslmode=disable"),
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no encryption") && err.contains(&shown),
+        "{err}"
+    );
+    assert!(!err.contains(password), "{err}");
+
+    // A client certificate (sslcert, sslkey) authenticates `certuser`
+    // (`cert` in pg_hba); without one it is refused.
+    let (cert, key) = pki.client(TlsPostgres::CERT_USER);
+    let with_cert = pg.url(
+        TlsPostgres::CERT_USER,
+        TlsPostgres::CERT_USER,
+        &format!(
+            "sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &with_cert], &[]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pg.log());
+    let without_cert = pg.url(
+        TlsPostgres::CERT_USER,
+        TlsPostgres::CERT_USER,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &without_cert], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
 }

@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
