@@ -271,6 +271,30 @@ pub struct Options {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed the Redis server's certificate, for
+    /// rediss:// URLs [default: the public roots (webpki-roots)].
+    #[arg(long, global = true, env = "APPPROXY_REDIS_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a Redis server that requires one (mutual
+    /// TLS, rediss:// URLs; with --redis-client-key).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_client_key: Option<PathBuf>,
     /// Comma-separated CIDRs from which `POST /v2/conf` needs no token (the
     /// Manager sends none) [default: none].
     #[arg(
@@ -371,6 +395,10 @@ pub struct Config {
     pub backendai_jwt_secret_file: Option<PathBuf>,
     #[serde(serialize_with = "redact_url")]
     pub redis_url: Option<String>,
+    /// TLS to Redis (rediss://): the CA, and a client certificate and key.
+    pub redis_ca_file: Option<PathBuf>,
+    pub redis_client_cert: Option<PathBuf>,
+    pub redis_client_key: Option<PathBuf>,
     pub backendai_conf_allowed_networks: Vec<ipnet::IpNet>,
     #[serde(with = "humantime_serde")]
     pub backendai_ack_timeout: Duration,
@@ -417,6 +445,9 @@ impl Default for Config {
             backendai_jwt_secret: None,
             backendai_jwt_secret_file: None,
             redis_url: None,
+            redis_ca_file: None,
+            redis_client_cert: None,
+            redis_client_key: None,
             backendai_conf_allowed_networks: Vec::new(),
             backendai_ack_timeout: Duration::from_secs(15),
             backendai_idle_timeout: Duration::from_secs(3600),

@@ -1,6 +1,7 @@
 //! The real binary: the README tour on the embedded default, restarts,
-//! PostgreSQL with `migrate`, HTTPS, TLS to PostgreSQL (against a cluster
-//! the test starts, with certificates it makes), configuration and shutdown.
+//! PostgreSQL with `migrate`, HTTPS, TLS to PostgreSQL and Redis (against
+//! servers the tests start, with certificates they make), configuration and
+//! shutdown.
 
 mod common;
 
@@ -825,4 +826,128 @@ async fn postgres_over_tls_verifies_the_server_and_refuses_plaintext() {
     let out = run_to_exit(&["migrate", "--database-url", &without_cert], &[]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+}
+
+/// Backend.AI mode on a Redis that speaks TLS only: a wrong CA is logged by
+/// the bus's reconnect loop as a certificate failure (the URL's password
+/// redacted) and `/health` says so; the right CA file works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_the_ca_file_and_a_wrong_ca_in_the_log() {
+    use common::tls::{Pki, TlsRedis};
+
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki, "no");
+    let url = redis.url();
+    let shown = format!("rediss://:<redacted>@127.0.0.1:{}/0", redis.port);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let envs = [
+        ("APPPROXY_BACKENDAI_API_SECRET", common::API_SECRET),
+        ("APPPROXY_BACKENDAI_JWT_SECRET", common::JWT_SECRET),
+        ("APPPROXY_REDIS_URL", url.as_str()),
+    ];
+    let redis_check = async |c: &Coordinator| -> Value {
+        let health: Value = common::http_client()
+            .get(format!("{}/health", c.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        health["connectivity"]["connectivity_checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["service_group"] == "redis")
+            .unwrap()
+            .clone()
+    };
+
+    let other_ca = pki.other_ca.to_str().unwrap();
+    let mut wrong_envs = envs.to_vec();
+    wrong_envs.push(("APPPROXY_REDIS_CA_FILE", other_ca));
+    let c = Coordinator::start(&["--data-dir", data], &wrong_envs, "http");
+    common::wait_for("the bus logs the refused certificate", async || {
+        c.log().contains("certificate verification failed")
+    })
+    .await;
+    let log = c.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate verification failed"))
+        .unwrap();
+    assert!(
+        line.contains("cannot use Redis")
+            && line.contains("redis_ca_file")
+            && line.contains(&shown),
+        "{line}"
+    );
+    assert!(!log.contains(redis.password), "{log}");
+    let check = redis_check(&c).await;
+    assert_eq!(check["is_healthy"], false, "{check}");
+    assert!(
+        check["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("certificate verification failed"),
+        "{check}"
+    );
+    drop(c);
+
+    // The right CA, as the flag: healthy, and the bus never complains.
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            data,
+            "--redis-ca-file",
+            pki.ca.to_str().unwrap(),
+        ],
+        &envs,
+        "http",
+    );
+    let check = redis_check(&c).await;
+    assert_eq!(check["is_healthy"], true, "{check}\n{}", c.log());
+    assert!(!c.log().contains("cannot use Redis"), "{}", c.log());
+    assert!(c.terminate(Duration::from_secs(10)).success());
+
+    // TLS settings with a plain redis:// URL are refused at start; a client
+    // certificate needs its key.
+    let mut plain_envs = envs.to_vec();
+    plain_envs.push(("APPPROXY_REDIS_URL", "redis://:pw@127.0.0.1:6379"));
+    let out = run_to_exit(
+        &[
+            "--data-dir",
+            data,
+            "--bind",
+            "127.0.0.1:0",
+            "--redis-ca-file",
+            pki.ca.to_str().unwrap(),
+        ],
+        &plain_envs,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("needs a rediss:// URL") && !err.contains(":pw@"),
+        "{err}"
+    );
+    // The TOML keys of the three settings.
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "redis_ca_file = \"/etc/redis-ca/ca.crt\"\nredis_client_cert = \"/c.crt\"\n\
+         redis_client_key = \"/c.key\"\n",
+    )
+    .unwrap();
+    let out = run_to_exit(&["config", "--config", file.to_str().unwrap()], &[]);
+    let shown: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    assert_eq!(
+        shown["redis_ca_file"].as_str(),
+        Some("/etc/redis-ca/ca.crt")
+    );
+    assert_eq!(shown["redis_client_key"].as_str(), Some("/c.key"));
+    let out = run_to_exit(&["config", "--redis-client-cert", "/client.crt"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-client-key"));
 }

@@ -371,7 +371,7 @@ async fn listen(
         let pubsub = match pubsub {
             Ok(p) => p,
             Err(e) => {
-                let wait = reconnect.failed(&e, &url);
+                let wait = reconnect.failed(&super::redis_error(&e), &url);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
                     () = stopped(&mut shutdown) => return,

@@ -30,7 +30,7 @@ use crate::telemetry::Metrics;
 const MGET_BATCH: usize = 256;
 
 /// Workers' live data: `circuit.<id>.last_access` and friends.
-pub const LIVE_DB: i64 = 2;
+pub use super::live::LIVE_DB;
 
 /// The key a worker writes on each request through circuit `id`.
 pub fn last_access_key(id: uuid::Uuid) -> String {
@@ -60,7 +60,7 @@ pub async fn run(
     config: BusConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let live = live_client(&backendai.redis);
+    let live = super::live::client(&backendai.redis);
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     let mut reconnect = Reconnect::new("idle collection");
     let mut wait = config.idle_interval;
@@ -80,7 +80,7 @@ pub async fn run(
             match super::bus::connect(&live, config.redis_timeout).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
-                    wait = reconnect.failed(&e, &backendai.settings.redis_url);
+                    wait = reconnect.failed(&super::redis_error(&e), &backendai.settings.redis_url);
                     continue;
                 }
             }
@@ -90,7 +90,7 @@ pub async fn run(
             Ok(_) => reconnect.succeeded(),
             Err(Failure::Redis(e)) => {
                 conn = None;
-                wait = reconnect.failed(&e, &backendai.settings.redis_url);
+                wait = reconnect.failed(&super::redis_error(&e), &backendai.settings.redis_url);
             }
             Err(Failure::Store(e)) => {
                 tracing::warn!(error = %e, "Backend.AI idle collection cannot read or write the database; retrying");
@@ -105,13 +105,6 @@ pub enum Failure {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-}
-
-/// A client on the same server as `client`, in the workers' live-data DB.
-fn live_client(client: &redis::Client) -> redis::Client {
-    let info = client.get_connection_info().clone();
-    let settings = info.redis_settings().clone().set_db(LIVE_DB);
-    redis::Client::open(info.set_redis_settings(settings)).expect("a valid connection info")
 }
 
 /// One pass at the time `clock` shows; answers how many circuits went.

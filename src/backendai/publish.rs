@@ -116,7 +116,9 @@ pub async fn run(
                 Ok(()) => reconnect.succeeded(),
                 Err(Failure::Redis(e)) => {
                     publisher.conn = None;
-                    wait = reconnect.failed(&e, &url).max(config.poll_interval);
+                    wait = reconnect
+                        .failed(&super::redis_error(&e), &url)
+                        .max(config.poll_interval);
                     backing_off = true;
                 }
                 Err(Failure::Store(e)) => {

@@ -219,6 +219,7 @@ pub fn backendai_settings() -> backendai::Settings {
         idle_timeout: Duration::from_secs(3600),
         advertised_url: "http://coordinator.test:10200".into(),
         redis_url: REDIS_URL.into(),
+        redis_tls: backendai::RedisTls::default(),
     }
 }
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";

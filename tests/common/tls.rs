@@ -1,11 +1,12 @@
-//! TLS servers of the tests' own: a PostgreSQL cluster on a free port of
-//! 127.0.0.1, configured for TLS with certificates made here ([`Pki`]), and
-//! stopped (its process group killed) when dropped, whatever happened in
-//! the test.
+//! TLS servers of the tests' own: a PostgreSQL cluster and a Redis server,
+//! each on a free port of 127.0.0.1, configured for TLS with certificates
+//! made here ([`Pki`]), and stopped (their process group killed) when
+//! dropped, whatever happened in the test.
 //!
-//! It needs the real server binaries: PostgreSQL's `initdb` and `postgres`
-//! (in `/usr/lib/postgresql/<version>/bin` as Debian installs them, or on
-//! the PATH). A missing binary fails the test with a message saying so.
+//! They need the real server binaries: `redis-server` (built with TLS) on
+//! the PATH, and PostgreSQL's `initdb` and `postgres` (in
+//! `/usr/lib/postgresql/<version>/bin` as Debian installs them, or on the
+//! PATH). A missing binary fails the test with a message saying so.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -209,6 +210,80 @@ impl Drop for Server {
         self.signal("-KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Redis server that speaks TLS only (`--port 0`), with a password.
+pub struct TlsRedis {
+    pub port: u16,
+    pub password: &'static str,
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    /// `auth_clients`: Redis' `--tls-auth-clients` (`no`, or `yes` to
+    /// require a client certificate signed by the CA).
+    pub fn start(pki: &Pki, auth_clients: &str) -> TlsRedis {
+        let password = "redis-tls-test-password";
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let mut command = Command::new("redis-server");
+            command.args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                pki.server_cert.to_str().unwrap(),
+                "--tls-key-file",
+                pki.server_key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                pki.ca.to_str().unwrap(),
+                "--tls-auth-clients",
+                auth_clients,
+                "--requirepass",
+                password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                dir.path().to_str().unwrap(),
+            ]);
+            let mut server = Server::spawn(
+                "redis-server",
+                command,
+                dir.path().join("redis.log"),
+                "install redis-server, built with TLS (Debian's redis-server package is)",
+            );
+            if server.wait_ready("Ready to accept connections").is_some() {
+                return TlsRedis {
+                    port,
+                    password,
+                    server,
+                    _dir: dir,
+                };
+            }
+            let log = server.log();
+            assert!(
+                log.contains("Address already in use"),
+                "redis-server with TLS exited:\n{log}"
+            );
+        }
+        panic!("no free port for redis-server after 5 tries");
+    }
+
+    /// `rediss://:<password>@127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("rediss://:{}@127.0.0.1:{}/0", self.password, self.port)
+    }
+
+    pub fn log(&self) -> String {
+        self.server.log()
     }
 }
 

@@ -97,12 +97,16 @@ where
     }
 }
 
-async fn ping_redis(client: &redis::Client) -> redis::RedisResult<()> {
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    redis::cmd("PING")
-        .query_async::<String>(&mut connection)
-        .await
-        .map(|_| ())
+/// `PING` on a new connection; a failed TLS handshake says so.
+async fn ping_redis(client: &redis::Client) -> Result<(), String> {
+    let ping = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(|_| ())
+    };
+    ping.await.map_err(|e| crate::backendai::redis_error(&e))
 }
 
 /// The database and Redis, checked concurrently.
