@@ -787,6 +787,36 @@ async fn postgres_over_tls_verifies_the_server_and_refuses_plaintext() {
         store.close().await;
     }
 
+    // The same from the environment, as the Helm chart passes them:
+    // PGSSLMODE and PGSSLROOTCERT, the URL without a query.
+    let bare = pg.url(&user, "postgres", "");
+    let with_env = |root: &str| {
+        run_to_exit(
+            &["migrate", "--database-url", &bare],
+            &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", root)],
+        )
+    };
+    let out = with_env(&ca);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_env(&other_ca);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("certificate verification failed"),
+        "{}",
+        stderr(&out)
+    );
+    // A PGSSLMODE that is no sslmode is refused, not taken for prefer.
+    let out = run_to_exit(
+        &["migrate", "--database-url", &bare],
+        &[("PGSSLMODE", "verify_full")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not an sslmode"),
+        "{}",
+        stderr(&out)
+    );
+
     // Plaintext is refused by this server.
     let out = run_to_exit(
         &[

@@ -239,6 +239,20 @@ impl Store {
     /// Connects to `database_url` (`postgres://…`, `sqlite://…`).
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Store> {
         if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            // sqlx ignores a PGSSLMODE it cannot parse (and falls back to
+            // prefer); libpq refuses it, and so do we.
+            if let Some(mode) = std::env::var_os("PGSSLMODE") {
+                let mode = mode.to_string_lossy();
+                if !mode.is_empty() && mode.parse::<PgSslMode>().is_err() {
+                    return Err(StoreError::Invalid(ValidationError {
+                        field: "PGSSLMODE".into(),
+                        message: format!(
+                            "{mode:?} is not an sslmode: use disable, allow, prefer, require, \
+                             verify-ca or verify-full"
+                        ),
+                    }));
+                }
+            }
             let mut options = PgConnectOptions::from_str(database_url)?;
             // As libpq: with a root certificate, `require` verifies the
             // server's certificate against it (as `verify-ca`).
