@@ -170,6 +170,16 @@ pub fn redis_client(url: &str, tls: &RedisTls) -> anyhow::Result<redis::Client> 
     let info = url
         .into_connection_info()
         .map_err(|e| anyhow::anyhow!("invalid redis_url {shown}: {e}"))?;
+    // Without verification TLS stops no one in the middle; the redis crate
+    // would refuse it only when connecting.
+    anyhow::ensure!(
+        !matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        ),
+        "redis_url {shown} asks for TLS without certificate verification (#insecure), which \
+         the coordinator does not do: give the server's CA in redis_ca_file instead"
+    );
     if !tls.is_set() {
         return Ok(redis::Client::open(info)?);
     }

@@ -205,7 +205,7 @@ async fn a_server_requiring_client_certificates_gets_the_configured_one() {
 }
 
 #[test]
-fn tls_files_are_refused_with_a_plain_url_and_must_hold_certificates() {
+fn tls_files_with_a_plain_url_unusable_files_and_insecure_tls_are_refused() {
     let pki = Pki::new();
     let err = backendai::redis_client("redis://:pw@127.0.0.1:6379", &trusting(&pki.ca))
         .unwrap_err()
@@ -226,4 +226,11 @@ fn tls_files_are_refused_with_a_plain_url_and_must_hold_certificates() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("given together"), "{err}");
+    let err = backendai::redis_client(
+        "rediss://:pw@127.0.0.1:6379/#insecure",
+        &RedisTls::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("#insecure") && !err.contains(":pw@"), "{err}");
 }
