@@ -20,10 +20,16 @@
 #     ci/postgres-values.yaml (PostgreSQL, inline credentials) and
 #     ci/production-values.yaml (PostgreSQL, existing Secret, 3 replicas),
 #     ci/tls-values.yaml (HTTPS with a kubernetes.io/tls Secret),
-#     ci/backendai-values.yaml (the Backend.AI drop-in)
+#     ci/backendai-values.yaml (the Backend.AI drop-in),
+#     ci/store-tls-values.yaml (TLS to PostgreSQL and Redis: CAs from a
+#     ConfigMap and a Secret, a client certificate, rediss://)
 #   - the no-values install: one replica, Recreate, the claim, the tokens
 #   - the TLS install: the Secret mounted, the coordinator's TLS flags set, the
 #     probes, Service, ServiceMonitor and NetworkPolicy on HTTPS
+#   - TLS to the stores: the CAs and the client certificate mounted read-only
+#     in one projected volume per store, PGSSLMODE (verify-full with a CA),
+#     PGSSLROOTCERT/PGSSLCERT/PGSSLKEY and APPPROXY_REDIS_CA_FILE pointing
+#     into them; nothing of it in the other configurations
 #   - the Backend.AI install: its secrets and Redis URL in the Secret and
 #     read from it (never plain env values, nor in the ConfigMap), the other
 #     backendai values as plain env, the second Service port; nothing of it
@@ -48,7 +54,9 @@
 #     mounted certificate (a throwaway one made with openssl); the Backend.AI
 #     pod (its Redis URL pointed at CHART_CHECK_REDIS_URL, default
 #     redis://127.0.0.1:6379/0) answers its probes and Backend.AI's GET /status
-#     with the advertised URL, and reads every backendai value as rendered
+#     with the advertised URL, and reads every backendai value as rendered;
+#     with a rediss:// URL it starts too, and /health reports that plaintext
+#     Redis unhealthy (no fallback to plaintext)
 #   - the Grafana dashboard (dashboards/appproxy-coordinator.json, shipped as a
 #     ConfigMap when dashboard.enabled) uses only metric names, and label names,
 #     that the coordinator exports: it is exercised through its API (a worker,
@@ -327,8 +335,12 @@ postgres = ["ci/postgres-values.yaml"]
 production = ["ci/production-values.yaml"]
 tls = ["ci/tls-values.yaml"]
 backendai = ["ci/backendai-values.yaml"]
+store_tls = ["ci/store-tls-values.yaml"]
 # label -> values files; "default" is the first install with no values at all.
-CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls, "backendai": backendai}
+CONFIGURATIONS = {"default": [], "postgres": postgres, "production": production, "tls": tls, "backendai": backendai,
+                  "storetls": store_tls}
+# The configurations in Backend.AI mode.
+BACKENDAI_LABELS = {"backendai", "storetls"}
 rendered = {}  # label -> [(template path, document)]
 raw = {}       # label -> {template path: rendered text}
 
@@ -650,7 +662,7 @@ def backendai_install():
     ensure("Backend.AI mode" in notes and values["advertisedUrl"] in notes, "NOTES.txt says nothing of Backend.AI mode")
     # Off by default: nothing of it anywhere.
     for label in CONFIGURATIONS:
-        if label == "backendai":
+        if label in BACKENDAI_LABELS:
             continue
         d = rendered.get(label)
         ensure(d is not None, f"the {label} render failed")
@@ -690,6 +702,86 @@ def backendai_install():
 check("Backend.AI install: secrets in the Secret only, plain env for the rest, the upstream port", backendai_install)
 
 
+# TLS to the backing stores: where each file is mounted, which variable
+# points at it.
+DB_TLS_DIR, REDIS_TLS_DIR = "/etc/appproxy-db-tls", "/etc/appproxy-redis-tls"
+STORE_TLS_ENV = {"PGSSLMODE", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "APPPROXY_REDIS_CA_FILE",
+                 "APPPROXY_REDIS_CLIENT_CERT", "APPPROXY_REDIS_CLIENT_KEY"}
+
+
+def store_tls_install():
+    docs = rendered.get("storetls")
+    ensure(docs is not None, "the store TLS render failed")
+    values = load_values(*store_tls)
+    dep = one(docs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = container_of(dep)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    expected_env = {
+        "PGSSLMODE": "verify-full",
+        "PGSSLROOTCERT": f"{DB_TLS_DIR}/ca.crt",
+        "PGSSLCERT": f"{DB_TLS_DIR}/tls.crt",
+        "PGSSLKEY": f"{DB_TLS_DIR}/tls.key",
+        "APPPROXY_REDIS_CA_FILE": f"{REDIS_TLS_DIR}/ca.crt",
+    }
+    got = {k: env[k] for k in STORE_TLS_ENV if k in env}
+    ensure(got == expected_env, f"TLS env {got}, expected {expected_env}")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    db, redis = values["database"]["tls"], values["backendai"]["redisTls"]
+    expected_sources = {
+        DB_TLS_DIR: [
+            {"configMap": {"name": db["caConfigMap"], "items": [{"key": db["caKey"], "path": "ca.crt"}]}},
+            {"secret": {"name": db["clientSecret"], "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                                              {"key": "tls.key", "path": "tls.key"}]}},
+        ],
+        REDIS_TLS_DIR: [{"secret": {"name": redis["caSecret"], "items": [{"key": "ca.crt", "path": "ca.crt"}]}}],
+    }
+    for directory, sources in expected_sources.items():
+        mount = mounts.get(directory)
+        ensure(mount is not None and mount.get("readOnly") is True, f"{directory} mount {mount}")
+        projected = volumes[mount["name"]].get("projected", {})
+        ensure(projected.get("sources") == sources, f"{directory}: sources {projected.get('sources')}, expected {sources}")
+        ensure(projected.get("defaultMode") == 0o440, f"{directory}: readable by others")
+    for var, path in expected_env.items():
+        if path.startswith("/"):
+            ensure(os.path.dirname(path) in mounts, f"{var} points outside its mount: {path}")
+    # The Redis URL (rediss://, with its password) stays in the Secret.
+    data = secret_data(one(docs, "Secret"))
+    ensure(data["redis-url"] == values["backendai"]["redisUrl"], "redis-url is not backendai.redisUrl")
+    no_secret_in_plain_text("storetls", docs, {"the Redis password": "chart-check-redis-password"})
+    # Nothing of it elsewhere.
+    for label in CONFIGURATIONS:
+        if label == "storetls":
+            continue
+        c = container_of(one(rendered[label], "Deployment"))
+        names = {e["name"] for e in c["env"]} & STORE_TLS_ENV
+        ensure(not names, f"{label}: {sorted(names)} set without database.tls or backendai.redisTls")
+        paths = {m["mountPath"] for m in c["volumeMounts"]} & {DB_TLS_DIR, REDIS_TLS_DIR}
+        ensure(not paths, f"{label}: {sorted(paths)} mounted without TLS to the stores")
+    # A mode without a CA is passed alone; a CA from a Secret with the mode given.
+    base = load_values(*postgres)
+    mode_only = container_of(one(documents(render(deep_merge(base, {"database": {"tls": {"sslMode": "require"}}}))),
+                                 "Deployment"))
+    menv = {e["name"]: e.get("value") for e in mode_only["env"]}
+    ensure({k: menv[k] for k in STORE_TLS_ENV if k in menv} == {"PGSSLMODE": "require"}, f"sslMode alone: {menv}")
+    ensure(DB_TLS_DIR not in {m["mountPath"] for m in mode_only["volumeMounts"]}, "a TLS volume without files")
+    ca_secret = documents(render(deep_merge(base, {"database": {"tls": {"sslMode": "verify-ca", "caSecret": "pg-ca"}}})))
+    validate_all(ca_secret)
+    cdep = one(ca_secret, "Deployment")
+    cenv = {e["name"]: e.get("value") for e in container_of(cdep)["env"]}
+    ensure(cenv.get("PGSSLMODE") == "verify-ca" and cenv.get("PGSSLROOTCERT") == f"{DB_TLS_DIR}/ca.crt", f"verify-ca: {cenv}")
+    sources = [v for v in cdep["spec"]["template"]["spec"]["volumes"] if v["name"] == "database-tls"][0]["projected"]["sources"]
+    ensure(sources == [{"secret": {"name": "pg-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}], f"caSecret sources {sources}")
+    return (f"{DB_TLS_DIR} (CA from a ConfigMap, client certificate) and {REDIS_TLS_DIR} (CA from a Secret) projected "
+            "read-only, mode 0440; PGSSLMODE verify-full with a CA, PGSSLROOTCERT/PGSSLCERT/PGSSLKEY and "
+            "APPPROXY_REDIS_CA_FILE into them; rediss:// URL only in the Secret; none of it elsewhere; "
+            "an sslMode alone and a CA from a Secret render as expected")
+
+
+check("TLS to the stores: CAs and client certificate mounted, PGSSL* and APPPROXY_REDIS_* set", store_tls_install)
+
+
 def rejections():
     base = load_values(*postgres)
     cases = [
@@ -716,8 +808,20 @@ def rejections():
         ("Backend.AI timeout without a unit (schema)",
          {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "ackTimeout": "15"}}, ["/backendai/ackTimeout"]),
         ("Backend.AI non-Redis URL (schema)", {"backendai": {"enabled": True, "redisUrl": "http://r:6379"}}, ["/backendai/redisUrl"]),
-        ("Backend.AI rediss:// URL, which the coordinator cannot open (schema)",
-         {"backendai": {"enabled": True, "redisUrl": "rediss://r:6379"}}, ["/backendai/redisUrl"]),
+        ("database.tls with a CA from a Secret and a ConfigMap (schema)",
+         deep_merge(base, {"database": {"tls": {"caSecret": "a", "caConfigMap": "b"}}}), ["/database/tls/caConfigMap"]),
+        ("database.tls unknown sslMode (schema)",
+         deep_merge(base, {"database": {"tls": {"sslMode": "verify_full"}}}), ["/database/tls/sslMode"]),
+        ("database.tls on the embedded SQLite database", {"database": {"tls": {"caSecret": "pg-ca"}}},
+         ["database.tls is for PostgreSQL"]),
+        ("backendai.redisTls with a redis:// URL",
+         {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "redisTls": {"caSecret": "redis-ca"}}},
+         ["needs a rediss://"]),
+        ("backendai.redisTls with a CA from a Secret and a ConfigMap (schema)",
+         {"backendai": {"enabled": True, "redisUrl": "rediss://r:6379", "redisTls": {"caSecret": "a", "caConfigMap": "b"}}},
+         ["/backendai/redisTls/caConfigMap"]),
+        ("a TLS variable in extraEnv (schema)",
+         {"extraEnv": [{"name": "PGSSLMODE", "value": "disable"}]}, ["/extraEnv/0/name"]),
         ("Backend.AI unknown key (schema)", {"backendai": {"enabled": True, "redisUrl": "redis://r:6379", "apiKey": "x"}},
          ["additional properties", "apiKey"]),
         ("a Backend.AI secret in extraEnv (schema)",
@@ -748,8 +852,13 @@ def rejections():
             expect_rejected({"backendai": {"enabled": True}}, "backendai.enabled needs backendai.redisUrl", chart_dir=copy)
         except CheckFailed as e:
             raise CheckFailed(f"Backend.AI without redisUrl, schema skipped: {e}")
-    return (f"{len(cases) + 2} cases: " + ", ".join(label for label, _, _ in cases)
-            + "; replicaCount 2 and Backend.AI without redisUrl again without the schema")
+        try:
+            expect_rejected(deep_merge(base, {"database": {"tls": {"caSecret": "a", "caConfigMap": "b"}}}),
+                            "set caSecret or caConfigMap, not both", chart_dir=copy)
+        except CheckFailed as e:
+            raise CheckFailed(f"database.tls with two CAs, schema skipped: {e}")
+    return (f"{len(cases) + 3} cases: " + ", ".join(label for label, _, _ in cases)
+            + "; replicaCount 2, Backend.AI without redisUrl and two database CAs again without the schema")
 
 
 check("chart rejects invalid values with a clear message", rejections)
@@ -1226,17 +1335,23 @@ def run_backendai_install():
                     "advertised_url": values["advertisedUrl"]}
         got = {k: effective.get(k) for k in expected}
         ensure(got == expected, f"the coordinator read {got}, not {expected}")
-        # values.schema.json refuses rediss:// because the coordinator cannot open it.
-        env = dict(pod.env, APPPROXY_REDIS_URL="rediss://127.0.0.1:6379/0", APPPROXY_BIND=f"127.0.0.1:{free_port()}")
-        try:
-            out = subprocess.run([COORDINATOR_BIN, *pod.args], env=env, capture_output=True, text=True, timeout=30)
-        except subprocess.TimeoutExpired:
-            raise CheckFailed("the coordinator serves with a rediss:// URL: allow rediss in backendai.redisUrl of values.schema.json")
-        ensure(out.returncode != 0 and "redis_url" in out.stderr + out.stdout,
-               f"rediss:// exited {out.returncode}: {(out.stderr or out.stdout).strip()[-300:]}")
+        # rediss:// (which the schema allows) to the same, plaintext, Redis:
+        # the coordinator starts, and /health finds no Redis there (no
+        # fallback to plaintext; the TLS handshake gets no answer).
+        from urllib.parse import urlsplit
+        parts = urlsplit(redis_url)
+        secret["redis-url"] = f"rediss://{parts.netloc}{parts.path}".encode()
+        with Pod("backendai", os.path.join(tmp, "rediss"), secrets={FULLNAME: secret}) as pod:
+            status, text = pod.request("GET", "/health")
+            ensure(status == 200, f"GET /health answered {status}: {text[:200]}")
+            checks = {c["service_group"]: c for c in json.loads(text)["connectivity"]["connectivity_checks"]}
+            message = checks["redis"].get("error_message") or ""
+            ensure(checks["redis"]["is_healthy"] is False and message,
+                   f"rediss:// to a plaintext Redis: {checks['redis']}")
+            pod.stop()
     return (f"probes 200 with the rendered secrets and {redis_url}; GET /status advertises {values['advertisedUrl']}; "
             "the native API still answers; networks and timeouts read as rendered; secrets redacted; "
-            "rediss://, which the schema refuses, is refused by the coordinator too")
+            "with rediss:// to that plaintext Redis it starts and /health reports Redis unhealthy (no plaintext fallback)")
 
 
 check("the coordinator runs as the no-values pod: SQLite volume, generated tokens, clean stop, restart", run_first_install)

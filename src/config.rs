@@ -16,7 +16,7 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize, Serializer};
 
-pub use crate::secret::{Secret, Tokens};
+pub use crate::secret::{BackendAiSecrets, Secret, Tokens, redacted_url};
 
 /// Command line of `appproxy-coordinator`.
 #[derive(Debug, Parser)]
@@ -277,6 +277,30 @@ pub struct Options {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed the Redis server's certificate, for
+    /// rediss:// URLs [default: the public roots (webpki-roots)].
+    #[arg(long, global = true, env = "APPPROXY_REDIS_CA_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a Redis server that requires one (mutual
+    /// TLS, rediss:// URLs; with --redis-client-key).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_client_key: Option<PathBuf>,
     /// Comma-separated CIDRs from which `POST /v2/conf` needs no token (the
     /// Manager sends none) [default: none].
     #[arg(
@@ -387,6 +411,10 @@ pub struct Config {
     pub backendai_jwt_secret_file: Option<PathBuf>,
     #[serde(serialize_with = "redact_url")]
     pub redis_url: Option<String>,
+    /// TLS to Redis (rediss://): the CA, and a client certificate and key.
+    pub redis_ca_file: Option<PathBuf>,
+    pub redis_client_cert: Option<PathBuf>,
+    pub redis_client_key: Option<PathBuf>,
     pub backendai_conf_allowed_networks: Vec<ipnet::IpNet>,
     #[serde(with = "humantime_serde")]
     pub backendai_ack_timeout: Duration,
@@ -436,6 +464,9 @@ impl Default for Config {
             backendai_jwt_secret: None,
             backendai_jwt_secret_file: None,
             redis_url: None,
+            redis_ca_file: None,
+            redis_client_cert: None,
+            redis_client_key: None,
             backendai_conf_allowed_networks: Vec::new(),
             backendai_ack_timeout: Duration::from_secs(15),
             backendai_idle_timeout: Duration::from_secs(3600),
@@ -451,29 +482,6 @@ fn redact_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Err
         None => s.serialize_none(),
         Some(u) => s.serialize_str(&redacted_url(u)),
     }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
-pub fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    let user = userinfo.split(':').next().unwrap_or_default();
-    let masked = if userinfo.contains(':') {
-        format!("{user}:<redacted>")
-    } else {
-        user.to_owned()
-    };
-    let mut out = format!("{scheme}://{masked}@{host}{path}");
-    if let Some(q) = out.find("password=") {
-        let end = out[q..].find('&').map_or(out.len(), |e| q + e);
-        out.replace_range(q..end, "password=<redacted>");
-    }
-    out
 }
 
 impl Config {
@@ -667,15 +675,6 @@ pub fn check_secrets(tokens: &Tokens, backendai: Option<&BackendAiSecrets>) -> a
         }
     }
     Ok(())
-}
-
-/// The two secrets a Backend.AI installation shares with its coordinator.
-#[derive(Clone, Debug)]
-pub struct BackendAiSecrets {
-    /// Authenticates the Manager and the workers.
-    pub api_secret: Secret,
-    /// Signs the tokens workers check on proxied traffic.
-    pub jwt_secret: Secret,
 }
 
 /// Shortest token accepted: a guessable token is no authentication.
@@ -880,14 +879,5 @@ mod tests {
         );
         let err = format!("{:#}", with("collector:4318").unwrap_err());
         assert!(err.contains("otlp_endpoint must be an http://"), "{err}");
-    }
-
-    #[test]
-    fn urls_without_passwords_are_left_alone() {
-        assert_eq!(redacted_url("sqlite://data/x.db"), "sqlite://data/x.db");
-        assert_eq!(
-            redacted_url("postgres://u@h/db?password=s&x=1"),
-            "postgres://u@h/db?password=<redacted>&x=1"
-        );
     }
 }

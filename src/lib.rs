@@ -5,10 +5,11 @@
 //!
 //! - [`domain`]: routes, workers, validation, placement, failover and health
 //!   rules, the change events. No I/O; unit-tested directly.
-//! - [`secret`], [`wire`], [`clock`]: leaf modules: secrets and the shared
-//!   bearer tokens; the shapes a worker and the coordinator exchange; the
-//!   time of day every time-based decision reads (the system clock in
-//!   production, a manual one in tests).
+//! - [`secret`], [`wire`], [`clock`], [`tls`]: leaf modules: secrets and the
+//!   shared bearer tokens; the shapes a worker and the coordinator exchange;
+//!   the time of day every time-based decision reads (the system clock in
+//!   production, a manual one in tests); what a failed TLS handshake to
+//!   PostgreSQL or Redis means.
 //! - [`store`]: PostgreSQL and embedded SQLite persistence, with the change
 //!   log every mutation appends to in the same transaction.
 //! - [`telemetry`]: logs and Prometheus metrics.
@@ -40,6 +41,7 @@ pub mod request_id;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 // The pure core and the worker library are crates of their own; their
 // modules keep their paths here.

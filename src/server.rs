@@ -21,7 +21,9 @@ use crate::store::{Db, Store};
 use crate::telemetry::Metrics;
 
 /// Opens the configured database: PostgreSQL if a URL is set, else the
-/// embedded SQLite file in the data directory.
+/// embedded SQLite file in the data directory. PostgreSQL is reached once
+/// here, so that a refused certificate stops the start with a clear error
+/// and an unencrypted connection over the network is said in the log.
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store = match &config.database_url {
         Some(url) => Store::connect(url, config.max_connections).await,
@@ -34,7 +36,66 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
         Some(url) => format!("cannot open database {}", config::redacted_url(url)),
         None => format!("cannot open {}", config.sqlite_path().display()),
     })?;
+    if let Some(url) = &config.database_url {
+        check_transport(&store, url, config.no_migrate).await?;
+    }
     Ok(store)
+}
+
+/// Connects to PostgreSQL once: fails on a TLS problem (naming the URL,
+/// password redacted) and warns when the connection crosses a network
+/// unencrypted. A server that cannot be reached fails the start too, as
+/// the migrations would, unless they are not applied here (`no_migrate`):
+/// then the check is made once the server answers.
+async fn check_transport(store: &Store, url: &str, no_migrate: bool) -> anyhow::Result<()> {
+    let database = config::redacted_url(url);
+    match store.transport().await {
+        Ok(transport) => {
+            warn_if_plaintext(transport.as_ref(), &database);
+            Ok(())
+        }
+        Err(e) => {
+            let tls = crate::tls::explain(&e, "sslrootcert");
+            if tls.is_none() && no_migrate {
+                tracing::warn!(error = %e, %database, "cannot reach the database yet; serving anyway (no_migrate)");
+                let store = store.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        if let Ok(transport) = store.transport().await {
+                            warn_if_plaintext(transport.as_ref(), &database);
+                            return;
+                        }
+                    }
+                });
+                return Ok(());
+            }
+            // Its Display already holds its causes: no chain to repeat them.
+            let e = anyhow::anyhow!("{e}");
+            let e = match tls {
+                Some(explanation) => e.context(explanation),
+                None => e,
+            };
+            Err(e.context(format!("cannot connect to the database {database}")))
+        }
+    }
+}
+
+/// One warning when PostgreSQL is reached over a network without TLS.
+fn warn_if_plaintext(transport: Option<&crate::store::Transport>, database: &str) {
+    let Some(t) = transport else { return };
+    if t.plaintext_over_network() {
+        tracing::warn!(
+            %database,
+            host = %t.host,
+            sslmode = t.ssl_mode,
+            "the connection to PostgreSQL is not encrypted: routes, kernel addresses and tokens \
+             cross the network in plain text. To require TLS, add \
+             sslmode=verify-full&sslrootcert=<CA file> to the database URL"
+        );
+    } else {
+        tracing::debug!(host = %t.host, encrypted = t.encrypted, sslmode = t.ssl_mode, "connected to PostgreSQL");
+    }
 }
 
 /// Applies migrations, naming the database in the error.
@@ -55,7 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let tokens = config::resolve_tokens(&config)?;
     let backendai = match config::resolve_backendai(&config, &tokens)? {
-        Some(secrets) => Some(Arc::new(BackendAi::new(backendai::Settings::new(
+        Some(secrets) => Some(Arc::new(BackendAi::new(backendai_settings(
             &config, secrets,
         ))?)),
         None => None,
@@ -171,6 +232,38 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Backend.AI mode's settings, when it is on (`secrets` resolved by
+/// [`config::resolve_backendai`]).
+pub fn backendai_settings(
+    config: &Config,
+    secrets: config::BackendAiSecrets,
+) -> backendai::Settings {
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    backendai::Settings {
+        secrets,
+        conf_allowed_networks: config.backendai_conf_allowed_networks.clone(),
+        ack_timeout: config.backendai_ack_timeout,
+        idle_timeout: config.backendai_idle_timeout,
+        conf_token_ttl: config.backendai_conf_token_ttl,
+        advertised_url: config
+            .advertised_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{}", config.bind))
+            .trim_end_matches('/')
+            .to_owned(),
+        redis_url: config.redis_url.clone().unwrap_or_default(),
+        redis_tls: backendai::RedisTls {
+            ca_file: config.redis_ca_file.clone(),
+            client_cert: config.redis_client_cert.clone(),
+            client_key: config.redis_client_key.clone(),
+        },
+    }
 }
 
 /// The hub's settings.

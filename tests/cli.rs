@@ -1,5 +1,7 @@
 //! The real binary: the README tour on the embedded default, restarts,
-//! PostgreSQL with `migrate`, HTTPS, configuration and shutdown.
+//! PostgreSQL with `migrate`, HTTPS, TLS to PostgreSQL and Redis (against
+//! servers the tests start, with certificates they make), configuration and
+//! shutdown.
 
 mod common;
 
@@ -625,4 +627,391 @@ async fn spans_are_exported_to_the_otlp_endpoint() {
         assert!(contains(body, text), "{text} not in the exported spans");
     }
     assert!(c.terminate(Duration::from_secs(10)).success());
+}
+
+/// Runs the binary with `args` and `envs` to its exit (within the patience).
+fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > common::PATIENCE {
+            child.kill().unwrap();
+            panic!("{args:?} did not exit within {:?}", common::PATIENCE);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// PostgreSQL over TLS, against a cluster of the test's own that admits TLS
+/// connections only (its pg_hba rejects `hostnossl`), with a server
+/// certificate for localhost and 127.0.0.1 signed by a test CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_verifies_the_server_and_refuses_plaintext() {
+    use appproxy_coordinator::store::{Db, Store};
+    use common::tls::{Pki, TlsPostgres};
+
+    let mut pki = Pki::new();
+    let pg = TlsPostgres::start(&pki);
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let other_ca = pki.other_ca.to_str().unwrap().to_owned();
+    // Trust authentication never asks for it; it must never be logged either.
+    let password = "pg-url-password-never-logged";
+    let user = format!("postgres:{password}");
+    let shown = format!(
+        "postgres://postgres:<redacted>@127.0.0.1:{}/postgres",
+        pg.port
+    );
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // verify-full with the CA: migrations apply; nothing warns of plaintext.
+    let verified = pg.url(
+        &user,
+        "postgres",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &verified], &[]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pg.log());
+    assert!(!stderr(&out).contains("not encrypted"), "{}", stderr(&out));
+
+    // The coordinator serves on it: a write and a read through its API.
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        &[
+            "--database-url",
+            &verified,
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &[
+            ("APPPROXY_MANAGER_TOKEN", "m-secret-0123456789"),
+            ("APPPROXY_WORKER_TOKEN", "w-secret-0123456789"),
+        ],
+        "http",
+    );
+    let (status, _) = post(
+        &format!("{}/workers/register", c.url),
+        "w-secret-0123456789",
+        worker_body("tls-worker"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, route) = post(
+        &format!("{}/routes", c.url),
+        "m-secret-0123456789",
+        common::route(uuid::Uuid::new_v4(), "jupyter"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{route}");
+    let read: Value = common::http_client()
+        .get(format!(
+            "{}/routes/{}",
+            c.url,
+            route["id"].as_str().unwrap()
+        ))
+        .bearer_auth("m-secret-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["id"], route["id"]);
+    assert_eq!(read["targets"], route["targets"]);
+
+    // The server says the coordinator's connections are encrypted.
+    let store = Store::connect(&verified, 1).await.unwrap();
+    let transport = store.transport().await.unwrap().unwrap();
+    assert!(transport.encrypted, "{transport:?}");
+    assert_eq!(transport.ssl_mode, "verify-full");
+    let Db::Postgres(pool) = store.db() else {
+        unreachable!()
+    };
+    let (coordinators, all_ssl): (i64, Option<bool>) = sqlx::query_as(
+        "SELECT count(*), bool_and(s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name = 'appproxy-coordinator' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(coordinators > 0, "the coordinator is connected");
+    assert_eq!(
+        all_ssl,
+        Some(true),
+        "every connection of the coordinator is TLS"
+    );
+    store.close().await;
+    let log = c.log();
+    assert!(!log.contains("not encrypted"), "{log}");
+    assert!(!log.contains(password), "{log}");
+    assert!(c.terminate(Duration::from_secs(10)).success());
+
+    // A CA that did not sign the server's certificate: refused at start,
+    // saying so, naming the database without its password.
+    let wrong = pg.url(
+        &user,
+        "postgres",
+        &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+    );
+    for args in [
+        vec!["migrate", "--database-url", &wrong],
+        vec![
+            "serve",
+            "--database-url",
+            &wrong,
+            "--no-migrate",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    ] {
+        let out = run_to_exit(
+            &args,
+            &[("APPPROXY_DATA_DIR", dir.path().to_str().unwrap())],
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.contains("certificate verification failed")
+                && err.contains("not signed by a CA")
+                && err.contains("sslrootcert"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains(&shown), "{args:?} names the database: {err}");
+        assert!(!err.contains(password), "{args:?}: {err}");
+    }
+    // As libpq: `require` with a root certificate verifies against it.
+    let out = run_to_exit(
+        &[
+            "migrate",
+            "--database-url",
+            &pg.url(
+                &user,
+                "postgres",
+                &format!("sslmode=require&sslrootcert={other_ca}"),
+            ),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("certificate verification failed"),
+        "{}",
+        stderr(&out)
+    );
+    // `require` alone encrypts without checking the certificate; `prefer`
+    // (sqlx's default) takes the TLS the server offers.
+    for mode in ["require", "prefer"] {
+        let store = Store::connect(
+            &pg.url("postgres", "postgres", &format!("sslmode={mode}")),
+            1,
+        )
+        .await
+        .unwrap();
+        let transport = store.transport().await.unwrap().unwrap();
+        assert!(transport.encrypted, "{mode}: {transport:?}");
+        assert!(transport.local && !transport.plaintext_over_network());
+        store.close().await;
+    }
+
+    // The same from the environment, as the Helm chart passes them:
+    // PGSSLMODE and PGSSLROOTCERT, the URL without a query.
+    let bare = pg.url(&user, "postgres", "");
+    let with_env = |root: &str| {
+        run_to_exit(
+            &["migrate", "--database-url", &bare],
+            &[("PGSSLMODE", "verify-full"), ("PGSSLROOTCERT", root)],
+        )
+    };
+    let out = with_env(&ca);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = with_env(&other_ca);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("certificate verification failed"),
+        "{}",
+        stderr(&out)
+    );
+    // A PGSSLMODE that is no sslmode is refused, not taken for prefer.
+    let out = run_to_exit(
+        &["migrate", "--database-url", &bare],
+        &[("PGSSLMODE", "verify_full")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not an sslmode"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Plaintext is refused by this server.
+    let out = run_to_exit(
+        &[
+            "migrate",
+            "--database-url",
+            &pg.url(&user, "postgres", "sslmode=disable"),
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no encryption") && err.contains(&shown),
+        "{err}"
+    );
+    assert!(!err.contains(password), "{err}");
+
+    // A client certificate (sslcert, sslkey) authenticates `certuser`
+    // (`cert` in pg_hba); without one it is refused.
+    let (cert, key) = pki.client(TlsPostgres::CERT_USER);
+    let with_cert = pg.url(
+        TlsPostgres::CERT_USER,
+        TlsPostgres::CERT_USER,
+        &format!(
+            "sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &with_cert], &[]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), pg.log());
+    let without_cert = pg.url(
+        TlsPostgres::CERT_USER,
+        TlsPostgres::CERT_USER,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let out = run_to_exit(&["migrate", "--database-url", &without_cert], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+}
+
+/// Backend.AI mode on a Redis that speaks TLS only: a wrong CA is logged by
+/// the bus's reconnect loop as a certificate failure (the URL's password
+/// redacted) and `/health` says so; the right CA file works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_the_ca_file_and_a_wrong_ca_in_the_log() {
+    use common::tls::{Pki, TlsRedis};
+
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki, "no");
+    let url = redis.url();
+    let shown = format!("rediss://:<redacted>@127.0.0.1:{}/0", redis.port);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let envs = [
+        ("APPPROXY_BACKENDAI_API_SECRET", common::API_SECRET),
+        ("APPPROXY_BACKENDAI_JWT_SECRET", common::JWT_SECRET),
+        ("APPPROXY_REDIS_URL", url.as_str()),
+    ];
+    let redis_check = async |c: &Coordinator| -> Value {
+        let health: Value = common::http_client()
+            .get(format!("{}/health", c.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        health["connectivity"]["connectivity_checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|check| check["service_group"] == "redis")
+            .unwrap()
+            .clone()
+    };
+
+    let other_ca = pki.other_ca.to_str().unwrap();
+    let mut wrong_envs = envs.to_vec();
+    wrong_envs.push(("APPPROXY_REDIS_CA_FILE", other_ca));
+    let c = Coordinator::start(&["--data-dir", data], &wrong_envs, "http");
+    common::wait_for("the bus logs the refused certificate", async || {
+        c.log().contains("certificate verification failed")
+    })
+    .await;
+    let log = c.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate verification failed"))
+        .unwrap();
+    assert!(
+        line.contains("cannot use Redis")
+            && line.contains("redis_ca_file")
+            && line.contains(&shown),
+        "{line}"
+    );
+    assert!(!log.contains(redis.password), "{log}");
+    let check = redis_check(&c).await;
+    assert_eq!(check["is_healthy"], false, "{check}");
+    assert!(
+        check["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("certificate verification failed"),
+        "{check}"
+    );
+    drop(c);
+
+    // The right CA, as the flag: healthy, and the bus never complains.
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            data,
+            "--redis-ca-file",
+            pki.ca.to_str().unwrap(),
+        ],
+        &envs,
+        "http",
+    );
+    let check = redis_check(&c).await;
+    assert_eq!(check["is_healthy"], true, "{check}\n{}", c.log());
+    assert!(!c.log().contains("cannot use Redis"), "{}", c.log());
+    assert!(c.terminate(Duration::from_secs(10)).success());
+
+    // TLS settings with a plain redis:// URL are refused at start; a client
+    // certificate needs its key.
+    let mut plain_envs = envs.to_vec();
+    plain_envs.push(("APPPROXY_REDIS_URL", "redis://:pw@127.0.0.1:6379"));
+    let out = run_to_exit(
+        &[
+            "--data-dir",
+            data,
+            "--bind",
+            "127.0.0.1:0",
+            "--redis-ca-file",
+            pki.ca.to_str().unwrap(),
+        ],
+        &plain_envs,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("needs a rediss:// URL") && !err.contains(":pw@"),
+        "{err}"
+    );
+    // The TOML keys of the three settings.
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "redis_ca_file = \"/etc/redis-ca/ca.crt\"\nredis_client_cert = \"/c.crt\"\n\
+         redis_client_key = \"/c.key\"\n",
+    )
+    .unwrap();
+    let out = run_to_exit(&["config", "--config", file.to_str().unwrap()], &[]);
+    let shown: toml::Table = String::from_utf8_lossy(&out.stdout).parse().unwrap();
+    assert_eq!(
+        shown["redis_ca_file"].as_str(),
+        Some("/etc/redis-ca/ca.crt")
+    );
+    assert_eq!(shown["redis_client_key"].as_str(), Some("/c.key"));
+    let out = run_to_exit(&["config", "--redis-client-cert", "/client.crt"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-client-key"));
 }

@@ -299,7 +299,7 @@ impl Reconnect {
     /// Notes a failure; answers how long to wait before trying again.
     pub(crate) fn failed(&mut self, error: &dyn std::fmt::Display, url: &str) -> Duration {
         self.failures += 1;
-        let redis = crate::config::redacted_url(url);
+        let redis = crate::secret::redacted_url(url);
         if self.failures == 1 {
             tracing::warn!(%error, %redis, "Backend.AI bus: {} cannot use Redis; retrying", self.what);
         } else {
@@ -359,7 +359,7 @@ async fn listen(
         let pubsub = match pubsub {
             Ok(p) => p,
             Err(e) => {
-                let wait = reconnect.failed(&e, &url);
+                let wait = reconnect.failed(&super::redis_error(&e), &url);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => continue,
                     () = stopped(&mut shutdown) => return,

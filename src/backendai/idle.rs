@@ -29,7 +29,7 @@ use crate::telemetry::Metrics;
 const MGET_BATCH: usize = 256;
 
 /// Workers' live data: `circuit.<id>.last_access` and friends.
-pub const LIVE_DB: i64 = 2;
+pub use super::live::LIVE_DB;
 
 /// The key a worker writes on each request through circuit `id`.
 pub fn last_access_key(id: uuid::Uuid) -> String {
@@ -63,7 +63,7 @@ struct Collector {
 pub async fn run(ctx: Context, backendai: Arc<BackendAi>, config: BusConfig) {
     let collector = Collector {
         ctx: ctx.clone(),
-        live: live_client(&backendai.redis),
+        live: super::live::client(&backendai.redis),
         backendai,
         conn: None,
         reconnect: Reconnect::new("idle collection"),
@@ -86,7 +86,7 @@ impl Collector {
                 Ok(c) => self.conn = Some(c),
                 Err(e) => {
                     // The next pass (an interval later) tries again.
-                    self.reconnect.failed(&e, url);
+                    self.reconnect.failed(&super::redis_error(&e), url);
                     return;
                 }
             }
@@ -97,7 +97,7 @@ impl Collector {
             Ok(_) => self.reconnect.succeeded(),
             Err(Failure::Redis(e)) => {
                 self.conn = None;
-                self.reconnect.failed(&e, url);
+                self.reconnect.failed(&super::redis_error(&e), url);
             }
             Err(Failure::Store(e)) => {
                 tracing::warn!(error = %e, "Backend.AI idle collection cannot read or write the database; retrying");
@@ -112,13 +112,6 @@ pub enum Failure {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-}
-
-/// A client on the same server as `client`, in the workers' live-data DB.
-fn live_client(client: &redis::Client) -> redis::Client {
-    let info = client.get_connection_info().clone();
-    let settings = info.redis_settings().clone().set_db(LIVE_DB);
-    redis::Client::open(info.set_redis_settings(settings)).expect("a valid connection info")
 }
 
 /// One pass at the time `clock` shows; answers how many circuits went.

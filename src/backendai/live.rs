@@ -18,15 +18,24 @@ pub const LAST_SEEN_TTL_SECONDS: i64 = 172_800;
 /// The most a live-data read or write may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A connection to DB 2 of the Redis `client` points at (a dedicated
-/// one: a `SELECT` on a shared connection would move its other users).
+/// The client of DB 2 on the server `bus` (the event bus's client, from
+/// [`super::redis_client`]) points at: the same address, credentials and
+/// TLS settings (CA, client certificate); only the database differs. A
+/// dedicated client: a `SELECT` on a shared connection would move its other
+/// users.
+pub fn client(bus: &redis::Client) -> redis::Client {
+    let info = bus.get_connection_info().clone();
+    let settings = info.redis_settings().clone().set_db(LIVE_DB);
+    redis::Client::open(info.set_redis_settings(settings)).expect("a connection info always opens")
+}
+
+/// A connection to DB 2 of the Redis `client` points at.
 pub async fn connect(
     client: &redis::Client,
 ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let info = client.get_connection_info().clone();
-    let settings = info.redis_settings().clone().set_db(LIVE_DB);
-    let live = redis::Client::open(info.set_redis_settings(settings))?;
-    live.get_multiplexed_async_connection().await
+    self::client(client)
+        .get_multiplexed_async_connection()
+        .await
 }
 
 async fn timed<T>(
@@ -67,6 +76,7 @@ pub async fn record_last_seen(client: &redis::Client, authority: &str, unix_seco
         }
         Err(e) => {
             if !LAST_SEEN_FAILING.swap(true, Ordering::Relaxed) {
+                let e = super::redis_error(&e);
                 tracing::warn!(error = %e, worker = authority, "cannot write proxy-worker.last_seen to Redis; heartbeats still count");
             }
         }
@@ -115,6 +125,43 @@ fn parse_timestamp(text: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_client_keeps_the_address_credentials_and_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["redis.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let tls = super::super::RedisTls {
+            ca_file: Some(ca),
+            ..Default::default()
+        };
+        let bus = super::super::redis_client("rediss://:pw@redis.test:6380/0", &tls).unwrap();
+        let live = client(&bus).get_connection_info().clone();
+        assert_eq!(live.redis_settings().db(), LIVE_DB);
+        assert_eq!(live.redis_settings().password(), Some("pw"));
+        match live.addr() {
+            redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                tls_params,
+                ..
+            } => {
+                assert_eq!((host.as_str(), *port), ("redis.test", 6380));
+                assert!(tls_params.is_some(), "the CA is kept");
+            }
+            other => panic!("not TLS: {other:?}"),
+        }
+        let plain = client(&redis::Client::open("redis://127.0.0.1:6379/0").unwrap());
+        assert!(matches!(
+            plain.get_connection_info().addr(),
+            redis::ConnectionAddr::Tcp(..)
+        ));
+    }
 
     #[test]
     fn timestamps_are_seconds_or_milliseconds() {

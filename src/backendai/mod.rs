@@ -38,11 +38,14 @@ pub mod jwt;
 pub mod live;
 pub mod publish;
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use ipnet::IpNet;
+use redis::IntoConnectionInfo;
 
-use crate::config::{BackendAiSecrets, Config};
+use crate::secret::{BackendAiSecrets, redacted_url};
 
 pub use acks::Acks;
 
@@ -62,6 +65,27 @@ pub struct Settings {
     /// What `GET /status` reports as `advertise_address`.
     pub advertised_url: String,
     pub redis_url: String,
+    /// TLS to Redis (`rediss://`): the CA and the client certificate.
+    pub redis_tls: RedisTls,
+}
+
+/// Files for TLS to Redis, used with `rediss://` URLs and read when the
+/// client is built ([`redis_client`]), i.e. at start.
+#[derive(Clone, Debug, Default)]
+pub struct RedisTls {
+    /// PEM certificate(s) of the CA the server's certificate must chain to;
+    /// `None`: the public roots (webpki-roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
 }
 
 impl std::fmt::Debug for Settings {
@@ -73,34 +97,9 @@ impl std::fmt::Debug for Settings {
             .field("idle_timeout", &self.idle_timeout)
             .field("conf_token_ttl", &self.conf_token_ttl)
             .field("advertised_url", &self.advertised_url)
-            .field("redis_url", &crate::config::redacted_url(&self.redis_url))
+            .field("redis_url", &redacted_url(&self.redis_url))
+            .field("redis_tls", &self.redis_tls)
             .finish_non_exhaustive()
-    }
-}
-
-impl Settings {
-    /// The settings when Backend.AI mode is on (`secrets` resolved by
-    /// [`crate::config::resolve_backendai`]).
-    pub fn new(config: &Config, secrets: BackendAiSecrets) -> Settings {
-        let scheme = if config.tls_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        Settings {
-            secrets,
-            conf_allowed_networks: config.backendai_conf_allowed_networks.clone(),
-            ack_timeout: config.backendai_ack_timeout,
-            idle_timeout: config.backendai_idle_timeout,
-            conf_token_ttl: config.backendai_conf_token_ttl,
-            advertised_url: config
-                .advertised_url
-                .clone()
-                .unwrap_or_else(|| format!("{scheme}://{}", config.bind))
-                .trim_end_matches('/')
-                .to_owned(),
-            redis_url: config.redis_url.clone().unwrap_or_default(),
-        }
     }
 }
 
@@ -141,10 +140,10 @@ impl std::fmt::Debug for BackendAi {
 }
 
 impl BackendAi {
-    /// Fails only on a malformed Redis URL; nothing connects yet.
+    /// Fails on a malformed Redis URL or unusable TLS files; nothing
+    /// connects yet.
     pub fn new(settings: Settings) -> anyhow::Result<BackendAi> {
-        let redis = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+        let redis = redis_client(&settings.redis_url, &settings.redis_tls)?;
         Ok(BackendAi {
             settings,
             acks: Acks::default(),
@@ -167,12 +166,16 @@ impl BackendAi {
     }
 
     /// `PING` on the shared connection.
-    async fn ping_redis(&self) -> redis::RedisResult<()> {
-        let mut connection = self.commands().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await
-            .map(|_| ())
+    /// `PING` on the shared connection; a failed TLS handshake says so.
+    async fn ping_redis(&self) -> Result<(), String> {
+        let ping = async {
+            let mut connection = self.commands().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map(|_| ())
+        };
+        ping.await.map_err(|e| redis_error(&e))
     }
 
     /// The database (`ping`) and Redis, checked concurrently, each within
@@ -206,5 +209,82 @@ where
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
+}
+
+/// The event bus's Redis client, the one place one is built: `redis://` as
+/// it is; `rediss://` verified against `tls.ca_file` (else the public
+/// roots), with the client certificate if one is given, both read now.
+/// Clients for another database derive from it ([`live::client`]) and keep
+/// all of it. Errors never show the URL's password.
+pub fn redis_client(url: &str, tls: &RedisTls) -> anyhow::Result<redis::Client> {
+    let shown = redacted_url(url);
+    let info = url
+        .into_connection_info()
+        .map_err(|e| anyhow::anyhow!("invalid redis_url {shown}: {e}"))?;
+    // Without verification TLS stops no one in the middle; the redis crate
+    // would refuse it only when connecting.
+    anyhow::ensure!(
+        !matches!(
+            info.addr(),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. }
+        ),
+        "redis_url {shown} asks for TLS without certificate verification (#insecure), which \
+         the coordinator does not do: give the server's CA in redis_ca_file instead"
+    );
+    if !tls.is_set() {
+        return Ok(redis::Client::open(info)?);
+    }
+    anyhow::ensure!(
+        matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }),
+        "redis_ca_file, redis_client_cert and redis_client_key are for TLS, which needs a \
+         rediss:// URL; redis_url is {shown}"
+    );
+    let root_cert = match &tls.ca_file {
+        Some(path) => {
+            let pem = read_pem(path, "redis_ca_file")?;
+            use rustls::pki_types::{CertificateDer, pem::PemObject};
+            let certificates = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("redis_ca_file {} is not PEM", path.display()))?
+                .len();
+            anyhow::ensure!(
+                certificates > 0,
+                "redis_ca_file {} holds no PEM certificate",
+                path.display()
+            );
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read_pem(cert, "redis_client_cert")?,
+            client_key: read_pem(key, "redis_client_key")?,
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("redis_client_cert and redis_client_key must be given together"),
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("cannot use the Redis TLS files: {e}"))
+}
+
+fn read_pem(path: &Path, setting: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {setting} {}", path.display()))
+}
+
+/// A Redis error as the log and `/health` show it: a failed TLS handshake
+/// says what failed (certificate verification, a client certificate the
+/// server wants) and which setting to check.
+pub fn redis_error(error: &redis::RedisError) -> String {
+    match crate::tls::explain(error, "redis_ca_file") {
+        Some(explanation) => format!("{explanation} ({error})"),
+        None => error.to_string(),
     }
 }

@@ -155,7 +155,7 @@ async fn publish(
             Ok(()) => reconnect.succeeded(),
             Err(Failure::Redis(e)) => {
                 publisher.conn = None;
-                wait = reconnect.failed(&e, &url).max(poll);
+                wait = reconnect.failed(&super::redis_error(&e), &url).max(poll);
                 backing_off = true;
             }
             Err(Failure::Store(e)) => {

@@ -28,7 +28,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::histogram::Histogram;
 use sqlx::ConnectOptions;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -239,7 +239,28 @@ impl Store {
     /// Connects to `database_url` (`postgres://…`, `sqlite://…`).
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Store> {
         if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(database_url)?
+            // sqlx ignores a PGSSLMODE it cannot parse (and falls back to
+            // prefer); libpq refuses it, and so do we.
+            if let Some(mode) = std::env::var_os("PGSSLMODE") {
+                let mode = mode.to_string_lossy();
+                if !mode.is_empty() && mode.parse::<PgSslMode>().is_err() {
+                    return Err(StoreError::Invalid(ValidationError {
+                        field: "PGSSLMODE".into(),
+                        message: format!(
+                            "{mode:?} is not an sslmode: use disable, allow, prefer, require, \
+                             verify-ca or verify-full"
+                        ),
+                    }));
+                }
+            }
+            let mut options = PgConnectOptions::from_str(database_url)?;
+            // As libpq: with a root certificate, `require` verifies the
+            // server's certificate against it (as `verify-ca`).
+            if matches!(options.get_ssl_mode(), PgSslMode::Require) && names_root_cert(database_url)
+            {
+                options = options.ssl_mode(PgSslMode::VerifyCa);
+            }
+            let options = options
                 .application_name("appproxy-coordinator")
                 .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
             let pool = PgPoolOptions::new()
@@ -302,6 +323,42 @@ impl Store {
         &self.db
     }
 
+    /// How this store reaches PostgreSQL: whether the server reports one of
+    /// its connections as encrypted (`pg_stat_ssl`), and to where; `None`
+    /// on SQLite. Connects if no connection is open, so a refused
+    /// certificate or an unreachable server is an error here.
+    pub async fn transport(&self) -> Result<Option<Transport>> {
+        let Db::Postgres(pool) = &self.db else {
+            return Ok(None);
+        };
+        let encrypted: Option<bool> =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_optional(pool)
+                .await?;
+        let options = pool.connect_options();
+        let (host, socket) = match options.get_socket() {
+            Some(dir) => (dir.display().to_string(), true),
+            None => (
+                options.get_host().to_owned(),
+                options.get_host().starts_with('/'),
+            ),
+        };
+        let ssl_mode = match options.get_ssl_mode() {
+            PgSslMode::Disable => "disable",
+            PgSslMode::Allow => "allow",
+            PgSslMode::Prefer => "prefer",
+            PgSslMode::Require => "require",
+            PgSslMode::VerifyCa => "verify-ca",
+            PgSslMode::VerifyFull => "verify-full",
+        };
+        Ok(Some(Transport {
+            encrypted: encrypted.unwrap_or(false),
+            local: socket || is_loopback(&host),
+            host,
+            ssl_mode,
+        }))
+    }
+
     /// Applies the checked-in migrations for this backend.
     pub async fn migrate(&self) -> Result<()> {
         match &self.db {
@@ -361,9 +418,109 @@ impl Store {
     }
 }
 
+/// How the store reaches PostgreSQL ([`Store::transport`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transport {
+    /// The server reports the connection as encrypted (TLS).
+    pub encrypted: bool,
+    /// The host connected to, or the directory of the Unix socket.
+    pub host: String,
+    /// A Unix socket or a loopback address: nothing crosses a network.
+    pub local: bool,
+    /// The `sslmode` in force.
+    pub ssl_mode: &'static str,
+}
+
+impl Transport {
+    /// Routes, kernel addresses and tokens cross a network unencrypted.
+    pub fn plaintext_over_network(&self) -> bool {
+        !self.encrypted && !self.local
+    }
+}
+
+/// `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// The URL (or `PGSSLROOTCERT`, which sqlx reads too) names a root
+/// certificate to verify the server's against.
+fn names_root_cert(database_url: &str) -> bool {
+    let in_url = database_url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            matches!(key, "sslrootcert" | "ssl-root-cert" | "ssl-ca") && !value.is_empty()
+        })
+    });
+    in_url || std::env::var_os("PGSSLROOTCERT").is_some_and(|v| !v.is_empty())
+}
+
 /// Timestamps as both databases keep them (microseconds), so what a write
 /// answers equals what a later read returns.
 fn db_time(now: DateTime<Utc>) -> DateTime<Utc> {
     use chrono::SubsecRound;
     now.trunc_subsecs(6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plaintext_to_another_host_crosses_a_network() {
+        let t = |host: &str, encrypted: bool| Transport {
+            encrypted,
+            local: is_loopback(host) || host.starts_with('/'),
+            host: host.to_owned(),
+            ssl_mode: "prefer",
+        };
+        assert!(t("db.internal", false).plaintext_over_network());
+        assert!(t("10.0.0.5", false).plaintext_over_network());
+        assert!(!t("db.internal", true).plaintext_over_network());
+        for local in [
+            "localhost",
+            "127.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "[::1]",
+            "/var/run/postgresql",
+        ] {
+            assert!(!t(local, false).plaintext_over_network(), "{local}");
+        }
+    }
+
+    #[tokio::test]
+    async fn require_with_a_root_certificate_verifies_it() {
+        assert!(names_root_cert(
+            "postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem"
+        ));
+        assert!(names_root_cert("postgres://u@h/db?ssl-ca=/ca.pem"));
+        assert!(!names_root_cert(
+            "postgres://u@h/db?sslmode=require&sslrootcert="
+        ));
+        assert!(!names_root_cert("postgres://u@h/db?sslmode=require"));
+        async fn mode(url: &str) -> PgSslMode {
+            let store = Store::connect(url, 1).await.unwrap();
+            let Db::Postgres(pool) = store.db() else {
+                unreachable!()
+            };
+            pool.connect_options().get_ssl_mode()
+        }
+        assert!(matches!(
+            mode("postgres://u@h/db?sslmode=require&sslrootcert=/ca.pem").await,
+            PgSslMode::VerifyCa
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/db?sslmode=require").await,
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem").await,
+            PgSslMode::VerifyFull
+        ));
+    }
 }

@@ -48,13 +48,13 @@ fn fast() -> BusConfig {
 }
 
 /// The bus loops of one coordinator, stopped by [`Loops::stop`].
-struct Loops {
+pub(crate) struct Loops {
     stop: watch::Sender<bool>,
     handle: tokio::task::JoinHandle<()>,
 }
 
 impl Loops {
-    fn start(
+    pub(crate) fn start(
         store: &Store,
         bai: &Arc<BackendAi>,
         metrics: &Arc<Metrics>,
@@ -73,7 +73,7 @@ impl Loops {
         Loops { stop, handle }
     }
 
-    fn of(app: &TestApp, leading: bool) -> Loops {
+    pub(crate) fn of(app: &TestApp, leading: bool) -> Loops {
         Loops::start(
             &app.store,
             app.backendai.as_ref().unwrap(),
@@ -83,7 +83,7 @@ impl Loops {
         )
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.send_replace(true);
         tokio::time::timeout(PATIENCE, self.handle)
             .await
@@ -93,13 +93,13 @@ impl Loops {
 }
 
 /// A unique worker name (authority) for this test.
-fn authority(what: &str) -> String {
+pub(crate) fn authority(what: &str) -> String {
     format!("bus-{what}-{}", &Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// Registers a Backend.AI port-mode worker (as `PUT /api/worker` does);
 /// answers its id.
-async fn bai_worker(app: &TestApp, name: &str, ports: [u16; 2]) -> Uuid {
+pub(crate) async fn bai_worker(app: &TestApp, name: &str, ports: [u16; 2]) -> Uuid {
     let frontend = json!({"frontend_mode": "port", "port_range": ports});
     common::register_backendai_worker(app, name, frontend)
         .await
@@ -107,7 +107,7 @@ async fn bai_worker(app: &TestApp, name: &str, ports: [u16; 2]) -> Uuid {
 }
 
 /// An interactive Backend.AI route pinned to `worker`.
-fn circuit_route(worker: Uuid) -> Value {
+pub(crate) fn circuit_route(worker: Uuid) -> Value {
     json!({
         "session_id": Uuid::new_v4(),
         "service": "jupyter",
@@ -117,13 +117,13 @@ fn circuit_route(worker: Uuid) -> Value {
     })
 }
 
-async fn create(app: &TestApp, body: Value) -> Value {
+pub(crate) async fn create(app: &TestApp, body: Value) -> Value {
     let a = app.create(body).await;
     assert!(a.status.is_success(), "{:?}", a.body);
     a.body
 }
 
-async fn status(app: &TestApp, id: &str) -> String {
+pub(crate) async fn status(app: &TestApp, id: &str) -> String {
     let a = app
         .manager(Method::GET, &format!("/routes/{id}"), None)
         .await;
@@ -132,14 +132,14 @@ async fn status(app: &TestApp, id: &str) -> String {
 
 /// An event heard on the channel: the raw message and its parts.
 #[derive(Debug)]
-struct Heard {
-    raw: String,
-    name: String,
-    payload: Value,
+pub(crate) struct Heard {
+    pub(crate) raw: String,
+    pub(crate) name: String,
+    pub(crate) payload: Value,
 }
 
 impl Heard {
-    fn circuit(&self) -> &Value {
+    pub(crate) fn circuit(&self) -> &Value {
         self.payload
             .get("circuit")
             .unwrap_or(&self.payload["circuits"][0])
@@ -148,15 +148,19 @@ impl Heard {
 
 /// Subscribes to the channel; keeps the coordinator's events for
 /// `authorities`.
-struct Subscriber {
+pub(crate) struct Subscriber {
     rx: mpsc::UnboundedReceiver<Heard>,
 }
 
 impl Subscriber {
     async fn start(authorities: &[&str]) -> Subscriber {
+        Subscriber::on(&redis::Client::open(REDIS_URL).unwrap(), authorities).await
+    }
+
+    /// As [`Subscriber::start`], on the Redis `client` points at.
+    pub(crate) async fn on(client: &redis::Client, authorities: &[&str]) -> Subscriber {
         let names: Vec<String> = authorities.iter().map(|a| a.to_string()).collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = redis::Client::open(REDIS_URL).unwrap();
         let mut pubsub = client.get_async_pubsub().await.unwrap();
         pubsub.subscribe(bus::CHANNEL).await.unwrap();
         tokio::spawn(async move {
@@ -187,7 +191,7 @@ impl Subscriber {
         Subscriber { rx }
     }
 
-    async fn next(&mut self) -> Heard {
+    pub(crate) async fn next(&mut self) -> Heard {
         tokio::time::timeout(PATIENCE, self.rx.recv())
             .await
             .expect("an event within the patience")
@@ -195,7 +199,7 @@ impl Subscriber {
     }
 
     /// The next event, which must be `name` for circuit `id` on `authority`.
-    async fn expect(&mut self, name: &str, authority: &str, id: &str) -> Heard {
+    pub(crate) async fn expect(&mut self, name: &str, authority: &str, id: &str) -> Heard {
         let h = self.next().await;
         assert_eq!(
             (
@@ -214,10 +218,18 @@ impl Subscriber {
 /// for it with an added event carrying the same payload, except the first
 /// `ignore` ones. Answers how many it acknowledged.
 async fn acknowledger(authority: &str, ignore: usize) -> Arc<AtomicUsize> {
+    acknowledger_on(&redis::Client::open(REDIS_URL).unwrap(), authority, ignore).await
+}
+
+/// As [`acknowledger`], on the Redis `client` points at.
+pub(crate) async fn acknowledger_on(
+    client: &redis::Client,
+    authority: &str,
+    ignore: usize,
+) -> Arc<AtomicUsize> {
     let acked = Arc::new(AtomicUsize::new(0));
     let count = acked.clone();
     let name = authority.to_owned();
-    let client = redis::Client::open(REDIS_URL).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(bus::CHANNEL).await.unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -1,7 +1,8 @@
 //! Backend.AI drop-in: the coordinator API that the unmodified Backend.AI
 //! Manager and App Proxy workers call, on both backends, and the event bus
-//! against the real Redis on 127.0.0.1:6379. (The real worker end to end is
-//! `make e2e-backendai`.)
+//! against the real Redis on 127.0.0.1:6379, and over TLS (`rediss://`)
+//! against a Redis server each TLS test starts. (The real worker end to end
+//! is `make e2e-backendai`.)
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -9,4 +10,5 @@ mod common;
 mod bus;
 mod manager;
 mod security;
+mod tls;
 mod workers;

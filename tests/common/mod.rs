@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -17,10 +19,10 @@ use std::time::{Duration, Instant};
 use appproxy_coordinator::api::{self, AppState};
 use appproxy_coordinator::backendai::{self, BackendAi};
 use appproxy_coordinator::clock::Clock;
-use appproxy_coordinator::config::BackendAiSecrets;
 use appproxy_coordinator::health::HealthConfig;
 use appproxy_coordinator::hub::{Hub, HubConfig};
 use appproxy_coordinator::leader::{Elector, Leadership};
+use appproxy_coordinator::secret::BackendAiSecrets;
 use appproxy_coordinator::secret::{Secret, Tokens};
 use appproxy_coordinator::store::{Db, Store};
 use appproxy_coordinator::telemetry::Metrics;
@@ -218,6 +220,7 @@ pub fn backendai_settings() -> backendai::Settings {
         conf_token_ttl: Duration::from_secs(600),
         advertised_url: "http://coordinator.test:10200".into(),
         redis_url: REDIS_URL.into(),
+        redis_tls: backendai::RedisTls::default(),
     }
 }
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";

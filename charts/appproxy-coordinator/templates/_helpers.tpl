@@ -148,6 +148,13 @@ skip schema validation, those it can), in a sentence.
 */}}
 {{- define "appproxy-coordinator.checkBackendai" -}}
 {{- if .Values.backendai.enabled }}
+{{- $redisTls := .Values.backendai.redisTls }}
+{{- if and $redisTls.caSecret $redisTls.caConfigMap }}
+{{- fail "backendai.redisTls: set caSecret or caConfigMap, not both" }}
+{{- end }}
+{{- if and (include "appproxy-coordinator.redisTls" .) .Values.backendai.redisUrl (not (regexMatch "^(rediss|valkeys)://" .Values.backendai.redisUrl)) }}
+{{- fail "backendai.redisTls is for TLS, which needs a rediss:// backendai.redisUrl (the coordinator refuses a CA or client certificate with redis://)" }}
+{{- end }}
 {{- if not (or .Values.backendai.redisUrl .Values.existingSecret) }}
 {{- fail "backendai.enabled needs backendai.redisUrl (redis://host:6379): the Backend.AI workers learn their circuits over Redis; or put it in existingSecret as redis-url" }}
 {{- end }}
@@ -197,4 +204,72 @@ coordinator's own graceful shutdown (the grace period must be strictly larger).
 {{- if le (int .Values.terminationGracePeriodSeconds) (int $need) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be larger than preStopSleepSeconds + config.shutdownTimeoutSeconds (%d), or Kubernetes kills the coordinator before its graceful shutdown ends" (int .Values.terminationGracePeriodSeconds) (int $need)) }}
 {{- end }}
+{{- end }}
+
+{{/*
+TLS to the backing stores: "true" when a CA or a client certificate is
+configured for PostgreSQL (database.tls) or Redis (backendai.redisTls), whose
+files are then mounted (see "appproxy-coordinator.tlsVolume").
+*/}}
+{{- define "appproxy-coordinator.checkDatabaseTls" -}}
+{{- with .Values.database.tls }}
+{{- if and .caSecret .caConfigMap }}
+{{- fail "database.tls: set caSecret or caConfigMap, not both" }}
+{{- end }}
+{{- if and (or .sslMode .caSecret .caConfigMap .clientSecret) (not (include "appproxy-coordinator.postgres" $)) }}
+{{- fail "database.tls is for PostgreSQL: set database.url or existingSecret too (the embedded SQLite database has no connection to encrypt)" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "appproxy-coordinator.databaseTls" -}}
+{{- with .Values.database.tls }}{{ if or .caSecret .caConfigMap .clientSecret }}true{{ end }}{{ end }}
+{{- end }}
+
+{{- define "appproxy-coordinator.redisTls" -}}
+{{- if .Values.backendai.enabled }}{{ with .Values.backendai.redisTls }}{{ if or .caSecret .caConfigMap .clientSecret }}true{{ end }}{{ end }}{{ end }}
+{{- end }}
+
+{{/*
+The sslmode for PostgreSQL: database.tls.sslMode, else verify-full when a CA
+is given (a CA that is not checked would be no protection), else none (the
+URL's, by default prefer).
+*/}}
+{{- define "appproxy-coordinator.sslMode" -}}
+{{- with .Values.database.tls }}{{ if .sslMode }}{{ .sslMode }}{{ else if or .caSecret .caConfigMap }}verify-full{{ end }}{{ end }}
+{{- end }}
+
+{{/*
+A projected volume with a store's TLS files: the CA as ca.crt (from a Secret
+or a ConfigMap), the client certificate as tls.crt and tls.key. Called with
+(dict "name" <volume name> "tls" <the values>).
+*/}}
+{{- define "appproxy-coordinator.tlsVolume" -}}
+- name: {{ .name }}
+  projected:
+    # Readable by the pod's fsGroup (podSecurityContext), not by others.
+    defaultMode: 0440
+    sources:
+      {{- if .tls.caSecret }}
+      - secret:
+          name: {{ .tls.caSecret }}
+          items:
+            - key: {{ .tls.caKey }}
+              path: ca.crt
+      {{- else if .tls.caConfigMap }}
+      - configMap:
+          name: {{ .tls.caConfigMap }}
+          items:
+            - key: {{ .tls.caKey }}
+              path: ca.crt
+      {{- end }}
+      {{- if .tls.clientSecret }}
+      - secret:
+          name: {{ .tls.clientSecret }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- end }}
 {{- end }}

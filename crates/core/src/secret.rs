@@ -69,6 +69,38 @@ pub struct Tokens {
     pub worker: Secret,
 }
 
+/// The two secrets a Backend.AI installation shares with its coordinator.
+#[derive(Clone, Debug)]
+pub struct BackendAiSecrets {
+    /// Authenticates the Manager and the workers.
+    pub api_secret: Secret,
+    /// Signs the tokens workers check on proxied traffic.
+    pub jwt_secret: Secret,
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:<redacted>@host/db`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split(':').next().unwrap_or_default();
+    let masked = if userinfo.contains(':') {
+        format!("{user}:<redacted>")
+    } else {
+        user.to_owned()
+    };
+    let mut out = format!("{scheme}://{masked}@{host}{path}");
+    if let Some(q) = out.find("password=") {
+        let end = out[q..].find('&').map_or(out.len(), |e| q + e);
+        out.replace_range(q..end, "password=<redacted>");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +130,14 @@ mod tests {
         ] {
             assert!(!s.matches(other), "{other:?}");
         }
+    }
+
+    #[test]
+    fn urls_without_passwords_are_left_alone() {
+        assert_eq!(redacted_url("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(
+            redacted_url("postgres://u@h/db?password=s&x=1"),
+            "postgres://u@h/db?password=<redacted>&x=1"
+        );
     }
 }
