@@ -851,6 +851,49 @@ mod tests {
         );
     }
 
+    /// Every `[default: …]` in `--help` says what `Config::default` holds:
+    /// the value itself where there is one, words for a setting that is off
+    /// or derived at start (its field is empty then).
+    #[test]
+    fn help_defaults_are_config_defaults() {
+        use clap::CommandFactory;
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut checked = 0;
+        for arg in Cli::command().get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some(said) = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.rsplit_once(']'))
+                .map(|(said, _)| said)
+            else {
+                continue;
+            };
+            let id = arg.get_id().as_str();
+            let value = defaults
+                .get(id)
+                .unwrap_or_else(|| panic!("--{id} says [default: {said}] but Config has no {id}"));
+            let held = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::Array(a) if a.is_empty() => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            };
+            match held {
+                Some(held) => assert_eq!(
+                    said.trim_start_matches("./"),
+                    held,
+                    "--{id}: the help says {said:?}, Config::default holds {held:?}"
+                ),
+                None => assert!(
+                    !said.chars().next().is_some_and(|c| c.is_ascii_digit()),
+                    "--{id} names a value ({said}) but Config::default holds none"
+                ),
+            }
+            checked += 1;
+        }
+        assert!(checked >= 25, "only {checked} defaults found in --help");
+    }
+
     #[test]
     fn token_flags_on_the_command_line_are_found() {
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::clock::Clock;
 use crate::domain::Revision;
 use crate::domain::events::{Audience, Bookmark, Change, Snapshot, StreamEvent};
-use crate::leader::Context;
+use crate::leader::{Context, stopped};
 use crate::store::{Db, NOTIFY_CHANNEL, Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -284,13 +284,12 @@ impl Hub {
     /// Opens a stream of the events `audience` should see: the changes after
     /// `since` when that revision is still in the log, else a snapshot first.
     /// The opening (snapshot or catch-up) is read before this returns, so a
-    /// change committed after it is an event on the stream; `Err` when the
-    /// database cannot be read.
+    /// change committed after it is an event on the stream.
     pub async fn open(
         &self,
         audience: Audience,
         since: Option<Revision>,
-    ) -> Result<impl Stream<Item = StreamEvent> + Send + 'static, ()> {
+    ) -> Result<impl Stream<Item = StreamEvent> + Send + 'static, StreamError> {
         let (_, events) = self.follow(audience, since, false).await?;
         Ok(events)
     }
@@ -307,7 +306,7 @@ impl Hub {
             Option<SnapshotJson>,
             impl Stream<Item = StreamEvent> + Send + 'static,
         ),
-        (),
+        StreamError,
     > {
         self.follow(audience, since, true).await
     }
@@ -322,7 +321,7 @@ impl Hub {
             Option<SnapshotJson>,
             impl Stream<Item = StreamEvent> + Send + 'static,
         ),
-        (),
+        StreamError,
     > {
         let inner = self.inner.clone();
         // Subscribed before the opening is read: nothing after it is missed.
@@ -368,7 +367,10 @@ impl Hub {
                         inner.metrics.stream_resyncs.inc();
                         match resync(&inner, audience, cursor, &mut events).await {
                             Ok(c) => cursor = c,
-                            Err(()) => return,
+                            Err(e) => {
+                                e.log();
+                                return;
+                            }
                         }
                         for e in events.drain(..) { inner.metrics.sent(&e, None); last_sent = e.revision(); yield e; }
                     }
@@ -424,6 +426,25 @@ impl Hub {
     }
 }
 
+/// Why a stream cannot open, or ends early.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The change log cannot be read.
+    #[error("cannot read the change log: {0}")]
+    Store(#[from] StoreError),
+    /// The stream's worker was removed: nothing more is its.
+    #[error("the worker was removed")]
+    WorkerRemoved,
+}
+
+impl StreamError {
+    fn log(&self) {
+        if let StreamError::Store(e) = self {
+            tracing::warn!(error = %e, "watch stream ends: cannot read the change log");
+        }
+    }
+}
+
 /// A snapshot sent as JSON straight from the database: the `snapshot`
 /// event's revision, and its routes' JSON separated by commas, in chunks
 /// ([`Store::snapshot_json`]). An `Err` chunk means the read failed midway:
@@ -459,11 +480,6 @@ fn take(
     false
 }
 
-/// Resolves once shutdown has been requested.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
 /// Runs `f` when dropped (the stream ends or its client goes away).
 fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
@@ -485,7 +501,7 @@ async fn start(
     since: Option<Revision>,
     out: &mut Vec<StreamEvent>,
     streamed: Option<&mut Option<SnapshotJson>>,
-) -> Result<Revision, ()> {
+) -> Result<Revision, StreamError> {
     if let Some(since) = since {
         match inner.store.log_horizon().await {
             Ok((compacted, head)) if since >= compacted && since <= head => {
@@ -497,10 +513,7 @@ async fn start(
                 head,
                 "stream resumes outside the retained log; sending a snapshot"
             ),
-            Err(e) => {
-                log_stream_error(&e);
-                return Err(());
-            }
+            Err(e) => return Err(e.into()),
         }
     }
     match streamed {
@@ -509,11 +522,7 @@ async fn start(
                 Audience::Worker(w) => Some(w),
                 Audience::Manager => None,
             };
-            let (revision, routes) = inner
-                .store
-                .snapshot_json(worker)
-                .await
-                .map_err(|e| log_stream_error(&e))?;
+            let (revision, routes) = inner.store.snapshot_json(worker).await?;
             *slot = Some(SnapshotJson { revision, routes });
             Ok(revision)
         }
@@ -525,16 +534,12 @@ async fn snapshot(
     inner: &Inner,
     audience: Audience,
     out: &mut Vec<StreamEvent>,
-) -> Result<Revision, ()> {
+) -> Result<Revision, StreamError> {
     let worker = match audience {
         Audience::Worker(w) => Some(w),
         Audience::Manager => None,
     };
-    let (revision, routes) = inner
-        .store
-        .snapshot(worker)
-        .await
-        .map_err(|e| log_stream_error(&e))?;
+    let (revision, routes) = inner.store.snapshot(worker).await?;
     out.push(StreamEvent::Snapshot(Snapshot { revision, routes }));
     Ok(revision)
 }
@@ -546,23 +551,19 @@ async fn resync(
     audience: Audience,
     cursor: Revision,
     out: &mut Vec<StreamEvent>,
-) -> Result<Revision, ()> {
+) -> Result<Revision, StreamError> {
     let worker = match audience {
         Audience::Worker(w) => Some(w),
         Audience::Manager => None,
     };
     let store = &inner.store;
-    let (_, head) = store
-        .log_horizon()
-        .await
-        .map_err(|e| log_stream_error(&e))?;
+    let (_, head) = store.log_horizon().await?;
     let mut next = cursor;
     let mut changes = Vec::new();
     loop {
         let page = store
             .changes_after(next, worker, inner.config.batch_size)
-            .await
-            .map_err(|e| log_stream_error(&e))?;
+            .await?;
         let full = page.len() == inner.config.batch_size as usize;
         if let Some(last) = page.last() {
             next = last.revision;
@@ -574,10 +575,7 @@ async fn resync(
     }
     // Rows read above are complete only if nothing after `cursor` was
     // compacted while we read; otherwise start over from a snapshot.
-    let (compacted, _) = store
-        .log_horizon()
-        .await
-        .map_err(|e| log_stream_error(&e))?;
+    let (compacted, _) = store.log_horizon().await?;
     if compacted > cursor {
         return snapshot(inner, audience, out).await;
     }
@@ -590,13 +588,9 @@ async fn resync(
         out.extend(audience.event(change));
     }
     if ended {
-        return Err(());
+        return Err(StreamError::WorkerRemoved);
     }
     Ok(head.max(next))
-}
-
-fn log_stream_error(e: &StoreError) {
-    tracing::warn!(error = %e, "watch stream ends: cannot read the change log");
 }
 
 /// Reads new change-log rows and hands them to the streams, until shutdown.

@@ -244,10 +244,15 @@ pub struct Context {
 /// (lost, or given up for a shutdown).
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
 impl Context {
     /// Resolves once the process shuts down.
     pub async fn stopped(&self) {
-        let _ = self.shutdown.clone().wait_for(|s| *s).await;
+        stopped(&mut self.shutdown.clone()).await;
     }
 
     /// Whether leadership ends for a shutdown (work may finish what it

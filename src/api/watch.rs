@@ -16,7 +16,7 @@ use super::auth::{ManagerOnly, WorkerSelf};
 use super::{ApiError, ApiQuery, AppState};
 use crate::domain::Revision;
 use crate::domain::events::{Audience, StreamEvent};
-use crate::hub::SnapshotJson;
+use crate::hub::{SnapshotJson, StreamError};
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -106,7 +106,7 @@ pub async fn worker(
         .hub
         .open_streamed(Audience::Worker(id), since)
         .await
-        .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
+        .map_err(stream_error)?;
     Ok(sse_after(snapshot, events, state.keep_alive))
 }
 
@@ -122,6 +122,18 @@ pub async fn routes(
         .hub
         .open_streamed(Audience::Manager, since)
         .await
-        .map_err(|()| ApiError::unavailable("cannot read the change log; retry shortly"))?;
+        .map_err(stream_error)?;
     Ok(sse_after(snapshot, events, state.keep_alive))
+}
+
+/// A stream that cannot open: 503 while the log cannot be read, 404 when its
+/// worker was removed meanwhile.
+fn stream_error(e: StreamError) -> ApiError {
+    match e {
+        StreamError::Store(e) => {
+            tracing::warn!(error = %e, "cannot open a watch stream");
+            ApiError::unavailable("cannot read the change log; retry shortly")
+        }
+        StreamError::WorkerRemoved => ApiError::not_found("the worker was removed"),
+    }
 }

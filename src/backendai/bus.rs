@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use super::BackendAi;
-use crate::leader::Context;
+use crate::leader::{Context, stopped};
 use crate::store::BusCircuit;
 
 /// The pub/sub channel of every circuit event, both ways.
@@ -278,11 +278,6 @@ pub fn spawn(
     tokio::spawn(async move {
         let _ = tokio::join!(listener, publisher, idle);
     })
-}
-
-/// Resolves once `shutdown` is true.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// Reconnection backoff of one loop, logging a lasting outage once.

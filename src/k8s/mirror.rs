@@ -159,11 +159,7 @@ pub async fn run(
     let mut writes: futures::stream::FuturesUnordered<Write> =
         futures::stream::FuturesUnordered::new();
     m.refresh_workers().await?;
-    let mut routes = hub
-        .open(Audience::Manager, None)
-        .await
-        .map_err(|()| anyhow::anyhow!("cannot read the change log"))?
-        .boxed();
+    let mut routes = hub.open(Audience::Manager, None).await?.boxed();
     let mut crs = watcher(api, watcher::Config::default().labels(&managed_selector()))
         .default_backoff()
         .boxed();

@@ -161,7 +161,6 @@ pub async fn worker_of(conn: &mut Conn<'_>, route: &StoredRoute) -> Result<Optio
 }
 
 /// The frontends taken on one worker.
-#[allow(dead_code)] // for callers that need one worker's; placement reads several at once
 pub async fn used(conn: &mut Conn<'_>, worker_id: Uuid) -> Result<Used> {
     Ok(used_of(conn, &[worker_id])
         .await?

@@ -14,7 +14,7 @@ use tokio::sync::MutexGuard;
 use uuid::Uuid;
 
 use super::sql::{self, Arg, Conn, Tx};
-use super::{Db, Result, Store};
+use super::{Db, NOTIFY_CHANNEL, Result, Store};
 use crate::domain::Revision;
 use crate::domain::events::ChangeKind;
 
@@ -145,14 +145,18 @@ impl WriteTx<'_> {
             rows = rest;
         }
         if self.last > self.head {
-            let save = match self.store.db {
-                Db::Postgres(_) => {
+            let (save, args): (&str, &[Arg]) = match self.store.db {
+                Db::Postgres(_) => (
                     "WITH saved AS (UPDATE coordinator_state SET revision = $1::bigint WHERE id = 1) \
-                     SELECT pg_notify('appproxy_changes', $1::bigint::text)"
-                }
-                Db::Sqlite(_) => "UPDATE coordinator_state SET revision = $1 WHERE id = 1",
+                     SELECT pg_notify($2, $1::bigint::text)",
+                    &[self.last.into(), NOTIFY_CHANNEL.into()],
+                ),
+                Db::Sqlite(_) => (
+                    "UPDATE coordinator_state SET revision = $1 WHERE id = 1",
+                    &[self.last.into()],
+                ),
             };
-            self.tx.conn().execute(save, &[self.last.into()]).await?;
+            self.tx.conn().execute(save, args).await?;
         }
         self.tx.commit().await?;
         self.store.published(self.last);
