@@ -191,39 +191,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         hub,
         config.shutdown_timeout,
     ));
-    let served = {
-        let listening = handle.clone();
-        let backend = store.backend();
-        tokio::spawn(async move {
-            if let Some(addr) = listening.listening().await {
-                announce(addr, backend);
-            }
-        });
-        // Peer addresses: `POST /v2/conf` admits allowed networks without a token.
-        // TCP_NODELAY: a stream's events are small writes; without it the
-        // last of a burst waits for the client's delayed ACK (~40 ms).
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => {
-                let tls = RustlsConfig::from_pem_file(cert, key)
-                    .await
-                    .context("cannot load the TLS certificate and key")?;
-                let tls = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());
-                axum_server::bind(config.bind)
-                    .acceptor(tls)
-                    .handle(handle)
-                    .serve(service)
-                    .await
-            }
-            _ => {
-                axum_server::bind(config.bind)
-                    .acceptor(NoDelayAcceptor::new())
-                    .handle(handle)
-                    .serve(service)
-                    .await
-            }
-        }
-    };
+    let served = listen(&config, app, handle, store.backend()).await;
     served.with_context(|| format!("cannot serve on {}", config.bind))?;
     if let Some(k8s) = kubernetes {
         k8s_stop.send_replace(true);
@@ -232,6 +200,47 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `app` on the configured address (HTTPS with the configured
+/// certificate) until `handle` shuts it down; logs the address once bound.
+async fn listen(
+    config: &Config,
+    app: axum::Router,
+    handle: Handle,
+    backend: &'static str,
+) -> std::io::Result<()> {
+    let listening = handle.clone();
+    tokio::spawn(async move {
+        if let Some(addr) = listening.listening().await {
+            announce(addr, backend);
+        }
+    });
+    // Peer addresses: `POST /v2/conf` admits allowed networks without a
+    // token, and failed authentications are counted per address.
+    // TCP_NODELAY: a stream's events are small writes; without it the last
+    // of a burst waits for the client's delayed ACK (~40 ms).
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+                std::io::Error::other(format!("cannot load the TLS certificate and key: {e}"))
+            })?;
+            let tls = RustlsAcceptor::new(tls).acceptor(NoDelayAcceptor::new());
+            axum_server::bind(config.bind)
+                .acceptor(tls)
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+        _ => {
+            axum_server::bind(config.bind)
+                .acceptor(NoDelayAcceptor::new())
+                .handle(handle)
+                .serve(service)
+                .await
+        }
+    }
 }
 
 /// Backend.AI mode's settings, when it is on (`secrets` resolved by

@@ -259,141 +259,84 @@ pub struct Metrics {
 impl Metrics {
     /// The coordinator's metrics, with those `store` keeps itself.
     pub fn new(store: &Store) -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("appproxy");
-        registry.register(
-            "create_batch_size",
-            "Route creates committed together in one transaction by the create writer",
-            store.create_batch_sizes(),
-        );
-        registry.register(
-            "worker_token_reads",
-            "Per-worker token hashes read from the database (the rest come from a short-lived cache)",
-            store.token_reads(),
-        );
-        let http_requests = Family::<HttpLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, by method, route template and status",
-            http_requests.clone(),
-        );
-        let http_latency = Family::<HttpLatencyLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
-        });
-        registry.register(
-            "http_request_duration_seconds",
-            "Time to answer HTTP requests (to the first byte of streams)",
-            http_latency.clone(),
-        );
-        let routes = Family::<StatusLabels, Gauge>::default();
-        registry.register("routes", "Routes by status", routes.clone());
-        let workers = Family::<StatusLabels, Gauge>::default();
-        registry.register("workers", "Workers by status", workers.clone());
-        let open_streams = Gauge::default();
-        registry.register(
-            "open_streams",
-            "Watch streams currently open (workers and managers)",
-            open_streams.clone(),
-        );
-        let stream_resyncs = Counter::default();
-        registry.register(
-            "stream_resyncs",
-            "Times a watch stream re-read the change log because it fell behind \
-             (its queue of batches filled up, or the log was compacted under the hub)",
-            stream_resyncs.clone(),
-        );
-        let events_sent = Family::<EventLabels, Counter>::default();
-        registry.register(
-            "stream_events_sent",
-            "Events sent on watch streams, by event",
-            events_sent.clone(),
-        );
-        let fanout_latency = Histogram::new([
-            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
-        ]);
-        registry.register(
-            "fanout_latency_seconds",
-            "From a change's transaction to its event leaving on a stream",
-            fanout_latency.clone(),
-        );
-        let ack_lag = Family::<WorkerLabels, Gauge>::default();
-        registry.register(
-            "worker_ack_lag_revisions",
-            "Current revision minus the revision a worker last acknowledged",
-            ack_lag.clone(),
-        );
-        let failovers = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "failover_routes",
-            "Routes moved off lost or removed workers (moved), left pending, placed from pending, \
-             or kept on a lost worker because a move would change a Backend.AI URL (stranded)",
-            failovers.clone(),
-        );
-        let failover_seconds =
-            Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0]);
-        registry.register(
-            "failover_seconds",
-            "From a lost worker's last heartbeat to its route being placed elsewhere",
-            failover_seconds.clone(),
-        );
-        let expired = Counter::default();
-        registry.register(
-            "expired_routes",
-            "Routes collected after expires_at",
-            expired.clone(),
-        );
-        let stranded = Gauge::default();
-        registry.register(
-            "stranded_routes",
-            "Backend.AI circuits staying on their lost worker because a move would change their URL",
-            stranded.clone(),
-        );
-        let backendai_events = Family::<EventLabels, Counter>::default();
-        registry.register(
-            "backendai_bus_events",
-            "Events published on the Backend.AI event bus (Redis), by event",
-            backendai_events.clone(),
-        );
-        let backendai_republished = Counter::default();
-        registry.register(
-            "backendai_bus_republished",
-            "Backend.AI created events published again because no worker acknowledged them in time",
-            backendai_republished.clone(),
-        );
-        let backendai_idle_collected = Counter::default();
-        registry.register(
-            "backendai_idle_collected",
-            "Interactive Backend.AI circuits deleted after going unused for the idle timeout",
-            backendai_idle_collected.clone(),
-        );
-        let auth_failures = Family::<AuthFailureLabels, Counter>::default();
-        registry.register(
-            "auth_failures",
-            "Requests whose credentials were refused (outcome=refused, 401) and requests refused \
-             because their address failed too often (outcome=limited, 429), by API",
-            auth_failures.clone(),
-        );
-        Arc::new(Metrics {
-            auth_failures,
-            stranded,
-            backendai_events,
-            backendai_republished,
-            backendai_idle_collected,
-            failovers,
-            failover_seconds,
-            expired,
-            registry,
-            http_requests,
-            http_latency,
-            routes,
-            workers,
-            open_streams,
-            stream_resyncs,
-            events_sent,
-            fanout_latency,
-            ack_lag,
-        })
+        let metrics = Metrics {
+            registry: Registry::with_prefix("appproxy"),
+            http_requests: Family::default(),
+            http_latency: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ])
+            }),
+            routes: Family::default(),
+            workers: Family::default(),
+            open_streams: Gauge::default(),
+            stream_resyncs: Counter::default(),
+            events_sent: Family::default(),
+            fanout_latency: Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+            ]),
+            ack_lag: Family::default(),
+            failovers: Family::default(),
+            failover_seconds: Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
+            ]),
+            expired: Counter::default(),
+            stranded: Gauge::default(),
+            backendai_events: Family::default(),
+            backendai_republished: Counter::default(),
+            backendai_idle_collected: Counter::default(),
+            auth_failures: Family::default(),
+        };
+        Arc::new(metrics.registered(store))
+    }
+
+    /// Registers every metric (and the store's own) with its name and help.
+    fn registered(mut self, store: &Store) -> Metrics {
+        /// `registry.register(name, help, metric.clone())` for each line.
+        macro_rules! register {
+            ($registry:expr; $($name:literal, $help:expr => $metric:expr;)*) => {
+                $( $registry.register($name, $help, $metric.clone()); )*
+            };
+        }
+        register! { self.registry;
+            "create_batch_size", "Route creates committed together in one transaction by the create writer"
+                => store.create_batch_sizes();
+            "worker_token_reads", "Per-worker token hashes read from the database (the rest come \
+                from a short-lived cache)" => store.token_reads();
+            "http_requests", "HTTP requests answered, by method, route template and status"
+                => self.http_requests;
+            "http_request_duration_seconds", "Time to answer HTTP requests (to the first byte of \
+                streams)" => self.http_latency;
+            "routes", "Routes by status" => self.routes;
+            "workers", "Workers by status" => self.workers;
+            "open_streams", "Watch streams currently open (workers and managers)" => self.open_streams;
+            "stream_resyncs", "Times a watch stream re-read the change log because it fell behind \
+                (its queue of batches filled up, or the log was compacted under the hub)"
+                => self.stream_resyncs;
+            "stream_events_sent", "Events sent on watch streams, by event" => self.events_sent;
+            "fanout_latency_seconds", "From a change's transaction to its event leaving on a stream"
+                => self.fanout_latency;
+            "worker_ack_lag_revisions", "Current revision minus the revision a worker last \
+                acknowledged" => self.ack_lag;
+            "failover_routes", "Routes moved off lost or removed workers (moved), left pending, \
+                placed from pending, or kept on a lost worker because a move would change a \
+                Backend.AI URL (stranded)" => self.failovers;
+            "failover_seconds", "From a lost worker's last heartbeat to its route being placed \
+                elsewhere" => self.failover_seconds;
+            "expired_routes", "Routes collected after expires_at" => self.expired;
+            "stranded_routes", "Backend.AI circuits staying on their lost worker because a move \
+                would change their URL" => self.stranded;
+            "backendai_bus_events", "Events published on the Backend.AI event bus (Redis), by event"
+                => self.backendai_events;
+            "backendai_bus_republished", "Backend.AI created events published again because no \
+                worker acknowledged them in time" => self.backendai_republished;
+            "backendai_idle_collected", "Interactive Backend.AI circuits deleted after going unused \
+                for the idle timeout" => self.backendai_idle_collected;
+            "auth_failures", "Requests whose credentials were refused (outcome=refused, 401) and \
+                requests refused because their address failed too often (outcome=limited, 429), by \
+                API" => self.auth_failures;
+        }
+        self
     }
 
     /// Sets the by-status gauges from a fresh count.

@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::placer_cache::Lease;
 use super::rows::{self, route_columns, worker_select};
 use super::sql::{Arg, Conn};
 use super::{Moved, Removal, Result, Store, StoreError, StrandedRoute, db_time, sql};
 use crate::domain::events::ChangeKind;
 use crate::domain::failover::{self, Fallback, relocation_spec};
-use crate::domain::{Worker, WorkerStatus};
+use crate::domain::{Assignment, PlacementError, RouteSpec, StoredRoute, Worker, WorkerStatus};
 
 impl Store {
     /// Removes a worker: marks it `Draining` (it takes no new routes), moves its
@@ -116,45 +117,12 @@ impl Store {
         let mut updated = Vec::with_capacity(routes.len());
         for mut r in routes {
             let relocation = failover::relocation(&r, &from_worker, lease.placer.workers());
-            let mut kept = None;
-            for pinned in &relocation.same_url {
-                let to = pinned.worker_id.expect("pinned to a worker");
-                if lease.placer.used(to).is_none() {
-                    let used = rows::used(&mut tx.conn(), to).await?;
-                    lease.placer.know_used(to, used);
-                }
-                if !lease
-                    .placer
-                    .used(to)
-                    .is_some_and(|used| failover::frontend_free(pinned, used))
-                {
-                    continue;
-                }
-                if let Ok(placed) = rows::place(&mut tx.conn(), &mut lease.placer, pinned).await? {
-                    lease.touched.push(placed.0.id);
-                    if failover::is_exact(pinned, &placed.1) {
-                        kept = Some(placed);
-                        break;
-                    }
-                }
-            }
+            let kept = keep_url(&mut tx.conn(), &mut lease, &relocation.same_url).await?;
             let spec = match (kept.is_some(), relocation.otherwise) {
                 (true, _) => None,
                 (false, Fallback::Replace(spec)) => Some(*spec),
                 (false, Fallback::Stay(why)) => {
-                    tx.conn()
-                        .execute(
-                            "UPDATE routes SET stranded_reason = $2 WHERE id = $1",
-                            &[r.id.into(), why.message.as_str().into()],
-                        )
-                        .await?;
-                    moved.push(Moved {
-                        route_id: r.id,
-                        from: Some(from),
-                        to: None,
-                        reason: Some(why.message),
-                        stranded: true,
-                    });
+                    moved.push(strand(&mut tx.conn(), r.id, from, why.message).await?);
                     continue;
                 }
             };
@@ -166,23 +134,10 @@ impl Store {
                 (None, Some(spec)) => rows::place(&mut tx.conn(), &mut lease.placer, &spec).await?,
                 (None, None) => unreachable!("a route is kept, re-placed or stays"),
             };
-            let target = match placed {
-                Ok((worker, assignment)) => {
-                    lease.touched.push(worker.id);
-                    r.worker_id = Some(worker.id);
-                    r.port = assignment.port();
-                    r.subdomain = assignment.subdomain().map(str::to_owned);
-                    r.pending_reason = None;
-                    Some(worker)
-                }
-                Err(e) => {
-                    r.worker_id = None;
-                    r.port = None;
-                    r.subdomain = None;
-                    r.pending_reason = Some(e.to_string());
-                    None
-                }
-            };
+            let target = seat(&mut r, placed);
+            if let Some(worker) = &target {
+                lease.touched.push(worker.id);
+            }
             moved.push(Moved {
                 route_id: r.id,
                 from: Some(from),
@@ -370,4 +325,76 @@ pub(super) async fn clear_stranded(conn: &mut Conn<'_>, worker: Uuid) -> Result<
     )
     .await?;
     Ok(())
+}
+
+/// The first of `same_url` (each pinned to a worker that would serve the
+/// route at the URL it has) whose exact frontend is free and placed there;
+/// `None` when none is.
+async fn keep_url(
+    conn: &mut Conn<'_>,
+    lease: &mut Lease<'_>,
+    same_url: &[RouteSpec],
+) -> Result<Option<(Worker, Assignment)>> {
+    for pinned in same_url {
+        let to = pinned.worker_id.expect("pinned to a worker");
+        if lease.placer.used(to).is_none() {
+            let used = rows::used(conn, to).await?;
+            lease.placer.know_used(to, used);
+        }
+        if !lease
+            .placer
+            .used(to)
+            .is_some_and(|used| failover::frontend_free(pinned, used))
+        {
+            continue;
+        }
+        if let Ok(placed) = rows::place(conn, &mut lease.placer, pinned).await? {
+            lease.touched.push(placed.0.id);
+            if failover::is_exact(pinned, &placed.1) {
+                return Ok(Some(placed));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Marks route `id` stranded on its lost worker `from`, for `why`: it stays,
+/// with no revision and no event, and is not selected again while marked.
+async fn strand(conn: &mut Conn<'_>, id: Uuid, from: Uuid, why: String) -> Result<Moved> {
+    conn.execute(
+        "UPDATE routes SET stranded_reason = $2 WHERE id = $1",
+        &[id.into(), why.as_str().into()],
+    )
+    .await?;
+    Ok(Moved {
+        route_id: id,
+        from: Some(from),
+        to: None,
+        reason: Some(why),
+        stranded: true,
+    })
+}
+
+/// Seats `route` where placement put it, or makes it `Pending` with why not;
+/// answers its new worker.
+fn seat(
+    route: &mut StoredRoute,
+    placed: std::result::Result<(Worker, Assignment), PlacementError>,
+) -> Option<Worker> {
+    match placed {
+        Ok((worker, assignment)) => {
+            route.worker_id = Some(worker.id);
+            route.port = assignment.port();
+            route.subdomain = assignment.subdomain().map(str::to_owned);
+            route.pending_reason = None;
+            Some(worker)
+        }
+        Err(e) => {
+            route.worker_id = None;
+            route.port = None;
+            route.subdomain = None;
+            route.pending_reason = Some(e.to_string());
+            None
+        }
+    }
 }

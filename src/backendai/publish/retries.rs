@@ -1,0 +1,136 @@
+//! Created events waiting for their acknowledgement: when each is
+//! published again, and what an acknowledgement moves forward (the route's
+//! worker's acknowledged revision, which makes the route `Active`).
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Failure, Publisher};
+use crate::backendai::bus::{Ack, Event};
+use crate::domain::{Revision, WorkerStatus};
+
+/// A created event waiting for its acknowledgement.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Retry {
+    due: DateTime<Utc>,
+    /// Re-publishes so far.
+    attempts: u32,
+}
+
+impl Publisher<'_> {
+    pub(super) fn wait_for_ack(&mut self, route: Uuid) {
+        let due = self.clock.now() + self.ack_timeout();
+        self.retries.insert(route, Retry { due, attempts: 0 });
+    }
+    pub(super) fn ack_timeout(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.backendai.settings.ack_timeout).unwrap_or_default()
+    }
+    /// Publishes again the created events whose acknowledgement is overdue.
+    pub(super) async fn republish_due(&mut self) -> Result<(), Failure> {
+        let now = self.clock.now();
+        let mut due: Vec<Uuid> = self
+            .retries
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        due.sort();
+        self.refresh_workers().await?;
+        for id in due {
+            let Some(c) = self.circuits.get(&id).filter(|c| !c.acked).cloned() else {
+                self.retries.remove(&id);
+                continue;
+            };
+            let retry = self.retries[&id];
+            let backoff = self.backoff(retry.attempts + 1);
+            // A lost worker hears nothing; try again once it may be back.
+            let lost = self
+                .workers
+                .get(&c.worker_id)
+                .is_none_or(|w| w.status == WorkerStatus::Lost);
+            if !lost {
+                self.send(&Event::created(&c.authority, &c.circuit)).await?;
+                self.metrics.backendai_republished.inc();
+                if retry.attempts == 0 {
+                    tracing::warn!(circuit = %id, worker = %c.authority, "Backend.AI bus: no acknowledgement of a created event; publishing it again until there is one");
+                } else {
+                    tracing::debug!(circuit = %id, worker = %c.authority, attempts = retry.attempts + 1, "Backend.AI bus: created event published again");
+                }
+            }
+            self.retries.insert(
+                id,
+                Retry {
+                    due: now + backoff,
+                    attempts: if lost {
+                        retry.attempts
+                    } else {
+                        retry.attempts + 1
+                    },
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The wait after the `attempt`-th re-publish: the ack timeout, doubled
+    /// each time, at most [`BusConfig::max_backoff`].
+    pub(super) fn backoff(&self, attempt: u32) -> chrono::Duration {
+        let timeout = self.backendai.settings.ack_timeout;
+        let wait = timeout
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.config.max_backoff.max(timeout));
+        chrono::Duration::from_std(wait).unwrap_or_default()
+    }
+
+    /// Records acknowledgements (the circuit as published, on its worker).
+    pub(super) async fn acknowledged(&mut self, acks: Vec<Ack>) -> Result<(), Failure> {
+        let mut any = false;
+        for ack in acks {
+            let Some(id) = ack.id() else { continue };
+            let Some(c) = self.circuits.get_mut(&id) else {
+                continue;
+            };
+            if c.acked || !ack.matches(c) {
+                continue;
+            }
+            self.store.bus_acked(id, c.worker_id).await?;
+            c.acked = true;
+            self.retries.remove(&id);
+            any = true;
+        }
+        if any {
+            self.advance_acked().await?;
+        }
+        Ok(())
+    }
+
+    /// Moves each Backend.AI worker's acknowledged revision to just before
+    /// its oldest unacknowledged created event, or to the position.
+    pub(super) async fn advance_acked(&mut self) -> Result<(), Failure> {
+        let mut oldest: HashMap<Uuid, Revision> = HashMap::new();
+        for c in self.circuits.values().filter(|c| !c.acked) {
+            let o = oldest.entry(c.worker_id).or_insert(c.revision);
+            *o = (*o).min(c.revision);
+        }
+        let workers: Vec<(Uuid, Revision)> = self
+            .workers
+            .values()
+            .filter(|w| w.backendai.is_some())
+            .map(|w| (w.id, w.acked_revision))
+            .collect();
+        for (id, stored) in workers {
+            let target = oldest.get(&id).map_or(self.position, |r| r - 1);
+            let last = self.acked.get(&id).copied().unwrap_or(stored);
+            if target > last {
+                self.store.advance_acked_revision(id, target).await?;
+                self.acked.insert(id, target);
+            }
+        }
+        Ok(())
+    }
+}
