@@ -238,7 +238,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 async fn a_silent_worker_s_routes_move_once_timeout_and_grace_have_passed(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let a = SimWorker::start(&app, "a", [20000, 20100]).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
     let mut ids = HashSet::new();
@@ -347,7 +347,7 @@ fn seed() -> u64 {
 async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
     let seed = seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let mut workers = Vec::new();
     for (i, name) in ["w0", "w1", "w2"].iter().enumerate() {
         let base = 20000 + 100 * i as u16;
@@ -437,7 +437,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
 }
 
 async fn routes_that_fit_nowhere_wait_as_pending_until_capacity_appears(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let small = SimWorker::start(&app, "small", [20000, 20001]).await;
     let ids = [
         create_on(&app, small.id()).await,
@@ -478,7 +478,7 @@ async fn routes_that_fit_nowhere_wait_as_pending_until_capacity_appears(b: Backe
 }
 
 async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let a = SimWorker::start(&app, "a", [20000, 20100]).await;
     let keeper = create_on(&app, a.id()).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
@@ -511,7 +511,7 @@ async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
 }
 
 async fn expired_routes_are_collected_as_deletes(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let w = SimWorker::start(&app, "w", [20000, 20100]).await;
     let lifetime = Duration::from_millis(800);
     let mut body = route(Uuid::new_v4(), "jupyter");
@@ -624,14 +624,13 @@ async fn a_leader_that_dies_without_releasing_is_replaced() {
 
 async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
     let idle_ttl = Duration::from_millis(800);
-    let app = TestApp::start_with_health(
-        b,
-        HealthConfig {
+    let app = TestApp::builder(b)
+        .health(HealthConfig {
             route_idle_ttl: Some(idle_ttl),
             ..health()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let w = SimWorker::start(&app, "w", [20000, 20100]).await;
     let forgotten = create_on(&app, w.id()).await;
     let kept_id = Uuid::now_v7();
@@ -858,7 +857,7 @@ async fn metrics_text(app: &TestApp) -> String {
 async fn a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_when_it_returns(
     b: Backend,
 ) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let bai = BaiWorker::start(
         &app,
         "bai-a",
@@ -954,7 +953,7 @@ async fn a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_whe
 }
 
 async fn a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_stays(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let wildcard = |domain: &str| {
         json!({"frontend_mode": "wildcard", "wildcard_domain": format!(".{domain}"),
                "wildcard_traffic_port": 80})
@@ -1142,7 +1141,7 @@ async fn failover_moves_a_circuit_exactly_where_the_managers_url_stays(b: Backen
     for (i, ((from_host, from_tls, from_front), (to_host, to_tls, to_front))) in
         cases.into_iter().enumerate()
     {
-        let app = TestApp::start_with_health(b, health()).await;
+        let app = TestApp::builder(b).health(health()).start().await;
         let wildcard = from_front["frontend_mode"] == "wildcard";
         let lost = BaiWorker::start_tls(&app, "bai-lost", from_host, from_tls, from_front).await;
         let other = BaiWorker::start_tls(&app, "bai-other", to_host, to_tls, to_front).await;

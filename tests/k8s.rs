@@ -88,7 +88,7 @@ async fn env() -> Env {
 
 /// The app on `clock`, and an API server.
 async fn env_on(clock: Clock) -> Env {
-    let app = TestApp::start_with_clock(Backend::Sqlite, clock).await;
+    let app = TestApp::builder(Backend::Sqlite).clock(clock).start().await;
     let api = FakeApiServer::start().await;
     let client = api.client();
     Env { app, api, client }

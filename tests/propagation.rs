@@ -586,8 +586,7 @@ async fn a_restarted_coordinator_resumes_the_agent_without_a_gap(b: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_postgres() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let url = db.url.clone();
+    let db = std::sync::Arc::new(TestDb::new(Backend::Postgres).await);
     let slow_poll = appproxy_coordinator::hub::HubConfig {
         // Long enough that only NOTIFY can explain a prompt delivery.
         poll_interval: Duration::from_secs(60),
@@ -595,17 +594,19 @@ async fn two_replicas_share_one_postgres() {
         ..Default::default()
     };
     let store_a = db.store().await;
-    let replica_a = TestApp::serve_with(db, store_a, 64 * 1024, slow_poll.clone()).await;
-    let store_b = appproxy_coordinator::store::Store::connect(&url, 4)
+    let replica_a = TestApp::builder(Backend::Postgres)
+        .db(db.clone(), store_a)
+        .hub(slow_poll.clone())
+        .start()
+        .await;
+    let store_b = appproxy_coordinator::store::Store::connect(&db.url, 4)
         .await
         .unwrap();
-    let replica_b = TestApp::serve_with(
-        TestDb::new(Backend::Sqlite).await,
-        store_b,
-        64 * 1024,
-        slow_poll,
-    )
-    .await;
+    let replica_b = TestApp::builder(Backend::Postgres)
+        .db(db, store_b)
+        .hub(slow_poll)
+        .start()
+        .await;
 
     let (w, mut table) = connect(&replica_b.url, "w").await;
     tokio::time::sleep(Duration::from_millis(300)).await; // replica B's listener is up
@@ -740,7 +741,7 @@ async fn a_stream_that_falls_behind_reads_what_it_missed_from_the_log(b: Backend
         stream_queue: 1,
         ..common::hub_config()
     };
-    let app = TestApp::serve_with(db, store, 64 * 1024, hub).await;
+    let app = TestApp::builder(b).db(db, store).hub(hub).start().await;
     let (w, table) = connect(&app.url, "w").await;
     let since = table.revision;
     let stream = app

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::common::{self, Backend, PATIENCE, REDIS_URL, TestApp, manual_clock, wait_for};
+use crate::common::{self, Backend, PATIENCE, REDIS_URL, TestApp, wait_for};
 
 crate::on_both_backends!(
     a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_active,
@@ -266,7 +266,7 @@ pub(crate) async fn acknowledger_on(
 async fn a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_active(
     backend: Backend,
 ) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("envelope");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -367,7 +367,7 @@ async fn a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_act
 async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledged(
     backend: Backend,
 ) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("retry");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -416,7 +416,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
 }
 
 async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("restart");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -459,7 +459,7 @@ async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(bac
 }
 
 async fn the_leader_publishes_changes_committed_on_another_replica(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("replica");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -493,7 +493,7 @@ async fn the_leader_publishes_changes_committed_on_another_replica(backend: Back
 }
 
 async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let (a_name, b_name) = (authority("old"), authority("new"));
     let a = bai_worker(&app, &a_name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&a_name, &b_name]).await;
@@ -542,7 +542,7 @@ async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Bac
 }
 
 async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("idle");
     let worker = bai_worker(&app, &name, [10205, 10215]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -650,7 +650,7 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
 }
 
 async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("compacted");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -690,7 +690,7 @@ async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Ba
 }
 
 async fn redis_down_delays_publishing_and_stops_nothing(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("down");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;

@@ -179,7 +179,7 @@ pub(crate) fn assert_error(reply: &Reply, status: StatusCode, kind: &str) {
 }
 
 async fn status_reports_the_api_version_and_the_advertised_address(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let a = app.call(Method::GET, "/status", None, None).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(
@@ -196,7 +196,7 @@ async fn status_reports_the_api_version_and_the_advertised_address(b: Backend) {
 }
 
 async fn the_api_secret_is_taken_in_upstreams_forms_only(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let now = app.clock.now().timestamp();
     let claims = |exp: i64| {
         json!({"sub": "manager", "exp": exp})
@@ -276,7 +276,7 @@ async fn the_api_secret_is_taken_in_upstreams_forms_only(b: Backend) {
 }
 
 async fn bulk_create_answers_urls_in_order_and_a_retry_changes_nothing(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
@@ -318,7 +318,7 @@ async fn bulk_create_answers_urls_in_order_and_a_retry_changes_nothing(b: Backen
 }
 
 async fn an_existing_url_keeps_its_worker_and_port(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     let wild = register_backendai_worker(
         &app,
@@ -361,7 +361,7 @@ async fn an_existing_url_keeps_its_worker_and_port(b: Backend) {
 }
 
 async fn bad_creates_are_answered_in_upstreams_body(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     // No worker at all.
     let a = bulk_create(&app, vec![endpoint(Uuid::new_v4(), "smoke", None)]).await;
     assert_error(
@@ -427,7 +427,11 @@ async fn bad_creates_are_answered_in_upstreams_body(b: Backend) {
 async fn an_unacknowledged_circuit_is_503_e10001_and_stays(b: Backend) {
     let mut settings = backendai_settings();
     settings.ack_timeout = Duration::from_millis(200);
-    let app = TestApp::start_backendai_with(b, manual_clock(), settings).await;
+    let app = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     port_worker(&app, "worker-1").await;
     let deployment = Uuid::new_v4();
     let a = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
@@ -448,7 +452,7 @@ async fn an_unacknowledged_circuit_is_503_e10001_and_stays(b: Backend) {
 }
 
 async fn one_endpoint_is_created_and_deleted_by_its_id(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let deployment = Uuid::new_v4();
@@ -486,7 +490,7 @@ async fn one_endpoint_is_created_and_deleted_by_its_id(b: Backend) {
 }
 
 async fn bulk_delete_answers_per_endpoint_in_request_order(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let (a1, a2, unknown) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -518,7 +522,7 @@ async fn bulk_delete_answers_per_endpoint_in_request_order(b: Backend) {
 }
 
 async fn routes_are_replaced_registered_and_unregistered_per_endpoint(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let (deployment, unknown) = (Uuid::new_v4(), Uuid::new_v4());
@@ -648,7 +652,7 @@ async fn routes_are_replaced_registered_and_unregistered_per_endpoint(b: Backend
 }
 
 async fn concurrent_registrations_all_land(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let deployment = Uuid::new_v4();
@@ -692,7 +696,7 @@ async fn concurrent_registrations_all_land(b: Backend) {
 }
 
 async fn the_endpoint_token_carries_the_circuit_and_expiry(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let worker = port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let deployment = Uuid::new_v4();
@@ -747,7 +751,7 @@ async fn the_endpoint_token_carries_the_circuit_and_expiry(b: Backend) {
 }
 
 async fn the_health_check_is_stored_on_the_circuit(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let deployment = Uuid::new_v4();
@@ -810,7 +814,7 @@ pub(crate) fn conf_body(session: Uuid, user: Uuid, port: u16) -> Value {
 }
 
 async fn conf_then_proxy_auth_answers_json_or_a_redirect_to_setup(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
@@ -935,7 +939,7 @@ async fn conf_then_proxy_auth_answers_json_or_a_redirect_to_setup(b: Backend) {
 }
 
 async fn proxy_auth_reuses_the_sessions_circuit_and_updates_it_in_place(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     register_backendai_worker(
         &app,
@@ -1016,7 +1020,11 @@ pub(crate) async fn proxy_auth_json(
 async fn conf_without_a_token_only_from_allowed_networks(b: Backend) {
     let mut settings = backendai_settings();
     settings.conf_allowed_networks = Vec::new();
-    let app = TestApp::start_backendai_with(b, manual_clock(), settings).await;
+    let app = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     let body = conf_body(Uuid::new_v4(), Uuid::new_v4(), 8888);
     let a = send(&app, Method::POST, "/v2/conf", &[], Some(body.clone())).await;
     assert_error(&a, StatusCode::UNAUTHORIZED, "auth-failed");
@@ -1072,12 +1080,12 @@ async fn conf_without_a_token_only_from_allowed_networks(b: Backend) {
     assert_eq!(a.body["msg"], "Not meant for inference apps");
 
     // Loopback allowed (the default test settings): no token needed.
-    let open = TestApp::start_backendai(b, manual_clock()).await;
+    let open = TestApp::start_backendai(b).await;
     conf(&open, Uuid::new_v4(), Uuid::new_v4(), 8888).await;
 }
 
 async fn health_answers_and_lists_workers_and_stranded_circuits(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let worker = port_worker(&app, "worker-1").await;
     register_backendai_worker(
         &app,
