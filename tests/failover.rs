@@ -166,7 +166,7 @@ async fn advance_keeping(app: &TestApp, by: Duration, alive: &[(String, Uuid)]) 
         left -= step;
         let now = app.clock.advance(step);
         for (name, id) in alive {
-            wait_for(&format!("{name} heartbeats at {now}"), async || {
+            wait_for(format!("{name} heartbeats at {now}"), async || {
                 app.store.get_worker(*id).await.unwrap().last_heartbeat >= now
             })
             .await;
@@ -180,12 +180,12 @@ async fn advance_keeping(app: &TestApp, by: Duration, alive: &[(String, Uuid)]) 
 async fn fail(app: &TestApp, victim: &SimWorker, others: &[&SimWorker]) {
     victim.silence().await;
     advance(app, TIMEOUT + TICK, others).await;
-    wait_for(&format!("{} is Lost", victim.name), async || {
+    wait_for(format!("{} is Lost", victim.name), async || {
         worker_status(app, victim.id()).await == "Lost"
     })
     .await;
     advance(app, GRACE + TICK, others).await;
-    wait_for(&format!("routes leave {}", victim.name), async || {
+    wait_for(format!("routes leave {}", victim.name), async || {
         routes_on(app, victim.id()).await.is_empty()
     })
     .await;
@@ -379,7 +379,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
 
         let head = app.revision().await;
         wait_for(
-            &format!("round {round} (seed {seed}): every stream catches up"),
+            format!("round {round} (seed {seed}): every stream catches up"),
             async || workers.iter().all(|w| w.revision() >= head),
         )
         .await;
@@ -429,7 +429,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
             "round {round} (seed {seed}): every live route is served exactly once"
         );
         wait_for(
-            &format!("round {round} (seed {seed}): the victim is Ready again"),
+            format!("round {round} (seed {seed}): the victim is Ready again"),
             async || worker_status(&app, workers[victim].id()).await == "Ready",
         )
         .await;
@@ -841,7 +841,7 @@ async fn circuit_url(app: &TestApp, id: Uuid) -> (Route, Option<String>) {
 async fn lose(app: &TestApp, victim: &BaiWorker, alive: &[(String, Uuid)]) {
     victim.silence().await;
     advance_keeping(app, TIMEOUT + TICK, alive).await;
-    wait_for(&format!("{} is Lost", victim.name), async || {
+    wait_for(format!("{} is Lost", victim.name), async || {
         worker_status(app, victim.id).await == "Lost"
     })
     .await;

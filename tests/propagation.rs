@@ -562,7 +562,7 @@ async fn a_restarted_coordinator_resumes_the_agent_without_a_gap(b: Backend) {
     .unwrap()
     .unwrap();
     let before_restart = rx.borrow().revision;
-    assert!(coordinator.terminate(Duration::from_secs(10)).success());
+    assert!(coordinator.terminate().success());
 
     let coordinator = Coordinator::start(&args, &envs, "http");
     let second = create(Uuid::new_v4()).await;

@@ -139,19 +139,66 @@ pub fn hub_config() -> HubConfig {
 /// fails: generous, because a loaded machine is slow, not wrong.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Polls `check` every 25 ms until it holds; fails the test after [`PATIENCE`].
-/// Answers how long it took.
-pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+/// How often a wait checks its condition again.
+const POLL: Duration = Duration::from_millis(25);
+
+/// What a wait's check answers: `true`, or `Some(value)`, once it holds.
+pub trait Outcome {
+    type Value;
+    fn settled(self) -> Option<Self::Value>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn settled(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn settled(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `check` every 25 ms until it holds (`true`, or `Some(value)`: the
+/// value is answered); fails the test, saying `what` it waited for, after
+/// [`PATIENCE`]. (`what` is shown only then: it may be a
+/// [`std::fmt::from_fn`] that reads a log.)
+pub async fn wait_for<O: Outcome>(
+    what: impl std::fmt::Display,
+    mut check: impl AsyncFnMut() -> O,
+) -> O::Value {
     let started = Instant::now();
     loop {
-        if check().await {
-            return started.elapsed();
+        if let Some(value) = check().await.settled() {
+            return value;
         }
         assert!(
             started.elapsed() < PATIENCE,
             "{what}: not within {PATIENCE:?}"
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`wait_for`] for code that is not async (a child process, a blocking
+/// client): blocks the thread between checks.
+pub fn wait_for_blocking<O: Outcome>(
+    what: impl std::fmt::Display,
+    mut check: impl FnMut() -> O,
+) -> O::Value {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().settled() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: not within {PATIENCE:?}"
+        );
+        std::thread::sleep(POLL);
     }
 }
 
@@ -622,10 +669,13 @@ impl Coordinator {
                 log.push('\n');
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            if let Some(addr) = log
-                .lock()
+        let waited =
+            std::fmt::from_fn(|f| write!(f, "the coordinator to listen:\n{}", log.lock().unwrap()));
+        let addr = wait_for_blocking(waited, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
+            }
+            log.lock()
                 .unwrap()
                 .split("listening on ")
                 .nth(1)
@@ -634,19 +684,7 @@ impl Coordinator {
                         .take_while(|c| c.is_ascii_digit() || ".:[]".contains(*c))
                         .collect::<String>()
                 })
-            {
-                break addr;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not start:\n{}",
-                log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        });
         Coordinator {
             child,
             log,
@@ -664,21 +702,11 @@ impl Coordinator {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then the exit status (within `limit`).
-    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+    /// SIGTERM, then the exit status (within the [`PATIENCE`]).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {limit:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_blocking("an exit after SIGTERM", || self.child.try_wait().unwrap())
     }
 }
 
@@ -739,16 +767,9 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server must be installed (Debian package redis-server)");
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        let conn = loop {
-            match client.get_connection() {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "redis-server on {port}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let conn = wait_for_blocking(format!("redis-server on {port}"), || {
+            client.get_connection().ok()
+        });
         PrivateRedis {
             child,
             port,
