@@ -6,7 +6,6 @@ mod common;
 #[path = "k8s/fake_apiserver.rs"]
 mod fake_apiserver;
 
-use std::future::Future;
 use std::time::Duration;
 
 use appproxy_coordinator::clock::Clock;
@@ -17,7 +16,7 @@ use appproxy_coordinator::k8s::lease::LeaseElector;
 use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
 use appproxy_coordinator::k8s::{self, pods};
 use appproxy_coordinator::leader::{self, Elector};
-use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route};
+use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route, wait_for};
 use fake_apiserver::{Answer, FakeApiServer, Fault};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -30,25 +29,6 @@ use uuid::Uuid;
 const NS: &str = "appproxy";
 const CRS: &str = "apis/appproxy.backend.ai/v1alpha1";
 const EVENTS: &str = "apis/events.k8s.io/v1";
-
-/// Waits (at most [`PATIENCE`]) for `check` to return `Some`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// Kubernetes mode for replica `identity` with the default selector and
 /// Lease name, renewing every 100 ms, and the fast mirror.
@@ -124,7 +104,7 @@ impl Env {
     }
 
     async fn cr_where(&self, id: Uuid, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-        eventually(what, || async { self.cr(id).filter(|c| f(c)) }).await
+        wait_for(what, async || self.cr(id).filter(|c| f(c))).await
     }
 
     fn event_reasons(&self, id: Uuid) -> Vec<String> {
@@ -224,10 +204,8 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
     }
     assert!(k8s::USER_AGENT.starts_with("appproxy-coordinator/"));
     // A placement event on the CR.
-    eventually("a Placed event", || async {
-        e.event_reasons(id)
-            .contains(&"Placed".to_owned())
-            .then_some(())
+    wait_for("a Placed event", async || {
+        e.event_reasons(id).contains(&"Placed".to_owned())
     })
     .await;
 
@@ -237,10 +215,7 @@ async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes
         .manager(Method::DELETE, &format!("/routes/{id}"), None)
         .await;
     assert!(a.status.is_success());
-    eventually("the CR to go", || async {
-        e.cr(id).is_none().then_some(())
-    })
-    .await;
+    wait_for("the CR to go", async || e.cr(id).is_none()).await;
 }
 
 #[tokio::test]
@@ -336,10 +311,8 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
         })
         .await;
     assert_eq!(restored["spec"], first["spec"]);
-    eventually("a Restored event", || async {
-        e.event_reasons(id)
-            .contains(&"Restored".to_owned())
-            .then_some(())
+    wait_for("a Restored event", async || {
+        e.event_reasons(id).contains(&"Restored".to_owned())
     })
     .await;
 
@@ -360,10 +333,8 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
         c["status"]["observedGeneration"] == c["metadata"]["generation"]
     })
     .await;
-    eventually("a DriftRepaired event", || async {
-        e.event_reasons(id)
-            .contains(&"DriftRepaired".to_owned())
-            .then_some(())
+    wait_for("a DriftRepaired event", async || {
+        e.event_reasons(id).contains(&"DriftRepaired".to_owned())
     })
     .await;
 }
@@ -401,7 +372,7 @@ async fn a_field_added_to_a_spec_by_hand_is_removed_with_one_repair_event() {
     e.ack(worker, &token).await;
     e.cr_where(id, "an Active CR", |c| c["status"]["phase"] == "Active")
         .await;
-    let repairs = eventually("the DriftRepaired event", || async {
+    let repairs = wait_for("the DriftRepaired event", async || {
         let n = events_per_cr(&e.api, "DriftRepaired")
             .get(&cr_name(id))
             .copied()
@@ -439,10 +410,8 @@ async fn a_managed_by_label_removed_by_hand_is_restored_without_a_deleted_by_han
         })
         .await;
     assert_eq!(relabelled["metadata"]["uid"], first["metadata"]["uid"]);
-    eventually("a DriftRepaired event", || async {
-        e.event_reasons(id)
-            .contains(&"DriftRepaired".to_owned())
-            .then_some(())
+    wait_for("a DriftRepaired event", async || {
+        e.event_reasons(id).contains(&"DriftRepaired".to_owned())
     })
     .await;
     assert!(
@@ -475,10 +444,7 @@ async fn the_first_diff_repairs_what_was_missed_and_leaves_foreign_crs_alone() {
     e.start_mirror();
     e.cr_where(id, "the missing CR", |c| c["status"]["phase"].is_string())
         .await;
-    eventually("the orphan to go", || async {
-        e.cr(orphan).is_none().then_some(())
-    })
-    .await;
+    wait_for("the orphan to go", async || e.cr(orphan).is_none()).await;
     assert!(e.api.get(CRS, NS, "appproxyroutes", "handmade").is_some());
 }
 
@@ -546,8 +512,8 @@ async fn set_ready(pods: &Api<Pod>, name: &str, ready: bool) {
 }
 
 async fn worker_status(app: &TestApp, id: Uuid, want: WorkerStatus) {
-    eventually(&format!("worker {want:?}"), || async {
-        (app.store.get_worker(id).await.unwrap().status == want).then_some(())
+    wait_for(format!("worker {want:?}"), async || {
+        app.store.get_worker(id).await.unwrap().status == want
     })
     .await;
 }
@@ -761,10 +727,8 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         c["status"]["phase"] == "FailingOver"
     })
     .await;
-    eventually("a FailingOver event", || async {
-        e.event_reasons(id)
-            .contains(&"FailingOver".to_owned())
-            .then_some(())
+    wait_for("a FailingOver event", async || {
+        e.event_reasons(id).contains(&"FailingOver".to_owned())
     })
     .await;
     e.app.clock.advance(health.failover_grace);
@@ -781,10 +745,8 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         c["status"]["worker"] == "w1" && c["spec"]["workerId"] == json!(w1)
     })
     .await;
-    eventually("a FailedOver event", || async {
-        e.event_reasons(id)
-            .contains(&"FailedOver".to_owned())
-            .then_some(())
+    wait_for("a FailedOver event", async || {
+        e.event_reasons(id).contains(&"FailedOver".to_owned())
     })
     .await;
 
@@ -793,11 +755,8 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
     e.app
         .manager(Method::DELETE, &format!("/routes/{id}"), None)
         .await;
-    eventually("the CR of the deleted route is gone", || async {
-        e.api
-            .get(CRS, NS, "appproxyroutes", &cr_name(id))
-            .is_none()
-            .then_some(())
+    wait_for("the CR of the deleted route is gone", async || {
+        e.api.get(CRS, NS, "appproxyroutes", &cr_name(id)).is_none()
     })
     .await;
     assert_eq!(
@@ -917,9 +876,9 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
         .await
         .unwrap();
     let ld = leader::spawn(d, Duration::from_millis(50), std::future::pending());
-    eventually("d tries three times", || async {
+    wait_for("d tries three times", async || {
         assert!(lc.is_leader() && !ld.is_leader(), "c leads, d does not");
-        (d_tries.load(std::sync::atomic::Ordering::SeqCst) >= 3).then_some(())
+        d_tries.load(std::sync::atomic::Ordering::SeqCst) >= 3
     })
     .await;
     assert!(lc.is_leader() && !ld.is_leader());
@@ -962,11 +921,8 @@ async fn a_cr_whose_write_hangs_holds_back_no_other_cr() {
         Answer::Hang,
     ));
     e.ack(worker, &token).await;
-    eventually("a write to the first CR to hang", || async {
-        e.writes_to(stuck)
-            .iter()
-            .any(|l| l.status == 0)
-            .then_some(())
+    wait_for("a write to the first CR to hang", async || {
+        e.writes_to(stuck).iter().any(|l| l.status == 0)
     })
     .await;
     let other = e.create_route("ssh").await;
@@ -980,18 +936,16 @@ async fn a_cr_whose_write_hangs_holds_back_no_other_cr() {
 async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry() {
     let e = env().await;
     let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
+    let retry_min = Duration::from_millis(100);
     e.start_mirror_with(MirrorConfig {
-        retry_min: Duration::from_millis(100),
+        retry_min,
         retry_max: Duration::from_secs(60),
         ..fast_mirror()
     });
     let id = e.create_route("jupyter").await;
     e.cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
         .await;
-    eventually("the Placed event", || async {
-        (!e.event_reasons(id).is_empty()).then_some(())
-    })
-    .await;
+    wait_for("the Placed event", async || !e.event_reasons(id).is_empty()).await;
     let events_before = e.event_reasons(id).len();
     // A validating webhook rejects every write to this CR from now on.
     let path = format!("/appproxyroutes/{}", cr_name(id));
@@ -999,19 +953,27 @@ async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry()
         .inject(Fault::new("PATCH", &path, Answer::Status(422)));
     let before = e.writes_to(id).len();
     e.ack(worker, &token).await;
-    let failed = eventually("five rejected writes", || async {
+    let failed = wait_for("five rejected writes", async || {
         let failed: Vec<_> = e.writes_to(id).into_iter().skip(before).collect();
         (failed.len() >= 5).then_some(failed)
     })
     .await;
-    // Retried ever later: each pause at least half again as long as the last.
-    let gaps: Vec<Duration> = failed.windows(2).map(|w| w[1].at - w[0].at).collect();
-    for pair in gaps.windows(2) {
-        assert!(
-            pair[1].as_secs_f64() >= 1.5 * pair[0].as_secs_f64(),
-            "no backoff between retries: {gaps:?}"
-        );
+    // Retried ever later. A pause runs from a refusal to the next attempt's
+    // arrival; a loaded machine only lengthens it, so each is held to a
+    // lower bound: the n-th at least half again as long as the (n-1)-th
+    // could be, from the 100 ms minimum on.
+    let pauses: Vec<Duration> = failed.windows(2).map(|w| w[1].arrived - w[0].at).collect();
+    for (n, pause) in pauses.iter().enumerate() {
+        let least = retry_min.mul_f64(1.5f64.powi(n as i32));
+        assert!(*pause >= least, "no backoff between retries: {pauses:?}");
     }
+    // And not one long fixed pause either: the last of four pauses (800 ms
+    // on schedule) outlasts the first (100 ms on schedule) twice over, which
+    // leaves the first 300 ms of slack.
+    assert!(
+        *pauses.last().unwrap() >= 2 * pauses[0],
+        "no backoff between retries: {pauses:?}"
+    );
     assert_eq!(
         e.event_reasons(id).len(),
         events_before,
@@ -1063,10 +1025,8 @@ async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() 
         .unwrap();
     let b = start_replica(&e, "replica-b", lease);
     let first = e.create_route("jupyter").await;
-    eventually("a Placed event", || async {
-        e.event_reasons(first)
-            .contains(&"Placed".to_owned())
-            .then_some(())
+    wait_for("a Placed event", async || {
+        e.event_reasons(first).contains(&"Placed".to_owned())
     })
     .await;
 
@@ -1084,7 +1044,7 @@ async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() 
     });
     // Time passes (the clock moves on well past the Lease's duration) until B
     // has taken over.
-    eventually("replica b to take over", || async {
+    wait_for("replica b to take over", async || {
         if b.leadership.is_leader() {
             return Some(());
         }
@@ -1102,10 +1062,8 @@ async fn a_leader_whose_renewals_fail_stops_leading_before_another_takes_over() 
     let second = e.create_route("ssh").await;
     e.cr_where(second, "the new CR", |c| c["status"]["phase"].is_string())
         .await;
-    eventually("a Placed event for the new route", || async {
-        e.event_reasons(second)
-            .contains(&"Placed".to_owned())
-            .then_some(())
+    wait_for("a Placed event for the new route", async || {
+        e.event_reasons(second).contains(&"Placed".to_owned())
     })
     .await;
     // Let a second mirror (if any) get round to it too.
@@ -1149,17 +1107,11 @@ async fn at_shutdown_the_mirror_stops_writing_before_the_lease_is_released() {
         Answer::Delay(Duration::from_millis(500)),
     ));
     let second = e.create_route("ssh").await;
-    eventually("a CR write under way", || async {
-        (e.api.delayed() > 0).then_some(())
-    })
-    .await;
+    wait_for("a CR write under way", async || e.api.delayed() > 0).await;
     stop_tx.send(()).unwrap();
     running.released(PATIENCE).await;
     // Whatever was sent has taken effect by now.
-    eventually("no request under way", || async {
-        (e.api.delayed() == 0).then_some(())
-    })
-    .await;
+    wait_for("no request under way", async || e.api.delayed() == 0).await;
 
     let log = e.api.log();
     let release = log
