@@ -57,7 +57,7 @@ async fn conf_at(app: &TestApp, session: Uuid, user: Uuid, host: &str) -> String
 async fn another_users_conf_token_cannot_touch_an_open_app(b: Backend) {
     let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, victim) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, victim, 8888).await;
     let a = proxy_auth_json(&app, &token, session, "app=jupyter&protocol=http".into()).await;
@@ -93,7 +93,7 @@ async fn another_users_conf_token_cannot_touch_an_open_app(b: Backend) {
 async fn the_same_user_may_update_its_app_in_place(b: Backend) {
     let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     let a = proxy_auth_json(&app, &token, session, "app=jupyter&protocol=http".into()).await;
@@ -122,7 +122,7 @@ async fn the_same_user_may_update_its_app_in_place(b: Backend) {
 async fn a_redirect_must_be_a_path_on_the_workers_origin(b: Backend) {
     let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     for redirect in [
@@ -381,7 +381,7 @@ async fn conf_token_rows(app: &TestApp) -> i64 {
 async fn conf_tokens_keep_upstreams_sizes_and_expire(b: Backend) {
     let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let post = |field: &'static str, value: Value| {
         let mut body = conf_body(session, user, 8888);

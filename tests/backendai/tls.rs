@@ -85,7 +85,7 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
         status(&app, &id).await == "Active"
     })
     .await;
-    assert_eq!(acked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(acked.acked(), 1);
 
     // The live data in DB 2, through the client derived from the bus's
     // (it keeps the TLS settings): what a worker counted is read, a
