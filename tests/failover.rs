@@ -14,7 +14,7 @@ use appproxy_coordinator::client::{RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::health::Observation;
 use appproxy_coordinator::domain::{Route, RouteStatus, WorkerFrontend, WorkerRegistration};
 use appproxy_coordinator::health::HealthConfig;
-use common::{BOOTSTRAP, Backend, PATIENCE, TestApp, TestDb, route, wait_for};
+use common::{BOOTSTRAP, Backend, PATIENCE, Task, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use reqwest::{Method, StatusCode};
@@ -58,6 +58,8 @@ struct SimWorker {
     /// Held while a heartbeat is on its way.
     beating: Arc<tokio::sync::Mutex<()>>,
     violations: Arc<Mutex<Vec<String>>>,
+    /// Its stream and its heartbeats: both end when the worker is dropped.
+    _tasks: [Task; 2],
 }
 
 impl SimWorker {
@@ -81,7 +83,7 @@ impl SimWorker {
         let violations = Arc::new(Mutex::new(Vec::new()));
         let mut stream = client.watch(Some(answer.revision)).await.unwrap();
         let (t, v) = (table.clone(), violations.clone());
-        tokio::spawn(async move {
+        let streaming = Task::spawn(async move {
             while let Some(Ok(event)) = stream.next().await {
                 if let Err(e) = t.lock().unwrap().apply(&event) {
                     v.lock().unwrap().push(e);
@@ -94,7 +96,7 @@ impl SimWorker {
             alive.clone(),
             beating.clone(),
         );
-        tokio::spawn(async move {
+        let heartbeats = Task::spawn(async move {
             loop {
                 {
                     let _beat = b.lock().await;
@@ -113,6 +115,7 @@ impl SimWorker {
             alive,
             beating,
             violations,
+            _tasks: [streaming, heartbeats],
         }
     }
 
@@ -713,6 +716,8 @@ struct BaiWorker {
     id: Uuid,
     alive: Arc<AtomicBool>,
     beating: Arc<tokio::sync::Mutex<()>>,
+    /// Its heartbeats: they end when the worker is dropped.
+    _heartbeats: Task,
 }
 
 impl BaiWorker {
@@ -759,13 +764,13 @@ impl BaiWorker {
             alive.clone(),
             beating.clone(),
         );
-        tokio::spawn(async move {
+        let heartbeats = Task::spawn(async move {
             loop {
                 {
                     let _beat = b.lock().await;
                     if a.load(Ordering::SeqCst) {
                         let now = clock.now();
-                        // The test (and its database) may be gone.
+                        // The database may be gone.
                         let Ok(acked) = store.current_revision().await else {
                             return;
                         };
@@ -788,6 +793,7 @@ impl BaiWorker {
             id,
             alive,
             beating,
+            _heartbeats: heartbeats,
         }
     }
 
