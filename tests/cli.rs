@@ -548,10 +548,12 @@ async fn json_log_lines_carry_the_request_id_of_their_request() {
     }
 }
 
-/// A collector stand-in: records the OTLP/HTTP export requests it gets.
+/// A collector stand-in: records the OTLP/HTTP export requests it gets,
+/// until the [`common::Task`] it answers is dropped.
 async fn otlp_collector() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    common::Task,
 ) {
     use axum::body::Bytes;
     use axum::http::HeaderMap;
@@ -571,13 +573,13 @@ async fn otlp_collector() -> (
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, received)
+    let server = common::Task::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received, server)
 }
 
 #[tokio::test]
 async fn spans_are_exported_to_the_otlp_endpoint() {
-    let (collector, received) = otlp_collector().await;
+    let (collector, received, _collector) = otlp_collector().await;
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(
         &[

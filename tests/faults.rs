@@ -162,7 +162,7 @@ async fn every_acknowledged_create_survives_sigkill_and_reaches_its_worker(b: Ba
     let mut agent = Agent::new(&url, BOOTSTRAP, registration("only"));
     agent.heartbeat_interval = Duration::from_millis(200);
     agent.max_backoff = Duration::from_millis(200);
-    tokio::spawn(agent.run(tx, std::future::pending()));
+    let _agent = common::Task::spawn(agent.run(tx, std::future::pending()));
     table.wait_for(|t| t.revision > 0).await.unwrap();
 
     let load = Load::start(&url, 32);

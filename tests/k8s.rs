@@ -16,7 +16,7 @@ use appproxy_coordinator::k8s::lease::LeaseElector;
 use appproxy_coordinator::k8s::mirror::{self, MirrorConfig};
 use appproxy_coordinator::k8s::{self, pods};
 use appproxy_coordinator::leader::{self, Elector};
-use common::{Backend, Counted, PATIENCE, TestApp, manual_clock, route, wait_for};
+use common::{Backend, Counted, PATIENCE, Task, TestApp, manual_clock, route, wait_for};
 use fake_apiserver::{Answer, FakeApiServer, Fault};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -75,14 +75,15 @@ async fn env_on(clock: Clock) -> Env {
 }
 
 impl Env {
-    fn start_mirror(&self) -> tokio::task::JoinHandle<()> {
+    /// Runs the mirror until the answer is dropped.
+    fn start_mirror(&self) -> Task {
         self.start_mirror_with(fast_mirror())
     }
 
-    fn start_mirror_with(&self, config: MirrorConfig) -> tokio::task::JoinHandle<()> {
+    fn start_mirror_with(&self, config: MirrorConfig) -> Task {
         let (client, hub) = (self.client.clone(), self.app.hub.clone());
         let recorder = Recorder::new(client.clone(), NS, "test-replica");
-        tokio::spawn(async move {
+        Task::spawn(async move {
             mirror::run(client, hub, recorder, config, std::future::pending())
                 .await
                 .unwrap();
@@ -141,7 +142,7 @@ impl Env {
 async fn a_route_gets_a_cr_whose_status_follows_propagation_and_deletion_removes_it() {
     let e = env().await;
     let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let id = e.create_route("jupyter").await;
 
     let cr = e
@@ -229,7 +230,7 @@ async fn a_stranded_backendai_circuit_s_cr_carries_the_stranded_condition() {
     )
     .await
     .id;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let a = e
         .app
         .create(json!({
@@ -295,7 +296,7 @@ async fn a_stranded_backendai_circuit_s_cr_carries_the_stranded_condition() {
 async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let id = e.create_route("jupyter").await;
     let first = e
         .cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
@@ -343,7 +344,7 @@ async fn a_cr_deleted_by_hand_is_restored_and_a_hand_edit_is_reverted() {
 async fn a_field_added_to_a_spec_by_hand_is_removed_with_one_repair_event() {
     let e = env().await;
     let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let id = e.create_route("jupyter").await;
     let first = e
         .cr_where(id, "the CR", |c| c["status"]["phase"] == "Propagating")
@@ -388,7 +389,7 @@ async fn a_field_added_to_a_spec_by_hand_is_removed_with_one_repair_event() {
 async fn a_managed_by_label_removed_by_hand_is_restored_without_a_deleted_by_hand_event() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let id = e.create_route("jupyter").await;
     let first = e
         .cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
@@ -441,7 +442,7 @@ async fn the_first_diff_repairs_what_was_missed_and_leaves_foreign_crs_alone() {
     stale.metadata.labels = None;
     crs.create(&PostParams::default(), &stale).await.unwrap();
 
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     e.cr_where(id, "the missing CR", |c| c["status"]["phase"].is_string())
         .await;
     wait_for("the orphan to go", async || e.cr(orphan).is_none()).await;
@@ -452,7 +453,7 @@ async fn the_first_diff_repairs_what_was_missed_and_leaves_foreign_crs_alone() {
 async fn an_expired_watch_relists_and_converges() {
     let e = env().await;
     e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror();
+    let _mirror = e.start_mirror();
     let a = e.create_route("jupyter").await;
     let b = e.create_route("ssh").await;
     e.cr_where(a, "CR a", |c| c["status"]["phase"].is_string())
@@ -555,7 +556,7 @@ async fn pod_readiness_drives_worker_health_through_the_health_logic() {
         ))
         .await;
     let (client, store, clock) = (e.client.clone(), e.app.store.clone(), e.app.clock.clone());
-    tokio::spawn(async move {
+    let _pods = Task::spawn(async move {
         pods::watch(
             client,
             NS,
@@ -604,7 +605,7 @@ async fn what_kubernetes_says_about_a_pod_wins_over_what_its_worker_says() {
     let (w1, t1, _) = e.app.register_with(worker_json(1)).await;
     let (w2, t2, _) = e.app.register_with(worker_json(2)).await;
     let (client, store, clock) = (e.client.clone(), e.app.store.clone(), e.app.clock.clone());
-    tokio::spawn(async move {
+    let _pods = Task::spawn(async move {
         pods::watch(
             client,
             NS,
@@ -702,7 +703,7 @@ async fn a_deleted_worker_pod_makes_its_routes_fail_over_on_the_crs() {
         batch_size: 10,
         route_idle_ttl: None,
     };
-    tokio::spawn(appproxy_coordinator::health::run(
+    let _health = Task::spawn(appproxy_coordinator::health::run(
         e.app
             .hub
             .context(e.app.clock.clone(), running.leadership.clone()),
@@ -902,7 +903,7 @@ async fn one_lease_holder_and_a_takeover_when_it_stops_renewing() {
 async fn a_cr_whose_write_hangs_holds_back_no_other_cr() {
     let e = env().await;
     let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
-    e.start_mirror_with(MirrorConfig {
+    let _mirror = e.start_mirror_with(MirrorConfig {
         // Longer than the test waits: only a write that does not wait for
         // the hanging one can succeed.
         call_timeout: Duration::from_secs(600),
@@ -937,7 +938,7 @@ async fn a_write_that_always_fails_backs_off_per_cr_without_an_event_per_retry()
     let e = env().await;
     let (worker, token, _) = e.app.register("worker-1", [20000, 20100]).await;
     let retry_min = Duration::from_millis(100);
-    e.start_mirror_with(MirrorConfig {
+    let _mirror = e.start_mirror_with(MirrorConfig {
         retry_min,
         retry_max: Duration::from_secs(60),
         ..fast_mirror()
