@@ -5,6 +5,7 @@
 mod common;
 
 mod observability;
+mod openapi;
 mod placement;
 mod routes;
 mod sessions;
