@@ -140,7 +140,7 @@ SKIP_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 # What the coordinator calls, resource by resource. The chart must grant
 # exactly this: no more (least privilege), no less (the calls would fail).
 EXPECTED_RBAC = {
-    # What the coordinator calls; tests/k8s.rs derives the same set from the
+    # What the coordinator calls; tests/k8s/pods.rs derives the same set from the
     # requests it records and compares it with templates/rbac.yaml.
     ("", "pods"): {"list", "watch"},
     ("appproxy.backend.ai", "appproxyroutes"): {"list", "watch", "create", "patch", "delete"},

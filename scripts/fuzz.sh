@@ -157,7 +157,7 @@ max-stream-events = 1
 "query.worker_id" = "$WORKER_ID"
 EOF
 # The worker removing itself would end the run's access: that one is covered
-# by tests/api.rs.
+# by tests/api/workers.rs.
 run per-worker "$WORKER_TOKEN" "$WORK/worker.toml" --exclude-operation-id deleteWorker
 
 if ! kill -0 "$PID" 2>/dev/null; then

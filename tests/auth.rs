@@ -358,7 +358,10 @@ fn client_from(source: &str) -> reqwest::Client {
 /// `Retry-After` for that address only, until the clock says it may try
 /// again; right tokens cost nothing, and no token at all is no attempt.
 async fn refused_tokens_are_limited_per_address(b: Backend) {
-    let app = TestApp::start_with_clock(b, common::manual_clock()).await;
+    let app = TestApp::builder(b)
+        .clock(common::manual_clock())
+        .start()
+        .await;
     let (attacker, manager) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
     let workers = |client: &reqwest::Client, token: Option<&str>| {
         let mut request = client.get(format!("{}/workers", app.url));

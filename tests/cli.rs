@@ -7,7 +7,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::{BIN, Backend, Coordinator, TestDb};
 use reqwest::StatusCode;
@@ -107,7 +106,7 @@ async fn readme_tour_on_the_embedded_default() {
         .unwrap();
     assert_eq!(deleted, json!({"deleted": 1}));
 
-    let status = c.terminate(Duration::from_secs(10));
+    let status = c.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
 
@@ -166,7 +165,7 @@ async fn a_restarted_coordinator_and_worker_keep_ids_and_routes() {
     )
     .await;
     assert_eq!(route["frontend"]["url"], "tcp://127.0.0.1:10205");
-    assert!(c.terminate(Duration::from_secs(10)).success());
+    assert!(c.terminate().success());
 
     // Restarted with a short heartbeat timeout, and a failover grace long
     // enough that the one worker keeps its routes while it is away.
@@ -186,8 +185,7 @@ async fn a_restarted_coordinator_and_worker_keep_ids_and_routes() {
     );
     // The worker lost its token in its restart: with the bootstrap token it
     // gets its name back once its old self is Lost, and not before.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let again = loop {
+    let again = common::wait_for("the worker's name back", async || {
         let (status, body) = post(
             &format!("{}/workers/register", c.url),
             &bootstrap,
@@ -195,17 +193,12 @@ async fn a_restarted_coordinator_and_worker_keep_ids_and_routes() {
         )
         .await;
         match status {
-            StatusCode::OK => break body,
-            StatusCode::CONFLICT => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "still refused: {body}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            StatusCode::OK => Some(body),
+            StatusCode::CONFLICT => None,
             other => panic!("{other}: {body}"),
         }
-    };
+    })
+    .await;
     assert_eq!(again["worker"]["id"], first["worker"]["id"]);
     assert_eq!(again["routes"][0]["id"], route["id"]);
     assert_eq!(again["routes"][0]["frontend"], route["frontend"]);
@@ -555,10 +548,12 @@ async fn json_log_lines_carry_the_request_id_of_their_request() {
     }
 }
 
-/// A collector stand-in: records the OTLP/HTTP export requests it gets.
+/// A collector stand-in: records the OTLP/HTTP export requests it gets,
+/// until the [`common::Task`] it answers is dropped.
 async fn otlp_collector() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+    common::Task,
 ) {
     use axum::body::Bytes;
     use axum::http::HeaderMap;
@@ -578,13 +573,13 @@ async fn otlp_collector() -> (
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, received)
+    let server = common::Task::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, received, server)
 }
 
 #[tokio::test]
 async fn spans_are_exported_to_the_otlp_endpoint() {
-    let (collector, received) = otlp_collector().await;
+    let (collector, received, _collector) = otlp_collector().await;
     let dir = tempfile::tempdir().unwrap();
     let c = Coordinator::start(
         &[
@@ -626,7 +621,7 @@ async fn spans_are_exported_to_the_otlp_endpoint() {
     for text in ["appproxy-coordinator", "GET /readyz", "request_id"] {
         assert!(contains(body, text), "{text} not in the exported spans");
     }
-    assert!(c.terminate(Duration::from_secs(10)).success());
+    assert!(c.terminate().success());
 }
 
 /// Runs the binary with `args` and `envs` to its exit (within the patience).
@@ -639,16 +634,20 @@ fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > common::PATIENCE {
-            child.kill().unwrap();
-            panic!("{args:?} did not exit within {:?}", common::PATIENCE);
+    // Killed if the wait fails, so no process outlives the test.
+    struct KillOnDrop(Option<std::process::Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+    let mut child = KillOnDrop(Some(cmd.spawn().unwrap()));
+    common::wait_for_blocking(format!("{args:?} to exit"), || {
+        child.0.as_mut().unwrap().try_wait().unwrap().is_some()
+    });
+    child.0.take().unwrap().wait_with_output().unwrap()
 }
 
 /// PostgreSQL over TLS, against a cluster of the test's own that admits TLS
@@ -752,7 +751,7 @@ async fn postgres_over_tls_verifies_the_server_and_refuses_plaintext() {
     let log = c.log();
     assert!(!log.contains("not encrypted"), "{log}");
     assert!(!log.contains(password), "{log}");
-    assert!(c.terminate(Duration::from_secs(10)).success());
+    assert!(c.terminate().success());
 
     // A CA that did not sign the server's certificate: refused at start,
     // saying so, naming the database without its password.
@@ -973,7 +972,7 @@ async fn redis_over_tls_with_the_ca_file_and_a_wrong_ca_in_the_log() {
     let check = redis_check(&c).await;
     assert_eq!(check["is_healthy"], true, "{check}\n{}", c.log());
     assert!(!c.log().contains("cannot use Redis"), "{}", c.log());
-    assert!(c.terminate(Duration::from_secs(10)).success());
+    assert!(c.terminate().success());
 
     // TLS settings with a plain redis:// URL are refused at start; a client
     // certificate needs its key.

@@ -14,7 +14,7 @@ use appproxy_coordinator::client::{RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::health::Observation;
 use appproxy_coordinator::domain::{Route, RouteStatus, WorkerFrontend, WorkerRegistration};
 use appproxy_coordinator::health::HealthConfig;
-use common::{BOOTSTRAP, Backend, PATIENCE, TestApp, TestDb, route, wait_for};
+use common::{BOOTSTRAP, Backend, PATIENCE, Task, TestApp, TestDb, route, wait_for};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use reqwest::{Method, StatusCode};
@@ -58,6 +58,8 @@ struct SimWorker {
     /// Held while a heartbeat is on its way.
     beating: Arc<tokio::sync::Mutex<()>>,
     violations: Arc<Mutex<Vec<String>>>,
+    /// Its stream and its heartbeats: both end when the worker is dropped.
+    _tasks: [Task; 2],
 }
 
 impl SimWorker {
@@ -81,7 +83,7 @@ impl SimWorker {
         let violations = Arc::new(Mutex::new(Vec::new()));
         let mut stream = client.watch(Some(answer.revision)).await.unwrap();
         let (t, v) = (table.clone(), violations.clone());
-        tokio::spawn(async move {
+        let streaming = Task::spawn(async move {
             while let Some(Ok(event)) = stream.next().await {
                 if let Err(e) = t.lock().unwrap().apply(&event) {
                     v.lock().unwrap().push(e);
@@ -94,7 +96,7 @@ impl SimWorker {
             alive.clone(),
             beating.clone(),
         );
-        tokio::spawn(async move {
+        let heartbeats = Task::spawn(async move {
             loop {
                 {
                     let _beat = b.lock().await;
@@ -113,6 +115,7 @@ impl SimWorker {
             alive,
             beating,
             violations,
+            _tasks: [streaming, heartbeats],
         }
     }
 
@@ -166,7 +169,7 @@ async fn advance_keeping(app: &TestApp, by: Duration, alive: &[(String, Uuid)]) 
         left -= step;
         let now = app.clock.advance(step);
         for (name, id) in alive {
-            wait_for(&format!("{name} heartbeats at {now}"), async || {
+            wait_for(format!("{name} heartbeats at {now}"), async || {
                 app.store.get_worker(*id).await.unwrap().last_heartbeat >= now
             })
             .await;
@@ -180,12 +183,12 @@ async fn advance_keeping(app: &TestApp, by: Duration, alive: &[(String, Uuid)]) 
 async fn fail(app: &TestApp, victim: &SimWorker, others: &[&SimWorker]) {
     victim.silence().await;
     advance(app, TIMEOUT + TICK, others).await;
-    wait_for(&format!("{} is Lost", victim.name), async || {
+    wait_for(format!("{} is Lost", victim.name), async || {
         worker_status(app, victim.id()).await == "Lost"
     })
     .await;
     advance(app, GRACE + TICK, others).await;
-    wait_for(&format!("routes leave {}", victim.name), async || {
+    wait_for(format!("routes leave {}", victim.name), async || {
         routes_on(app, victim.id()).await.is_empty()
     })
     .await;
@@ -238,7 +241,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 async fn a_silent_worker_s_routes_move_once_timeout_and_grace_have_passed(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let a = SimWorker::start(&app, "a", [20000, 20100]).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
     let mut ids = HashSet::new();
@@ -347,7 +350,7 @@ fn seed() -> u64 {
 async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
     let seed = seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let mut workers = Vec::new();
     for (i, name) in ["w0", "w1", "w2"].iter().enumerate() {
         let base = 20000 + 100 * i as u16;
@@ -379,7 +382,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
 
         let head = app.revision().await;
         wait_for(
-            &format!("round {round} (seed {seed}): every stream catches up"),
+            format!("round {round} (seed {seed}): every stream catches up"),
             async || workers.iter().all(|w| w.revision() >= head),
         )
         .await;
@@ -429,7 +432,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
             "round {round} (seed {seed}): every live route is served exactly once"
         );
         wait_for(
-            &format!("round {round} (seed {seed}): the victim is Ready again"),
+            format!("round {round} (seed {seed}): the victim is Ready again"),
             async || worker_status(&app, workers[victim].id()).await == "Ready",
         )
         .await;
@@ -437,7 +440,7 @@ async fn no_route_is_ever_on_two_workers_across_random_failures(b: Backend) {
 }
 
 async fn routes_that_fit_nowhere_wait_as_pending_until_capacity_appears(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let small = SimWorker::start(&app, "small", [20000, 20001]).await;
     let ids = [
         create_on(&app, small.id()).await,
@@ -478,7 +481,7 @@ async fn routes_that_fit_nowhere_wait_as_pending_until_capacity_appears(b: Backe
 }
 
 async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let a = SimWorker::start(&app, "a", [20000, 20100]).await;
     let keeper = create_on(&app, a.id()).await;
     let b_worker = SimWorker::start(&app, "b", [30000, 30100]).await;
@@ -511,7 +514,7 @@ async fn a_returning_worker_gets_only_what_is_still_its_own(b: Backend) {
 }
 
 async fn expired_routes_are_collected_as_deletes(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let w = SimWorker::start(&app, "w", [20000, 20100]).await;
     let lifetime = Duration::from_millis(800);
     let mut body = route(Uuid::new_v4(), "jupyter");
@@ -624,14 +627,13 @@ async fn a_leader_that_dies_without_releasing_is_replaced() {
 
 async fn idle_routes_are_collected_unless_re_sent(b: Backend) {
     let idle_ttl = Duration::from_millis(800);
-    let app = TestApp::start_with_health(
-        b,
-        HealthConfig {
+    let app = TestApp::builder(b)
+        .health(HealthConfig {
             route_idle_ttl: Some(idle_ttl),
             ..health()
-        },
-    )
-    .await;
+        })
+        .start()
+        .await;
     let w = SimWorker::start(&app, "w", [20000, 20100]).await;
     let forgotten = create_on(&app, w.id()).await;
     let kept_id = Uuid::now_v7();
@@ -714,6 +716,8 @@ struct BaiWorker {
     id: Uuid,
     alive: Arc<AtomicBool>,
     beating: Arc<tokio::sync::Mutex<()>>,
+    /// Its heartbeats: they end when the worker is dropped.
+    _heartbeats: Task,
 }
 
 impl BaiWorker {
@@ -760,13 +764,13 @@ impl BaiWorker {
             alive.clone(),
             beating.clone(),
         );
-        tokio::spawn(async move {
+        let heartbeats = Task::spawn(async move {
             loop {
                 {
                     let _beat = b.lock().await;
                     if a.load(Ordering::SeqCst) {
                         let now = clock.now();
-                        // The test (and its database) may be gone.
+                        // The database may be gone.
                         let Ok(acked) = store.current_revision().await else {
                             return;
                         };
@@ -789,6 +793,7 @@ impl BaiWorker {
             id,
             alive,
             beating,
+            _heartbeats: heartbeats,
         }
     }
 
@@ -842,7 +847,7 @@ async fn circuit_url(app: &TestApp, id: Uuid) -> (Route, Option<String>) {
 async fn lose(app: &TestApp, victim: &BaiWorker, alive: &[(String, Uuid)]) {
     victim.silence().await;
     advance_keeping(app, TIMEOUT + TICK, alive).await;
-    wait_for(&format!("{} is Lost", victim.name), async || {
+    wait_for(format!("{} is Lost", victim.name), async || {
         worker_status(app, victim.id).await == "Lost"
     })
     .await;
@@ -858,7 +863,7 @@ async fn metrics_text(app: &TestApp) -> String {
 async fn a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_when_it_returns(
     b: Backend,
 ) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let bai = BaiWorker::start(
         &app,
         "bai-a",
@@ -954,7 +959,7 @@ async fn a_backendai_circuit_on_a_lost_port_worker_stays_and_is_served_again_whe
 }
 
 async fn a_backendai_circuit_on_a_lost_wildcard_worker_moves_only_where_its_url_stays(b: Backend) {
-    let app = TestApp::start_with_health(b, health()).await;
+    let app = TestApp::builder(b).health(health()).start().await;
     let wildcard = |domain: &str| {
         json!({"frontend_mode": "wildcard", "wildcard_domain": format!(".{domain}"),
                "wildcard_traffic_port": 80})
@@ -1142,7 +1147,7 @@ async fn failover_moves_a_circuit_exactly_where_the_managers_url_stays(b: Backen
     for (i, ((from_host, from_tls, from_front), (to_host, to_tls, to_front))) in
         cases.into_iter().enumerate()
     {
-        let app = TestApp::start_with_health(b, health()).await;
+        let app = TestApp::builder(b).health(health()).start().await;
         let wildcard = from_front["frontend_mode"] == "wildcard";
         let lost = BaiWorker::start_tls(&app, "bai-lost", from_host, from_tls, from_front).await;
         let other = BaiWorker::start_tls(&app, "bai-other", to_host, to_tls, to_front).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use appproxy_coordinator::client::{Agent, RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::WorkerRegistration;
@@ -114,7 +114,7 @@ impl Load {
     /// counted.
     async fn acked_after(&self, since: usize, what: &str) {
         let n = since + self.clients + 1;
-        common::wait_for(&format!("{what}: {n} acknowledged creates"), async || {
+        common::wait_for(format!("{what}: {n} acknowledged creates"), async || {
             self.acked() >= n
         })
         .await;
@@ -162,7 +162,7 @@ async fn every_acknowledged_create_survives_sigkill_and_reaches_its_worker(b: Ba
     let mut agent = Agent::new(&url, BOOTSTRAP, registration("only"));
     agent.heartbeat_interval = Duration::from_millis(200);
     agent.max_backoff = Duration::from_millis(200);
-    tokio::spawn(agent.run(tx, std::future::pending()));
+    let _agent = common::Task::spawn(agent.run(tx, std::future::pending()));
     table.wait_for(|t| t.revision > 0).await.unwrap();
 
     let load = Load::start(&url, 32);
@@ -334,10 +334,16 @@ async fn postgres_restart_under_load_is_503_then_recovers_without_loss() {
     let load = Load::start(&url, 8);
     load.acked_after(0, "before PostgreSQL stops").await;
     pg_cluster("stop");
-    let down = Instant::now();
+    // PostgreSQL is started again however the wait below ends.
+    struct StartOnDrop;
+    impl Drop for StartOnDrop {
+        fn drop(&mut self) {
+            pg_cluster("start");
+        }
+    }
+    let down = StartOnDrop;
     // While the database is down: readiness fails, writes answer 503.
-    let mut saw_503 = false;
-    while down.elapsed() < common::PATIENCE {
+    let problem = common::wait_for("503s while PostgreSQL is down", async || {
         let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
         let created = http
             .post(format!("{url}/routes"))
@@ -346,43 +352,31 @@ async fn postgres_restart_under_load_is_503_then_recovers_without_loss() {
             .send()
             .await
             .unwrap();
-        if ready.status() == StatusCode::SERVICE_UNAVAILABLE
-            && created.status() == StatusCode::SERVICE_UNAVAILABLE
+        if ready.status() != StatusCode::SERVICE_UNAVAILABLE
+            || created.status() != StatusCode::SERVICE_UNAVAILABLE
         {
-            let problem: serde_json::Value = created.json().await.unwrap();
-            assert_eq!(
-                problem["type"],
-                "https://appproxy.backend.ai/problems/unavailable"
-            );
-            saw_503 = true;
-            break;
+            return None;
         }
-    }
-    pg_cluster("start");
-    assert!(
-        saw_503,
-        "the coordinator answers 503 while PostgreSQL is down"
+        Some(created.json::<serde_json::Value>().await.unwrap())
+    })
+    .await;
+    drop(down);
+    assert_eq!(
+        problem["type"],
+        "https://appproxy.backend.ai/problems/unavailable"
     );
     // It recovers without being restarted.
-    let back = Instant::now();
-    loop {
-        let r = http
-            .post(format!("{url}/routes"))
+    common::wait_for("a create after PostgreSQL is back", async || {
+        http.post(format!("{url}/routes"))
             .bearer_auth(MANAGER)
             .json(&route(Uuid::new_v4(), "x"))
             .send()
             .await
-            .unwrap();
-        if r.status() == StatusCode::CREATED {
-            break;
-        }
-        assert!(
-            back.elapsed() < common::PATIENCE,
-            "no recovery: {}",
-            r.status()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .unwrap()
+            .status()
+            == StatusCode::CREATED
+    })
+    .await;
     let recovered = load.acked();
     load.acked_after(recovered, "after PostgreSQL is back")
         .await;
@@ -431,17 +425,12 @@ fn pg_cluster(action: &str) {
         .unwrap();
     assert!(status.success(), "pg_ctlcluster {action}");
     if action == "start" {
-        for _ in 0..60 {
-            if std::process::Command::new("pg_isready")
+        common::wait_for_blocking("PostgreSQL back", || {
+            std::process::Command::new("pg_isready")
                 .args(["-h", "127.0.0.1", "-q"])
                 .status()
                 .unwrap()
                 .success()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        panic!("PostgreSQL did not come back");
+        });
     }
 }

@@ -10,8 +10,10 @@ use std::time::Duration;
 use appproxy_coordinator::client::{Agent, EventStream, RoutingTable, WorkerClient};
 use appproxy_coordinator::domain::WorkerRegistration;
 use appproxy_coordinator::domain::events::{Audience, Snapshot, StreamEvent};
-use appproxy_coordinator::store::Db;
-use common::{BOOTSTRAP, Backend, Coordinator, MANAGER, TestApp, TestDb, route};
+use appproxy_coordinator::store::{Db, NOTIFY_CHANNEL};
+use common::{
+    BOOTSTRAP, Backend, Coordinator, MANAGER, PATIENCE, TestApp, TestDb, route, wait_for,
+};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -55,9 +57,9 @@ async fn connect(app_url: &str, name: &str) -> (WorkerClient, RoutingTable) {
 }
 
 async fn next(stream: &mut EventStream) -> StreamEvent {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
+    tokio::time::timeout(PATIENCE, stream.next())
         .await
-        .expect("an event within 10 s")
+        .expect("an event within the patience")
         .expect("the stream is open")
         .expect("a well-formed event")
 }
@@ -240,7 +242,7 @@ async fn last_event_id_resumes_too(b: Backend) {
     let mut body = response.bytes_stream();
     let mut text = String::new();
     while !text.contains("\n\n") {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+        let chunk = tokio::time::timeout(PATIENCE, body.next())
             .await
             .unwrap()
             .unwrap()
@@ -346,7 +348,7 @@ async fn managers_see_every_route_change(b: Backend) {
     )
     .await;
     while parsed.len() < 4 {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), events.next())
+        let chunk = tokio::time::timeout(PATIENCE, events.next())
             .await
             .unwrap()
             .unwrap()
@@ -400,55 +402,39 @@ async fn acknowledgements_make_routes_active_and_lag_visible(b: Backend) {
     }));
     rx.wait_for(|t| t.revision > 0).await.unwrap();
     // Create the route once the agent's stream is open, so it arrives live.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !app
-        .call(Method::GET, "/metrics", None, None)
-        .await
-        .body
-        .as_str()
-        .unwrap()
-        .contains("appproxy_open_streams 1")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never opened its stream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the agent to open its stream", async || {
+        app.call(Method::GET, "/metrics", None, None)
+            .await
+            .body
+            .as_str()
+            .unwrap()
+            .contains("appproxy_open_streams 1")
+    })
+    .await;
     let created = app.create(route(Uuid::new_v4(), "jupyter")).await;
     let id: Uuid = created.body["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(created.body["status"], "Propagating");
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|t| t.routes.contains_key(&id)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    tokio::time::timeout(PATIENCE, rx.wait_for(|t| t.routes.contains_key(&id)))
+        .await
+        .unwrap()
+        .unwrap();
     let worker = created.body["worker_id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let (r, w) = wait_for("the route to become Active", async || {
         let r = app
             .manager(Method::GET, &format!("/routes/{id}"), None)
             .await;
         let w = app
             .manager(Method::GET, &format!("/workers/{worker}"), None)
             .await;
-        if r.body["status"] == "Active" && w.body["revision_lag"] == 0 {
-            assert!(
-                w.body["acked_revision"].as_i64().unwrap()
-                    >= created.body["revision"].as_i64().unwrap()
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "route never became Active: {:?} {:?}",
-            r.body,
-            w.body
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (r.body["status"] == "Active" && w.body["revision_lag"] == 0).then_some((r, w))
+    })
+    .await;
+    assert!(
+        w.body["acked_revision"].as_i64().unwrap() >= created.body["revision"].as_i64().unwrap(),
+        "{:?} {:?}",
+        r.body,
+        w.body
+    );
     let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
     let text = metrics.as_str().unwrap();
     assert!(text.contains("appproxy_open_streams 1"), "{text}");
@@ -481,7 +467,7 @@ async fn shutdown_ends_streams_with_a_final_bookmark(b: Backend) {
     let head = app.revision().await;
     app.hub.shutdown();
     let mut last = None;
-    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+    while let Ok(Some(e)) = tokio::time::timeout(PATIENCE, stream.next()).await {
         let e = e.unwrap();
         table.apply(&e).unwrap();
         last = Some(e);
@@ -554,25 +540,19 @@ async fn a_restarted_coordinator_resumes_the_agent_without_a_gap(b: Backend) {
         }
     };
     let first = create(Uuid::new_v4()).await;
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        rx.wait_for(|t| t.routes.contains_key(&first)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    tokio::time::timeout(PATIENCE, rx.wait_for(|t| t.routes.contains_key(&first)))
+        .await
+        .unwrap()
+        .unwrap();
     let before_restart = rx.borrow().revision;
-    assert!(coordinator.terminate(Duration::from_secs(10)).success());
+    assert!(coordinator.terminate().success());
 
     let coordinator = Coordinator::start(&args, &envs, "http");
     let second = create(Uuid::new_v4()).await;
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        rx.wait_for(|t| t.routes.contains_key(&second)),
-    )
-    .await
-    .expect("the agent reconnects and catches up")
-    .unwrap();
+    tokio::time::timeout(PATIENCE, rx.wait_for(|t| t.routes.contains_key(&second)))
+        .await
+        .expect("the agent reconnects and catches up")
+        .unwrap();
     let table = rx.borrow().clone();
     assert!(table.revision > before_restart);
     assert_eq!(
@@ -586,41 +566,55 @@ async fn a_restarted_coordinator_resumes_the_agent_without_a_gap(b: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_postgres() {
-    let db = TestDb::new(Backend::Postgres).await;
-    let url = db.url.clone();
+    let db = std::sync::Arc::new(TestDb::new(Backend::Postgres).await);
     let slow_poll = appproxy_coordinator::hub::HubConfig {
-        // Long enough that only NOTIFY can explain a prompt delivery.
-        poll_interval: Duration::from_secs(60),
-        bookmark_interval: Duration::from_secs(60),
+        // Far longer than the test waits: only NOTIFY can deliver a change
+        // committed on replica A to a stream on replica B.
+        poll_interval: 100 * PATIENCE,
+        bookmark_interval: 100 * PATIENCE,
         ..Default::default()
     };
     let store_a = db.store().await;
-    let replica_a = TestApp::serve_with(db, store_a, 64 * 1024, slow_poll.clone()).await;
-    let store_b = appproxy_coordinator::store::Store::connect(&url, 4)
+    let replica_a = TestApp::builder(Backend::Postgres)
+        .db(db.clone(), store_a)
+        .hub(slow_poll.clone())
+        .start()
+        .await;
+    let store_b = appproxy_coordinator::store::Store::connect(&db.url, 4)
         .await
         .unwrap();
-    let replica_b = TestApp::serve_with(
-        TestDb::new(Backend::Sqlite).await,
-        store_b,
-        64 * 1024,
-        slow_poll,
-    )
-    .await;
+    let replica_b = TestApp::builder(Backend::Postgres)
+        .db(db, store_b)
+        .hub(slow_poll)
+        .start()
+        .await;
 
+    // Both replicas listen for each other's commits (the hubs' LISTEN
+    // sessions on the shared database) before anything is committed.
+    let Db::Postgres(pool) = replica_a.store.db() else {
+        unreachable!()
+    };
+    wait_for("both replicas to LISTEN", async || {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query = $1",
+        )
+        .bind(format!("LISTEN \"{NOTIFY_CHANNEL}\""))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        listening == 2
+    })
+    .await;
     let (w, mut table) = connect(&replica_b.url, "w").await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // replica B's listener is up
     let mut stream = w.watch(Some(table.revision)).await.unwrap();
-    let started = std::time::Instant::now();
     let created = replica_a.create(route(Uuid::new_v4(), "jupyter")).await;
     assert_eq!(created.status, StatusCode::CREATED);
+    // Within the patience, far below either replica's poll interval.
     let e = next(&mut stream).await;
     table.apply(&e).unwrap();
     assert!(
         matches!(&e, StreamEvent::Upsert(u) if u.route.id.to_string() == created.body["id"].as_str().unwrap())
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "delivered through NOTIFY, not the 60 s poll"
     );
 }
 
@@ -637,7 +631,7 @@ async fn first_frame(app: &TestApp, path: &str, token: &str) -> String {
     let mut body = response.bytes_stream();
     let mut bytes = Vec::new();
     while !bytes.windows(2).any(|w| w == b"\n\n") {
-        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+        let chunk = tokio::time::timeout(PATIENCE, body.next())
             .await
             .expect("a frame within 10 s")
             .expect("the stream is open")
@@ -740,7 +734,7 @@ async fn a_stream_that_falls_behind_reads_what_it_missed_from_the_log(b: Backend
         stream_queue: 1,
         ..common::hub_config()
     };
-    let app = TestApp::serve_with(db, store, 64 * 1024, hub).await;
+    let app = TestApp::builder(b).db(db, store).hub(hub).start().await;
     let (w, table) = connect(&app.url, "w").await;
     let since = table.revision;
     let stream = app
@@ -758,15 +752,15 @@ async fn a_stream_that_falls_behind_reads_what_it_missed_from_the_log(b: Backend
         created.push(answer.body["revision"].as_i64().unwrap());
     }
     let head = app.revision().await;
-    common::wait_for("the hub hands out every change", async || {
+    wait_for("the hub hands out every change", async || {
         app.hub.handed_out() == Some(head)
     })
     .await;
     let mut seen = Vec::new();
     while seen.len() < created.len() {
-        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        let e = tokio::time::timeout(PATIENCE, stream.next())
             .await
-            .expect("an event within 10 s")
+            .expect("an event within the patience")
             .expect("the stream is open");
         if let StreamEvent::Upsert(u) = &e {
             seen.push(u.revision);

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::common::{self, Backend, PATIENCE, REDIS_URL, TestApp, manual_clock, wait_for};
+use crate::common::{self, Backend, PATIENCE, REDIS_URL, Task, TestApp, wait_for};
 
 crate::on_both_backends!(
     a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_active,
@@ -150,6 +150,8 @@ impl Heard {
 /// `authorities`.
 pub(crate) struct Subscriber {
     rx: mpsc::UnboundedReceiver<Heard>,
+    /// Reads the channel until the subscriber is dropped.
+    _task: Task,
 }
 
 impl Subscriber {
@@ -163,7 +165,7 @@ impl Subscriber {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut pubsub = client.get_async_pubsub().await.unwrap();
         pubsub.subscribe(bus::CHANNEL).await.unwrap();
-        tokio::spawn(async move {
+        let task = Task::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(m) = messages.next().await {
                 let raw: String = m.get_payload().unwrap();
@@ -188,7 +190,7 @@ impl Subscriber {
                 }
             }
         });
-        Subscriber { rx }
+        Subscriber { rx, _task: task }
     }
 
     pub(crate) async fn next(&mut self) -> Heard {
@@ -214,10 +216,23 @@ impl Subscriber {
     }
 }
 
+/// A Backend.AI worker played by the test ([`acknowledger`]), until dropped.
+pub(crate) struct Acknowledger {
+    acked: Arc<AtomicUsize>,
+    _task: Task,
+}
+
+impl Acknowledger {
+    /// How many created events it acknowledged so far.
+    pub(crate) fn acked(&self) -> usize {
+        self.acked.load(Ordering::SeqCst)
+    }
+}
+
 /// Plays a Backend.AI worker named `authority`: answers each created event
 /// for it with an added event carrying the same payload, except the first
-/// `ignore` ones. Answers how many it acknowledged.
-async fn acknowledger(authority: &str, ignore: usize) -> Arc<AtomicUsize> {
+/// `ignore` ones, until the answer is dropped.
+async fn acknowledger(authority: &str, ignore: usize) -> Acknowledger {
     acknowledger_on(&redis::Client::open(REDIS_URL).unwrap(), authority, ignore).await
 }
 
@@ -226,14 +241,14 @@ pub(crate) async fn acknowledger_on(
     client: &redis::Client,
     authority: &str,
     ignore: usize,
-) -> Arc<AtomicUsize> {
+) -> Acknowledger {
     let acked = Arc::new(AtomicUsize::new(0));
     let count = acked.clone();
     let name = authority.to_owned();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(bus::CHANNEL).await.unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    tokio::spawn(async move {
+    let task = Task::spawn(async move {
         let mut seen = 0;
         let mut messages = pubsub.into_on_message();
         while let Some(m) = messages.next().await {
@@ -260,13 +275,13 @@ pub(crate) async fn acknowledger_on(
             count.fetch_add(1, Ordering::SeqCst);
         }
     });
-    acked
+    Acknowledger { acked, _task: task }
 }
 
 async fn a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_active(
     backend: Backend,
 ) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("envelope");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -367,7 +382,7 @@ async fn a_created_event_has_upstream_s_envelope_and_its_ack_makes_the_route_act
 async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledged(
     backend: Backend,
 ) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("retry");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -389,7 +404,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
     app.clock.advance(timeout * 2);
     events.expect(bus::CREATED, &name, id).await;
     wait_for("the third publication is acknowledged", async || {
-        acked.load(Ordering::SeqCst) == 1
+        acked.acked() == 1
     })
     .await;
     wait_for("the route is Active", async || {
@@ -416,7 +431,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
 }
 
 async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("restart");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -459,7 +474,7 @@ async fn publishing_resumes_after_a_restart_with_only_what_was_not_published(bac
 }
 
 async fn the_leader_publishes_changes_committed_on_another_replica(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("replica");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -493,7 +508,7 @@ async fn the_leader_publishes_changes_committed_on_another_replica(backend: Back
 }
 
 async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let (a_name, b_name) = (authority("old"), authority("new"));
     let a = bai_worker(&app, &a_name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&a_name, &b_name]).await;
@@ -542,7 +557,7 @@ async fn a_move_is_removed_on_the_old_worker_and_created_on_the_new(backend: Bac
 }
 
 async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("idle");
     let worker = bai_worker(&app, &name, [10205, 10215]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -650,7 +665,7 @@ async fn idle_interactive_circuits_are_collected_and_removed(backend: Backend) {
 }
 
 async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("compacted");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;
@@ -690,7 +705,7 @@ async fn a_log_compacted_past_the_position_republishes_every_circuit(backend: Ba
 }
 
 async fn redis_down_delays_publishing_and_stops_nothing(backend: Backend) {
-    let app = TestApp::start_backendai(backend, manual_clock()).await;
+    let app = TestApp::start_backendai(backend).await;
     let name = authority("down");
     let worker = bai_worker(&app, &name, [10205, 10210]).await;
     let mut events = Subscriber::start(&[&name]).await;

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::{
-    API_SECRET, Backend, JWT_SECRET, TestApp, backendai_settings, manual_clock,
+    API_SECRET, Backend, JWT_SECRET, Task, TestApp, backendai_settings, manual_clock,
     register_backendai_worker,
 };
 use crate::on_both_backends;
@@ -99,18 +99,18 @@ pub(crate) async fn manager(
 }
 
 /// Plays the worker: acknowledges every route in the store, again and
-/// again, until the test ends.
-pub(crate) fn ack_everything(app: &TestApp) {
+/// again, until the answer is dropped (hold it for the test's duration).
+pub(crate) fn ack_everything(app: &TestApp) -> Task {
     let store = app.store.clone();
     let bai = app.backendai.clone().expect("Backend.AI mode");
-    tokio::spawn(async move {
+    Task::spawn(async move {
         loop {
             if let Ok(page) = store.list_routes(&RouteFilter::default(), 1000, None).await {
                 bai.acks.heard(page.items.iter().map(|r| r.id).collect());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    });
+    })
 }
 
 pub(crate) async fn port_worker(
@@ -179,7 +179,7 @@ pub(crate) fn assert_error(reply: &Reply, status: StatusCode, kind: &str) {
 }
 
 async fn status_reports_the_api_version_and_the_advertised_address(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let a = app.call(Method::GET, "/status", None, None).await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(
@@ -196,7 +196,7 @@ async fn status_reports_the_api_version_and_the_advertised_address(b: Backend) {
 }
 
 async fn the_api_secret_is_taken_in_upstreams_forms_only(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let now = app.clock.now().timestamp();
     let claims = |exp: i64| {
         json!({"sub": "manager", "exp": exp})
@@ -276,9 +276,9 @@ async fn the_api_secret_is_taken_in_upstreams_forms_only(b: Backend) {
 }
 
 async fn bulk_create_answers_urls_in_order_and_a_retry_changes_nothing(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
     let mut with_check = endpoint(second, "llama", None);
     with_check["health_check"] = json!({"enable": true, "path": "/health", "max-retries": 3});
@@ -318,7 +318,7 @@ async fn bulk_create_answers_urls_in_order_and_a_retry_changes_nothing(b: Backen
 }
 
 async fn an_existing_url_keeps_its_worker_and_port(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     let wild = register_backendai_worker(
         &app,
@@ -326,7 +326,7 @@ async fn an_existing_url_keeps_its_worker_and_port(b: Backend) {
         json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test", "wildcard_traffic_port": 8080}),
     )
     .await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (kept, moved, sub) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let a = bulk_create(
         &app,
@@ -361,7 +361,7 @@ async fn an_existing_url_keeps_its_worker_and_port(b: Backend) {
 }
 
 async fn bad_creates_are_answered_in_upstreams_body(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     // No worker at all.
     let a = bulk_create(&app, vec![endpoint(Uuid::new_v4(), "smoke", None)]).await;
     assert_error(
@@ -371,7 +371,7 @@ async fn bad_creates_are_answered_in_upstreams_body(b: Backend) {
     );
 
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let mut bad = endpoint(Uuid::new_v4(), "smoke", None);
     bad["tags"]["session"]["user_uuid"] = json!("not-a-uuid");
     let a = bulk_create(&app, vec![bad]).await;
@@ -427,7 +427,11 @@ async fn bad_creates_are_answered_in_upstreams_body(b: Backend) {
 async fn an_unacknowledged_circuit_is_503_e10001_and_stays(b: Backend) {
     let mut settings = backendai_settings();
     settings.ack_timeout = Duration::from_millis(200);
-    let app = TestApp::start_backendai_with(b, manual_clock(), settings).await;
+    let app = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     port_worker(&app, "worker-1").await;
     let deployment = Uuid::new_v4();
     let a = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
@@ -440,7 +444,7 @@ async fn an_unacknowledged_circuit_is_503_e10001_and_stays(b: Backend) {
     );
 
     // Once the worker answers, the retry is answered with the same circuit.
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let a = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
     assert_eq!(a.body["endpoints"][0]["url"], "http://127.0.0.1:10205/");
@@ -448,9 +452,9 @@ async fn an_unacknowledged_circuit_is_503_e10001_and_stays(b: Backend) {
 }
 
 async fn one_endpoint_is_created_and_deleted_by_its_id(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let deployment = Uuid::new_v4();
     let body = json!({
         "version": "v2",
@@ -486,9 +490,9 @@ async fn one_endpoint_is_created_and_deleted_by_its_id(b: Backend) {
 }
 
 async fn bulk_delete_answers_per_endpoint_in_request_order(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (a1, a2, unknown) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let c = bulk_create(
         &app,
@@ -518,9 +522,9 @@ async fn bulk_delete_answers_per_endpoint_in_request_order(b: Backend) {
 }
 
 async fn routes_are_replaced_registered_and_unregistered_per_endpoint(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (deployment, unknown) = (Uuid::new_v4(), Uuid::new_v4());
     let c = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
@@ -648,9 +652,9 @@ async fn routes_are_replaced_registered_and_unregistered_per_endpoint(b: Backend
 }
 
 async fn concurrent_registrations_all_land(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let deployment = Uuid::new_v4();
     let c = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
@@ -692,9 +696,9 @@ async fn concurrent_registrations_all_land(b: Backend) {
 }
 
 async fn the_endpoint_token_carries_the_circuit_and_expiry(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let worker = port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let deployment = Uuid::new_v4();
     let c = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
@@ -747,9 +751,9 @@ async fn the_endpoint_token_carries_the_circuit_and_expiry(b: Backend) {
 }
 
 async fn the_health_check_is_stored_on_the_circuit(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let deployment = Uuid::new_v4();
     let c = bulk_create(&app, vec![endpoint(deployment, "smoke", None)]).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
@@ -810,9 +814,9 @@ pub(crate) fn conf_body(session: Uuid, user: Uuid, port: u16) -> Value {
 }
 
 async fn conf_then_proxy_auth_answers_json_or_a_redirect_to_setup(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     let path = format!(
@@ -935,7 +939,7 @@ async fn conf_then_proxy_auth_answers_json_or_a_redirect_to_setup(b: Backend) {
 }
 
 async fn proxy_auth_reuses_the_sessions_circuit_and_updates_it_in_place(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
     register_backendai_worker(
         &app,
@@ -943,7 +947,7 @@ async fn proxy_auth_reuses_the_sessions_circuit_and_updates_it_in_place(b: Backe
         json!({"frontend_mode": "port", "port_range": [20000, 20010], "protocol": "tcp"}),
     )
     .await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     let auth = |query: &str| proxy_auth_json(&app, &token, session, query.to_owned());
@@ -1016,7 +1020,11 @@ pub(crate) async fn proxy_auth_json(
 async fn conf_without_a_token_only_from_allowed_networks(b: Backend) {
     let mut settings = backendai_settings();
     settings.conf_allowed_networks = Vec::new();
-    let app = TestApp::start_backendai_with(b, manual_clock(), settings).await;
+    let app = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     let body = conf_body(Uuid::new_v4(), Uuid::new_v4(), 8888);
     let a = send(&app, Method::POST, "/v2/conf", &[], Some(body.clone())).await;
     assert_error(&a, StatusCode::UNAUTHORIZED, "auth-failed");
@@ -1072,12 +1080,12 @@ async fn conf_without_a_token_only_from_allowed_networks(b: Backend) {
     assert_eq!(a.body["msg"], "Not meant for inference apps");
 
     // Loopback allowed (the default test settings): no token needed.
-    let open = TestApp::start_backendai(b, manual_clock()).await;
+    let open = TestApp::start_backendai(b).await;
     conf(&open, Uuid::new_v4(), Uuid::new_v4(), 8888).await;
 }
 
 async fn health_answers_and_lists_workers_and_stranded_circuits(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let worker = port_worker(&app, "worker-1").await;
     register_backendai_worker(
         &app,
@@ -1085,7 +1093,7 @@ async fn health_answers_and_lists_workers_and_stranded_circuits(b: Backend) {
         json!({"frontend_mode": "wildcard", "wildcard_domain": ".apps.test"}),
     )
     .await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
 
     let a = send(&app, Method::GET, "/health", &[], None).await;
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);

@@ -55,9 +55,9 @@ async fn conf_at(app: &TestApp, session: Uuid, user: Uuid, host: &str) -> String
 }
 
 async fn another_users_conf_token_cannot_touch_an_open_app(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, victim) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, victim, 8888).await;
     let a = proxy_auth_json(&app, &token, session, "app=jupyter&protocol=http".into()).await;
@@ -91,9 +91,9 @@ async fn another_users_conf_token_cannot_touch_an_open_app(b: Backend) {
 }
 
 async fn the_same_user_may_update_its_app_in_place(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     let a = proxy_auth_json(&app, &token, session, "app=jupyter&protocol=http".into()).await;
@@ -120,9 +120,9 @@ async fn the_same_user_may_update_its_app_in_place(b: Backend) {
 }
 
 async fn a_redirect_must_be_a_path_on_the_workers_origin(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let token = conf(&app, session, user, 8888).await;
     for redirect in [
@@ -172,7 +172,7 @@ fn registration(authority: &str) -> Value {
 }
 
 async fn the_native_bootstrap_token_never_takes_a_backendai_workers_name(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let a = manager(
         &app,
         Method::PUT,
@@ -236,7 +236,7 @@ async fn the_native_bootstrap_token_never_takes_a_backendai_workers_name(b: Back
 }
 
 async fn the_api_secret_reaches_backendai_circuits_only(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let a = manager(
         &app,
         Method::PUT,
@@ -313,7 +313,7 @@ async fn status_with(app: &TestApp, client: &reqwest::Client, token: &str) -> re
 }
 
 async fn refused_secrets_are_limited_per_address(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let (attacker, manager_host, worker_host) = (
         client_from("127.0.0.2"),
         client_from("127.0.0.3"),
@@ -379,9 +379,9 @@ async fn conf_token_rows(app: &TestApp) -> i64 {
 }
 
 async fn conf_tokens_keep_upstreams_sizes_and_expire(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     port_worker(&app, "worker-1").await;
-    ack_everything(&app);
+    let _acks = ack_everything(&app);
     let (session, user) = (Uuid::new_v4(), Uuid::new_v4());
     let post = |field: &'static str, value: Value| {
         let mut body = conf_body(session, user, 8888);
@@ -437,7 +437,7 @@ fn alias_bomb() -> String {
 }
 
 async fn a_yaml_body_is_read_within_a_budget(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let yaml = |body: String| {
         let app = &app;
         async move {
@@ -469,7 +469,11 @@ async fn a_yaml_body_is_read_within_a_budget(b: Backend) {
     // From a network that needs the api_secret, nothing is read without it.
     let mut settings = backendai_settings();
     settings.conf_allowed_networks = Vec::new();
-    let closed = TestApp::start_backendai_with(b, manual_clock(), settings).await;
+    let closed = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     appproxy_coordinator::install_crypto_provider();
     let r = reqwest::Client::new()
         .post(format!("{}/v2/conf", closed.url))
@@ -482,7 +486,7 @@ async fn a_yaml_body_is_read_within_a_budget(b: Backend) {
 }
 
 async fn manager_jwts_are_checked_as_pyjwt_checks_them(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let now = app.clock.now().timestamp();
     let status = |claims: Value| {
         let token = jwt::encode(claims.as_object().unwrap(), API_SECRET);
@@ -524,7 +528,11 @@ async fn health_checks_share_one_redis_connection() {
     let redis = PrivateRedis::start();
     let mut settings = backendai_settings();
     settings.redis_url = redis.url();
-    let app = TestApp::start_backendai_with(Backend::Sqlite, manual_clock(), settings).await;
+    let app = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
     let before = redis.connections_received();
     for _ in 0..200 {
         let a = app.call(Method::GET, "/health", None, None).await;

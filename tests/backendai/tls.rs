@@ -55,12 +55,11 @@ async fn redis_health(app: &TestApp) -> (bool, String) {
 async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "no");
-    let app = TestApp::start_backendai_with(
-        Backend::Sqlite,
-        manual_clock(),
-        settings(&redis, trusting(&pki.ca)),
-    )
-    .await;
+    let app = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings(&redis, trusting(&pki.ca)))
+        .start()
+        .await;
     let bai = app.backendai.clone().unwrap();
     // The test's own clients (the subscriber, the worker acknowledging)
     // also reach the server over TLS: it has no plaintext port.
@@ -86,7 +85,7 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
         status(&app, &id).await == "Active"
     })
     .await;
-    assert_eq!(acked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(acked.acked(), 1);
 
     // The live data in DB 2, through the client derived from the bus's
     // (it keeps the TLS settings): what a worker counted is read, a
@@ -137,12 +136,11 @@ async fn a_wrong_ca_makes_health_report_redis_unhealthy_with_a_certificate_error
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki, "no");
     // A CA that did not sign the server's certificate.
-    let app = TestApp::start_backendai_with(
-        Backend::Sqlite,
-        manual_clock(),
-        settings(&redis, trusting(&pki.other_ca)),
-    )
-    .await;
+    let app = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings(&redis, trusting(&pki.other_ca)))
+        .start()
+        .await;
     let (healthy, error) = redis_health(&app).await;
     assert!(!healthy, "a server the CA did not sign is not healthy");
     assert!(
@@ -156,12 +154,11 @@ async fn a_wrong_ca_makes_health_report_redis_unhealthy_with_a_certificate_error
     assert_eq!(a.status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
 
     // Without a CA file the public roots are used: they did not sign it either.
-    let public = TestApp::start_backendai_with(
-        Backend::Sqlite,
-        manual_clock(),
-        settings(&redis, RedisTls::default()),
-    )
-    .await;
+    let public = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings(&redis, RedisTls::default()))
+        .start()
+        .await;
     let (healthy, error) = redis_health(&public).await;
     assert!(!healthy);
     assert!(error.contains("certificate verification failed"), "{error}");
@@ -173,12 +170,11 @@ async fn a_server_requiring_client_certificates_gets_the_configured_one() {
     let redis = TlsRedis::start(&pki, "yes");
     let (cert, key) = pki.client("appproxy-coordinator");
 
-    let without = TestApp::start_backendai_with(
-        Backend::Sqlite,
-        manual_clock(),
-        settings(&redis, trusting(&pki.ca)),
-    )
-    .await;
+    let without = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings(&redis, trusting(&pki.ca)))
+        .start()
+        .await;
     let (healthy, error) = redis_health(&without).await;
     assert!(!healthy, "no client certificate, no connection");
     assert!(error.contains("client certificate"), "{error}");
@@ -188,12 +184,11 @@ async fn a_server_requiring_client_certificates_gets_the_configured_one() {
         client_cert: Some(cert),
         client_key: Some(key),
     };
-    let with = TestApp::start_backendai_with(
-        Backend::Sqlite,
-        manual_clock(),
-        settings(&redis, tls.clone()),
-    )
-    .await;
+    let with = TestApp::builder(Backend::Sqlite)
+        .clock(manual_clock())
+        .backendai(settings(&redis, tls.clone()))
+        .start()
+        .await;
     let (healthy, error) = redis_health(&with).await;
     assert!(healthy, "{error}\n{}", redis.log());
     // The derived DB 2 client presents it too.

@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::common::{API_SECRET, Answer, Backend, REDIS_URL, TestApp, manual_clock, wait_for};
+use crate::common::{API_SECRET, Answer, Backend, REDIS_URL, TestApp, wait_for};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -121,7 +121,7 @@ async fn live_db() -> redis::aio::MultiplexedConnection {
 }
 
 async fn registration_answers_the_worker_model_in_port_mode(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let a = app
         .http
@@ -206,7 +206,7 @@ async fn registration_answers_the_worker_model_in_port_mode(b: Backend) {
 }
 
 async fn registration_answers_the_worker_model_in_wildcard_mode(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let (id, body) = put_worker(
         &app,
@@ -234,7 +234,7 @@ async fn registration_answers_the_worker_model_in_wildcard_mode(b: Backend) {
 }
 
 async fn re_registration_keeps_the_id_and_counts_nodes(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let (id, _) = put_worker(&app, &name, port_mode(10205, 10210)).await;
     let route = interactive_on(&app, id, Uuid::new_v4()).await;
@@ -311,7 +311,7 @@ async fn re_registration_keeps_the_id_and_counts_nodes(b: Backend) {
 }
 
 async fn a_frontend_without_its_configuration_is_refused(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let a = bai(
         &app,
         Method::PUT,
@@ -372,7 +372,7 @@ async fn patch(app: &TestApp, id: Uuid) -> Answer {
 }
 
 async fn heartbeats_keep_a_worker_ready_and_bring_a_lost_one_back(b: Backend) {
-    let mut app = TestApp::start_backendai(b, manual_clock()).await;
+    let mut app = TestApp::start_backendai(b).await;
     app.health = Some(HealthConfig {
         heartbeat_timeout: TIMEOUT,
         failover_grace: Duration::from_secs(3600),
@@ -419,7 +419,7 @@ async fn heartbeats_keep_a_worker_ready_and_bring_a_lost_one_back(b: Backend) {
 }
 
 async fn a_heartbeat_writes_last_seen_in_redis(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let (id, _) = put_worker(&app, &name, port_mode(10205, 10210)).await;
     let mut redis = live_db().await;
@@ -450,7 +450,7 @@ async fn a_heartbeat_writes_last_seen_in_redis(b: Backend) {
 }
 
 async fn circuits_are_serializable_circuits_of_routes(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let (id, _) = put_worker(&app, &authority(), port_mode(10205, 10210)).await;
     let user = Uuid::new_v4();
     let route = interactive_on(&app, id, user).await;
@@ -520,7 +520,7 @@ async fn circuits_are_serializable_circuits_of_routes(b: Backend) {
 }
 
 async fn circuits_are_deleted_one_by_one_and_in_bulk(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let (id, _) = put_worker(&app, &authority(), port_mode(10205, 10220)).await;
     let mut ids = Vec::new();
     for _ in 0..6 {
@@ -592,7 +592,7 @@ async fn circuits_are_deleted_one_by_one_and_in_bulk(b: Backend) {
 }
 
 async fn statistics_read_the_workers_counters(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let (id, _) = put_worker(&app, &authority(), port_mode(10205, 10210)).await;
     let route = interactive_on(&app, id, Uuid::new_v4()).await;
     let route_id = route["id"].as_str().unwrap();
@@ -677,7 +677,7 @@ async fn statistics_read_the_workers_counters(b: Backend) {
 }
 
 async fn slots_list_the_frontends_in_use(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let (id, _) = put_worker(&app, &name, port_mode(10205, 10207)).await;
     let route = interactive_on(&app, id, Uuid::new_v4()).await;
@@ -708,7 +708,7 @@ async fn slots_list_the_frontends_in_use(b: Backend) {
 }
 
 async fn the_v1_aliases_answer_upstreams_v1_shapes(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let name = authority();
     let (id, body) = put_worker(&app, &name, port_mode(10205, 10207)).await;
     let route = interactive_on(&app, id, Uuid::new_v4()).await;
@@ -738,7 +738,7 @@ async fn the_v1_aliases_answer_upstreams_v1_shapes(b: Backend) {
 }
 
 async fn the_api_secret_is_required_in_every_form(b: Backend) {
-    let app = TestApp::start_backendai(b, manual_clock()).await;
+    let app = TestApp::start_backendai(b).await;
     let (id, _) = put_worker(&app, &authority(), port_mode(10205, 10207)).await;
     let jwt = |secret: &str| jwt::encode(json!({"sub": "test"}).as_object().unwrap(), secret);
     let good = [

@@ -139,19 +139,89 @@ pub fn hub_config() -> HubConfig {
 /// fails: generous, because a loaded machine is slow, not wrong.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Polls `check` every 25 ms until it holds; fails the test after [`PATIENCE`].
-/// Answers how long it took.
-pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+/// How often a wait checks its condition again.
+const POLL: Duration = Duration::from_millis(25);
+
+/// What a wait's check answers: `true`, or `Some(value)`, once it holds.
+pub trait Outcome {
+    type Value;
+    fn settled(self) -> Option<Self::Value>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn settled(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn settled(self) -> Option<T> {
+        self
+    }
+}
+
+/// Polls `check` every 25 ms until it holds (`true`, or `Some(value)`: the
+/// value is answered); fails the test, saying `what` it waited for, after
+/// [`PATIENCE`]. (`what` is shown only then: it may be a
+/// [`std::fmt::from_fn`] that reads a log.)
+pub async fn wait_for<O: Outcome>(
+    what: impl std::fmt::Display,
+    mut check: impl AsyncFnMut() -> O,
+) -> O::Value {
     let started = Instant::now();
     loop {
-        if check().await {
-            return started.elapsed();
+        if let Some(value) = check().await.settled() {
+            return value;
         }
         assert!(
             started.elapsed() < PATIENCE,
             "{what}: not within {PATIENCE:?}"
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`wait_for`] for code that is not async (a child process, a blocking
+/// client): blocks the thread between checks.
+pub fn wait_for_blocking<O: Outcome>(
+    what: impl std::fmt::Display,
+    mut check: impl FnMut() -> O,
+) -> O::Value {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().settled() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: not within {PATIENCE:?}"
+        );
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A task a test spawned, aborted when this is dropped: hold it for as long
+/// as the task must run (a simulated worker's heartbeats, a server), so no
+/// loop outlives its test.
+#[must_use = "the task is aborted when this is dropped"]
+pub struct Task(tokio::task::JoinHandle<()>);
+
+impl Task {
+    pub fn spawn<F>(future: F) -> Task
+    where
+        F: std::future::Future + Send + 'static,
+    {
+        Task(tokio::spawn(async move {
+            future.await;
+        }))
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -225,7 +295,9 @@ pub fn backendai_settings() -> backendai::Settings {
 }
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
 
-/// The real router, served on 127.0.0.1:<free port>.
+/// The real router, served on 127.0.0.1:<free port>; made by
+/// [`TestApp::builder`] (or [`TestApp::start`] with every default). The
+/// server and any health loops stop when the `TestApp` is dropped.
 pub struct TestApp {
     pub url: String,
     pub http: Client,
@@ -234,11 +306,13 @@ pub struct TestApp {
     pub metrics: Arc<Metrics>,
     /// The time the API and the health loops read.
     pub clock: Clock,
-    /// The health loops' settings, when they run ([`TestApp::start_with_health`]).
+    /// The health loops' settings, when they run ([`TestAppBuilder::health`]).
     pub health: Option<HealthConfig>,
-    /// Backend.AI mode, when on ([`TestApp::start_backendai`]).
+    /// Backend.AI mode, when on ([`TestAppBuilder::backendai`]).
     pub backendai: Option<Arc<BackendAi>>,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
+    /// The server and the health loops.
+    _tasks: Vec<Task>,
 }
 
 pub struct Answer {
@@ -262,90 +336,90 @@ impl Answer {
     }
 }
 
-impl TestApp {
-    /// The router on the system clock.
-    pub async fn start(backend: Backend) -> TestApp {
-        TestApp::start_with_clock(backend, Clock::system()).await
+/// How a [`TestApp`] is made. Defaults: a fresh database on the builder's
+/// backend, the system clock (a manual one when health loops run), no health
+/// loops, native mode, bodies up to 64 KiB (1 MiB in Backend.AI mode), the
+/// quick [`hub_config`], and 30 authentication failures a minute.
+#[must_use = "a builder does nothing until `start`"]
+pub struct TestAppBuilder {
+    backend: Backend,
+    clock: Option<Clock>,
+    health: Option<HealthConfig>,
+    backendai: Option<backendai::Settings>,
+    max_body: Option<usize>,
+    hub: HubConfig,
+    db: Option<(Arc<TestDb>, Store)>,
+    auth_failures_per_minute: u32,
+}
+
+impl TestAppBuilder {
+    /// The time the API (and the health loops) read.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
-    /// The router on `clock`.
-    pub async fn start_with_clock(backend: Backend, clock: Clock) -> TestApp {
-        let db = TestDb::new(backend).await;
-        let store = db.store().await;
-        TestApp::serve_with_clock(db, store, 64 * 1024, hub_config(), clock).await
+    /// Runs the leader's health loops with `health`, leading always; on a
+    /// manual clock (`app.clock`) that only the test moves, unless
+    /// [`clock`](Self::clock) says otherwise.
+    pub fn health(mut self, health: HealthConfig) -> Self {
+        self.health = Some(health);
+        self
     }
 
-    pub async fn serve(db: TestDb, store: Store, max_body: usize) -> TestApp {
-        TestApp::serve_with(db, store, max_body, hub_config()).await
+    /// Backend.AI mode with `settings` (see [`backendai_settings`]).
+    pub fn backendai(mut self, settings: backendai::Settings) -> Self {
+        self.backendai = Some(settings);
+        self
     }
 
-    /// The router plus the leader's health loops with `health` timeouts, both
-    /// on a manual clock (`app.clock`) that only the test moves.
-    pub async fn start_with_health(backend: Backend, health: HealthConfig) -> TestApp {
-        let mut app = TestApp::start_with_clock(backend, manual_clock()).await;
-        tokio::spawn(appproxy_coordinator::health::run(
-            app.hub.context(app.clock.clone(), Leadership::fixed(true)),
-            health.clone(),
-        ));
-        app.health = Some(health);
-        app
+    /// The largest request body the router reads.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = Some(bytes);
+        self
     }
 
-    /// One pass of the health loops now, at the time `app.clock` shows (the
-    /// background loop runs too; this makes sure a pass ran after the last
-    /// change of the clock).
-    pub async fn health_pass(&self) {
-        let health = self.health.as_ref().expect("started with health loops");
-        appproxy_coordinator::health::pass(&self.store, &self.metrics, health, &self.clock)
-            .await
-            .unwrap();
+    pub fn hub(mut self, hub: HubConfig) -> Self {
+        self.hub = hub;
+        self
     }
 
-    pub async fn serve_with(db: TestDb, store: Store, max_body: usize, hub: HubConfig) -> TestApp {
-        TestApp::serve_with_clock(db, store, max_body, hub, Clock::system()).await
+    /// Serves `store` (a pool on `db`) instead of a fresh database: say a
+    /// second replica on another's database.
+    pub fn db(mut self, db: impl Into<Arc<TestDb>>, store: Store) -> Self {
+        self.db = Some((db.into(), store));
+        self
     }
 
-    pub async fn serve_with_clock(
-        db: TestDb,
-        store: Store,
-        max_body: usize,
-        hub: HubConfig,
-        clock: Clock,
-    ) -> TestApp {
-        TestApp::serve_full(db, store, max_body, hub, clock, None).await
+    /// Failed authentications a client may make per minute (0: no limit).
+    pub fn auth_failures_per_minute(mut self, n: u32) -> Self {
+        self.auth_failures_per_minute = n;
+        self
     }
 
-    /// A coordinator in Backend.AI mode ([`backendai_settings`]), on `clock`.
-    pub async fn start_backendai(backend: Backend, clock: Clock) -> TestApp {
-        let db = TestDb::new(backend).await;
-        let store = db.store().await;
-        let bai = Arc::new(BackendAi::new(backendai_settings()).unwrap());
-        TestApp::serve_full(db, store, 1024 * 1024, hub_config(), clock, Some(bai)).await
-    }
-
-    /// A coordinator in Backend.AI mode with `settings` (say a short ack
-    /// timeout, or no network allowed to configure without a token).
-    pub async fn start_backendai_with(
-        backend: Backend,
-        clock: Clock,
-        settings: backendai::Settings,
-    ) -> TestApp {
-        let db = TestDb::new(backend).await;
-        let store = db.store().await;
-        let bai = Arc::new(BackendAi::new(settings).unwrap());
-        TestApp::serve_full(db, store, 1024 * 1024, hub_config(), clock, Some(bai)).await
-    }
-
-    pub async fn serve_full(
-        db: TestDb,
-        store: Store,
-        max_body: usize,
-        hub: HubConfig,
-        clock: Clock,
-        backendai: Option<Arc<BackendAi>>,
-    ) -> TestApp {
+    pub async fn start(self) -> TestApp {
+        let (db, store) = match self.db {
+            Some(existing) => existing,
+            None => {
+                let db = TestDb::new(self.backend).await;
+                let store = db.store().await;
+                (Arc::new(db), store)
+            }
+        };
+        let clock = self.clock.unwrap_or_else(|| match self.health {
+            Some(_) => manual_clock(),
+            None => Clock::system(),
+        });
+        let backendai = self
+            .backendai
+            .map(|settings| Arc::new(BackendAi::new(settings).unwrap()));
+        let max_body = self.max_body.unwrap_or(if backendai.is_some() {
+            1024 * 1024
+        } else {
+            64 * 1024
+        });
         let metrics = Metrics::new(&store);
-        let hub = Hub::start(store.clone(), hub, metrics.clone());
+        let hub = Hub::start(store.clone(), self.hub, metrics.clone());
         let state = AppState {
             metrics: metrics.clone(),
             store: store.clone(),
@@ -358,20 +432,28 @@ impl TestApp {
                 worker: Secret::new(BOOTSTRAP),
             }),
             backendai: backendai.clone(),
-            // The production default, on the test's clock.
-            auth_limit: Arc::new(api::limit::AuthLimiter::new(30, clock.clone())),
+            auth_limit: Arc::new(api::limit::AuthLimiter::new(
+                self.auth_failures_per_minute,
+                clock.clone(),
+            )),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = api::router(state, max_body);
-        tokio::spawn(async move {
+        let mut tasks = vec![Task::spawn(async move {
             axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
             )
             .await
             .unwrap()
-        });
+        })];
+        if let Some(health) = &self.health {
+            tasks.push(Task::spawn(appproxy_coordinator::health::run(
+                hub.context(clock.clone(), Leadership::fixed(true)),
+                health.clone(),
+            )));
+        }
         TestApp {
             url: format!("http://{addr}"),
             http: http_client(),
@@ -379,10 +461,53 @@ impl TestApp {
             hub,
             metrics,
             clock,
-            health: None,
+            health: self.health,
             backendai,
             db,
+            _tasks: tasks,
         }
+    }
+}
+
+impl TestApp {
+    /// A coordinator on `backend`, to be set up further (see [`TestAppBuilder`]).
+    pub fn builder(backend: Backend) -> TestAppBuilder {
+        TestAppBuilder {
+            backend,
+            clock: None,
+            health: None,
+            backendai: None,
+            max_body: None,
+            hub: hub_config(),
+            db: None,
+            // The production default.
+            auth_failures_per_minute: 30,
+        }
+    }
+
+    /// A coordinator with every default: on the system clock, native mode.
+    pub async fn start(backend: Backend) -> TestApp {
+        TestApp::builder(backend).start().await
+    }
+
+    /// A coordinator in Backend.AI mode ([`backendai_settings`]) on a
+    /// manual clock.
+    pub async fn start_backendai(backend: Backend) -> TestApp {
+        TestApp::builder(backend)
+            .clock(manual_clock())
+            .backendai(backendai_settings())
+            .start()
+            .await
+    }
+
+    /// One pass of the health loops now, at the time `app.clock` shows (the
+    /// background loop runs too; this makes sure a pass ran after the last
+    /// change of the clock).
+    pub async fn health_pass(&self) {
+        let health = self.health.as_ref().expect("started with health loops");
+        appproxy_coordinator::health::pass(&self.store, &self.metrics, health, &self.clock)
+            .await
+            .unwrap();
     }
 
     /// Sends a request with an optional bearer token and JSON body.
@@ -544,10 +669,13 @@ impl Coordinator {
                 log.push('\n');
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            if let Some(addr) = log
-                .lock()
+        let waited =
+            std::fmt::from_fn(|f| write!(f, "the coordinator to listen:\n{}", log.lock().unwrap()));
+        let addr = wait_for_blocking(waited, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
+            }
+            log.lock()
                 .unwrap()
                 .split("listening on ")
                 .nth(1)
@@ -556,19 +684,7 @@ impl Coordinator {
                         .take_while(|c| c.is_ascii_digit() || ".:[]".contains(*c))
                         .collect::<String>()
                 })
-            {
-                break addr;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("coordinator exited with {status}:\n{}", log.lock().unwrap());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "coordinator did not start:\n{}",
-                log.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        });
         Coordinator {
             child,
             log,
@@ -586,21 +702,11 @@ impl Coordinator {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then the exit status (within `limit`).
-    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+    /// SIGTERM, then the exit status (within the [`PATIENCE`]).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {limit:?} of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_blocking("an exit after SIGTERM", || self.child.try_wait().unwrap())
     }
 }
 
@@ -661,16 +767,9 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server must be installed (Debian package redis-server)");
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        let conn = loop {
-            match client.get_connection() {
-                Ok(c) => break c,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "redis-server on {port}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let conn = wait_for_blocking(format!("redis-server on {port}"), || {
+            client.get_connection().ok()
+        });
         PrivateRedis {
             child,
             port,

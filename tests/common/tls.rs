@@ -20,7 +20,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use super::PATIENCE;
+use super::wait_for_blocking;
 
 /// A test CA, a server certificate it signed (for `localhost` and
 /// `127.0.0.1`), and a second CA that signed nothing the servers use.
@@ -133,6 +133,14 @@ fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
+fn read_log(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    text
+}
+
 /// A server process in a process group of its own, its output in `log`.
 struct Server {
     child: Child,
@@ -158,32 +166,21 @@ impl Server {
     }
 
     fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
+        read_log(&self.log)
     }
 
     /// Waits until the log says `ready`; `None` if the server exited first
     /// (say, its port was taken meanwhile).
     fn wait_ready(&mut self, ready: &str) -> Option<()> {
-        let started = Instant::now();
-        loop {
-            if self.log().contains(ready) {
-                return Some(());
+        let Server { child, log, what } = self;
+        let waited = std::fmt::from_fn(|f| write!(f, "{what} to start:\n{}", read_log(log)));
+        wait_for_blocking(waited, || {
+            if read_log(log).contains(ready) {
+                return Some(Some(()));
             }
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return None;
-            }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "{} did not start within {PATIENCE:?}:\n{}",
-                self.what,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+            // Exited first: not ready, ever.
+            child.try_wait().ok().flatten().map(|_| None)
+        })
     }
 
     /// `signal` to the whole process group.
