@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::{ManagerOnly, Registrant, WorkerSelf, WorkerSelfOrManager, issue_worker_token};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, WorkerPath, json};
-use crate::domain::health::Observation;
 use crate::domain::{Worker, WorkerRegistration};
 use crate::health;
 use crate::store::Removal;
@@ -65,10 +64,7 @@ pub async fn heartbeat(
         });
     }
     let now = state.clock.now();
-    let (mut status, revision) = state.store.heartbeat(id, beat.acked_revision, now).await?;
-    if let Some(next) = health::observe(&state.store, id, Observation::Heartbeat, now).await? {
-        status = next;
-    }
+    let (status, revision) = health::heartbeat(&state.store, id, beat.acked_revision, now).await?;
     state
         .metrics
         .ack_lag

@@ -467,12 +467,7 @@ async fn heartbeat(
     let now = state.clock.now();
     // Revision 0 acknowledges nothing new: what the worker applied is the
     // event bus's business.
-    state
-        .store
-        .heartbeat(worker_id, 0, now)
-        .await
-        .map_err(no_worker)?;
-    health::observe(&state.store, worker_id, Observation::Heartbeat, now)
+    health::heartbeat(&state.store, worker_id, 0, now)
         .await
         .map_err(no_worker)?;
     let authority = worker.name.clone();
