@@ -31,17 +31,7 @@ use uuid::Uuid;
 use super::auth::Authorized;
 use super::{BaiError, BaiJson, BaiPath};
 use crate::api::AppState;
-use crate::backendai::circuit::{self, RouteInfo};
-use crate::backendai::endpoint::{self as inference, UrlPlace};
-use crate::backendai::{BackendAi, jwt};
-use crate::domain::{
-    Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, RouteStatus, Target,
-    ValidationError, Worker, WorkerStatus,
-};
-use crate::store::StoreError;
-
-/// Upstream's answer for a deployment without a circuit.
-pub const NO_CIRCUIT: &str = "No circuit registered for this endpoint yet.";
+use crate::backendai::endpoints::{self as inference, NewEndpoint, Replica};
 
 /// `tags.session` of a bulk item (upstream keeps them as strings and fails
 /// later on a non-UUID; here they are read as UUIDs: a 400).
@@ -275,148 +265,19 @@ pub struct TokenResponse {
     pub token: String,
 }
 
-/// What creating one endpoint takes, from either create.
-struct NewEndpoint {
-    deployment_id: Uuid,
-    service_name: String,
-    user_id: Uuid,
-    runtime_variant: Option<String>,
-    existing_url: Option<String>,
-    open_to_public: bool,
-    health_check: Option<Map<String, Value>>,
-}
-
-/// Whether `route`'s worker must acknowledge it before the answer: a
-/// Backend.AI worker that has not acknowledged it yet. A Lost worker
-/// cannot: that is 503 `E10001` at once rather than after the timeout.
-pub(super) fn needs_ack(route: &Route, worker: &Worker) -> Result<bool, BaiError> {
-    if worker.backendai.is_none() || route.status == RouteStatus::Active {
-        return Ok(false);
-    }
-    if worker.status == WorkerStatus::Lost {
-        return Err(BaiError::worker_not_responding(&worker.name));
-    }
-    Ok(true)
-}
-
-/// Waits (with `waiter`, subscribed before the routes were written) until
-/// the workers acknowledged `pending` (route id, worker authority); 503
-/// `E10001` naming the first worker that did not.
-pub(super) async fn await_acks(
-    state: &AppState,
-    bai: &BackendAi,
-    waiter: crate::backendai::acks::AckWaiter,
-    pending: &[(Uuid, String)],
-) -> Result<(), BaiError> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = pending.iter().map(|(id, _)| *id).collect();
-    let missing = waiter.wait(&ids, bai.settings.ack_timeout).await;
-    for id in missing {
-        // An acknowledgement this replica did not hear may have been
-        // recorded by another one.
-        if let Ok(route) = state.store.get_route(id).await
-            && route.status == RouteStatus::Active
-        {
-            continue;
-        }
-        let authority = pending
-            .iter()
-            .find(|(p, _)| *p == id)
-            .map_or("", |(_, a)| a.as_str());
-        return Err(BaiError::worker_not_responding(authority));
-    }
-    Ok(())
-}
-
-/// The worker `route` sits on; 503 while it has none.
-pub(super) async fn worker_of(state: &AppState, route: &Route) -> Result<Worker, BaiError> {
-    let id = route.worker_id.ok_or_else(|| {
-        BaiError::worker_not_available(format!("circuit {} has no worker", route.id))
-    })?;
-    Ok(state.store.get_worker(id).await?)
-}
-
-/// A create that lost: a taken port is upstream's 409, the rest as usual.
-pub(super) fn create_error(e: StoreError) -> BaiError {
-    match e {
-        StoreError::Conflict { message, .. } => BaiError::port_not_available(message),
-        e => e.into(),
-    }
-}
-
-/// The endpoint's circuit: the existing one unchanged, or a new one.
-async fn ensure_endpoint(state: &AppState, e: NewEndpoint) -> Result<(Route, Worker), BaiError> {
-    if let Some((route, worker)) = state.store.route_by_endpoint(e.deployment_id).await? {
-        let worker = match worker {
-            Some(w) => w,
-            None => worker_of(state, &route).await?,
-        };
-        return Ok((route, worker));
-    }
-    let (mut worker_id, mut frontend) = (None, FrontendRequest::default());
-    if let Some(url) = &e.existing_url {
-        let workers = state.store.list_workers().await?;
-        match inference::place_of(url, &workers).map_err(BaiError::invalid_url)? {
-            UrlPlace::Subdomain { worker, subdomain } => {
-                worker_id = Some(worker);
-                frontend.subdomain = Some(subdomain);
-            }
-            UrlPlace::Port { worker, port } => {
-                worker_id = Some(worker);
-                frontend.port = Some(port);
-            }
-            UrlPlace::Anywhere => {}
+impl RouteEntry {
+    fn replica(&self) -> Replica {
+        Replica {
+            session_id: self.session_id,
+            route_id: self.route_id,
+            kernel_host: self.kernel_host.clone(),
+            kernel_port: self.kernel_port,
         }
     }
-    let spec = RouteSpec {
-        app_mode: AppMode::Inference,
-        session_id: None,
-        endpoint_id: Some(e.deployment_id),
-        service: e.service_name,
-        protocol: Protocol::Http,
-        targets: Vec::new(),
-        frontend,
-        worker_id,
-        access: Access {
-            open_to_public: e.open_to_public,
-            allowed_client_ips: Vec::new(),
-        },
-        labels: Default::default(),
-        envs: Default::default(),
-        args: None,
-        health_check: None,
-        expires_at: None,
-        circuit: Some(CircuitInfo {
-            user_id: Some(e.user_id),
-            runtime_variant: e.runtime_variant,
-            session_ids: Vec::new(),
-            app_protocol: None,
-            health_check: e.health_check.map(Value::Object),
-        }),
-    };
-    let route = match state
-        .store
-        .create_route(Uuid::now_v7(), spec, state.clock.now())
-        .await
-    {
-        Ok(route) => route,
-        // Created concurrently: it is the endpoint's circuit all the same.
-        Err(StoreError::Conflict {
-            existing: Some(route),
-            ..
-        }) if route.endpoint_id == Some(e.deployment_id) => *route,
-        Err(e) => return Err(create_error(e)),
-    };
-    let worker = worker_of(state, &route).await?;
-    Ok((route, worker))
 }
 
-fn url_of(route: &Route, worker: &Worker) -> Result<String, BaiError> {
-    circuit::endpoint_url(route, worker).ok_or_else(|| {
-        BaiError::worker_not_available(format!("circuit {} has no frontend", route.id))
-    })
+fn replicas(routes: &[RouteEntry]) -> Vec<Replica> {
+    routes.iter().map(RouteEntry::replica).collect()
 }
 
 /// `POST /v2/endpoints/bulk`: creates (or finds) each endpoint's circuit,
@@ -426,34 +287,32 @@ pub async fn bulk_create(
     Authorized(bai): Authorized,
     BaiJson(request): BaiJson<BulkCreateRequest>,
 ) -> Result<Json<BulkCreateResponse>, BaiError> {
-    let waiter = bai.acks.subscribe();
-    let mut endpoints = Vec::with_capacity(request.endpoints.len());
-    let mut pending = Vec::new();
+    let mut answered = Vec::with_capacity(request.endpoints.len());
+    let mut wanted = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
-        let health_check_enabled = item.health_check.is_some();
-        let (route, worker) = ensure_endpoint(
-            &state,
-            NewEndpoint {
-                deployment_id: item.deployment_id,
-                service_name: item.service_name,
-                user_id: item.tags.session.user_uuid,
-                runtime_variant: Some(item.tags.endpoint.runtime_variant),
-                existing_url: item.tags.endpoint.existing_url,
-                open_to_public: item.open_to_public,
-                health_check: item.health_check,
-            },
-        )
-        .await?;
-        if needs_ack(&route, &worker)? {
-            pending.push((route.id, worker.name.clone()));
-        }
-        endpoints.push(CreatedEndpoint {
+        answered.push((item.deployment_id, item.health_check.is_some()));
+        wanted.push(NewEndpoint {
             deployment_id: item.deployment_id,
-            url: url_of(&route, &worker)?,
-            health_check_enabled,
+            service_name: item.service_name,
+            user_id: item.tags.session.user_uuid,
+            runtime_variant: Some(item.tags.endpoint.runtime_variant),
+            existing_url: item.tags.endpoint.existing_url,
+            open_to_public: item.open_to_public,
+            health_check: item.health_check,
         });
     }
-    await_acks(&state, &bai, waiter, &pending).await?;
+    let urls = inference::create_many(&state.store, &state.clock, &bai, wanted).await?;
+    let endpoints = answered
+        .into_iter()
+        .zip(urls)
+        .map(
+            |((deployment_id, health_check_enabled), url)| CreatedEndpoint {
+                deployment_id,
+                url,
+                health_check_enabled,
+            },
+        )
+        .collect();
     Ok(Json(BulkCreateResponse { endpoints }))
 }
 
@@ -464,40 +323,22 @@ pub async fn create(
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
     BaiJson(request): BaiJson<CreateEndpointRequest>,
 ) -> Result<Json<CreateEndpointResponse>, BaiError> {
-    let waiter = bai.acks.subscribe();
     let health_check_enabled = request.health_check.is_some();
-    let (route, worker) = ensure_endpoint(
-        &state,
-        NewEndpoint {
-            deployment_id: endpoint_id,
-            service_name: request.service_name,
-            user_id: request.tags.session.user_uuid,
-            runtime_variant: request.tags.endpoint.runtime_variant,
-            existing_url: request.tags.endpoint.existing_url,
-            open_to_public: request.open_to_public,
-            health_check: request.health_check,
-        },
-    )
-    .await?;
-    if needs_ack(&route, &worker)? {
-        await_acks(&state, &bai, waiter, &[(route.id, worker.name.clone())]).await?;
-    }
+    let wanted = NewEndpoint {
+        deployment_id: endpoint_id,
+        service_name: request.service_name,
+        user_id: request.tags.session.user_uuid,
+        runtime_variant: request.tags.endpoint.runtime_variant,
+        existing_url: request.tags.endpoint.existing_url,
+        open_to_public: request.open_to_public,
+        health_check: request.health_check,
+    };
+    let endpoint = inference::create_one(&state.store, &state.clock, &bai, wanted).await?;
     Ok(Json(CreateEndpointResponse {
         success: true,
-        endpoint: url_of(&route, &worker)?,
+        endpoint,
         health_check_enabled,
     }))
-}
-
-/// Deletes the endpoint's circuit; an unknown endpoint is already gone.
-async fn delete_endpoint(state: &AppState, endpoint_id: Uuid) -> Result<(), StoreError> {
-    let Some((route, _)) = state.store.route_by_endpoint(endpoint_id).await? else {
-        return Ok(());
-    };
-    match state.store.delete_route(route.id, state.clock.now()).await {
-        Ok(()) | Err(StoreError::NotFound) => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 /// `DELETE /v2/endpoints/{endpoint_id}`.
@@ -506,7 +347,7 @@ pub async fn delete(
     Authorized(_): Authorized,
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
 ) -> Result<Json<Success>, BaiError> {
-    delete_endpoint(&state, endpoint_id).await?;
+    inference::delete(&state.store, &state.clock, endpoint_id).await?;
     Ok(Json(Success { success: true }))
 }
 
@@ -518,7 +359,7 @@ pub async fn bulk_delete(
 ) -> Json<BulkResults> {
     let mut endpoints = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
-        let result = delete_endpoint(&state, item.deployment_id).await;
+        let result = inference::delete(&state.store, &state.clock, item.deployment_id).await;
         endpoints.push(ItemResult {
             deployment_id: item.deployment_id,
             success: result.is_ok(),
@@ -526,54 +367,6 @@ pub async fn bulk_delete(
         });
     }
     Json(BulkResults { endpoints })
-}
-
-/// The target of one replica; `Err` for a port outside 1..65535.
-fn target(entry: &RouteEntry) -> Result<Target, StoreError> {
-    let port = u16::try_from(entry.kernel_port)
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| {
-            StoreError::Invalid(ValidationError {
-                field: "kernel_port".into(),
-                message: format!("{} is not between 1 and 65535", entry.kernel_port),
-            })
-        })?;
-    Ok(RouteInfo {
-        route_id: Some(entry.route_id),
-        session_id: entry.session_id,
-        session_name: None,
-        kernel_host: Some(entry.kernel_host.clone()),
-        kernel_port: port,
-        protocol: "http".into(),
-        traffic_ratio: 1.0,
-    }
-    .to_target())
-}
-
-/// Edits the targets of `endpoint_id`'s circuit; `Err` is the item's error.
-async fn edit_targets(
-    state: &AppState,
-    endpoint_id: Uuid,
-    edit: impl FnOnce(&mut Vec<Target>) -> Result<(), StoreError>,
-) -> Result<(), String> {
-    let Some((route, _)) = state
-        .store
-        .route_by_endpoint(endpoint_id)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Err(NO_CIRCUIT.to_owned());
-    };
-    state
-        .store
-        .edit_route(route.id, state.clock.now(), |spec| edit(&mut spec.targets))
-        .await
-        .map(|_| ())
-        .map_err(|e: StoreError| match e {
-            StoreError::NotFound => NO_CIRCUIT.to_owned(),
-            e => e.to_string(),
-        })
 }
 
 /// `POST /v2/endpoints/bulk/routes`: replaces each endpoint's replicas.
@@ -584,11 +377,10 @@ pub async fn replace_routes(
 ) -> Json<BulkResults> {
     let mut endpoints = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
-        let result = edit_targets(&state, item.deployment_id, |targets| {
-            *targets = item.routes.iter().map(target).collect::<Result<_, _>>()?;
-            Ok(())
-        })
-        .await;
+        let replicas = replicas(&item.routes);
+        let result =
+            inference::replace_replicas(&state.store, &state.clock, item.deployment_id, &replicas)
+                .await;
         endpoints.push(ItemResult {
             deployment_id: item.deployment_id,
             success: result.is_ok(),
@@ -607,28 +399,20 @@ pub async fn register_routes(
 ) -> Json<RegisterResults> {
     let mut endpoints = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
-        let (mut registered, mut already) = (Vec::new(), Vec::new());
-        let result = edit_targets(&state, item.deployment_id, |targets| {
-            for entry in &item.routes {
-                if targets.iter().any(|t| t.id == Some(entry.route_id)) {
-                    already.push(entry.route_id);
-                } else {
-                    targets.push(target(entry)?);
-                    registered.push(entry.route_id);
-                }
-            }
-            Ok(())
-        })
-        .await;
-        if result.is_err() {
-            (registered, already) = (Vec::new(), Vec::new());
-        }
+        let replicas = replicas(&item.routes);
+        let result =
+            inference::register_replicas(&state.store, &state.clock, item.deployment_id, &replicas)
+                .await;
+        let (registered, error) = match result {
+            Ok(registered) => (registered, None),
+            Err(error) => (Default::default(), Some(error)),
+        };
         endpoints.push(RegisterResult {
             deployment_id: item.deployment_id,
-            success: result.is_ok(),
-            registered_route_ids: registered,
-            already_registered_route_ids: already,
-            error: result.err(),
+            success: error.is_none(),
+            registered_route_ids: registered.added,
+            already_registered_route_ids: registered.already,
+            error,
         });
     }
     Json(RegisterResults { endpoints })
@@ -642,29 +426,23 @@ pub async fn unregister_routes(
 ) -> Json<UnregisterResults> {
     let mut endpoints = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
-        let (mut removed, mut absent) = (Vec::new(), Vec::new());
-        let result = edit_targets(&state, item.deployment_id, |targets| {
-            for id in &item.route_ids {
-                let before = targets.len();
-                targets.retain(|t| t.id != Some(*id));
-                if targets.len() < before {
-                    removed.push(*id);
-                } else {
-                    absent.push(*id);
-                }
-            }
-            Ok(())
-        })
+        let result = inference::unregister_replicas(
+            &state.store,
+            &state.clock,
+            item.deployment_id,
+            &item.route_ids,
+        )
         .await;
-        if result.is_err() {
-            (removed, absent) = (Vec::new(), Vec::new());
-        }
+        let (unregistered, error) = match result {
+            Ok(unregistered) => (unregistered, None),
+            Err(error) => (Default::default(), Some(error)),
+        };
         endpoints.push(UnregisterResult {
             deployment_id: item.deployment_id,
-            success: result.is_ok(),
-            unregistered_route_ids: removed,
-            already_absent_route_ids: absent,
-            error: result.err(),
+            success: error.is_none(),
+            unregistered_route_ids: unregistered.removed,
+            already_absent_route_ids: unregistered.absent,
+            error,
         });
     }
     Json(UnregisterResults { endpoints })
@@ -678,19 +456,13 @@ pub async fn health_check(
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
     BaiJson(request): BaiJson<HealthCheckRequest>,
 ) -> Result<Json<Success>, BaiError> {
-    let (route, _) = state
-        .store
-        .route_by_endpoint(endpoint_id)
-        .await?
-        .ok_or_else(|| BaiError::not_found("circuit"))?;
-    state
-        .store
-        .edit_route(route.id, state.clock.now(), |spec| {
-            spec.circuit.get_or_insert_default().health_check =
-                request.health_check.map(Value::Object);
-            Ok::<_, StoreError>(())
-        })
-        .await?;
+    inference::set_health_check(
+        &state.store,
+        &state.clock,
+        endpoint_id,
+        request.health_check,
+    )
+    .await?;
     Ok(Json(Success { success: true }))
 }
 
@@ -702,19 +474,13 @@ pub async fn token(
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
     BaiJson(request): BaiJson<TokenRequest>,
 ) -> Result<Json<TokenResponse>, BaiError> {
-    let exp = inference::parse_exp(&request.exp)
-        .map_err(|msg| super::validation_error(vec!["exp".into()], msg))?;
-    let (route, worker) = state
-        .store
-        .route_by_endpoint(endpoint_id)
-        .await?
-        .ok_or_else(|| BaiError::not_found("circuit"))?;
-    let worker = match worker {
-        Some(w) => w,
-        None => worker_of(&state, &route).await?,
-    };
-    let claims = inference::token_claims(&route, &worker, request.user_uuid, exp);
-    Ok(Json(TokenResponse {
-        token: jwt::encode(&claims, bai.settings.secrets.jwt_secret.expose()),
-    }))
+    let token = inference::token(
+        &state.store,
+        &bai,
+        endpoint_id,
+        request.user_uuid,
+        &request.exp,
+    )
+    .await?;
+    Ok(Json(TokenResponse { token }))
 }

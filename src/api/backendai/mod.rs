@@ -6,6 +6,7 @@
 //! bodies are read as upstream reads them ([`BaiJson`]).
 
 pub mod auth;
+pub mod circuits;
 pub mod endpoints;
 pub mod error;
 pub mod health;
@@ -27,8 +28,17 @@ use super::AppState;
 
 /// Adds every Backend.AI endpoint to `router`.
 pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
-    workers::endpoints(manager::endpoints(router))
+    circuits::endpoints(workers::endpoints(manager::endpoints(router)))
 }
+
+/// `{"success": true}`.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct SuccessModel {
+    pub success: bool,
+}
+
+/// The answer of a call that succeeded with nothing more to say.
+pub const SUCCESS: SuccessModel = SuccessModel { success: true };
 
 /// A request body as upstream reads it: JSON whatever the Content-Type
 /// (YAML for `text/yaml`), unknown fields ignored. Malformed input is 400

@@ -9,11 +9,11 @@ use axum::Json;
 
 use super::super::{json_response, respond};
 use super::{error, raises};
-use crate::api::backendai::workers::{
-    BulkDelete, BulkDeleteRequest, CircuitListModel, CircuitStatistics, SlotListModel, SlotV1,
-    SuccessModel, WorkerListModel, WorkerResponseModel, WorkerV1,
-};
+use crate::api::backendai::SuccessModel;
+use crate::api::backendai::circuits::{BulkDelete, BulkDeleteRequest, CircuitStatistics};
+use crate::api::backendai::workers::{CircuitListModel, SlotListModel, WorkerListModel};
 use crate::backendai::circuit::Circuit;
+use crate::backendai::worker::{SlotV1, WorkerResponseModel, WorkerV1};
 
 type Op<'a> = TransformOperation<'a>;
 
