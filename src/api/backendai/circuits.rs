@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use aide::axum::ApiRouter;
 use aide::axum::routing::{delete_with, get_with};
+use aide::transform::TransformOperation;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
@@ -17,28 +18,34 @@ use uuid::Uuid;
 use super::auth::Authorized;
 use super::{BaiError, BaiPath, SUCCESS, SuccessModel, validation_error};
 use crate::api::AppState;
-use crate::api::openapi::backendai::workers as ops;
+use crate::api::openapi::backendai::{operation, raises};
+use crate::api::openapi::{json_response, respond};
 use crate::backendai::circuit::Circuit;
 use crate::backendai::circuits;
+
+type Op<'a> = TransformOperation<'a>;
+
+const NO_CIRCUIT: &str = "object-not-found: `E00002: No such circuit.` (also while the \
+                          circuit is on no worker, `Pending`)";
 
 /// Adds the circuits' endpoints to `router`.
 pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
     router
         .api_route(
             "/api/circuit/{circuit_id}",
-            get_with(get, ops::get_circuit).delete_with(delete, ops::delete_circuit),
+            get_with(get, get_docs).delete_with(delete, delete_docs),
         )
         .api_route(
             "/api/circuit/{circuit_id}/statistics",
-            get_with(statistics, ops::statistics),
+            get_with(statistics, statistics_docs),
         )
         .api_route(
             "/api/circuit/_/bulk",
-            delete_with(delete_many, ops::delete_circuits),
+            delete_with(delete_many, delete_many_docs),
         )
         .api_route(
             "/v1/api/circuit/{circuit_id}",
-            delete_with(delete_v1, ops::delete_circuit_v1),
+            delete_with(delete_v1, delete_v1_docs),
         )
 }
 
@@ -73,6 +80,16 @@ async fn get(
     Ok(Json(Circuit::of(&route, &worker)))
 }
 
+fn get_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(op, "backendaiGetCircuit", "Backend.AI: one circuit");
+    let op = respond(
+        op,
+        200,
+        json_response::<Circuit>("The circuit (`SerializableCircuit`)"),
+    );
+    raises(op, 404, NO_CIRCUIT)
+}
+
 /// `DELETE /api/circuit/{circuit_id}`: 404 `No such circuit.` when there is
 /// none (or it is a native route).
 async fn delete(
@@ -84,6 +101,16 @@ async fn delete(
     Ok(Json(SUCCESS))
 }
 
+fn delete_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(op, "backendaiDeleteCircuit", "Backend.AI: delete a circuit");
+    let op = respond(
+        op,
+        200,
+        json_response::<SuccessModel>("`{\"success\": true}`"),
+    );
+    raises(op, 404, NO_CIRCUIT)
+}
+
 /// `DELETE /v1/api/circuit/{circuit_id}`: as `/api/circuit/{circuit_id}`.
 async fn delete_v1(
     State(state): State<AppState>,
@@ -92,6 +119,20 @@ async fn delete_v1(
 ) -> Result<Json<SuccessModel>, BaiError> {
     circuits::delete_one(&state.store, &state.clock, circuit_id).await?;
     Ok(Json(SUCCESS))
+}
+
+fn delete_v1_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiDeleteCircuitV1",
+        "Backend.AI v1: delete a circuit",
+    );
+    let op = respond(
+        op,
+        200,
+        json_response::<SuccessModel>("`{\"success\": true}`"),
+    );
+    raises(op, 404, NO_CIRCUIT)
 }
 
 /// `DELETE /api/circuit/_/bulk` body (or query, when there is no body).
@@ -168,6 +209,19 @@ async fn delete_many(
     Ok(Json(SUCCESS))
 }
 
+fn delete_many_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiDeleteCircuits",
+        "Backend.AI: delete circuits in bulk (unknown ids are skipped)",
+    );
+    respond(
+        op,
+        200,
+        json_response::<SuccessModel>("`{\"success\": true}`"),
+    )
+}
+
 /// `GET /api/circuit/{circuit_id}/statistics`: the circuit, with the
 /// traffic its worker counted in Redis DB 2 (503 when Redis does not answer).
 async fn statistics(
@@ -182,6 +236,21 @@ async fn statistics(
         last_access: s.last_access,
         ttl: s.ttl,
     }))
+}
+
+fn statistics_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiCircuitStatistics",
+        "Backend.AI: a circuit and its traffic",
+    );
+    let op = respond(
+        op,
+        200,
+        json_response::<CircuitStatistics>("The circuit with `requests`, `last_access`, `ttl`"),
+    );
+    let op = raises(op, 404, NO_CIRCUIT);
+    raises(op, 503, "service-unavailable: Redis does not answer")
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! `/v2/endpoints`: the Manager's inference endpoints. An endpoint's
-//! circuit is an inference route (`endpoint_id` = the deployment id,
-//! `service` = its service name, no targets until the Manager registers
-//! its replicas), created, placed and logged like any other route.
+//! `/v2/endpoints`: the Manager's inference endpoints (their replicas:
+//! [`super::replicas`]). What each call does is
+//! [`crate::backendai::endpoints`]; an endpoint's circuit is an inference
+//! route, created, placed and logged like any other route.
 //!
 //! Where this differs from upstream 26.9.6:
 //! - `POST /v2/endpoints/{id}` works (upstream always answers 500).
@@ -22,6 +22,9 @@
 //!   `kernel_port` out of range fails its own item only.
 //! - Bulk delete deletes each endpoint on its own; unknown ids succeed.
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{post_with, put_with};
+use aide::transform::TransformOperation;
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
@@ -31,7 +34,33 @@ use uuid::Uuid;
 use super::auth::Authorized;
 use super::{BaiError, BaiJson, BaiPath};
 use crate::api::AppState;
-use crate::backendai::endpoints::{self as inference, NewEndpoint, Replica};
+use crate::api::openapi::backendai::{operation, raises};
+use crate::api::openapi::{json_response, respond};
+use crate::backendai::endpoints::{self as inference, NewEndpoint};
+
+type Op<'a> = TransformOperation<'a>;
+
+/// Adds the inference endpoints' endpoints (but their replicas',
+/// `super::replicas`) to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router
+        .api_route(
+            "/v2/endpoints/bulk",
+            post_with(bulk_create, bulk_create_docs).delete_with(bulk_delete, bulk_delete_docs),
+        )
+        .api_route(
+            "/v2/endpoints/{endpoint_id}",
+            post_with(create, create_docs).delete_with(delete, delete_docs),
+        )
+        .api_route(
+            "/v2/endpoints/{endpoint_id}/health-check",
+            put_with(health_check, health_check_docs),
+        )
+        .api_route(
+            "/v2/endpoints/{endpoint_id}/token",
+            post_with(token, token_docs),
+        )
+}
 
 /// `tags.session` of a bulk item (upstream keeps them as strings and fails
 /// later on a non-UUID; here they are read as UUIDs: a 400).
@@ -183,68 +212,6 @@ pub struct BulkResults {
     pub endpoints: Vec<ItemResult>,
 }
 
-/// One replica of an endpoint.
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct RouteEntry {
-    pub session_id: Uuid,
-    pub route_id: Uuid,
-    pub kernel_host: String,
-    /// 1..65535; another value fails its item.
-    pub kernel_port: i64,
-}
-
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct RoutesItem {
-    #[serde(alias = "endpoint_id")]
-    pub deployment_id: Uuid,
-    pub routes: Vec<RouteEntry>,
-}
-
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct RoutesRequest {
-    pub endpoints: Vec<RoutesItem>,
-}
-
-#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
-pub struct RegisterResult {
-    pub deployment_id: Uuid,
-    pub success: bool,
-    pub registered_route_ids: Vec<Uuid>,
-    pub already_registered_route_ids: Vec<Uuid>,
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
-pub struct RegisterResults {
-    pub endpoints: Vec<RegisterResult>,
-}
-
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct UnregisterItem {
-    #[serde(alias = "endpoint_id")]
-    pub deployment_id: Uuid,
-    pub route_ids: Vec<Uuid>,
-}
-
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct UnregisterRequest {
-    pub endpoints: Vec<UnregisterItem>,
-}
-
-#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
-pub struct UnregisterResult {
-    pub deployment_id: Uuid,
-    pub success: bool,
-    pub unregistered_route_ids: Vec<Uuid>,
-    pub already_absent_route_ids: Vec<Uuid>,
-    pub error: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
-pub struct UnregisterResults {
-    pub endpoints: Vec<UnregisterResult>,
-}
-
 /// `PUT /v2/endpoints/{endpoint_id}/health-check`.
 #[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 pub struct HealthCheckRequest {
@@ -265,24 +232,9 @@ pub struct TokenResponse {
     pub token: String,
 }
 
-impl RouteEntry {
-    fn replica(&self) -> Replica {
-        Replica {
-            session_id: self.session_id,
-            route_id: self.route_id,
-            kernel_host: self.kernel_host.clone(),
-            kernel_port: self.kernel_port,
-        }
-    }
-}
-
-fn replicas(routes: &[RouteEntry]) -> Vec<Replica> {
-    routes.iter().map(RouteEntry::replica).collect()
-}
-
 /// `POST /v2/endpoints/bulk`: creates (or finds) each endpoint's circuit,
 /// waits for the workers to hold the new ones, answers their URLs.
-pub async fn bulk_create(
+async fn bulk_create(
     State(state): State<AppState>,
     Authorized(bai): Authorized,
     BaiJson(request): BaiJson<BulkCreateRequest>,
@@ -316,8 +268,24 @@ pub async fn bulk_create(
     Ok(Json(BulkCreateResponse { endpoints }))
 }
 
+fn bulk_create_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiBulkCreateEndpoints",
+        "Backend.AI: create (or find) inference endpoints, answering their URLs in request order",
+    );
+    let op = create_errors(op);
+    respond(
+        op,
+        200,
+        json_response::<BulkCreateResponse>(
+            "The endpoints' URLs in request order; an existing endpoint keeps its URL",
+        ),
+    )
+}
+
 /// `POST /v2/endpoints/{endpoint_id}`: one endpoint, as in bulk.
-pub async fn create(
+async fn create(
     State(state): State<AppState>,
     Authorized(bai): Authorized,
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
@@ -341,8 +309,43 @@ pub async fn create(
     }))
 }
 
+fn create_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiCreateEndpoint",
+        "Backend.AI: create (or find) one inference endpoint",
+    );
+    let op = create_errors(op);
+    respond(
+        op,
+        200,
+        json_response::<CreateEndpointResponse>("The endpoint's URL"),
+    )
+}
+
+/// The errors of a create that places a circuit and waits for its worker.
+fn create_errors(op: Op<'_>) -> Op<'_> {
+    let op = raises(
+        op,
+        400,
+        "invalid-api-params (a bad field) or appproxy/invalid-url (a bad `existing_url`)",
+    );
+    let op = raises(
+        op,
+        409,
+        "appproxy/port-not-available: the `existing_url`'s port is taken",
+    );
+    raises(
+        op,
+        503,
+        "appproxy/worker-not-available (no worker can take the circuit) or \
+         service-unavailable `E10001: Proxy worker not responding` (`data.worker`): \
+         the worker did not acknowledge in time; the circuit stays and a retry answers it",
+    )
+}
+
 /// `DELETE /v2/endpoints/{endpoint_id}`.
-pub async fn delete(
+async fn delete(
     State(state): State<AppState>,
     Authorized(_): Authorized,
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
@@ -351,8 +354,17 @@ pub async fn delete(
     Ok(Json(Success { success: true }))
 }
 
+fn delete_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiDeleteEndpoint",
+        "Backend.AI: delete one inference endpoint (an unknown one succeeds)",
+    );
+    respond(op, 200, json_response::<Success>("Deleted"))
+}
+
 /// `DELETE /v2/endpoints/bulk`: per-item results in request order.
-pub async fn bulk_delete(
+async fn bulk_delete(
     State(state): State<AppState>,
     Authorized(_): Authorized,
     BaiJson(request): BaiJson<BulkDeleteRequest>,
@@ -369,88 +381,22 @@ pub async fn bulk_delete(
     Json(BulkResults { endpoints })
 }
 
-/// `POST /v2/endpoints/bulk/routes`: replaces each endpoint's replicas.
-pub async fn replace_routes(
-    State(state): State<AppState>,
-    Authorized(_): Authorized,
-    BaiJson(request): BaiJson<RoutesRequest>,
-) -> Json<BulkResults> {
-    let mut endpoints = Vec::with_capacity(request.endpoints.len());
-    for item in request.endpoints {
-        let replicas = replicas(&item.routes);
-        let result =
-            inference::replace_replicas(&state.store, &state.clock, item.deployment_id, &replicas)
-                .await;
-        endpoints.push(ItemResult {
-            deployment_id: item.deployment_id,
-            success: result.is_ok(),
-            error: result.err(),
-        });
-    }
-    Json(BulkResults { endpoints })
-}
-
-/// `POST /v2/endpoints/bulk/routes/register`: adds replicas; one whose
-/// `route_id` is there already is left as it is.
-pub async fn register_routes(
-    State(state): State<AppState>,
-    Authorized(_): Authorized,
-    BaiJson(request): BaiJson<RoutesRequest>,
-) -> Json<RegisterResults> {
-    let mut endpoints = Vec::with_capacity(request.endpoints.len());
-    for item in request.endpoints {
-        let replicas = replicas(&item.routes);
-        let result =
-            inference::register_replicas(&state.store, &state.clock, item.deployment_id, &replicas)
-                .await;
-        let (registered, error) = match result {
-            Ok(registered) => (registered, None),
-            Err(error) => (Default::default(), Some(error)),
-        };
-        endpoints.push(RegisterResult {
-            deployment_id: item.deployment_id,
-            success: error.is_none(),
-            registered_route_ids: registered.added,
-            already_registered_route_ids: registered.already,
-            error,
-        });
-    }
-    Json(RegisterResults { endpoints })
-}
-
-/// `POST /v2/endpoints/bulk/routes/unregister`: removes replicas by id.
-pub async fn unregister_routes(
-    State(state): State<AppState>,
-    Authorized(_): Authorized,
-    BaiJson(request): BaiJson<UnregisterRequest>,
-) -> Json<UnregisterResults> {
-    let mut endpoints = Vec::with_capacity(request.endpoints.len());
-    for item in request.endpoints {
-        let result = inference::unregister_replicas(
-            &state.store,
-            &state.clock,
-            item.deployment_id,
-            &item.route_ids,
-        )
-        .await;
-        let (unregistered, error) = match result {
-            Ok(unregistered) => (unregistered, None),
-            Err(error) => (Default::default(), Some(error)),
-        };
-        endpoints.push(UnregisterResult {
-            deployment_id: item.deployment_id,
-            success: error.is_none(),
-            unregistered_route_ids: unregistered.removed,
-            already_absent_route_ids: unregistered.absent,
-            error,
-        });
-    }
-    Json(UnregisterResults { endpoints })
+fn bulk_delete_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiBulkDeleteEndpoints",
+        "Backend.AI: delete inference endpoints (unknown ones succeed)",
+    );
+    respond(
+        op,
+        200,
+        json_response::<BulkResults>("Per endpoint, in request order"),
+    )
 }
 
 /// `PUT /v2/endpoints/{endpoint_id}/health-check`: stores the model health
 /// check (the worker does not run it).
-pub async fn health_check(
+async fn health_check(
     State(state): State<AppState>,
     Authorized(_): Authorized,
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
@@ -466,9 +412,19 @@ pub async fn health_check(
     Ok(Json(Success { success: true }))
 }
 
+fn health_check_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiUpdateEndpointHealthCheck",
+        "Backend.AI: store an endpoint's model health check",
+    );
+    let op = raises(op, 404, "object-not-found `E00002: No such circuit.`");
+    respond(op, 200, json_response::<Success>("Stored"))
+}
+
 /// `POST /v2/endpoints/{endpoint_id}/token`: a token for the endpoint's
 /// users, signed with the jwt_secret (the worker checks `id` and `exp`).
-pub async fn token(
+async fn token(
     State(state): State<AppState>,
     Authorized(bai): Authorized,
     BaiPath(EndpointPath { endpoint_id }): BaiPath<EndpointPath>,
@@ -483,4 +439,19 @@ pub async fn token(
     )
     .await?;
     Ok(Json(TokenResponse { token }))
+}
+
+fn token_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiEndpointToken",
+        "Backend.AI: a token for an inference endpoint's users (HS256, jwt_secret)",
+    );
+    let op = raises(op, 404, "object-not-found `E00002: No such circuit.`");
+    let op = raises(
+        op,
+        503,
+        "appproxy/worker-not-available: the circuit has no worker",
+    );
+    respond(op, 200, json_response::<TokenResponse>("The token"))
 }

@@ -1,7 +1,17 @@
 //! The Backend.AI coordinator API, served beside ours on the same listener:
 //! what the unmodified Backend.AI Manager (`/status`, `/v2`, `/health`) and
-//! App Proxy workers (`/api`, `/v1`) call. Handlers are thin translations
-//! onto the store; the shapes are in [`crate::backendai::circuit`].
+//! App Proxy workers (`/api`, `/v1`) call. Each file serves some paths
+//! (routing, extracting the request, shaping the answer, documenting the
+//! operation); what a call does is the file of the same name in
+//! [`crate::backendai`], the shapes are in [`crate::backendai::circuit`] and
+//! [`crate::backendai::worker`]:
+//!
+//! - the Manager's: [`status`] (`/status`), [`endpoints`] (`/v2/endpoints`),
+//!   [`replicas`] (`/v2/endpoints/bulk/routes`), [`proxy`] (`/v2/conf`,
+//!   `/v2/proxy`), [`health`] (`/health`);
+//! - the workers': [`workers`] (`/api/worker`, `/api/slots`, `/v1/api/worker`,
+//!   `/v1/api/slots`), [`circuits`] (`/api/circuit`, `/v1/api/circuit`).
+//!
 //! Authentication and error bodies follow upstream ([`auth`], [`error`]);
 //! bodies are read as upstream reads them ([`BaiJson`]).
 
@@ -10,8 +20,9 @@ pub mod circuits;
 pub mod endpoints;
 pub mod error;
 pub mod health;
-pub mod manager;
 pub mod proxy;
+pub mod replicas;
+pub mod status;
 pub mod workers;
 
 use aide::axum::ApiRouter;
@@ -28,7 +39,13 @@ use super::AppState;
 
 /// Adds every Backend.AI endpoint to `router`.
 pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
-    circuits::endpoints(workers::endpoints(manager::endpoints(router)))
+    let router = status::endpoints(router);
+    let router = endpoints::endpoints(router);
+    let router = replicas::endpoints(router);
+    let router = proxy::endpoints(router);
+    let router = health::endpoints(router);
+    let router = workers::endpoints(router);
+    circuits::endpoints(router)
 }
 
 /// `{"success": true}`.

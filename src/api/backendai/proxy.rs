@@ -1,7 +1,8 @@
 //! Interactive apps: `POST /v2/conf` (the Manager says where a session's
 //! app listens and gets a conf token) and `GET /v2/proxy/auth` (the user's
 //! browser trades it for the app's circuit and a setup token for the
-//! worker). An app's circuit is the interactive route of (session, app).
+//! worker). An app's circuit is the interactive route of (session, app);
+//! what each call does is [`crate::backendai::proxy`].
 //!
 //! Where this differs from upstream 26.9.6:
 //! - Token-less `POST /v2/conf` is accepted only from the networks in
@@ -24,6 +25,9 @@
 //! - Bad input (a non-UUID token, an unknown protocol, a bad CIDR) is a 400,
 //!   never a 500 or status -1.
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{get_with, post_with};
+use aide::transform::TransformOperation;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -35,8 +39,23 @@ use super::auth::{ConfCaller, Mode};
 use super::endpoints::{SessionConfig, TokenResponse};
 use super::{BaiError, BaiJson, BaiPath, BaiQuery, validation_error};
 use crate::api::AppState;
+use crate::api::openapi::backendai::{operation, raises};
+use crate::api::openapi::{json_response, respond, text_response};
 use crate::backendai::interactive::{redirect_path, wants_json};
 use crate::backendai::proxy::{self as apps, AppAddress, AppRequest};
+
+type Op<'a> = TransformOperation<'a>;
+
+/// Adds `/v2/conf` and `/v2/proxy` to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router
+        .api_route("/v2/conf", post_with(conf, conf_docs))
+        .api_route("/v2/proxy/auth", get_with(auth, auth_docs))
+        .api_route(
+            "/v2/proxy/{token}/{session_id}/add",
+            get_with(add, add_docs),
+        )
+}
 
 /// `POST /v2/conf`.
 #[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
@@ -119,7 +138,7 @@ fn with_cors(mut response: Response) -> Response {
 
 /// `POST /v2/conf`: who may call (before the body is read), then the body,
 /// then the session.
-pub async fn conf(
+async fn conf(
     State(state): State<AppState>,
     ConfCaller(bai): ConfCaller,
     BaiJson(request): BaiJson<ConfRequest>,
@@ -140,6 +159,27 @@ pub async fn conf(
     Ok(Json(TokenResponse {
         token: token.to_string(),
     }))
+}
+
+fn conf_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiConf",
+        "Backend.AI: register where a session's app listens; answers a conf token",
+    );
+    let op = raises(
+        op,
+        400,
+        "invalid-api-params (a bad field) or appproxy/invalid-session-parameter \
+         (no session id or access key: `Not meant for inference apps`)",
+    );
+    let op = raises(
+        op,
+        401,
+        "auth-failed: not from an allowed network and without the exact api_secret \
+         in X-BackendAI-Token",
+    );
+    respond(op, 200, json_response::<TokenResponse>("The conf token"))
 }
 
 fn query_error(field: &str, msg: impl Into<String>) -> BaiError {
@@ -176,7 +216,7 @@ fn app_request(query: ProxyQuery) -> Result<AppRequest, BaiError> {
 /// `GET /v2/proxy/auth`: the app's circuit, once its worker holds it, and
 /// the worker's `/setup` URL (JSON for `Accept: application/json`, else a
 /// 308 to it).
-pub async fn auth(
+async fn auth(
     State(state): State<AppState>,
     Mode(bai): Mode,
     headers: HeaderMap,
@@ -203,9 +243,52 @@ pub async fn auth(
         .into_response())
 }
 
+fn auth_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiProxyAuth",
+        "Backend.AI: the circuit of a session's app and the worker's setup URL",
+    );
+    let op = raises(
+        op,
+        400,
+        "invalid-api-params: a bad parameter (token, session_id, protocol, port, \
+         allowed_client_ips, a boolean)",
+    );
+    let op = raises(
+        op,
+        401,
+        "invalid-credentials `E20007: Session ID mismatch`: the token is another session's",
+    );
+    let op = raises(op, 404, "object-not-found `E00002: No such token.`");
+    let op = raises(
+        op,
+        409,
+        "appproxy/port-not-available: the preferred port is taken",
+    );
+    let op = raises(
+        op,
+        503,
+        "appproxy/worker-not-available or service-unavailable `E10001` (`data.worker`)",
+    );
+    let op = respond(
+        op,
+        200,
+        json_response::<ProxyResponse>("With `Accept: application/json`"),
+    );
+    respond(
+        op,
+        308,
+        text_response(
+            "text/plain",
+            "Otherwise: `Location` is the setup URL, the body `308: Permanent Redirect`",
+        ),
+    )
+}
+
 /// `GET /v2/proxy/{token}/{session_id}/add` (deprecated upstream): the
 /// `/v2/proxy/auth` URL for these parameters.
-pub async fn add(
+async fn add(
     Mode(bai): Mode,
     BaiPath(AddPath { token, session_id }): BaiPath<AddPath>,
     RawQuery(query): RawQuery,
@@ -217,4 +300,13 @@ pub async fn add(
     }
     url.push_str(&format!("token={token}&session_id={session_id}"));
     with_cors(Json(AddResponse { code: 200, url }).into_response())
+}
+
+fn add_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiProxyAdd",
+        "Backend.AI (deprecated): the /v2/proxy/auth URL for a token and session",
+    );
+    respond(op, 200, json_response::<AddResponse>("The URL"))
 }
