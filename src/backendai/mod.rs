@@ -19,9 +19,9 @@
 //!   setup token claims;
 //! - [`jwt`]: HS256 tokens (setup and endpoint tokens the workers check).
 //!
-//! What the calls do (the use cases; each file is named after the HTTP
-//! handlers' file in `crate::api::backendai` that calls it), failing with
-//! [`Error`]:
+//! What the calls do (the use cases, each file named after the HTTP
+//! handlers' file in `crate::api::backendai` that calls it; [`acks`] they
+//! share), failing with [`Error`]:
 //! - [`endpoints`]: the Manager's `/v2/endpoints`;
 //! - [`proxy`]: the Manager's `/v2/conf` and the browser's `/v2/proxy/auth`;
 //! - [`workers`]: the workers' `/api/worker` and `/api/slots`;

@@ -2,13 +2,13 @@
 //! what the unmodified Backend.AI Manager (`/status`, `/v2`, `/health`) and
 //! App Proxy workers (`/api`, `/v1`) call. Each file serves some paths
 //! (routing, extracting the request, shaping the answer, documenting the
-//! operation); what a call does is the file of the same name in
-//! [`crate::backendai`], the shapes are in [`crate::backendai::circuit`] and
-//! [`crate::backendai::worker`]:
+//! operation); what a call does is in [`crate::backendai`], in the file of
+//! the same name (the replicas' in its `endpoints`), and the shapes are in
+//! [`crate::backendai::circuit`] and [`crate::backendai::worker`]:
 //!
-//! - the Manager's: [`status`] (`/status`), [`endpoints`] (`/v2/endpoints`),
-//!   [`replicas`] (`/v2/endpoints/bulk/routes`), [`proxy`] (`/v2/conf`,
-//!   `/v2/proxy`), [`health`] (`/health`);
+//! - the Manager's: [`status`] (`/status`), [`endpoints`](mod@endpoints)
+//!   (`/v2/endpoints`), [`replicas`] (`/v2/endpoints/bulk/routes`),
+//!   [`proxy`] (`/v2/conf`, `/v2/proxy`), [`health`] (`/health`);
 //! - the workers': [`workers`] (`/api/worker`, `/api/slots`, `/v1/api/worker`,
 //!   `/v1/api/slots`), [`circuits`] (`/api/circuit`, `/v1/api/circuit`).
 //!

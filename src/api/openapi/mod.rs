@@ -23,8 +23,8 @@
 //! - the operation's id, summary, success answers and the errors a handler
 //!   raises itself (404, 409, 503 for placement): a `<handler>_docs`
 //!   function right below each handler, naming the type it answers with,
-//!   built with the helpers here ([`respond`], [`json_response`],
-//!   [`raises`], ...; Backend.AI's in [`backendai`]).
+//!   built with the helpers here (`respond`, `json_response`,
+//!   `raises`, ...; Backend.AI's in [`backendai`]).
 //!
 //! Every error is RFC 9457 `application/problem+json` ([`Problem`]).
 
