@@ -1,8 +1,9 @@
 //! Worker health, failover and cleanup: the loops the leader runs.
 //!
 //! Health observations (heartbeats, timeouts, pod readiness) enter through
-//! [`observe`]; the rules live in `domain::health`. Failover is decided here:
-//! a worker `Lost` for longer than the grace period has its routes re-placed
+//! [`observe`], a worker's heartbeat through [`heartbeat`]; the rules live in
+//! `domain::health`. Failover is decided here: a worker `Lost` for longer
+//! than the grace period has its routes re-placed
 //! (by the same placement rules as new routes, in batches, one transaction
 //! each); routes that fit nowhere wait as `Pending` and are placed as soon as
 //! a worker can take them. A Backend.AI circuit whose URL would change stays
@@ -19,9 +20,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::domain::WorkerStatus;
 use crate::domain::failover;
 use crate::domain::health::{Observation, statuses_that_time_out};
+use crate::domain::{Revision, WorkerStatus};
 use crate::leader::Context;
 use crate::store::{Moved, Store, StoreError};
 use crate::telemetry::{Metrics, OutcomeLabels};
@@ -41,6 +42,24 @@ pub async fn observe(
     let worker = &change.worker;
     tracing::info!(worker = %worker_id, name = %worker.name, from = change.from.as_str(), to = worker.status.as_str(), ?observation, "worker status changed");
     Ok(Some(worker.status))
+}
+
+/// A worker's heartbeat at `now`: records it with the revision the worker
+/// acknowledged ([`Store::heartbeat`]), then applies it as an
+/// [`Observation::Heartbeat`] (a `Lost` worker comes back). Answers the
+/// worker's status after both and the current revision. Every heartbeat,
+/// native or Backend.AI, goes through here.
+pub async fn heartbeat(
+    store: &Store,
+    worker_id: Uuid,
+    acked_revision: Revision,
+    now: DateTime<Utc>,
+) -> Result<(WorkerStatus, Revision), StoreError> {
+    let (mut status, revision) = store.heartbeat(worker_id, acked_revision, now).await?;
+    if let Some(next) = observe(store, worker_id, Observation::Heartbeat, now).await? {
+        status = next;
+    }
+    Ok((status, revision))
 }
 
 /// Timeouts and batch size of the health loops.

@@ -20,7 +20,8 @@
 //!   placement, expiry and idle collection.
 //! - [`k8s`]: the `AppProxyRoute` mirror, worker-pod health, Lease, Events.
 //! - [`backendai`]: the Backend.AI drop-in: its circuits and workers as our
-//!   routes and workers, HS256 tokens, acknowledgements, the Redis event bus.
+//!   routes and workers, what each call of its API does, HS256 tokens,
+//!   acknowledgements, the Redis event bus.
 //! - [`api`]: the REST API (axum), auth, RFC 9457 errors, OpenAPI, SSE; and
 //!   Backend.AI's coordinator API (`api::backendai`).
 //! - [`client`]: the worker library (register, stream, apply, heartbeat);

@@ -1,5 +1,7 @@
 //! The REST API: routers, extractors, probes and metrics. Handlers are thin:
-//! they authenticate, parse, call the store and shape the answer.
+//! they authenticate, parse, call the store and shape the answer; each
+//! handler file adds its routes (`endpoints`), each handler documented by a
+//! `_docs` function next to it.
 
 pub mod auth;
 pub mod backendai;
@@ -7,6 +9,7 @@ mod body;
 pub mod error;
 pub mod limit;
 pub mod openapi;
+mod probes;
 mod routes;
 pub mod trace;
 mod watch;
@@ -16,9 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aide::axum::ApiRouter;
-use aide::axum::routing::{delete_with, get_with, post_with};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
@@ -165,56 +167,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     trace::traced(router).with_state(state)
 }
 
-/// Every endpoint, each with its handler and the documentation the handler's
-/// types do not carry (`openapi::ops`). Only `api_route` may add one: a test
-/// holds the router and the document to the same operations.
+/// Every endpoint: each handler file adds its own routes, each route with
+/// its handler and the documentation the handler's types do not carry (a
+/// `_docs` function next to the handler). Only `api_route` may add one: a
+/// test holds the router and the document to the same operations.
 fn endpoints() -> ApiRouter<AppState> {
-    use openapi::ops;
-    let native = ApiRouter::new()
-        .api_route("/livez", get_with(livez, ops::livez))
-        .api_route("/readyz", get_with(readyz, ops::readyz))
-        .api_route("/metrics", get_with(metrics, ops::metrics))
-        .api_route("/openapi.json", get_with(openapi::document, ops::openapi))
-        .api_route(
-            "/workers/register",
-            post_with(workers::register, ops::register_worker),
-        )
-        .api_route("/workers", get_with(workers::list, ops::list_workers))
-        .api_route(
-            "/workers/{id}",
-            get_with(workers::get, ops::get_worker)
-                .delete_with(workers::delete, ops::delete_worker),
-        )
-        .api_route(
-            "/workers/{id}/heartbeat",
-            post_with(workers::heartbeat, ops::heartbeat),
-        )
-        .api_route(
-            "/workers/{id}/watch",
-            get_with(watch::worker, ops::watch_worker),
-        )
-        .api_route(
-            "/routes",
-            get_with(routes::list, ops::list_routes).post_with(routes::create, ops::create_route),
-        )
-        .api_route("/routes/watch", get_with(watch::routes, ops::watch_routes))
-        .api_route(
-            "/routes/{id}",
-            get_with(routes::get, ops::get_route)
-                .put_with(routes::upsert, ops::upsert_route)
-                .patch_with(routes::patch, ops::patch_route)
-                .delete_with(routes::delete, ops::delete_route),
-        )
-        .api_route(
-            "/sessions/{session_id}",
-            delete_with(routes::delete_session, ops::delete_session),
-        )
-        .api_route(
-            "/sessions/{session_id}/routes",
-            get_with(routes::session_routes, ops::session_routes),
-        )
-        .api_route("/lookup", get_with(routes::lookup, ops::lookup));
-    backendai::endpoints(native)
+    let router = probes::endpoints(ApiRouter::new());
+    let router = openapi::endpoints(router);
+    let router = workers::endpoints(router);
+    let router = watch::endpoints(router);
+    let router = routes::endpoints(router);
+    backendai::endpoints(router)
 }
 
 async fn not_found() -> ApiError {
@@ -272,36 +235,6 @@ fn method_label(method: &axum::http::Method) -> &'static str {
         Method::TRACE => "TRACE",
         _ => "other",
     }
-}
-
-/// The process is up.
-async fn livez() -> &'static str {
-    "ok\n"
-}
-
-/// The process can serve: the database answers.
-async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    state
-        .store
-        .ping()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("database not reachable: {e}")))?;
-    Ok("ok\n")
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    match state.store.counts().await {
-        Ok(counts) => state.metrics.observe_counts(&counts),
-        Err(e) => tracing::warn!(error = %e, "cannot count routes and workers for /metrics"),
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
 }
 
 /// Serialises `value` as JSON with `status`.

@@ -1,5 +1,8 @@
 //! Route, session and lookup endpoints (manager token).
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::{delete_with, get_with};
+use aide::transform::TransformOperation;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -7,9 +10,40 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::{AnyCaller, Caller, ManagerOnly};
+use super::openapi::{self, json_response, raises, respond};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, RoutePath, SessionPath, json};
 use crate::domain::{Route, RoutePatch, RouteSpec};
 use crate::store::{RouteFilter, Upserted};
+
+type Op<'a> = TransformOperation<'a>;
+
+const NO_ROUTE: &str = "not-found: no such route";
+const NO_PINNED_WORKER: &str = "not-found: the worker `worker_id` pins the route to does not exist";
+
+/// Adds the routes', sessions' and lookup's endpoints to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router
+        .api_route(
+            "/routes",
+            get_with(list, list_docs).post_with(create, create_docs),
+        )
+        .api_route(
+            "/routes/{id}",
+            get_with(get, get_docs)
+                .put_with(upsert, upsert_docs)
+                .patch_with(patch, patch_docs)
+                .delete_with(delete, delete_docs),
+        )
+        .api_route(
+            "/sessions/{session_id}",
+            delete_with(delete_session, delete_session_docs),
+        )
+        .api_route(
+            "/sessions/{session_id}/routes",
+            get_with(session_routes, session_routes_docs),
+        )
+        .api_route("/lookup", get_with(lookup, lookup_docs))
+}
 
 fn created(route: Route) -> Response {
     let location = format!("/routes/{}", route.id);
@@ -21,7 +55,7 @@ fn created(route: Route) -> Response {
         .into_response()
 }
 
-pub async fn create(
+async fn create(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiJson(spec): ApiJson<RouteSpec>,
@@ -31,7 +65,28 @@ pub async fn create(
     Ok(created(route))
 }
 
-pub async fn upsert(
+fn create_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("createRoute")
+        .tag("routes")
+        .summary("Create a route: place it on a worker and allocate its frontend");
+    let op = respond(op, 201, openapi::created::<Route>("The route"));
+    let op = raises(op, 404, NO_PINNED_WORKER);
+    let op = raises(
+        op,
+        409,
+        "conflict: the session already has this service, the endpoint a route, or the \
+         requested port is taken; `existing` is the route in the way, when there is one",
+    );
+    raises(
+        op,
+        503,
+        "no-eligible-worker: no worker can take the route (the detail says why), or \
+         unavailable: the database does not answer",
+    )
+}
+
+async fn upsert(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(RoutePath { id }): ApiPath<RoutePath>,
@@ -44,7 +99,29 @@ pub async fn upsert(
     })
 }
 
-pub async fn patch(
+fn upsert_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("upsertRoute")
+        .tag("routes")
+        .summary("Create or update a route by id (idempotent)");
+    let op = respond(op, 201, openapi::created::<Route>("Created"));
+    let op = respond(op, 200, json_response::<Route>("Updated, or unchanged"));
+    let op = raises(op, 404, NO_PINNED_WORKER);
+    let op = raises(
+        op,
+        409,
+        "conflict: another route has this identity, the requested port is taken, or the \
+         route exists with another identity or protocol",
+    );
+    raises(
+        op,
+        503,
+        "no-eligible-worker: no worker can take the route, or unavailable: the database \
+         does not answer",
+    )
+}
+
+async fn patch(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(RoutePath { id }): ApiPath<RoutePath>,
@@ -55,7 +132,17 @@ pub async fn patch(
     Ok(json(StatusCode::OK, route))
 }
 
-pub async fn get(
+fn patch_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("patchRoute")
+        .tag("routes")
+        .summary("Change a route's targets, access, labels, envs, args, health check or expiry")
+        .description("Absent fields stay; `null` clears an optional one.");
+    let op = respond(op, 200, json_response::<Route>("The route"));
+    raises(op, 404, NO_ROUTE)
+}
+
+async fn get(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(RoutePath { id }): ApiPath<RoutePath>,
@@ -63,7 +150,13 @@ pub async fn get(
     Ok(json(StatusCode::OK, state.store.get_route(id).await?))
 }
 
-pub async fn delete(
+fn get_docs(op: Op<'_>) -> Op<'_> {
+    let op = op.id("getRoute").tag("routes").summary("One route");
+    let op = respond(op, 200, json_response::<Route>("The route"));
+    raises(op, 404, NO_ROUTE)
+}
+
+async fn delete(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(RoutePath { id }): ApiPath<RoutePath>,
@@ -71,6 +164,19 @@ pub async fn delete(
     let now = state.clock.now();
     state.store.delete_route(id, now).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+fn delete_docs(op: Op<'_>) -> Op<'_> {
+    let op = op.id("deleteRoute").tag("routes").summary("Delete a route");
+    let op = respond(
+        op,
+        204,
+        aide::openapi::Response {
+            description: "Deleted".into(),
+            ..Default::default()
+        },
+    );
+    raises(op, 404, NO_ROUTE)
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -98,7 +204,7 @@ pub struct RouteList {
 pub const DEFAULT_PAGE: u32 = 100;
 pub const MAX_PAGE: u32 = 1000;
 
-pub async fn list(
+async fn list(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -123,13 +229,25 @@ pub async fn list(
     ))
 }
 
+fn list_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("listRoutes")
+        .tag("routes")
+        .summary("Routes, filtered, in pages");
+    respond(
+        op,
+        200,
+        json_response::<RouteList>("A page; `next_cursor` fetches the next"),
+    )
+}
+
 /// Every route of one session.
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SessionRoutes {
     pub items: Vec<Route>,
 }
 
-pub async fn session_routes(
+async fn session_routes(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(SessionPath { session_id }): ApiPath<SessionPath>,
@@ -151,13 +269,25 @@ pub async fn session_routes(
     Ok(json(StatusCode::OK, SessionRoutes { items }))
 }
 
+fn session_routes_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("listSessionRoutes")
+        .tag("sessions")
+        .summary("Every route of a session");
+    respond(
+        op,
+        200,
+        json_response::<SessionRoutes>("The session's routes (none is not an error)"),
+    )
+}
+
 /// How many routes a session deletion removed.
 #[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Deleted {
     pub deleted: u64,
 }
 
-pub async fn delete_session(
+async fn delete_session(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiPath(SessionPath { session_id }): ApiPath<SessionPath>,
@@ -165,6 +295,18 @@ pub async fn delete_session(
     let now = state.clock.now();
     let deleted = state.store.delete_session(session_id, now).await?;
     Ok(json(StatusCode::OK, Deleted { deleted }))
+}
+
+fn delete_session_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("deleteSession")
+        .tag("sessions")
+        .summary("Delete every route of a terminated session, in one transaction");
+    respond(
+        op,
+        200,
+        json_response::<Deleted>("How many routes went (0 is not an error)"),
+    )
 }
 
 /// A worker and one of its frontends: a port or a subdomain, not both.
@@ -179,7 +321,7 @@ pub struct LookupQuery {
 }
 
 /// Resolves a worker's frontend to its route: the manager, or the worker itself.
-pub async fn lookup(
+async fn lookup(
     State(state): State<AppState>,
     AnyCaller(caller): AnyCaller,
     ApiQuery(q): ApiQuery<LookupQuery>,
@@ -207,4 +349,13 @@ pub async fn lookup(
             e => e.into(),
         })?;
     Ok(json(StatusCode::OK, route))
+}
+
+fn lookup_docs(op: Op<'_>) -> Op<'_> {
+    let op = op
+        .id("lookup")
+        .tag("routes")
+        .summary("Resolve a worker's port or subdomain to its route");
+    let op = respond(op, 200, json_response::<Route>("The route"));
+    raises(op, 404, "not-found: no route on that worker's frontend")
 }

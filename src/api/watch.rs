@@ -4,6 +4,9 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::get_with;
+use aide::transform::TransformOperation;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -13,10 +16,19 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 
 use super::auth::{ManagerOnly, WorkerSelf};
+use super::openapi::{event_stream, raises};
+use super::workers::NO_WORKER;
 use super::{ApiError, ApiQuery, AppState};
 use crate::domain::Revision;
 use crate::domain::events::{Audience, StreamEvent};
 use crate::hub::{SnapshotJson, StreamError};
+
+/// Adds the watch streams to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router
+        .api_route("/workers/{id}/watch", get_with(worker, worker_docs))
+        .api_route("/routes/watch", get_with(routes, routes_docs))
+}
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -94,7 +106,7 @@ fn sse_after(
 }
 
 /// `GET /workers/{id}/watch`: that worker's routes.
-pub async fn worker(
+async fn worker(
     State(state): State<AppState>,
     WorkerSelf(id): WorkerSelf,
     ApiQuery(query): ApiQuery<WatchQuery>,
@@ -110,8 +122,17 @@ pub async fn worker(
     Ok(sse_after(snapshot, events, state.keep_alive))
 }
 
+fn worker_docs(op: TransformOperation<'_>) -> TransformOperation<'_> {
+    let op = op
+        .id("watchWorker")
+        .tag("workers")
+        .summary("A worker's routes as Server-Sent Events");
+    let op = event_stream(op);
+    raises(op, 404, NO_WORKER)
+}
+
 /// `GET /routes/watch`: every route change.
-pub async fn routes(
+async fn routes(
     State(state): State<AppState>,
     _: ManagerOnly,
     ApiQuery(query): ApiQuery<WatchQuery>,
@@ -124,6 +145,14 @@ pub async fn routes(
         .await
         .map_err(stream_error)?;
     Ok(sse_after(snapshot, events, state.keep_alive))
+}
+
+fn routes_docs(op: TransformOperation<'_>) -> TransformOperation<'_> {
+    let op = op
+        .id("watchRoutes")
+        .tag("routes")
+        .summary("Every route change as Server-Sent Events");
+    event_stream(op)
 }
 
 /// A stream that cannot open: 503 while the log cannot be read, 404 when its

@@ -10,6 +10,9 @@
 //! a create right after the first answer finds its circuit acknowledged here
 //! even before the leader has recorded it (which makes the route `Active`),
 //! instead of waiting for a re-publish.
+//!
+//! A request that creates circuits collects the ones to wait for in an
+//! [`Expected`] ([`Acks::expect`]) and waits for them all before it answers.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,10 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use uuid::Uuid;
+
+use super::Error;
+use crate::domain::{Route, RouteStatus, Worker, WorkerStatus};
+use crate::store::Store;
 
 /// How many acknowledged circuit ids a replica remembers.
 const REMEMBERED: usize = 65_536;
@@ -108,6 +115,74 @@ impl AckWaiter {
         let mut left: Vec<Uuid> = waiting.into_iter().collect();
         left.sort();
         left
+    }
+}
+
+/// The circuits a request answers only once their workers hold them:
+/// started with [`Acks::expect`] before the request writes anything, added
+/// to as it writes ([`Expected::add`]), waited for before it answers
+/// ([`Expected::wait`]).
+#[derive(Debug)]
+pub struct Expected {
+    waiter: AckWaiter,
+    /// (circuit id, its worker's authority), in the order added.
+    pending: Vec<(Uuid, String)>,
+}
+
+impl Acks {
+    /// Starts listening for the acknowledgements a request will wait for;
+    /// call before committing what will be acknowledged.
+    pub fn expect(&self) -> Expected {
+        Expected {
+            waiter: self.subscribe(),
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl Expected {
+    /// Waits for `route` too if its worker must acknowledge it before the
+    /// answer: a Backend.AI worker that has not acknowledged it yet. A Lost
+    /// worker cannot: that is `E10001` at once rather than after the timeout.
+    pub fn add(&mut self, route: &Route, worker: &Worker) -> Result<(), Error> {
+        if worker.backendai.is_none() || route.status == RouteStatus::Active {
+            return Ok(());
+        }
+        if worker.status == WorkerStatus::Lost {
+            return Err(Error::WorkerNotResponding {
+                authority: worker.name.clone(),
+            });
+        }
+        self.pending.push((route.id, worker.name.clone()));
+        Ok(())
+    }
+
+    /// Waits (at most `timeout`) until the workers acknowledged every circuit
+    /// added; `E10001` naming the first worker that did not. A circuit this
+    /// replica heard no acknowledgement of counts as acknowledged when the
+    /// store has it `Active` (another replica recorded it).
+    pub async fn wait(self, store: &Store, timeout: Duration) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = self.pending.iter().map(|(id, _)| *id).collect();
+        let missing = self.waiter.wait(&ids, timeout).await;
+        for id in missing {
+            if let Ok(route) = store.get_route(id).await
+                && route.status == RouteStatus::Active
+            {
+                continue;
+            }
+            let authority = self
+                .pending
+                .iter()
+                .find(|(p, _)| *p == id)
+                .map_or("", |(_, a)| a.as_str());
+            return Err(Error::WorkerNotResponding {
+                authority: authority.to_owned(),
+            });
+        }
+        Ok(())
     }
 }
 

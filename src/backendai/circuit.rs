@@ -1,7 +1,8 @@
-//! What Backend.AI calls a route and a worker, made from ours: the
-//! `SerializableCircuit` its workers read from the API and the bus, its
-//! `RouteInfo` (our targets), the endpoint URL the Manager stores, and the
-//! worker registration (`WorkerRequestModel`) turned into ours.
+//! What Backend.AI calls a route, made from ours: the `SerializableCircuit`
+//! its workers read from the API and the bus, its `RouteInfo` (our targets),
+//! and the URLs as upstream writes them (the endpoint URL the Manager
+//! stores, a worker's API). A worker as Backend.AI writes it is
+//! [`super::worker`].
 
 use std::collections::BTreeMap;
 
@@ -10,9 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::domain::{
-    AppMode, BackendAiWorker, Protocol, Route, Target, Worker, WorkerFrontend, WorkerRegistration,
-};
+use crate::domain::{AppMode, Protocol, Route, Target, Worker, WorkerFrontend};
 
 /// `traffic_ratio` 1.0 is this target weight: ratios keep two decimals.
 pub const WEIGHT_PER_RATIO: f64 = 100.0;
@@ -209,115 +208,8 @@ pub fn worker_api_url(worker: &Worker) -> String {
     }
 }
 
-/// `PUT /api/worker`: what a Backend.AI worker sends (`WorkerRequestModel`).
-#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
-pub struct WorkerRequest {
-    pub authority: String,
-    pub frontend_mode: String,
-    pub protocol: String,
-    pub hostname: String,
-    pub tls_listen: bool,
-    pub tls_advertised: bool,
-    pub api_port: u16,
-    #[serde(default)]
-    pub port_range: Option<[u16; 2]>,
-    #[serde(default)]
-    pub wildcard_domain: Option<String>,
-    #[serde(default)]
-    pub wildcard_traffic_port: Option<u16>,
-    pub filtered_apps_only: bool,
-    #[serde(default)]
-    pub traefik_last_used_marker_path: Option<String>,
-    pub accepted_traffics: Vec<AppMode>,
-    #[serde(default)]
-    pub app_filters: Vec<Value>,
-}
-
-/// Why a Backend.AI registration cannot be taken.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RegistrationError {
-    #[error("{0}")]
-    MissingFrontend(&'static str),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl WorkerRequest {
-    /// Our registration for this worker; `nodes` is what its row counts
-    /// after this registration.
-    pub fn to_registration(&self, nodes: u32) -> Result<WorkerRegistration, RegistrationError> {
-        let frontend = match self.frontend_mode.as_str() {
-            "port" => WorkerFrontend::Port {
-                host: self.hostname.clone(),
-                port_range: self.port_range.ok_or(RegistrationError::MissingFrontend(
-                    "port_range is required in port mode",
-                ))?,
-            },
-            "wildcard" => {
-                let domain = self
-                    .wildcard_domain
-                    .as_deref()
-                    .map(|d| d.trim_start_matches('.'))
-                    .filter(|d| !d.is_empty())
-                    .ok_or(RegistrationError::MissingFrontend(
-                        "wildcard_domain is required in wildcard mode",
-                    ))?;
-                let tls = self.tls_listen || self.tls_advertised;
-                WorkerFrontend::Wildcard {
-                    domain: domain.to_owned(),
-                    port: self
-                        .wildcard_traffic_port
-                        .unwrap_or(if tls { 443 } else { 80 }),
-                    tls,
-                }
-            }
-            other => {
-                return Err(RegistrationError::Invalid(format!(
-                    "frontend_mode {other:?} is neither \"port\" nor \"wildcard\""
-                )));
-            }
-        };
-        let protocols = match self.protocol.as_str() {
-            "http" => vec![Protocol::Http, Protocol::Preopen],
-            "tcp" | "vnc" | "rdp" => vec![Protocol::Tcp],
-            "grpc" => vec![Protocol::Grpc],
-            "h2" => vec![Protocol::H2],
-            "preopen" => vec![Protocol::Preopen, Protocol::Http],
-            other => {
-                return Err(RegistrationError::Invalid(format!(
-                    "protocol {other:?} is not one of http, grpc, h2, tcp, preopen, vnc, rdp"
-                )));
-            }
-        };
-        let backendai = BackendAiWorker {
-            hostname: self.hostname.clone(),
-            api_port: self.api_port,
-            tls_listen: self.tls_listen,
-            tls_advertised: self.tls_advertised,
-            filtered_apps_only: self.filtered_apps_only,
-            app_filters: self.app_filters.clone(),
-            traefik_last_used_marker_path: self.traefik_last_used_marker_path.clone(),
-            nodes,
-        };
-        let scheme = backendai.scheme();
-        let host = if self.hostname.contains(':') && !self.hostname.starts_with('[') {
-            format!("[{}]", self.hostname)
-        } else {
-            self.hostname.clone()
-        };
-        Ok(WorkerRegistration {
-            name: self.authority.clone(),
-            api_url: format!("{scheme}://{host}:{}", self.api_port),
-            frontend,
-            protocols,
-            app_modes: self.accepted_traffics.clone(),
-            labels: BTreeMap::new(),
-            pod: None,
-            capacity: None,
-            backendai: Some(backendai),
-        })
-    }
-}
+// Their old home: the registration moved to `worker`.
+pub use super::worker::{RegistrationError, WorkerRequest};
 
 /// Upstream's ISO datetimes with microseconds and `Z`.
 pub fn iso_time(t: DateTime<Utc>) -> String {
@@ -329,61 +221,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-
-    fn registration(frontend: Value) -> WorkerRequest {
-        let mut body = json!({
-            "authority": "worker-1", "protocol": "http", "hostname": "127.0.0.1",
-            "tls_listen": false, "tls_advertised": false, "api_port": 10201,
-            "filtered_apps_only": false, "traefik_last_used_marker_path": null,
-            "accepted_traffics": ["interactive", "inference"], "app_filters": []
-        });
-        body.as_object_mut()
-            .unwrap()
-            .extend(frontend.as_object().unwrap().clone());
-        serde_json::from_value(body).unwrap()
-    }
-
-    #[test]
-    fn a_port_mode_worker_becomes_a_port_worker_named_by_its_authority() {
-        let r = registration(json!({"frontend_mode": "port", "port_range": [10205, 10300]}))
-            .to_registration(1)
-            .unwrap();
-        assert_eq!(r.name, "worker-1");
-        assert_eq!(r.api_url, "http://127.0.0.1:10201");
-        assert_eq!(
-            r.frontend,
-            WorkerFrontend::Port {
-                host: "127.0.0.1".into(),
-                port_range: [10205, 10300]
-            }
-        );
-        assert_eq!(r.app_modes, vec![AppMode::Interactive, AppMode::Inference]);
-        assert_eq!(r.backendai.unwrap().nodes, 1);
-    }
-
-    #[test]
-    fn a_frontend_without_its_configuration_is_refused() {
-        assert!(matches!(
-            registration(json!({"frontend_mode": "port"})).to_registration(1),
-            Err(RegistrationError::MissingFrontend(_))
-        ));
-        assert!(matches!(
-            registration(json!({"frontend_mode": "wildcard"})).to_registration(1),
-            Err(RegistrationError::MissingFrontend(_))
-        ));
-        let r = registration(json!({"frontend_mode": "wildcard",
-            "wildcard_domain": ".apps.example", "wildcard_traffic_port": 8080}))
-        .to_registration(1)
-        .unwrap();
-        assert_eq!(
-            r.frontend,
-            WorkerFrontend::Wildcard {
-                domain: "apps.example".into(),
-                port: 8080,
-                tls: false
-            }
-        );
-    }
 
     #[test]
     fn traffic_ratios_and_weights_convert_both_ways() {

@@ -5,25 +5,40 @@
 //! fields in [`crate::domain::CircuitInfo`]), a Backend.AI worker is a worker
 //! whose name is its `authority` (its extra fields in
 //! [`crate::domain::BackendAiWorker`]); both are stored, placed, failed over,
-//! watched and mirrored like any other. What lives here is translation:
+//! watched and mirrored like any other. What lives here is translation, and
+//! what each of upstream's calls does with our store.
 //!
-//! - [`circuit`]: the wire shapes (`SerializableCircuit`, `RouteInfo`, the
-//!   worker registration) made from routes and workers, and URLs as
-//!   upstream writes them;
+//! The shapes and rules (pure, no I/O):
+//! - [`circuit`]: the circuit's wire shapes (`SerializableCircuit`,
+//!   `RouteInfo`) made from routes, and URLs as upstream writes them;
+//! - [`worker`]: the worker's: its registration turned into ours, the worker
+//!   and its slots as upstream answers them;
 //! - [`endpoint`]: inference endpoints: `existing_url` re-use, endpoint
 //!   token claims;
 //! - [`interactive`]: interactive apps: served protocols, client networks,
 //!   setup token claims;
-//! - [`jwt`]: HS256 tokens (setup and endpoint tokens the workers check);
-//! - [`acks`]: waiting for a worker's acknowledgement of a circuit;
+//! - [`jwt`]: HS256 tokens (setup and endpoint tokens the workers check).
+//!
+//! What the calls do (the use cases, each file named after the HTTP
+//! handlers' file in `crate::api::backendai` that calls it; [`acks`] they
+//! share), failing with [`Error`]:
+//! - [`endpoints`]: the Manager's `/v2/endpoints`;
+//! - [`proxy`]: the Manager's `/v2/conf` and the browser's `/v2/proxy/auth`;
+//! - [`workers`]: the workers' `/api/worker` and `/api/slots`;
+//! - [`circuits`]: the workers' `/api/circuit`, and the worker a circuit is
+//!   on;
+//! - [`acks`]: waiting for a worker's acknowledgement of a circuit.
+//!
+//! And what runs beside them:
 //! - [`bus`]: the Redis event bus (envelopes, which change becomes which
 //!   event, the acknowledgement listener), [`publish`] (the leader's
 //!   publisher, fed from the change log) and [`idle`] (idle collection);
 //! - [`live`]: what the workers keep in Redis DB 2 (last seen, per-circuit
 //!   traffic), read and written for the worker API.
 //!
-//! The HTTP side (`/status`, `/health`, `/v2`, `/api`, `/v1`, upstream's
-//! authentication and error bodies) is `crate::api::backendai`.
+//! The HTTP side (`/status`, `/health`, `/v2`, `/api`, `/v1`: routing,
+//! upstream's authentication, request and answer bodies, error bodies) is
+//! `crate::api::backendai`; nothing here knows HTTP.
 //!
 //! The mode is on when an api_secret is configured ([`Settings`]);
 //! otherwise every Backend.AI path answers 404 and nothing here runs.
@@ -31,12 +46,18 @@
 pub mod acks;
 pub mod bus;
 pub mod circuit;
+pub mod circuits;
 pub mod endpoint;
+pub mod endpoints;
+mod error;
 pub mod idle;
 pub mod interactive;
 pub mod jwt;
 pub mod live;
+pub mod proxy;
 pub mod publish;
+pub mod worker;
+pub mod workers;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,6 +69,7 @@ use redis::IntoConnectionInfo;
 use crate::secret::{BackendAiSecrets, redacted_url};
 
 pub use acks::Acks;
+pub use error::Error;
 
 /// Backend.AI mode's settings.
 #[derive(Clone)]

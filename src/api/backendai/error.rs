@@ -327,6 +327,35 @@ impl From<StoreError> for BaiError {
     }
 }
 
+impl From<crate::backendai::Error> for BaiError {
+    /// A use case's error as upstream answers it.
+    fn from(e: crate::backendai::Error) -> BaiError {
+        use crate::backendai::Error as E;
+        match e {
+            E::Store(e) => e.into(),
+            E::NotFound { object, detail } => {
+                let error = BaiError::not_found(object);
+                match detail {
+                    Some(detail) => error.with_msg(detail),
+                    None => error,
+                }
+            }
+            E::Invalid { loc, msg } => {
+                super::validation_error(loc.into_iter().map(Value::from).collect(), msg)
+            }
+            E::InvalidUrl(msg) => BaiError::invalid_url(msg),
+            E::InvalidSessionParameter(msg) => BaiError::invalid_session_parameter(msg),
+            E::InvalidCredentials(msg) => BaiError::invalid_credentials(msg),
+            E::Forbidden(msg) => BaiError::forbidden(msg),
+            E::PortNotAvailable(msg) => BaiError::port_not_available(msg),
+            E::WorkerNotAvailable(msg) => BaiError::worker_not_available(msg),
+            E::WorkerNotResponding { authority } => BaiError::worker_not_responding(&authority),
+            E::MissingFrontendConfig(msg) => BaiError::missing_frontend_config(msg),
+            E::Unavailable(msg) => BaiError::service_unavailable(msg),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,9 @@
 //! URL the Manager holds; not served until the worker returns). Upstream's `/health/summary`, `/health/endpoints` and
 //! `/health/circuits/{id}` always fail there and are not served here.
 
+use aide::axum::ApiRouter;
+use aide::axum::routing::get_with;
+use aide::transform::TransformOperation;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,9 +21,22 @@ use uuid::Uuid;
 use super::BaiError;
 use super::auth::{Authorized, Mode};
 use crate::api::AppState;
+use crate::api::openapi::backendai::operation;
+use crate::api::openapi::{json_response, respond};
 use crate::backendai::BackendAi;
 use crate::backendai::circuit::{endpoint_url, iso_time};
 use crate::domain::WorkerFrontend;
+
+type Op<'a> = TransformOperation<'a>;
+
+/// Adds `/health` and its sub-paths to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router
+        .api_route("/health", get_with(overall, overall_docs))
+        .api_route("/health/livez", get_with(livez, livez_docs))
+        .api_route("/health/readyz", get_with(readyz, readyz_docs))
+        .api_route("/health/status", get_with(status, status_docs))
+}
 
 /// One dependency's check.
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
@@ -114,7 +130,7 @@ fn health(status: &'static str, connectivity: Connectivity) -> HealthResponse {
 }
 
 /// `GET /health`: always 200; `degraded` when a dependency fails.
-pub async fn overall(State(state): State<AppState>, Mode(bai): Mode) -> Json<HealthResponse> {
+async fn overall(State(state): State<AppState>, Mode(bai): Mode) -> Json<HealthResponse> {
     let connectivity = connectivity(&state, &bai).await;
     let status = if connectivity.overall_healthy {
         "ok"
@@ -124,8 +140,21 @@ pub async fn overall(State(state): State<AppState>, Mode(bai): Mode) -> Json<Hea
     Json(health(status, connectivity))
 }
 
+fn overall_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiHealth",
+        "Backend.AI: health with the database and Redis checks (always 200)",
+    );
+    respond(
+        op,
+        200,
+        json_response::<HealthResponse>("`ok` or `degraded`"),
+    )
+}
+
 /// `GET /health/livez`: the process answers.
-pub async fn livez(State(state): State<AppState>, Mode(_): Mode) -> Json<HealthResponse> {
+async fn livez(State(state): State<AppState>, Mode(_): Mode) -> Json<HealthResponse> {
     Json(health(
         "ok",
         Connectivity {
@@ -136,8 +165,13 @@ pub async fn livez(State(state): State<AppState>, Mode(_): Mode) -> Json<HealthR
     ))
 }
 
+fn livez_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(op, "backendaiLivez", "Backend.AI: the process answers");
+    respond(op, 200, json_response::<HealthResponse>("`ok`"))
+}
+
 /// `GET /health/readyz`: 200 when the database and Redis answer, else 503.
-pub async fn readyz(State(state): State<AppState>, Mode(bai): Mode) -> Response {
+async fn readyz(State(state): State<AppState>, Mode(bai): Mode) -> Response {
     let connectivity = connectivity(&state, &bai).await;
     if connectivity.overall_healthy {
         Json(health("ok", connectivity)).into_response()
@@ -150,8 +184,22 @@ pub async fn readyz(State(state): State<AppState>, Mode(bai): Mode) -> Response 
     }
 }
 
+fn readyz_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiReadyz",
+        "Backend.AI: the database and Redis answer",
+    );
+    let op = respond(op, 200, json_response::<HealthResponse>("`ok`"));
+    respond(
+        op,
+        503,
+        json_response::<HealthResponse>("A check failed: `status` `error`"),
+    )
+}
+
 /// `GET /health/status`: every worker's slots, and the stranded circuits.
-pub async fn status(
+async fn status(
     State(state): State<AppState>,
     Authorized(_): Authorized,
 ) -> Result<Json<HealthStatusResponse>, BaiError> {
@@ -192,4 +240,13 @@ pub async fn status(
         workers,
         stranded_circuits,
     }))
+}
+
+fn status_docs(op: Op<'_>) -> Op<'_> {
+    let op = operation(
+        op,
+        "backendaiHealthStatus",
+        "Backend.AI: workers' slots and the circuits stranded on Lost workers",
+    );
+    respond(op, 200, json_response::<HealthStatusResponse>("The status"))
 }

@@ -1,16 +1,28 @@
 //! The Backend.AI coordinator API, served beside ours on the same listener:
 //! what the unmodified Backend.AI Manager (`/status`, `/v2`, `/health`) and
-//! App Proxy workers (`/api`, `/v1`) call. Handlers are thin translations
-//! onto the store; the shapes are in [`crate::backendai::circuit`].
+//! App Proxy workers (`/api`, `/v1`) call. Each file serves some paths
+//! (routing, extracting the request, shaping the answer, documenting the
+//! operation); what a call does is in [`crate::backendai`], in the file of
+//! the same name (the replicas' in its `endpoints`), and the shapes are in
+//! [`crate::backendai::circuit`] and [`crate::backendai::worker`]:
+//!
+//! - the Manager's: [`status`] (`/status`), [`endpoints`](mod@endpoints)
+//!   (`/v2/endpoints`), [`replicas`] (`/v2/endpoints/bulk/routes`),
+//!   [`proxy`] (`/v2/conf`, `/v2/proxy`), [`health`] (`/health`);
+//! - the workers': [`workers`] (`/api/worker`, `/api/slots`, `/v1/api/worker`,
+//!   `/v1/api/slots`), [`circuits`] (`/api/circuit`, `/v1/api/circuit`).
+//!
 //! Authentication and error bodies follow upstream ([`auth`], [`error`]);
 //! bodies are read as upstream reads them ([`BaiJson`]).
 
 pub mod auth;
+pub mod circuits;
 pub mod endpoints;
 pub mod error;
 pub mod health;
-pub mod manager;
 pub mod proxy;
+pub mod replicas;
+pub mod status;
 pub mod workers;
 
 use aide::axum::ApiRouter;
@@ -27,8 +39,23 @@ use super::AppState;
 
 /// Adds every Backend.AI endpoint to `router`.
 pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
-    workers::endpoints(manager::endpoints(router))
+    let router = status::endpoints(router);
+    let router = endpoints::endpoints(router);
+    let router = replicas::endpoints(router);
+    let router = proxy::endpoints(router);
+    let router = health::endpoints(router);
+    let router = workers::endpoints(router);
+    circuits::endpoints(router)
 }
+
+/// `{"success": true}`.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct SuccessModel {
+    pub success: bool,
+}
+
+/// The answer of a call that succeeded with nothing more to say.
+pub const SUCCESS: SuccessModel = SuccessModel { success: true };
 
 /// A request body as upstream reads it: JSON whatever the Content-Type
 /// (YAML for `text/yaml`), unknown fields ignored. Malformed input is 400

@@ -10,9 +10,9 @@
 //! type and one list of routes.
 //!
 //! What comes from where:
-//! - paths and methods: the router in `api::endpoints`, where every route is
-//!   added with `api_route`; a test holds the router and the document to the
-//!   same operations;
+//! - paths and methods: each handler file's `endpoints`, which adds its
+//!   routes with `api_route` (assembled in `api::endpoints`); a test holds
+//!   the router and the document to the same operations;
 //! - parameters and request bodies: the types of `ApiPath`, `ApiQuery` and
 //!   `ApiJson`, whose schemas carry the limits validation enforces
 //!   (`domain::limits`, `domain::schemas`);
@@ -20,15 +20,18 @@
 //!   (`ManagerOnly`, `Registrant`, `WorkerSelf`, `WorkerSelfOrManager`,
 //!   `AnyCaller`);
 //! - 400, 413 and 415: the path, query and body extractors;
-//! - the success answers and the errors a handler raises itself (404, 409,
-//!   503 for placement): [`ops`], one function per operation, naming the type
-//!   it answers with.
+//! - the operation's id, summary, success answers and the errors a handler
+//!   raises itself (404, 409, 503 for placement): a `<handler>_docs`
+//!   function right below each handler, naming the type it answers with,
+//!   built with the helpers here (`respond`, `json_response`,
+//!   `raises`, ...; Backend.AI's in [`backendai`]).
 //!
 //! Every error is RFC 9457 `application/problem+json` ([`Problem`]).
 
 use std::sync::Arc;
 
 use aide::axum::ApiRouter;
+use aide::axum::routing::get_with;
 use aide::generate::{GenContext, in_context};
 use aide::openapi::{
     Header, HeaderStyle, MediaType, OpenApi, Operation, Parameter, ParameterData,
@@ -47,7 +50,6 @@ use super::{ApiError, AppState};
 
 pub mod backendai;
 mod inputs;
-pub mod ops;
 #[cfg(test)]
 mod tests;
 
@@ -157,9 +159,23 @@ const MANAGER: &str = "manager";
 const BOOTSTRAP: &str = "workerBootstrap";
 const WORKER: &str = "worker";
 
+/// Adds `/openapi.json` to `router`.
+pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
+    router.api_route("/openapi.json", get_with(document, document_docs))
+}
+
 /// `GET /openapi.json`.
-pub async fn document(Extension(doc): Extension<Arc<OpenApi>>) -> axum::response::Response {
+async fn document(Extension(doc): Extension<Arc<OpenApi>>) -> axum::response::Response {
     Json(doc).into_response()
+}
+
+fn document_docs(op: TransformOperation<'_>) -> TransformOperation<'_> {
+    let op = op.id("openapi").summary("This document").tag("probes");
+    respond(
+        op,
+        200,
+        json_response::<serde_json::Value>("The OpenAPI 3.1 document"),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -227,7 +243,7 @@ impl OperationOutput for ApiError {
 }
 
 // ---------------------------------------------------------------------------
-// Helpers for the operations (`ops`)
+// Helpers for the operations' documentation (the handlers' `_docs`)
 
 fn schema_object(schema: impl Into<Value>) -> SchemaObject {
     SchemaObject {
@@ -251,7 +267,7 @@ fn header(schema: Value, description: &str) -> Header {
 }
 
 /// Sets the answer for `status`, replacing any the extractors inferred.
-fn respond(
+pub(crate) fn respond(
     mut op: TransformOperation<'_>,
     status: u16,
     response: Response,
@@ -265,7 +281,7 @@ fn respond(
 }
 
 /// A JSON answer of type `T`.
-fn json_response<T: JsonSchema>(description: &str) -> Response {
+pub(crate) fn json_response<T: JsonSchema>(description: &str) -> Response {
     let schema = in_context(|ctx| ctx.schema.subschema_for::<T>());
     let mut response = Response {
         description: description.into(),
@@ -282,7 +298,7 @@ fn json_response<T: JsonSchema>(description: &str) -> Response {
 }
 
 /// A JSON answer of type `T` with a `Location` header.
-fn created<T: JsonSchema>(description: &str) -> Response {
+pub(crate) fn created<T: JsonSchema>(description: &str) -> Response {
     let mut response = json_response::<T>(description);
     response.headers.insert(
         "Location".into(),
@@ -295,7 +311,7 @@ fn created<T: JsonSchema>(description: &str) -> Response {
 }
 
 /// A plain or otherwise non-JSON answer.
-fn text_response(media_type: &str, description: &str) -> Response {
+pub(crate) fn text_response(media_type: &str, description: &str) -> Response {
     let mut response = Response {
         description: description.into(),
         ..Response::default()
@@ -311,7 +327,7 @@ fn text_response(media_type: &str, description: &str) -> Response {
 }
 
 /// A problem answer the handler raises itself.
-fn raises<'a>(
+pub(crate) fn raises<'a>(
     op: TransformOperation<'a>,
     status: u16,
     description: &str,
@@ -324,7 +340,7 @@ fn raises<'a>(
 /// (the reading OpenAPI 3.1 tools give `text/event-stream`): its `event:`
 /// name, its `id:` (the revision) and its `data:`, a JSON object of the
 /// type that goes with the name.
-fn event_stream(op: TransformOperation<'_>) -> TransformOperation<'_> {
+pub(crate) fn event_stream(op: TransformOperation<'_>) -> TransformOperation<'_> {
     use crate::domain::events::{Bookmark, Delete, Snapshot, Upsert};
     let event = |name: &str, data: Schema| {
         json!({

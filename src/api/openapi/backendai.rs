@@ -1,7 +1,8 @@
 //! What the Backend.AI extractors and errors add to an operation: the two
 //! ways to present the api_secret, upstream's error body (as
 //! `application/json`, not problem+json), and the bodies read as upstream
-//! reads them. The operations themselves: [`manager`] and [`workers`].
+//! reads them; and the helpers the operations' documentation (each
+//! Backend.AI handler's `_docs`, in `crate::api::backendai`) is built with.
 
 use aide::generate::GenContext;
 use aide::openapi::{MediaType, Operation, Response, StatusCode};
@@ -11,10 +12,8 @@ use axum::Json;
 use schemars::JsonSchema;
 
 use super::{respond, schema_object};
-
-pub mod manager;
-pub mod workers;
 use crate::api::backendai::auth::{Authorized, ConfCaller, Mode};
+use crate::api::backendai::circuits::{BulkDelete, BulkDeleteRequest};
 use crate::api::backendai::{BaiError, BaiJson, BaiPath, BaiQuery};
 
 /// The api_secret as `X-BackendAI-Token` (raw, `Bearer …` or `BackendAI …`).
@@ -59,6 +58,15 @@ fn errors(ctx: &mut GenContext, list: &[(u16, &str)]) -> Vec<(Option<StatusCode>
     list.iter()
         .map(|&(status, d)| (Some(StatusCode::Code(status)), error(ctx, d)))
         .collect()
+}
+
+/// A Backend.AI operation: its id and summary, under the `backendai` tag.
+pub(crate) fn operation<'a>(
+    op: TransformOperation<'a>,
+    id: &str,
+    summary: &str,
+) -> TransformOperation<'a> {
+    op.id(id).tag("backendai").summary(summary)
 }
 
 /// Declares an error `status` a Backend.AI handler raises itself.
@@ -170,6 +178,19 @@ impl<T: JsonSchema> OperationInput for BaiQuery<T> {
 impl<T: JsonSchema> OperationInput for BaiPath<T> {
     fn operation_input(ctx: &mut GenContext, operation: &mut Operation) {
         crate::api::openapi::inputs::path_parameters::<T>(ctx, operation);
+    }
+
+    fn inferred_early_responses(
+        ctx: &mut GenContext,
+        _: &mut Operation,
+    ) -> Vec<(Option<StatusCode>, Response)> {
+        errors(ctx, &[(400, INVALID)])
+    }
+}
+
+impl OperationInput for BulkDeleteRequest {
+    fn operation_input(ctx: &mut GenContext, operation: &mut Operation) {
+        Json::<BulkDelete>::operation_input(ctx, operation);
     }
 
     fn inferred_early_responses(
