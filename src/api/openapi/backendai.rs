@@ -5,13 +5,13 @@
 //! Backend.AI handler's `_docs`, in `crate::api::backendai`) is built with.
 
 use aide::generate::GenContext;
-use aide::openapi::{MediaType, Operation, Response, StatusCode};
+use aide::openapi::{Operation, Response, StatusCode};
 use aide::operation::{OperationInput, OperationOutput};
 use aide::transform::TransformOperation;
 use axum::Json;
 use schemars::JsonSchema;
 
-use super::{respond, schema_object};
+use super::respond;
 use crate::api::backendai::auth::{Authorized, ConfCaller, Mode};
 use crate::api::backendai::circuits::{BulkDelete, BulkDeleteRequest};
 use crate::api::backendai::{BaiError, BaiJson, BaiPath, BaiQuery};
@@ -39,19 +39,7 @@ pub struct ErrorBody {
 
 /// An error answer in upstream's shape.
 pub fn error(ctx: &mut GenContext, description: &str) -> Response {
-    let schema = ctx.schema.subschema_for::<ErrorBody>();
-    let mut response = Response {
-        description: description.into(),
-        ..Response::default()
-    };
-    response.content.insert(
-        "application/json".into(),
-        MediaType {
-            schema: Some(schema_object(schema)),
-            ..MediaType::default()
-        },
-    );
-    response
+    super::json_answer(ctx.schema.subschema_for::<ErrorBody>(), description)
 }
 
 fn errors(ctx: &mut GenContext, list: &[(u16, &str)]) -> Vec<(Option<StatusCode>, Response)> {

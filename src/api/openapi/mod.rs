@@ -283,6 +283,11 @@ pub(crate) fn respond(
 /// A JSON answer of type `T`.
 pub(crate) fn json_response<T: JsonSchema>(description: &str) -> Response {
     let schema = in_context(|ctx| ctx.schema.subschema_for::<T>());
+    json_answer(schema, description)
+}
+
+/// An `application/json` answer with `schema`.
+pub(crate) fn json_answer(schema: impl Into<Value>, description: &str) -> Response {
     let mut response = Response {
         description: description.into(),
         ..Response::default()
