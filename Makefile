@@ -47,8 +47,9 @@ faults: ## Fault tests, including a PostgreSQL restart under load (stops the loc
 	cargo test --locked --test faults -- --include-ignored --test-threads=1
 
 .PHONY: e2e-backendai bench-backendai
-e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (needs Redis on 127.0.0.1:6379, Python 3.13; builds its venv under ~/.cache)
+e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (needs Redis on 127.0.0.1:6379, Python 3.13; builds its venv under ~/.cache): the main scenario, then every scripts/e2e_backendai_*.py
 	python3 scripts/e2e_backendai.py
+	for s in scripts/e2e_backendai_*.py; do [ -e "$$s" ] || continue; python3 "$$s" || exit 1; done
 
 bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); writes bench/backendai.json
 	cargo build --release --locked --bin appproxy-coordinator
