@@ -162,11 +162,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(bai) = &backendai {
         // The Backend.AI event bus: acknowledgements on every replica, the
         // publisher and idle collection on the leader.
-        backendai::bus::spawn(
-            ctx.clone(),
-            bai.clone(),
-            backendai::bus::BusConfig::default(),
-        );
+        let bus = backendai::bus::BusConfig {
+            sweep_period: config.backendai_resync_period,
+            ..backendai::bus::BusConfig::default()
+        };
+        backendai::bus::spawn(ctx.clone(), bai.clone(), bus);
     }
     tokio::spawn(health::run(ctx, health_settings(&config)));
     let state = AppState {

@@ -210,6 +210,12 @@ pub struct EventLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResentLabels {
+    pub event: &'static str,
+    pub why: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -250,6 +256,8 @@ pub struct Metrics {
     pub backendai_events: Family<EventLabels, Counter>,
     /// Created events published again for want of an acknowledgement.
     pub backendai_republished: Counter,
+    /// Bus events sent again, by event and why (ack_wait, after_change, sweep).
+    pub backendai_resent: Family<ResentLabels, Counter>,
     /// Idle interactive Backend.AI circuits collected.
     pub backendai_idle_collected: Counter,
     /// Refused credentials and requests refused for too many of them.
@@ -284,6 +292,7 @@ impl Metrics {
             stranded: Gauge::default(),
             backendai_events: Family::default(),
             backendai_republished: Counter::default(),
+            backendai_resent: Family::default(),
             backendai_idle_collected: Counter::default(),
             auth_failures: Family::default(),
         };
@@ -330,6 +339,10 @@ impl Metrics {
                 => self.backendai_events;
             "backendai_bus_republished", "Backend.AI created events published again because no \
                 worker acknowledged them in time" => self.backendai_republished;
+            "backendai_bus_resent", "Backend.AI bus events sent again, by event and why: a created \
+                event not yet acknowledged (ack_wait), a route-updated or removed event in the \
+                seconds after its change (after_change), the anti-entropy sweep (sweep)"
+                => self.backendai_resent;
             "backendai_idle_collected", "Interactive Backend.AI circuits deleted after going unused \
                 for the idle timeout" => self.backendai_idle_collected;
             "auth_failures", "Requests whose credentials were refused (outcome=refused, 401) and \

@@ -24,7 +24,12 @@
 //! missed (restarting, disconnected, Redis failing over) would leave it
 //! without the circuit until its next restart (it has no resync). So the
 //! publisher publishes a created event again until the worker acknowledges it,
-//! with a capped exponential backoff; the worker overwrites idempotently.
+//! soon (half a second) and then with a capped, jittered exponential backoff;
+//! the worker overwrites idempotently. Route-updated and removed events have
+//! no acknowledgement: each is sent again a few times in the seconds after its
+//! change, and an anti-entropy sweep sends every circuit's state and every
+//! recent removal again once per [`BusConfig::sweep_period`]
+//! ([`super::publish`]'s `resend`).
 //!
 //! [`spawn`] starts the listener on every replica and the publisher and idle
 //! collection ([`super::idle`]) on the leader. Redis being down never stops
@@ -140,7 +145,7 @@ impl Event {
 
 /// Where a circuit sits on its worker: Backend.AI workers apply created and
 /// removed events by port or subdomain.
-fn slot(circuit: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
+pub(crate) fn slot(circuit: &Value) -> (Option<&Value>, Option<&Value>, Option<&Value>) {
     (
         circuit.get("worker"),
         circuit.get("port"),
@@ -228,13 +233,26 @@ pub fn parse_ack(message: &str) -> Option<Vec<Ack>> {
 #[derive(Clone, Debug)]
 pub struct BusConfig {
     /// How often the publisher looks for changes other replicas committed
-    /// (its own are seen at once) and for re-publishes that are due.
+    /// (its own are seen at once) and for re-sends that are due.
     pub poll_interval: Duration,
     /// Change-log rows read at a time.
     pub batch: u32,
+    /// The first re-publish of an unacknowledged created event comes this
+    /// long after it (well inside the ack wait); the waits then double, up to
+    /// [`Self::max_backoff`], each jittered by up to a quarter.
+    pub first_republish: Duration,
     /// The longest wait between two re-publishes of an unacknowledged
-    /// created event (they start at the ack timeout and double).
+    /// created event.
     pub max_backoff: Duration,
+    /// Route-updated and removed events have no acknowledgement: each is
+    /// sent again this long after its change, once per entry (so a worker
+    /// whose subscriber was away for a few seconds hears it).
+    pub resend_after: Vec<Duration>,
+    /// The anti-entropy sweep sends every live circuit's state and every
+    /// removal of the last two periods again once per period, spread evenly.
+    pub sweep_period: Duration,
+    /// At most this many sweep events a second.
+    pub sweep_rate: u32,
     /// How often idle interactive circuits are looked for.
     pub idle_interval: Duration,
     /// Redis commands and connections give up after this long.
@@ -246,7 +264,11 @@ impl Default for BusConfig {
         BusConfig {
             poll_interval: Duration::from_millis(500),
             batch: 500,
+            first_republish: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
+            resend_after: [1, 3, 7].map(Duration::from_secs).to_vec(),
+            sweep_period: Duration::from_secs(300),
+            sweep_rate: 200,
             idle_interval: Duration::from_secs(10),
             redis_timeout: Duration::from_secs(5),
         }

@@ -187,7 +187,6 @@ impl BackendAi {
             .cloned()
     }
 
-    /// `PING` on the shared connection.
     /// `PING` on the shared connection; a failed TLS handshake says so.
     async fn ping_redis(&self) -> Result<(), String> {
         let ping = async {
@@ -198,6 +197,33 @@ impl BackendAi {
                 .map(|_| ())
         };
         ping.await.map_err(|e| redis_error(&e))
+    }
+
+    /// Worker `authority` fetched `circuits` (`GET /api/worker/{id}/circuits`,
+    /// at its boot) and registers each: they count as delivered. Said on the
+    /// bus in the worker's own words (an `added` event, as if it had
+    /// acknowledged their created events), so whichever replica leads records
+    /// it and the routes become `Active` without waiting for a re-publish. A
+    /// failure to say it only leaves that to the next acknowledged re-publish.
+    pub async fn fetched(&self, authority: &str, circuits: Vec<serde_json::Value>) {
+        if circuits.is_empty() {
+            return;
+        }
+        let payload = serde_json::json!({
+            "target_worker_authority": authority, "circuits": circuits
+        });
+        let message = bus::Envelope::new(bus::ADDED, &payload).to_json();
+        let published = async {
+            let mut connection = self.commands().await?;
+            redis::cmd("PUBLISH")
+                .arg(bus::CHANNEL)
+                .arg(message)
+                .query_async::<i64>(&mut connection)
+                .await
+        };
+        if let Err(e) = published.await {
+            tracing::warn!(worker = authority, error = %redis_error(&e), "Backend.AI bus: cannot record the circuits a worker fetched as delivered");
+        }
     }
 
     /// The database (`ping`) and Redis, checked concurrently, each within

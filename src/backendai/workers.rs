@@ -158,10 +158,17 @@ pub async fn deregister(store: &Store, id: Uuid, now: DateTime<Utc>) -> Result<(
     Ok(())
 }
 
-/// Every circuit on Backend.AI worker `id`.
-pub async fn circuits(store: &Store, id: Uuid) -> Result<Vec<Circuit>, Error> {
+/// Every circuit on Backend.AI worker `id`, which the worker registers as
+/// it reads them: they count as delivered ([`BackendAi::fetched`]).
+pub async fn circuits(store: &Store, bai: &BackendAi, id: Uuid) -> Result<Vec<Circuit>, Error> {
     let (worker, routes) = with_routes(store, id).await?;
-    Ok(routes.iter().map(|r| Circuit::of(r, &worker)).collect())
+    let circuits: Vec<Circuit> = routes.iter().map(|r| Circuit::of(r, &worker)).collect();
+    let fetched = circuits
+        .iter()
+        .map(|c| serde_json::to_value(c).expect("circuits serialise"))
+        .collect();
+    bai.fetched(&worker.name, fetched).await;
+    Ok(circuits)
 }
 
 /// The slots of the Backend.AI worker named `authority` (`No such worker.`

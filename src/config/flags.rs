@@ -330,6 +330,16 @@ pub struct Options {
         default
     )]
     pub backendai_conf_token_ttl: Option<Duration>,
+    /// Every live circuit's state and every recent removal is sent again to
+    /// Backend.AI workers once per this period, spread evenly (0 turns the
+    /// sweep off) [default: 5m].
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_RESYNC_PERIOD", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub backendai_resync_period: Option<Duration>,
     /// The coordinator's own URL as clients reach it (Backend.AI `/status`)
     /// [default: http(s)://<bind address>].
     #[arg(long, global = true, env = "APPPROXY_ADVERTISED_URL")]

@@ -103,6 +103,8 @@ pub struct Config {
     pub backendai_idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub backendai_conf_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backendai_resync_period: Duration,
     pub advertised_url: Option<String>,
 }
 
@@ -152,6 +154,7 @@ impl Default for Config {
             backendai_ack_timeout: Duration::from_secs(15),
             backendai_idle_timeout: Duration::from_secs(3600),
             backendai_conf_token_ttl: Duration::from_secs(600),
+            backendai_resync_period: Duration::from_secs(300),
             advertised_url: None,
         }
     }

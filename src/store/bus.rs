@@ -44,9 +44,24 @@ pub struct BusWrite {
     pub put: Vec<BusCircuit>,
     /// Routes no Backend.AI worker holds any more.
     pub removed: Vec<Uuid>,
+    /// Removed events published, kept for the anti-entropy sweep.
+    pub removals: Vec<BusRemoval>,
     /// Drop every circuit first (a republish from a snapshot).
     pub reset: bool,
 }
+
+/// A removed event as published: the circuit (a worker removes by port or
+/// subdomain) on the worker's authority, at the revision of its change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BusRemoval {
+    pub route_id: Uuid,
+    pub revision: Revision,
+    pub authority: String,
+    pub circuit: serde_json::Value,
+    pub removed_at: DateTime<Utc>,
+}
+
+type RemovalRow = (Uuid, i64, String, Json<serde_json::Value>, DateTime<Utc>);
 
 impl Store {
     /// The bus's position and circuits.
@@ -132,8 +147,57 @@ impl Store {
                 )
                 .await?;
         }
+        for r in &write.removals {
+            tx.conn()
+                .execute(
+                    "INSERT INTO bus_removals (route_id, revision, authority, circuit, removed_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (route_id, revision) DO NOTHING",
+                    &[
+                        r.route_id.into(),
+                        r.revision.into(),
+                        r.authority.as_str().into(),
+                        Arg::json(&r.circuit),
+                        super::db_time(r.removed_at).into(),
+                    ],
+                )
+                .await?;
+        }
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// Removed events published at or after `since`, oldest first; those
+    /// before it are deleted (they are past the sweep's memory).
+    pub async fn bus_removals(&self, since: DateTime<Utc>) -> Result<Vec<BusRemoval>> {
+        let since = super::db_time(since);
+        let mut tx = Tx::write(&self.db).await?;
+        tx.conn()
+            .execute(
+                "DELETE FROM bus_removals WHERE removed_at < $1",
+                &[since.into()],
+            )
+            .await?;
+        let rows: Vec<RemovalRow> = tx
+            .conn()
+            .fetch_all(
+                "SELECT route_id, revision, authority, circuit, removed_at FROM bus_removals \
+                 ORDER BY removed_at, route_id",
+                &[],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(route_id, revision, authority, Json(circuit), removed_at)| BusRemoval {
+                    route_id,
+                    revision,
+                    authority,
+                    circuit,
+                    removed_at,
+                },
+            )
+            .collect())
     }
 
     /// Marks the created event of `route` on `worker` acknowledged.

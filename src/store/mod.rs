@@ -53,7 +53,7 @@ mod tx;
 mod workers;
 
 pub use backendai::ConfToken;
-pub use bus::{BusCircuit, BusState, BusWrite};
+pub use bus::{BusCircuit, BusRemoval, BusState, BusWrite};
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};
 

@@ -38,11 +38,15 @@ crate::on_both_backends!(
     redis_down_delays_publishing_and_stops_nothing,
 );
 
-/// Fast loops; time-based decisions still read the app's manual clock.
-fn fast() -> BusConfig {
+/// Fast loops; time-based decisions still read the app's manual clock. No
+/// follow-ups or sweep (tests/backendai/resend.rs turns them on): each event
+/// a test expects is the one its change made.
+pub(crate) fn fast() -> BusConfig {
     BusConfig {
         poll_interval: Duration::from_millis(50),
         idle_interval: Duration::from_millis(50),
+        resend_after: Vec::new(),
+        sweep_period: Duration::ZERO,
         ..BusConfig::default()
     }
 }
@@ -61,6 +65,18 @@ impl Loops {
         leading: bool,
         clock: &Clock,
     ) -> Loops {
+        Loops::start_with(store, bai, metrics, leading, clock, fast())
+    }
+
+    /// As [`Loops::start`], paced by `config`.
+    pub(crate) fn start_with(
+        store: &Store,
+        bai: &Arc<BackendAi>,
+        metrics: &Arc<Metrics>,
+        leading: bool,
+        clock: &Clock,
+        config: BusConfig,
+    ) -> Loops {
         let (stop, stopped) = watch::channel(false);
         let ctx = Context {
             store: store.clone(),
@@ -69,7 +85,7 @@ impl Loops {
             leadership: Leadership::fixed(leading),
             shutdown: stopped,
         };
-        let handle = bus::spawn(ctx, bai.clone(), fast());
+        let handle = bus::spawn(ctx, bai.clone(), config);
         Loops { stop, handle }
     }
 
@@ -80,6 +96,18 @@ impl Loops {
             &app.metrics,
             leading,
             &app.clock,
+        )
+    }
+
+    /// The leading loops of `app`, paced by `config`.
+    pub(crate) fn with(app: &TestApp, config: BusConfig) -> Loops {
+        Loops::start_with(
+            &app.store,
+            app.backendai.as_ref().unwrap(),
+            &app.metrics,
+            true,
+            &app.clock,
+            config,
         )
     }
 
@@ -155,7 +183,7 @@ pub(crate) struct Subscriber {
 }
 
 impl Subscriber {
-    async fn start(authorities: &[&str]) -> Subscriber {
+    pub(crate) async fn start(authorities: &[&str]) -> Subscriber {
         Subscriber::on(&redis::Client::open(REDIS_URL).unwrap(), authorities).await
     }
 
@@ -191,6 +219,11 @@ impl Subscriber {
             }
         });
         Subscriber { rx, _task: task }
+    }
+
+    /// The next event if one came already.
+    pub(crate) fn try_next(&mut self) -> Option<Heard> {
+        self.rx.try_recv().ok()
     }
 
     pub(crate) async fn next(&mut self) -> Heard {
@@ -232,7 +265,7 @@ impl Acknowledger {
 /// Plays a Backend.AI worker named `authority`: answers each created event
 /// for it with an added event carrying the same payload, except the first
 /// `ignore` ones, until the answer is dropped.
-async fn acknowledger(authority: &str, ignore: usize) -> Acknowledger {
+pub(crate) async fn acknowledger(authority: &str, ignore: usize) -> Acknowledger {
     acknowledger_on(&redis::Client::open(REDIS_URL).unwrap(), authority, ignore).await
 }
 
@@ -389,6 +422,7 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
     // The worker misses the first two created events.
     let acked = acknowledger(&name, 2).await;
     let loops = Loops::of(&app, true);
+    let first_wait = fast().first_republish;
     let timeout = app.backendai.as_ref().unwrap().settings.ack_timeout;
 
     let route = create(&app, circuit_route(worker)).await;
@@ -396,12 +430,13 @@ async fn a_created_event_nobody_acknowledges_is_published_again_until_acknowledg
     let first = events.expect(bus::CREATED, &name, id).await;
     assert_eq!(status(&app, id).await, "Propagating");
 
-    // One ack timeout later (on the clock the publisher reads) it comes again…
-    app.clock.advance(timeout);
+    // Half a second later (on the clock the publisher reads; well inside the
+    // ack wait) it comes again…
+    app.clock.advance(first_wait);
     let second = events.expect(bus::CREATED, &name, id).await;
     assert_eq!(second.payload, first.payload);
     // …then after twice as long, and this time the worker answers.
-    app.clock.advance(timeout * 2);
+    app.clock.advance(first_wait * 2);
     events.expect(bus::CREATED, &name, id).await;
     wait_for("the third publication is acknowledged", async || {
         acked.acked() == 1

@@ -9,6 +9,7 @@ mod common;
 
 mod bus;
 mod manager;
+mod resend;
 mod security;
 mod tls;
 mod workers;

@@ -125,7 +125,7 @@ pub(crate) async fn port_worker(
     .await
 }
 
-fn endpoint(deployment: Uuid, service: &str, existing_url: Option<&str>) -> Value {
+pub(crate) fn endpoint(deployment: Uuid, service: &str, existing_url: Option<&str>) -> Value {
     json!({
         "deployment_id": deployment,
         "version": "v2",
@@ -143,7 +143,7 @@ fn endpoint(deployment: Uuid, service: &str, existing_url: Option<&str>) -> Valu
     })
 }
 
-async fn bulk_create(app: &TestApp, endpoints: Vec<Value>) -> Reply {
+pub(crate) async fn bulk_create(app: &TestApp, endpoints: Vec<Value>) -> Reply {
     manager(
         app,
         Method::POST,

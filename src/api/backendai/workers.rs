@@ -230,10 +230,10 @@ fn deregister_docs(op: Op<'_>) -> Op<'_> {
 
 async fn circuits(
     State(state): State<AppState>,
-    Authorized(_): Authorized,
+    Authorized(bai): Authorized,
     BaiPath(WorkerIdPath { worker_id }): BaiPath<WorkerIdPath>,
 ) -> Result<Json<CircuitListModel>, BaiError> {
-    let circuits = workers::circuits(&state.store, worker_id).await?;
+    let circuits = workers::circuits(&state.store, &bai, worker_id).await?;
     Ok(Json(CircuitListModel { circuits }))
 }
 

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
+mod resend;
 mod retries;
 
 use retries::Retry;
@@ -48,7 +49,7 @@ use crate::clock::Clock;
 use crate::domain::events::{Change, ChangeKind};
 use crate::domain::{Revision, Route, Worker};
 use crate::leader::{Context, Stop};
-use crate::store::{BusCircuit, BusWrite, Store};
+use crate::store::{BusCircuit, BusRemoval, BusWrite, Store};
 use crate::telemetry::Metrics;
 
 /// What the publisher keeps from one leadership to the next.
@@ -196,6 +197,10 @@ struct Publisher<'a> {
     /// Workers named by changes that no longer exist (deleted since): not
     /// looked up again.
     unknown: HashSet<Uuid>,
+    /// Route-updated and removed events to send again soon.
+    follow: resend::FollowUps,
+    /// The anti-entropy sweep under way.
+    swept: Option<resend::Sweep>,
     /// What is in memory may differ from what is stored: load again.
     stale: bool,
 }
@@ -222,13 +227,16 @@ impl<'a> Publisher<'a> {
             workers: HashMap::new(),
             acked: HashMap::new(),
             unknown: HashSet::new(),
+            follow: resend::FollowUps::default(),
+            swept: None,
             stale: false,
         };
         // Created events the last leader published and no ack came for: the
-        // first re-publish comes one ack timeout from now.
+        // first re-publish comes soon.
+        let now = clock.now();
         for c in state.circuits {
             if !c.acked {
-                p.wait_for_ack(c.route_id);
+                p.wait_for_ack(c.route_id, now);
             }
             p.circuits.insert(c.route_id, c);
         }
@@ -293,6 +301,8 @@ impl<'a> Publisher<'a> {
             }
         }
         self.republish_due().await?;
+        self.follow_up().await?;
+        self.sweep().await?;
         self.advance_acked().await?;
         Ok(())
     }
@@ -342,6 +352,9 @@ impl<'a> Publisher<'a> {
             };
             let old = self.circuits.get(&route_id);
             let events = bus::plan(old, new.as_ref());
+            // Follow-ups count from before the send (a worker may act on it
+            // at once).
+            let sent_at = self.clock.now();
             for event in &events {
                 if let Err(e) = self.send(event).await {
                     failed = Some(e);
@@ -352,6 +365,7 @@ impl<'a> Publisher<'a> {
                 break;
             }
             to = change.revision;
+            self.follow_events(route_id, change.revision, &events, sent_at, &mut write);
             let created = events.iter().any(|e| e.name == bus::CREATED);
             match new {
                 Some(n) => {
@@ -369,7 +383,7 @@ impl<'a> Publisher<'a> {
                         acked: !created && previous.is_some_and(|p| p.acked),
                     };
                     if created {
-                        self.wait_for_ack(route_id);
+                        self.wait_for_ack(route_id, sent_at);
                     }
                     if !events.is_empty() {
                         write.removed.retain(|id| *id != route_id);
@@ -393,6 +407,35 @@ impl<'a> Publisher<'a> {
         match failed {
             Some(e) => Err(e.into()),
             None => Ok(()),
+        }
+    }
+
+    /// Schedules the follow-ups of the route-updated and removed events just
+    /// published for a change, and keeps its removals for the sweep.
+    fn follow_events(
+        &mut self,
+        route_id: Uuid,
+        revision: Revision,
+        events: &[Event],
+        sent_at: chrono::DateTime<chrono::Utc>,
+        write: &mut BusWrite,
+    ) {
+        for event in events {
+            match event.name {
+                bus::ROUTE_UPDATED => self.follow_update(route_id, sent_at),
+                bus::REMOVED => {
+                    let removal = BusRemoval {
+                        route_id,
+                        revision,
+                        authority: event.authority.clone(),
+                        circuit: event.payload["circuits"][0].clone(),
+                        removed_at: sent_at,
+                    };
+                    write.removals.push(removal.clone());
+                    self.follow_removal(removal);
+                }
+                _ => {}
+            }
         }
     }
 
@@ -438,6 +481,7 @@ impl<'a> Publisher<'a> {
             }
         }
         let mut events = Vec::new();
+        let mut removals = Vec::new();
         for (id, old) in &self.circuits {
             let gone = now.get(id).is_none_or(|n| {
                 bus::plan(Some(old), Some(n))
@@ -446,10 +490,18 @@ impl<'a> Publisher<'a> {
             });
             if gone {
                 events.push(Event::removed(&old.authority, &old.circuit));
+                removals.push(BusRemoval {
+                    route_id: *id,
+                    revision: head,
+                    authority: old.authority.clone(),
+                    circuit: old.circuit.clone(),
+                    removed_at: self.clock.now(),
+                });
             }
         }
         let mut write = BusWrite {
             reset: true,
+            removals: removals.clone(),
             ..BusWrite::default()
         };
         let revisions: HashMap<Uuid, Revision> =
@@ -465,17 +517,21 @@ impl<'a> Publisher<'a> {
                 acked: false,
             });
         }
+        let sent_at = self.clock.now();
         for event in &events {
             self.send(event).await?;
         }
         let from = self.position;
         self.commit(from, head, &write).await?;
         if !self.stale {
+            for r in removals {
+                self.follow_removal(r);
+            }
             self.circuits = write.put.into_iter().map(|c| (c.route_id, c)).collect();
             self.retries.clear();
             let ids: Vec<Uuid> = self.circuits.keys().copied().collect();
             for id in ids {
-                self.wait_for_ack(id);
+                self.wait_for_ack(id, sent_at);
             }
         }
         Ok(())

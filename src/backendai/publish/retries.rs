@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::resend::Why;
 use super::{Failure, Publisher};
-use crate::backendai::bus::{Ack, Event};
+use crate::backendai::bus::{self, Ack, Event};
 use crate::domain::{Revision, WorkerStatus};
 
 /// A created event waiting for its acknowledgement.
@@ -20,12 +21,15 @@ pub(super) struct Retry {
 }
 
 impl Publisher<'_> {
-    pub(super) fn wait_for_ack(&mut self, route: Uuid) {
-        let due = self.clock.now() + self.ack_timeout();
+    /// A created event for `route` was published at `at`: the first
+    /// re-publish is due [`BusConfig::first_republish`] after, well inside
+    /// the wait of the call that made it (a lost message then costs about a
+    /// second).
+    ///
+    /// [`BusConfig::first_republish`]: crate::backendai::bus::BusConfig::first_republish
+    pub(super) fn wait_for_ack(&mut self, route: Uuid, at: DateTime<Utc>) {
+        let due = at + self.backoff(0);
         self.retries.insert(route, Retry { due, attempts: 0 });
-    }
-    pub(super) fn ack_timeout(&self) -> chrono::Duration {
-        chrono::Duration::from_std(self.backendai.settings.ack_timeout).unwrap_or_default()
     }
     /// Publishes again the created events whose acknowledgement is overdue.
     pub(super) async fn republish_due(&mut self) -> Result<(), Failure> {
@@ -56,6 +60,7 @@ impl Publisher<'_> {
             if !lost {
                 self.send(&Event::created(&c.authority, &c.circuit)).await?;
                 self.metrics.backendai_republished.inc();
+                self.resent(bus::CREATED, Why::AckWait);
                 if retry.attempts == 0 {
                     tracing::warn!(circuit = %id, worker = %c.authority, "Backend.AI bus: no acknowledgement of a created event; publishing it again until there is one");
                 } else {
@@ -77,14 +82,20 @@ impl Publisher<'_> {
         Ok(())
     }
 
-    /// The wait after the `attempt`-th re-publish: the ack timeout, doubled
-    /// each time, at most [`BusConfig::max_backoff`].
+    /// The wait after the `attempt`-th re-publish (0: after the first
+    /// publish): [`BusConfig::first_republish`] doubled each time, at most
+    /// [`BusConfig::max_backoff`], less a random part of up to a quarter (so
+    /// the re-publishes of many circuits created together spread out).
+    ///
+    /// [`BusConfig::first_republish`]: crate::backendai::bus::BusConfig::first_republish
+    /// [`BusConfig::max_backoff`]: crate::backendai::bus::BusConfig::max_backoff
     pub(super) fn backoff(&self, attempt: u32) -> chrono::Duration {
-        let timeout = self.backendai.settings.ack_timeout;
-        let wait = timeout
+        let first = self.config.first_republish;
+        let wait = first
             .saturating_mul(1 << attempt.min(16))
-            .min(self.config.max_backoff.max(timeout));
-        chrono::Duration::from_std(wait).unwrap_or_default()
+            .min(self.config.max_backoff.max(first));
+        let jittered = wait.mul_f64(rand::random_range(0.75..=1.0));
+        chrono::Duration::from_std(jittered).unwrap_or_default()
     }
 
     /// Records acknowledgements (the circuit as published, on its worker).
