@@ -46,7 +46,7 @@ fuzz: ## Schemathesis (all checks) against a coordinator it starts, with each ki
 faults: ## Fault tests, including a PostgreSQL restart under load (stops the local server briefly)
 	cargo test --locked --test faults -- --include-ignored --test-threads=1
 
-.PHONY: e2e-backendai bench-backendai
+.PHONY: e2e-backendai bench-backendai bench-backendai-resend
 e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (needs Redis on 127.0.0.1:6379, Python 3.13; builds its venv under ~/.cache): the main scenario, then every scripts/e2e_backendai_*.py
 	python3 scripts/e2e_backendai.py
 	for s in scripts/e2e_backendai_*.py; do [ -e "$$s" ] || continue; python3 "$$s" || exit 1; done
@@ -54,3 +54,7 @@ e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (ne
 bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); writes bench/backendai.json
 	cargo build --release --locked --bin appproxy-coordinator
 	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/e2e_backendai.py --bench
+
+bench-backendai-resend: ## What the Backend.AI anti-entropy sweep costs Redis at 10,000 circuits (a Redis of its own, one sweep period of 60 s); writes bench/backendai-resend.json
+	cargo build --release --locked --bin appproxy-coordinator
+	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/bench_backendai_resend.py

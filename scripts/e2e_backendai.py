@@ -13,7 +13,9 @@ then plays the Backend.AI Manager and a browser against them:
   restart      the worker killed and started again gets every circuit back
   failover     a second worker takes new circuits while the first is Lost
 
-With --bench it measures instead (bench/backendai.json): bulk
+With --bench it measures instead (bench/backendai.json): the worker's own
+ceiling (created events straight to Redis, acknowledgements timed) and the
+Manager's create + delete pairs from 1 and 16 clients as a ratio to it, bulk
 create of 100 endpoints with the worker acknowledging, route register and
 unregister calls per second, and create-to-first-proxied-200 latency, each next
 to the same work through the native API (or straight to the kernel) in the
@@ -563,9 +565,26 @@ def bench(h, out_path):
     h.authorities = ["e2e-bench-1"]
     h.start_kernel()
     h.start_coordinator()
-    h.start_worker("worker-1", "e2e-bench-1", ports=300)
+    worker = h.start_worker("worker-1", "e2e-bench-1", ports=300)
     native = {"Authorization": f"Bearer {h.manager_token()}"}
     results = {}
+
+    # The create path against its real bound: what the worker alone takes
+    # (created events straight to Redis), then the Manager's create + delete
+    # through the coordinator from 1 and 16 clients.
+    from backendai_ceiling import create_delete, worker_ceiling
+
+    steps, ceiling = worker_ceiling(h, "e2e-bench-1", worker["range"])
+    for s in steps:
+        log(f"worker alone: offered {s['offered_per_second']}/s -> {s}")
+    results["backendai.worker_ceiling.acked_per_second"] = ceiling
+    for clients, pairs in ((1, 100), (16, 400)):
+        r = create_delete(h, clients, pairs)
+        key = f"backendai.create_delete_{clients}_clients"
+        results[f"{key}.pairs_per_second"] = r["pairs_per_second"]
+        results[f"{key}.create_p50_ms"] = r["create_p50_ms"]
+        results[f"{key}.create_p99_ms"] = r["create_p99_ms"]
+        results[f"{key}.ratio_to_worker_ceiling"] = round(r["pairs_per_second"] / ceiling, 2)
 
     # Bulk create of 100 endpoints, answered once the worker acknowledged
     # each; baseline: 100 native creates (published to the same worker, no wait).

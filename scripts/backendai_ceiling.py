@@ -1,0 +1,163 @@
+"""The Backend.AI create path against its real bound, for `make bench-backendai`.
+
+worker_ceiling   what the real worker can take without any coordinator: created
+                 events published straight to Redis at increasing rates, each
+                 acknowledgement timed (publish -> the worker's added event),
+                 then removed again. The ceiling is the best acknowledged
+                 circuits/s of the steps.
+create_delete    the Manager's create (POST /v2/endpoints/bulk, answered after the
+                 worker's ack) then delete (DELETE /v2/endpoints/bulk) through the
+                 coordinator, from `clients` threads with the harness's Python
+                 client; pairs/s and create latency.
+"""
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+from e2e_backendai import Redis, expect, wait_for
+
+
+def _pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * p))] if xs else 0.0
+
+
+class _Acks:
+    """Times each circuit's acknowledgement on the bus."""
+
+    def __init__(self, authority):
+        self.authority = authority
+        self.at = {}
+        self.lock = threading.Lock()
+        self.r = Redis()
+        self.r.sock.settimeout(None)
+        self.r.cmd("SUBSCRIBE", "events_all-appproxy")
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                kind, _, message = self.r._read()
+            except (OSError, ValueError):
+                return
+            if kind != "message":
+                continue
+            env = json.loads(message)
+            if env.get("name") != "appproxy_worker_circuit_added_event":
+                continue
+            now = time.monotonic()
+            payload = json.loads(env["payload"])
+            if payload.get("target_worker_authority") != self.authority:
+                continue
+            with self.lock:
+                for c in payload["circuits"]:
+                    self.at.setdefault(c["id"], now)
+
+    def count(self, ids):
+        with self.lock:
+            return sum(1 for i in ids if i in self.at)
+
+
+def _circuit(worker_id, port, kernel_port):
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {
+        "id": str(uuid.uuid4()), "app": "ceiling", "protocol": "http", "worker": worker_id,
+        "app_mode": "inference", "frontend_mode": "port", "envs": {}, "arguments": None,
+        "open_to_public": False, "allowed_client_ips": None, "port": port, "subdomain": None,
+        "user_id": str(uuid.uuid4()), "endpoint_id": str(uuid.uuid4()), "runtime_variant": "custom",
+        "route_info": [{"route_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "session_name": None,
+                        "kernel_host": "127.0.0.1", "kernel_port": kernel_port, "protocol": "http",
+                        "traffic_ratio": 1.0}],
+        "session_ids": [], "created_at": now, "updated_at": now,
+    }
+
+
+def _event(name, authority, circuit):
+    return json.dumps({
+        "name": name, "source": "appproxy-coordinator",
+        "payload": json.dumps({"target_worker_authority": authority, "circuits": [circuit]}),
+        "metadata": json.dumps({"request_id": None, "user": None, "triggered_user": None, "traceparent": None}),
+    })
+
+
+def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_step=120):
+    """Created events straight to Redis at each rate (None: as fast as one
+    connection publishes); answers the steps and the best circuits/s."""
+    a = h.manager("GET", "/api/worker")
+    expect(a.status == 200, f"workers: {a}")
+    (worker,) = [w for w in a.json["workers"] if w["authority"] == authority]
+    acks = _Acks(authority)
+    pub = Redis()
+    lo, hi = ports
+    expect(hi - lo >= per_step, "enough ports for a step and a marker")
+    steps = []
+    for rate in rates:
+        circuits = [_circuit(worker["id"], lo + i, h.kernel_port) for i in range(per_step)]
+        ids = [c["id"] for c in circuits]
+        sent = {}
+        t0 = time.monotonic()
+        for i, c in enumerate(circuits):
+            if rate:
+                pause = t0 + i / rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            sent[c["id"]] = time.monotonic()
+            pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, c))
+        wait_for(f"{per_step} acknowledgements at {rate or 'full'}/s", lambda: acks.count(ids) == per_step, patience=120)
+        with acks.lock:
+            lat = [acks.at[i] - sent[i] for i in ids]
+            last = max(acks.at[i] for i in ids)
+        steps.append({
+            "offered_per_second": rate or "max",
+            "acked_per_second": round(per_step / (last - t0), 1),
+            "ack_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+            "ack_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        })
+        for c in circuits:
+            pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, c))
+        # The worker handles the bus in order: once a created event published
+        # after the removals is acknowledged, they are behind it.
+        marker = _circuit(worker["id"], hi, h.kernel_port)
+        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, marker))
+        wait_for("the step's removals handled", lambda: acks.count([marker["id"]]) == 1, patience=120)
+        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, marker))
+    return steps, max(s["acked_per_second"] for s in steps)
+
+
+def create_delete(h, clients, pairs):
+    """`pairs` create+delete pairs from `clients` threads; pairs/s and the
+    creates' latency."""
+    lat = []
+    lock = threading.Lock()
+
+    def one(i):
+        dep = str(uuid.uuid4())
+        item = {
+            "deployment_id": dep, "version": "v2", "service_name": f"pair-{i}",
+            "tags": {"session": {"user_uuid": str(uuid.uuid4()), "project_id": str(uuid.uuid4()),
+                                 "domain_name": "default"},
+                     "endpoint": {"id": dep, "runtime_variant": "custom", "existing_url": None}},
+            "open_to_public": False, "health_check": None,
+        }
+        t = time.monotonic()
+        a = h.manager("POST", "/v2/endpoints/bulk", {"endpoints": [item]})
+        took = time.monotonic() - t
+        expect(a.status == 200, f"create: {a}")
+        d = h.manager("DELETE", "/v2/endpoints/bulk", {"endpoints": [{"deployment_id": dep}]})
+        expect(d.status == 200 and d.json["endpoints"][0]["success"], f"delete: {d}")
+        with lock:
+            lat.append(took)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(pairs)))
+    elapsed = time.monotonic() - t0
+    return {
+        "pairs_per_second": round(pairs / elapsed, 1),
+        "create_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+        "create_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+    }
