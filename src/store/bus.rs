@@ -200,15 +200,19 @@ impl Store {
             .collect())
     }
 
-    /// Marks the created event of `route` on `worker` acknowledged.
-    pub async fn bus_acked(&self, route: Uuid, worker: Uuid) -> Result<()> {
-        let mut c = sql::acquire(&self.db).await?;
-        c.conn()
-            .execute(
-                "UPDATE bus_circuits SET acked = 1 WHERE route_id = $1 AND worker_id = $2",
-                &[route.into(), worker.into()],
-            )
-            .await?;
+    /// Marks the created events of these (route, worker) pairs
+    /// acknowledged, in one transaction.
+    pub async fn bus_acked(&self, acked: &[(Uuid, Uuid)]) -> Result<()> {
+        let mut tx = Tx::write(&self.db).await?;
+        for (route, worker) in acked {
+            tx.conn()
+                .execute(
+                    "UPDATE bus_circuits SET acked = 1 WHERE route_id = $1 AND worker_id = $2",
+                    &[(*route).into(), (*worker).into()],
+                )
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -143,7 +143,14 @@ async fn publish(
             () = tokio::time::sleep_until(next_pass) => {}
             _ = commits.changed(), if !backing_off => {}
             a = acks.recv() => match a {
-                Some(a) => {
+                Some(mut a) => {
+                    // Whatever else came meanwhile is recorded with it.
+                    while let Ok(more) = acks.try_recv() {
+                        a.extend(more);
+                        if a.len() >= 1024 {
+                            break;
+                        }
+                    }
                     if let Err(e) = publisher.acknowledged(a).await {
                         tracing::warn!(error = %e, "Backend.AI bus: cannot record an acknowledgement");
                     }

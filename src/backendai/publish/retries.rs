@@ -100,24 +100,28 @@ impl Publisher<'_> {
 
     /// Records acknowledgements (the circuit as published, on its worker).
     pub(super) async fn acknowledged(&mut self, acks: Vec<Ack>) -> Result<(), Failure> {
-        let mut any = false;
+        let mut acked = Vec::new();
         for ack in acks {
             let Some(id) = ack.id() else { continue };
-            let Some(c) = self.circuits.get_mut(&id) else {
+            let Some(c) = self.circuits.get(&id) else {
                 continue;
             };
-            if c.acked || !ack.matches(c) {
+            if c.acked || !ack.matches(c) || acked.iter().any(|(a, _)| *a == id) {
                 continue;
             }
-            self.store.bus_acked(id, c.worker_id).await?;
-            c.acked = true;
-            self.retries.remove(&id);
-            any = true;
+            acked.push((id, c.worker_id));
         }
-        if any {
-            self.advance_acked().await?;
+        if acked.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.store.bus_acked(&acked).await?;
+        for (id, _) in &acked {
+            if let Some(c) = self.circuits.get_mut(id) {
+                c.acked = true;
+            }
+            self.retries.remove(id);
+        }
+        self.advance_acked().await
     }
 
     /// Moves each Backend.AI worker's acknowledged revision to just before
