@@ -8,6 +8,7 @@
 mod common;
 
 mod bus;
+mod filters;
 mod manager;
 mod security;
 mod tls;
