@@ -9,6 +9,7 @@ mod common;
 
 mod bus;
 mod filters;
+mod health_detail;
 mod manager;
 mod security;
 mod tls;
