@@ -8,11 +8,13 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::common::{Backend, TestApp};
-use crate::manager::{ack_everything, assert_error, manager};
+use crate::manager::{ack_everything, assert_error, conf, manager, proxy_auth_json};
 use crate::on_both_backends;
 
 on_both_backends!(
     endpoints_go_to_the_workers_their_app_filters_match,
+    interactive_apps_match_by_their_session,
+    failover_moves_a_dedicated_circuit_only_to_a_worker_it_matches,
     a_malformed_app_filter_is_refused_and_registers_nothing,
 );
 
@@ -178,4 +180,74 @@ async fn a_malformed_app_filter_is_refused_and_registers_nothing(b: Backend) {
     }
     let listed = manager(&app, Method::GET, "/api/worker", None).await;
     assert_eq!(listed.body["workers"], json!([]), "{:?}", listed.body);
+}
+
+/// The frontend port of the route of `query` (`session_id=…` or
+/// `endpoint_id=…`), and its worker.
+async fn placed(app: &TestApp, query: &str) -> (u16, Uuid) {
+    let a = app
+        .manager(Method::GET, &format!("/routes?{query}"), None)
+        .await;
+    let route = &a.body["items"][0];
+    let port = route["frontend"]["port"].as_u64().expect("a port") as u16;
+    (port, route["worker_id"].as_str().unwrap().parse().unwrap())
+}
+
+async fn interactive_apps_match_by_their_session(b: Backend) {
+    let app = TestApp::start_backendai(b).await;
+    let _acks = ack_everything(&app);
+    let user = Uuid::new_v4();
+    register(&app, "general", [10205, 10300], false, json!([])).await;
+    let dedicated = register(
+        &app,
+        "user-proxy",
+        [10400, 10500],
+        true,
+        json!([{"key": "session.user_uuid", "value": user.to_string()}]),
+    )
+    .await;
+    for (owner, expected_dedicated) in [
+        (Uuid::new_v4(), false),
+        (user, true),
+        (Uuid::new_v4(), false),
+    ] {
+        let session = Uuid::new_v4();
+        let token = conf(&app, session, owner, 8888).await;
+        let a = proxy_auth_json(&app, &token, session, "app=jupyter&protocol=http".into()).await;
+        assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+        let (port, worker) = placed(&app, &format!("session_id={session}")).await;
+        assert_eq!(
+            worker == dedicated,
+            expected_dedicated,
+            "{owner}: port {port}"
+        );
+    }
+}
+
+async fn failover_moves_a_dedicated_circuit_only_to_a_worker_it_matches(b: Backend) {
+    let app = TestApp::start_backendai(b).await;
+    let _acks = ack_everything(&app);
+    let filter = json!([{"key": "session.domain_name", "value": "gpu-team"}]);
+    // Every worker has the same host and a range holding 10400: each keeps
+    // the circuit's URL. By name (and load) general would come first.
+    let gpu_a = register(&app, "gpu-a", [10400, 10500], true, filter.clone()).await;
+    register(&app, "general", [10205, 10500], false, json!([])).await;
+    let gpu_b = register(&app, "gpu-b", [10400, 10500], true, filter).await;
+    let deployment = Uuid::new_v4();
+    let port = port_of(&create(&app, deployment, "gpu-team").await);
+    let query = format!("endpoint_id={deployment}");
+    assert_eq!(placed(&app, &query).await, (port, gpu_a));
+
+    app.store
+        .set_worker_status(gpu_a, WorkerStatus::Lost, app.clock.now())
+        .await
+        .unwrap();
+    let moved = app
+        .store
+        .relocate_routes(gpu_a, 100, app.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    // Same URL, on the other worker of the team.
+    assert_eq!(placed(&app, &query).await, (port, gpu_b));
 }
