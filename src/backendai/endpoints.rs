@@ -7,6 +7,8 @@
 //! deployment id, `service` = its service name, no targets until the Manager
 //! registers its replicas), created, placed and logged like any other route.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -17,7 +19,7 @@ use super::{BackendAi, Error, jwt};
 use crate::clock::Clock;
 use crate::domain::{
     Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, Target,
-    ValidationError, Worker,
+    ValidationError, Worker, app_filter,
 };
 use crate::store::{Store, StoreError};
 
@@ -36,6 +38,9 @@ pub struct NewEndpoint {
     pub open_to_public: bool,
     /// The model health check; stored as sent.
     pub health_check: Option<Map<String, Value>>,
+    /// What workers' app filters match (`session.<field>`,
+    /// `endpoint.<field>`), from the Manager's tags.
+    pub properties: BTreeMap<String, String>,
 }
 
 /// The endpoint's circuit: the existing one unchanged, or a new one.
@@ -47,23 +52,29 @@ async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, 
         };
         return Ok((route, worker));
     }
-    let (mut worker_id, mut frontend) = (None, FrontendRequest::default());
-    if let Some(url) = &e.existing_url {
+    let deployment_id = e.deployment_id;
+    let existing_url = e.existing_url.clone();
+    let mut spec = circuit_spec(e);
+    if let Some(url) = &existing_url {
         let workers = store.list_workers().await?;
+        // Only a worker the app filters let take it keeps the URL.
+        let dedicated = app_filter::is_dedicated(&workers, &spec);
+        let workers: Vec<Worker> = workers
+            .into_iter()
+            .filter(|w| app_filter::refusal(w, &spec, dedicated).is_none())
+            .collect();
         match endpoint::place_of(url, &workers).map_err(Error::InvalidUrl)? {
             UrlPlace::Subdomain { worker, subdomain } => {
-                worker_id = Some(worker);
-                frontend.subdomain = Some(subdomain);
+                spec.worker_id = Some(worker);
+                spec.frontend.subdomain = Some(subdomain);
             }
             UrlPlace::Port { worker, port } => {
-                worker_id = Some(worker);
-                frontend.port = Some(port);
+                spec.worker_id = Some(worker);
+                spec.frontend.port = Some(port);
             }
             UrlPlace::Anywhere => {}
         }
     }
-    let deployment_id = e.deployment_id;
-    let spec = circuit_spec(e, worker_id, frontend);
     let route = match store.create_route(Uuid::now_v7(), spec, clock.now()).await {
         Ok(route) => route,
         // Created concurrently: it is the endpoint's circuit all the same.
@@ -77,9 +88,9 @@ async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, 
     Ok((route, worker))
 }
 
-/// A new endpoint's circuit, on `worker_id` at `frontend` when its
-/// `existing_url` names them.
-fn circuit_spec(e: NewEndpoint, worker_id: Option<Uuid>, frontend: FrontendRequest) -> RouteSpec {
+/// A new endpoint's circuit, placed anywhere (its `existing_url` may pin
+/// it after).
+fn circuit_spec(e: NewEndpoint) -> RouteSpec {
     RouteSpec {
         app_mode: AppMode::Inference,
         session_id: None,
@@ -87,8 +98,8 @@ fn circuit_spec(e: NewEndpoint, worker_id: Option<Uuid>, frontend: FrontendReque
         service: e.service_name,
         protocol: Protocol::Http,
         targets: Vec::new(),
-        frontend,
-        worker_id,
+        frontend: FrontendRequest::default(),
+        worker_id: None,
         access: Access {
             open_to_public: e.open_to_public,
             allowed_client_ips: Vec::new(),
@@ -104,6 +115,7 @@ fn circuit_spec(e: NewEndpoint, worker_id: Option<Uuid>, frontend: FrontendReque
             session_ids: Vec::new(),
             app_protocol: None,
             health_check: e.health_check.map(Value::Object),
+            properties: e.properties,
         }),
     }
 }

@@ -50,6 +50,7 @@ pub mod circuits;
 pub mod endpoint;
 pub mod endpoints;
 mod error;
+pub mod health_detail;
 pub mod idle;
 pub mod interactive;
 pub mod jwt;

@@ -5,6 +5,7 @@
 //! (protocols, client networks, sizes, redirects, who may use a circuit) are
 //! [`super::interactive`].
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,7 +19,7 @@ use super::interactive::{
 use super::{BackendAi, Error, jwt};
 use crate::clock::Clock;
 use crate::domain::{
-    Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, Target,
+    Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, Target, app_filter,
 };
 use crate::store::{ConfToken, Store, StoreError};
 
@@ -209,10 +210,23 @@ fn circuit_spec(wanted: &AppRequest, conf: &ConfToken) -> Result<(RouteSpec, boo
             session_ids: vec![conf.session_id],
             app_protocol,
             health_check: None,
+            properties: session_properties(conf),
         }),
     };
     let no_reuse = query_bool("no_reuse", wanted.no_reuse.as_deref())?;
     Ok((spec, no_reuse))
+}
+
+/// What workers' app filters match of an interactive app: its session as
+/// upstream describes it (`SessionConfig`), from the conf token.
+fn session_properties(conf: &ConfToken) -> BTreeMap<String, String> {
+    app_filter::properties([
+        ("session.id", Some(conf.session_id.to_string())),
+        ("session.user_uuid", Some(conf.user_uuid.to_string())),
+        ("session.project_id", Some(conf.group_id.to_string())),
+        ("session.access_key", Some(conf.access_key.clone())),
+        ("session.domain_name", Some(conf.domain_name.clone())),
+    ])
 }
 
 /// The session's circuit for the app: the existing one (updated in place

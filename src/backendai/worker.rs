@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::circuit::{self, Circuit, iso_time, worker_api_url};
 use crate::domain::{
-    AppMode, BackendAiWorker, Protocol, Route, Worker, WorkerFrontend, WorkerRegistration,
+    AppFilter, AppMode, BackendAiWorker, Protocol, Route, Worker, WorkerFrontend,
+    WorkerRegistration,
 };
 
 /// `PUT /api/worker`: what a Backend.AI worker sends (`WorkerRequestModel`).
@@ -34,8 +34,10 @@ pub struct WorkerRequest {
     #[serde(default)]
     pub traefik_last_used_marker_path: Option<String>,
     pub accepted_traffics: Vec<AppMode>,
+    /// Routes this worker is dedicated to: `{"key": "session.<field>" or
+    /// "endpoint.<field>", "value": …}` (see `crate::domain::app_filter`).
     #[serde(default)]
-    pub app_filters: Vec<Value>,
+    pub app_filters: Vec<AppFilter>,
 }
 
 /// Why a Backend.AI registration cannot be taken.
@@ -370,7 +372,7 @@ impl SlotV1 {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 

@@ -8,6 +8,8 @@
 mod common;
 
 mod bus;
+mod filters;
+mod health_detail;
 mod manager;
 mod resend;
 mod security;

@@ -37,6 +37,7 @@ use crate::api::AppState;
 use crate::api::openapi::backendai::{operation, raises};
 use crate::api::openapi::{json_response, respond};
 use crate::backendai::endpoints::{self as inference, NewEndpoint};
+use crate::domain::app_filter;
 
 type Op<'a> = TransformOperation<'a>;
 
@@ -243,14 +244,22 @@ async fn bulk_create(
     let mut wanted = Vec::with_capacity(request.endpoints.len());
     for item in request.endpoints {
         answered.push((item.deployment_id, item.health_check.is_some()));
+        let BulkTags { session, endpoint } = item.tags;
         wanted.push(NewEndpoint {
             deployment_id: item.deployment_id,
             service_name: item.service_name,
-            user_id: item.tags.session.user_uuid,
-            runtime_variant: Some(item.tags.endpoint.runtime_variant),
-            existing_url: item.tags.endpoint.existing_url,
+            user_id: session.user_uuid,
+            runtime_variant: Some(endpoint.runtime_variant.clone()),
+            existing_url: endpoint.existing_url,
             open_to_public: item.open_to_public,
             health_check: item.health_check,
+            properties: app_filter::properties([
+                ("session.user_uuid", Some(session.user_uuid.to_string())),
+                ("session.project_id", Some(session.project_id.to_string())),
+                ("session.domain_name", Some(session.domain_name)),
+                ("endpoint.id", Some(endpoint.id.to_string())),
+                ("endpoint.runtime_variant", Some(endpoint.runtime_variant)),
+            ]),
         });
     }
     let urls = inference::create_many(&state.store, &state.clock, &bai, wanted).await?;
@@ -292,14 +301,24 @@ async fn create(
     BaiJson(request): BaiJson<CreateEndpointRequest>,
 ) -> Result<Json<CreateEndpointResponse>, BaiError> {
     let health_check_enabled = request.health_check.is_some();
+    let EndpointConfigTags { session, endpoint } = request.tags;
     let wanted = NewEndpoint {
         deployment_id: endpoint_id,
         service_name: request.service_name,
-        user_id: request.tags.session.user_uuid,
-        runtime_variant: request.tags.endpoint.runtime_variant,
-        existing_url: request.tags.endpoint.existing_url,
+        user_id: session.user_uuid,
+        runtime_variant: endpoint.runtime_variant.clone(),
+        existing_url: endpoint.existing_url,
         open_to_public: request.open_to_public,
         health_check: request.health_check,
+        properties: app_filter::properties([
+            ("session.id", session.id.map(|id| id.to_string())),
+            ("session.user_uuid", Some(session.user_uuid.to_string())),
+            ("session.project_id", Some(session.project_id.to_string())),
+            ("session.access_key", session.access_key),
+            ("session.domain_name", Some(session.domain_name)),
+            ("endpoint.id", Some(endpoint.id.to_string())),
+            ("endpoint.runtime_variant", endpoint.runtime_variant),
+        ]),
     };
     let endpoint = inference::create_one(&state.store, &state.clock, &bai, wanted).await?;
     Ok(Json(CreateEndpointResponse {

@@ -6,7 +6,7 @@
 //! upstream does and, beyond upstream, the Backend.AI circuits stranded on
 //! Lost workers (failover keeps them there because a move would change the
 //! URL the Manager holds; not served until the worker returns). Upstream's `/health/summary`, `/health/endpoints` and
-//! `/health/circuits/{id}` always fail there and are not served here.
+//! `/health/circuits/{id}` always fail there; here they are [`super::health_detail`].
 
 use aide::axum::ApiRouter;
 use aide::axum::routing::get_with;

@@ -8,7 +8,9 @@
 //!
 //! - the Manager's: [`status`] (`/status`), [`endpoints`](mod@endpoints)
 //!   (`/v2/endpoints`), [`replicas`] (`/v2/endpoints/bulk/routes`),
-//!   [`proxy`] (`/v2/conf`, `/v2/proxy`), [`health`] (`/health`);
+//!   [`proxy`] (`/v2/conf`, `/v2/proxy`), [`health`] (`/health`),
+//!   [`health_detail`] (`/health/summary`, `/health/endpoints`,
+//!   `/health/circuits`);
 //! - the workers': [`workers`] (`/api/worker`, `/api/slots`, `/v1/api/worker`,
 //!   `/v1/api/slots`), [`circuits`] (`/api/circuit`, `/v1/api/circuit`).
 //!
@@ -20,6 +22,7 @@ pub mod circuits;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod health_detail;
 pub mod proxy;
 pub mod replicas;
 pub mod status;
@@ -44,6 +47,7 @@ pub fn endpoints(router: ApiRouter<AppState>) -> ApiRouter<AppState> {
     let router = replicas::endpoints(router);
     let router = proxy::endpoints(router);
     let router = health::endpoints(router);
+    let router = health_detail::endpoints(router);
     let router = workers::endpoints(router);
     circuits::endpoints(router)
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::app_filter;
 use super::placement::{self, Used};
 use super::route::{Route, RouteSpec, StoredRoute};
 use super::types::{Protocol, WorkerFrontend, WorkerStatus};
@@ -117,7 +118,9 @@ pub fn relocation(route: &StoredRoute, from: &Worker, others: &[Worker]) -> Relo
         .into_iter()
         .cloned()
         .collect();
-    let same_url = placement::rank(&keepers, &exact)
+    // A dedicated circuit moves only to a worker its app filters match.
+    let dedicated = app_filter::is_dedicated(others.iter().chain([from]), &exact);
+    let same_url = placement::rank_with(&keepers, &exact, dedicated)
         .unwrap_or_default()
         .into_iter()
         .map(|w| {
@@ -183,10 +186,11 @@ pub fn stranded<'w>(
     };
     let spec = route_spec(route);
     let exact = seat.spec(&spec, worker)?;
-    let others = workers.into_iter().filter(|w| w.id != worker.id);
+    let others: Vec<&Worker> = workers.into_iter().filter(|w| w.id != worker.id).collect();
+    let dedicated = app_filter::is_dedicated(others.iter().copied().chain([worker]), &exact);
     let can_move = url_keepers(&exact, worker, others)
         .into_iter()
-        .any(|w| placement::ineligibility(w, &exact).is_none());
+        .any(|w| placement::ineligibility(w, &exact, dedicated).is_none());
     (!can_move).then(|| stranded_because(worker, route.protocol, seat))
 }
 

@@ -4,6 +4,7 @@
 //! Every decision the coordinator makes about *what* should happen lives here and
 //! is unit-tested directly; the other modules decide *how* it happens.
 
+pub mod app_filter;
 pub mod events;
 pub mod failover;
 pub mod health;
@@ -19,6 +20,7 @@ pub mod url;
 pub mod validate;
 pub mod worker;
 
+pub use app_filter::AppFilter;
 pub use placement::{Assignment, PlacementError};
 pub use route::{
     Access, CircuitInfo, Frontend, FrontendMode, FrontendRequest, HealthCheck, Route, RouteKey,

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use super::app_filter;
 use super::route::RouteSpec;
 use super::types::{WorkerFrontend, WorkerStatus};
 use super::worker::Worker;
@@ -95,8 +96,13 @@ pub enum PlacementError {
 }
 
 /// Why `worker` cannot take `spec` at all, or `None` when it can.
-pub fn ineligibility(worker: &Worker, spec: &RouteSpec) -> Option<String> {
+/// `dedicated`: whether `spec` matches the app filters of some registered
+/// worker ([`app_filter::is_dedicated`]), so only those may take it.
+pub fn ineligibility(worker: &Worker, spec: &RouteSpec, dedicated: bool) -> Option<String> {
     if let Some(why) = mismatch(worker, spec) {
+        return Some(why);
+    }
+    if let Some(why) = app_filter::refusal(worker, spec, dedicated) {
         return Some(why);
     }
     let why = if worker.status != WorkerStatus::Ready {
@@ -144,9 +150,21 @@ pub fn mismatch(worker: &Worker, spec: &RouteSpec) -> Option<String> {
 
 /// The workers that may take `spec`, least loaded first (ties by name, so the
 /// choice is deterministic). A pinned route considers only its worker.
+/// `workers` are every registered worker (the app filters of all of them
+/// decide whether `spec` is dedicated).
 pub fn rank<'w>(
     workers: &'w [Worker],
     spec: &RouteSpec,
+) -> Result<Vec<&'w Worker>, PlacementError> {
+    rank_with(workers, spec, app_filter::is_dedicated(workers, spec))
+}
+
+/// [`rank`] among some of the workers, `dedicated` as decided over all of
+/// them ([`app_filter::is_dedicated`]).
+pub fn rank_with<'w>(
+    workers: &'w [Worker],
+    spec: &RouteSpec,
+    dedicated: bool,
 ) -> Result<Vec<&'w Worker>, PlacementError> {
     let considered: Vec<&Worker> = match spec.worker_id {
         Some(id) => {
@@ -164,7 +182,7 @@ pub fn rank<'w>(
     let mut reasons = Vec::new();
     let mut eligible: Vec<&Worker> = considered
         .into_iter()
-        .filter(|w| match ineligibility(w, spec) {
+        .filter(|w| match ineligibility(w, spec, dedicated) {
             None => true,
             Some(why) => {
                 reasons.push(why);
@@ -550,7 +568,7 @@ mod tests {
         let w = worker("a", 0, ports(1000, 1003));
         let mut s = spec();
         s.frontend.port = Some(2000);
-        assert!(ineligibility(&w, &s).unwrap().contains("not 2000"));
+        assert!(ineligibility(&w, &s, false).unwrap().contains("not 2000"));
     }
 
     #[test]

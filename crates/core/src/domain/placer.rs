@@ -20,6 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use uuid::Uuid;
 
+use super::app_filter::Dedications;
 use super::placement::{self, Assignment, PlacementError, Used};
 use super::route::RouteSpec;
 use super::types::WorkerFrontend;
@@ -35,6 +36,8 @@ pub struct Placer {
     index: HashMap<Uuid, usize>,
     /// Every worker in placement order; built on the first unpinned placement.
     order: Option<BTreeSet<RankKey>>,
+    /// The app filters of every worker: whether a route is dedicated.
+    dedications: Dedications,
 }
 
 /// A worker's place in the order of [`placement::rank`]: load as a fraction
@@ -94,11 +97,13 @@ impl Placer {
     /// on some of them (e.g. kept from an earlier batch).
     pub fn new(workers: Vec<Worker>, used: HashMap<Uuid, Used>) -> Placer {
         let index = workers.iter().enumerate().map(|(i, w)| (w.id, i)).collect();
+        let dedications = Dedications::of(&workers);
         Placer {
             workers,
             used,
             index,
             order: None,
+            dedications,
         }
     }
 
@@ -175,6 +180,8 @@ impl Placer {
         for id in changed {
             match (self.index.get(id).copied(), fresh.remove(id)) {
                 (Some(i), Some(w)) => {
+                    self.dedications.remove(&self.workers[i]);
+                    self.dedications.add(&w);
                     if let Some(order) = &mut self.order {
                         order.remove(&RankKey::of(&self.workers[i], i));
                         order.insert(RankKey::of(&w, i));
@@ -182,6 +189,7 @@ impl Placer {
                     self.workers[i] = w;
                 }
                 (None, Some(w)) => {
+                    self.dedications.add(&w);
                     let i = self.workers.len();
                     if let Some(order) = &mut self.order {
                         order.insert(RankKey::of(&w, i));
@@ -189,7 +197,10 @@ impl Placer {
                     self.index.insert(w.id, i);
                     self.workers.push(w);
                 }
-                (Some(_), None) => gone.push(*id),
+                (Some(i), None) => {
+                    self.dedications.remove(&self.workers[i]);
+                    gone.push(*id);
+                }
                 (None, None) => {}
             }
         }
@@ -214,6 +225,7 @@ impl Placer {
         let mut failure =
             PlacementError::NoEligibleWorker("every eligible worker is full".to_owned());
         let mut chosen = None;
+        let dedicated = self.dedications.is_dedicated(spec);
         match spec.worker_id {
             Some(id) => {
                 let i = *self
@@ -221,7 +233,8 @@ impl Placer {
                     .get(&id)
                     .ok_or(PlacementError::UnknownWorker(id))?;
                 // The one candidate: rank says why it cannot take the route.
-                for w in placement::rank(std::slice::from_ref(&self.workers[i]), spec)? {
+                let pinned = std::slice::from_ref(&self.workers[i]);
+                for w in placement::rank_with(pinned, spec, dedicated)? {
                     let Some(used) = self.used.get(&w.id) else {
                         return Ok(Step::NeedUsed(w.id));
                     };
@@ -251,7 +264,7 @@ impl Placer {
                         && w.route_count < w.max_routes()
                         && w.protocols.contains(&spec.protocol)
                         && w.app_modes.contains(&spec.app_mode);
-                    if !may || placement::ineligibility(w, spec).is_some() {
+                    if !may || placement::ineligibility(w, spec, dedicated).is_some() {
                         continue;
                     }
                     eligible = true;
@@ -269,7 +282,7 @@ impl Placer {
                 }
                 if !eligible {
                     // No candidate at all: rank words the reasons.
-                    placement::rank(&self.workers, spec)?;
+                    placement::rank_with(&self.workers, spec, dedicated)?;
                 }
             }
         }

@@ -183,6 +183,12 @@ pub struct CircuitInfo {
     /// The model health check as the Manager sent it (stored, not run).
     #[serde(default)]
     pub health_check: Option<serde_json::Value>,
+    /// What the Manager said of the app's session and endpoint, as
+    /// `session.<field>` / `endpoint.<field>` → value: what workers' app
+    /// filters match ([`super::app_filter`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "schemas::labels")]
+    pub properties: BTreeMap<String, String>,
 }
 
 /// The identity that makes a route unique: one per (session, service) for

@@ -88,6 +88,9 @@ pub fn route_spec(spec: &RouteSpec, now: DateTime<Utc>) -> Result<(), Validation
     }
     string_map("labels", &spec.labels, |_| true)?;
     string_map("envs", &spec.envs, is_env_name)?;
+    if let Some(circuit) = &spec.circuit {
+        string_map("circuit.properties", &circuit.properties, |_| true)?;
+    }
     if let Some(hc) = &spec.health_check {
         if !hc.path.starts_with('/') {
             return Err(invalid("health_check.path", "must start with '/'"));
@@ -231,7 +234,36 @@ pub fn registration(reg: &WorkerRegistration) -> Result<(), ValidationError> {
     if reg.capacity == Some(0) {
         return Err(invalid("capacity", "must be at least 1 when given"));
     }
+    if let Some(bai) = &reg.backendai {
+        app_filters(&bai.app_filters)?;
+    }
     string_map("labels", &reg.labels, |_| true)
+}
+
+/// A Backend.AI worker's app filters: as many as labels, each key a
+/// label key and each value a label value.
+fn app_filters(filters: &[super::AppFilter]) -> Result<(), ValidationError> {
+    if filters.len() > MAX_MAP_ENTRIES {
+        return Err(invalid(
+            "app_filters",
+            format!("at most {MAX_MAP_ENTRIES} filters"),
+        ));
+    }
+    for (i, f) in filters.iter().enumerate() {
+        if f.key.is_empty() || f.key.chars().count() > MAX_LABEL_KEY_LEN {
+            return Err(invalid(
+                format!("app_filters.{i}.key"),
+                format!("1 to {MAX_LABEL_KEY_LEN} characters"),
+            ));
+        }
+        if f.value.chars().count() > MAX_LABEL_VALUE_LEN {
+            return Err(invalid(
+                format!("app_filters.{i}.value"),
+                format!("at most {MAX_LABEL_VALUE_LEN} characters"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A short identifier: service names and the like.

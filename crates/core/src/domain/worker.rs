@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Revision;
+use super::app_filter::AppFilter;
 use super::limits::{HTTP_URL_PATTERN, MAX_WORKER_NAME_LEN, NAME_PATTERN};
 use super::schemas;
 use super::types::{AppMode, Protocol, WorkerFrontend, WorkerStatus};
@@ -73,9 +74,10 @@ pub struct BackendAiWorker {
     pub tls_advertised: bool,
     #[serde(default)]
     pub filtered_apps_only: bool,
-    #[serde(default)]
+    /// Routes this worker is dedicated to ([`super::app_filter`]).
+    #[serde(default, deserialize_with = "super::app_filter::lenient_filters")]
     #[schemars(length(max = 64))]
-    pub app_filters: Vec<serde_json::Value>,
+    pub app_filters: Vec<AppFilter>,
     #[serde(default)]
     pub traefik_last_used_marker_path: Option<String>,
     /// Registrations minus deregistrations, as Backend.AI counts them.
