@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::circuit::Circuit;
+use super::circuit::CircuitBody;
 use super::worker::{RegistrationError, SlotModel, WorkerRequest, slots_of};
 use super::{BackendAi, Error, live};
 use crate::domain::health::Observation;
@@ -158,10 +158,10 @@ pub async fn deregister(store: &Store, id: Uuid, now: DateTime<Utc>) -> Result<(
     Ok(())
 }
 
-/// Every circuit on Backend.AI worker `id`.
-pub async fn circuits(store: &Store, id: Uuid) -> Result<Vec<Circuit>, Error> {
+/// Every circuit on Backend.AI worker `id`, with its status.
+pub async fn circuits(store: &Store, id: Uuid) -> Result<Vec<CircuitBody>, Error> {
     let (worker, routes) = with_routes(store, id).await?;
-    Ok(routes.iter().map(|r| Circuit::of(r, &worker)).collect())
+    Ok(routes.iter().map(|r| CircuitBody::of(r, &worker)).collect())
 }
 
 /// The slots of the Backend.AI worker named `authority` (`No such worker.`

@@ -9,6 +9,7 @@ mod common;
 
 mod bus;
 mod manager;
+mod recovery;
 mod security;
 mod tls;
 mod workers;
