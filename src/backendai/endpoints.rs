@@ -17,7 +17,7 @@ use super::{BackendAi, Error, jwt};
 use crate::clock::Clock;
 use crate::domain::{
     Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, Target,
-    ValidationError, Worker,
+    ValidationError, Worker, WorkerStatus,
 };
 use crate::store::{Store, StoreError};
 
@@ -38,13 +38,22 @@ pub struct NewEndpoint {
     pub health_check: Option<Map<String, Value>>,
 }
 
-/// The endpoint's circuit: the existing one unchanged, or a new one.
-async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, Worker), Error> {
+/// The endpoint's circuit: the existing one unchanged (moved first if its
+/// worker is `Lost`, see [`recover`]), or a new one.
+async fn ensure(
+    store: &Store,
+    clock: &Clock,
+    bai: &BackendAi,
+    e: NewEndpoint,
+) -> Result<(Route, Worker), Error> {
     if let Some((route, worker)) = store.route_by_endpoint(e.deployment_id).await? {
         let worker = match worker {
             Some(w) => w,
             None => worker_of(store, &route).await?,
         };
+        if worker.status == WorkerStatus::Lost {
+            return recover(store, clock, bai, route, worker).await;
+        }
         return Ok((route, worker));
     }
     let (mut worker_id, mut frontend) = (None, FrontendRequest::default());
@@ -73,6 +82,28 @@ async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, 
         }) if route.endpoint_id == Some(deployment_id) => *route,
         Err(e) => return Err(Error::creating(e)),
     };
+    let worker = worker_of(store, &route).await?;
+    Ok((route, worker))
+}
+
+/// The Manager re-syncs an endpoint whose circuit sits on a `Lost` worker:
+/// the circuit moves where it is served again, keeping its URL where a
+/// worker can ([`crate::domain::recovery::resync`]), and is answered as it is
+/// now (the Manager stores the URL it is answered). Where no `Ready` worker
+/// can take it, it stays as it was (and the wait for its worker answers
+/// `E10001`). The worker it moved to must acknowledge it anew.
+async fn recover(
+    store: &Store,
+    clock: &Clock,
+    bai: &BackendAi,
+    route: Route,
+    worker: Worker,
+) -> Result<(Route, Worker), Error> {
+    if store.resync_circuit(route.id, clock.now()).await?.is_none() {
+        return Ok((route, worker));
+    }
+    bai.acks.forget(&[route.id]);
+    let route = store.get_route(route.id).await?;
     let worker = worker_of(store, &route).await?;
     Ok((route, worker))
 }
@@ -127,7 +158,7 @@ pub async fn create_many(
     let mut expected = bai.acks.expect();
     let mut urls = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        let (route, worker) = ensure(store, clock, e).await?;
+        let (route, worker) = ensure(store, clock, bai, e).await?;
         expected.add(&route, &worker)?;
         urls.push(url_of(&route, &worker)?);
     }
@@ -144,7 +175,7 @@ pub async fn create_one(
     e: NewEndpoint,
 ) -> Result<String, Error> {
     let mut expected = bai.acks.expect();
-    let (route, worker) = ensure(store, clock, e).await?;
+    let (route, worker) = ensure(store, clock, bai, e).await?;
     expected.add(&route, &worker)?;
     expected.wait(store, bai.settings.ack_timeout).await?;
     url_of(&route, &worker)

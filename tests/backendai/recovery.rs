@@ -1,19 +1,31 @@
 //! A worker that cannot serve, on both backends: `/health/status` lists
-//! only the workers that can under `workers`, and circuit bodies say when
-//! theirs cannot (`status`).
+//! only the workers that can under `workers`, circuit bodies say when
+//! theirs cannot (`status`), and the Manager's re-sync of an endpoint whose
+//! circuit sits on a `Lost` worker moves it where it is served (a new URL
+//! when no worker keeps the old one), with the events on the real Redis.
 
+use std::time::Duration;
+
+use appproxy_coordinator::backendai::bus;
 use appproxy_coordinator::domain::WorkerStatus;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::common::{Backend, MANAGER, TestApp, register_backendai_worker};
+use crate::bus::{Loops, Subscriber, acknowledger_on, authority, bai_worker};
+use crate::common::{
+    Backend, MANAGER, REDIS_URL, TestApp, backendai_settings, manual_clock,
+    register_backendai_worker, wait_for,
+};
 use crate::manager::{Reply, ack_everything, assert_error, manager, send};
 use crate::on_both_backends;
 
 on_both_backends!(
     health_status_lists_only_the_workers_that_can_serve,
     circuit_bodies_say_when_their_worker_cannot_serve,
+    a_resync_moves_a_stranded_circuit_to_a_ready_worker_with_a_new_url,
+    a_resync_keeps_the_url_where_another_worker_serves_it,
+    a_resync_waits_for_the_new_worker_and_with_nowhere_to_go_answers_e10001,
 );
 
 /// A port-mode Backend.AI worker on 127.0.0.1 with `range`.
@@ -206,4 +218,131 @@ async fn circuit_bodies_say_when_their_worker_cannot_serve(b: Backend) {
     let a = send(&app, Method::GET, &format!("/api/circuit/{id}"), &[], None).await;
     assert_error(&a, StatusCode::UNAUTHORIZED, "auth-failed");
     assert!(a.body.get("status").is_none(), "{:?}", a.body);
+}
+
+async fn a_resync_moves_a_stranded_circuit_to_a_ready_worker_with_a_new_url(b: Backend) {
+    let app = TestApp::start_backendai(b).await;
+    let (a_name, b_name) = (authority("lost"), authority("live"));
+    let a = bai_worker(&app, &a_name, [10205, 10210]).await;
+    let redis = redis::Client::open(REDIS_URL).unwrap();
+    let mut events = Subscriber::on(&redis, &[&a_name, &b_name]).await;
+    let worker_a = acknowledger_on(&redis, &a_name, 0).await;
+    let _worker_b = acknowledger_on(&redis, &b_name, 0).await;
+    let loops = Loops::of(&app, true);
+
+    let deployment = Uuid::new_v4();
+    let url = url_of(&sync(&app, deployment, None).await);
+    assert_eq!(url, "http://127.0.0.1:10205/");
+    let route = route_of(&app, deployment).await;
+    let id = route["id"].as_str().unwrap().to_owned();
+    events.expect(bus::CREATED, &a_name, &id).await;
+    wait_for("the circuit active on A", async || {
+        circuit_statuses(&app, &id, a).await[0] == "active"
+    })
+    .await;
+    // A re-sync of a healthy circuit changes nothing.
+    assert_eq!(url_of(&sync(&app, deployment, Some(&url)).await), url);
+    assert_eq!(
+        route_of(&app, deployment).await["revision"],
+        route["revision"]
+    );
+
+    // B serves other ports: no worker keeps the URL. A dies for good.
+    let b = bai_worker(&app, &b_name, [10305, 10310]).await;
+    drop(worker_a);
+    set_status(&app, a, WorkerStatus::Lost).await;
+    let moved = app
+        .store
+        .relocate_routes(a, 100, app.clock.now())
+        .await
+        .unwrap();
+    assert!(moved.iter().all(|m| m.stranded), "{moved:?}");
+    assert_eq!(circuit_statuses(&app, &id, a).await[0], "worker_lost");
+
+    // The Manager's re-sync moves it to B and answers the URL there.
+    let new_url = url_of(&sync(&app, deployment, Some(&url)).await);
+    assert_eq!(new_url, "http://127.0.0.1:10305/");
+    events.expect(bus::REMOVED, &a_name, &id).await;
+    let created = events.expect(bus::CREATED, &b_name, &id).await;
+    assert_eq!(created.circuit()["worker"], b.to_string());
+    assert_eq!(created.circuit()["port"], 10305);
+    let route = route_of(&app, deployment).await;
+    assert_eq!(route["worker_id"], b.to_string());
+    wait_for("the circuit active on B", async || {
+        circuit_statuses(&app, &id, b).await == [json!("active"), json!("active"), json!("active")]
+    })
+    .await;
+    let s = manager(&app, Method::GET, "/health/status", None).await;
+    assert_eq!(s.body["stranded_circuits"], json!([]));
+    // Its next re-sync (with the new URL) is idempotent again.
+    assert_eq!(
+        url_of(&sync(&app, deployment, Some(&new_url)).await),
+        new_url
+    );
+    assert_eq!(
+        route_of(&app, deployment).await["revision"],
+        route["revision"]
+    );
+    loops.stop().await;
+}
+
+async fn a_resync_keeps_the_url_where_another_worker_serves_it(b: Backend) {
+    let app = TestApp::start_backendai(b).await;
+    let a = worker(&app, "worker-a", [10205, 10210]).await;
+    let _acks = ack_everything(&app);
+    let deployment = Uuid::new_v4();
+    let url = url_of(&sync(&app, deployment, None).await);
+    // A twin on the same hostname and ports, and A lost (still in its
+    // failover grace: nothing moved yet).
+    let twin = worker(&app, "worker-a2", [10205, 10210]).await;
+    set_status(&app, a, WorkerStatus::Lost).await;
+    assert_eq!(route_of(&app, deployment).await["worker_id"], a.to_string());
+    assert_eq!(url_of(&sync(&app, deployment, Some(&url)).await), url);
+    let route = route_of(&app, deployment).await;
+    assert_eq!(route["worker_id"], twin.to_string());
+    assert_eq!(route["frontend"]["port"], 10205);
+}
+
+async fn a_resync_waits_for_the_new_worker_and_with_nowhere_to_go_answers_e10001(b: Backend) {
+    let mut settings = backendai_settings();
+    settings.ack_timeout = Duration::from_millis(200);
+    let app = TestApp::builder(b)
+        .clock(manual_clock())
+        .backendai(settings)
+        .start()
+        .await;
+    let a = worker(&app, "worker-a", [10205, 10210]).await;
+    let deployment = Uuid::new_v4();
+    let acks = ack_everything(&app);
+    let url = url_of(&sync(&app, deployment, None).await);
+    drop(acks);
+    let seat = |r: Value| {
+        (
+            r["worker_id"].clone(),
+            r["frontend"].clone(),
+            r["revision"].clone(),
+        )
+    };
+    let before = seat(route_of(&app, deployment).await);
+
+    // No other worker: it stays where it is, URL and all.
+    set_status(&app, a, WorkerStatus::Lost).await;
+    let r = sync(&app, deployment, Some(&url)).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "service-unavailable");
+    assert_eq!(r.body["data"], json!({"worker": "worker-a"}));
+    assert_eq!(seat(route_of(&app, deployment).await), before);
+
+    // B can take it: it moves, and the answer waits for B's own
+    // acknowledgement (A's does not count).
+    let b = worker(&app, "worker-b", [10305, 10310]).await;
+    let r = sync(&app, deployment, Some(&url)).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "service-unavailable");
+    assert_eq!(r.body["data"], json!({"worker": "worker-b"}));
+    assert_eq!(route_of(&app, deployment).await["worker_id"], b.to_string());
+    // B holds it: the Manager's retry gets the URL on B.
+    let _acks = ack_everything(&app);
+    assert_eq!(
+        url_of(&sync(&app, deployment, Some(&url)).await),
+        "http://127.0.0.1:10305/"
+    );
 }
