@@ -52,7 +52,7 @@ async fn ensure(
             None => worker_of(store, &route).await?,
         };
         if worker.status == WorkerStatus::Lost {
-            return recover(store, clock, bai, route, worker).await;
+            return recover(store, clock, bai, route).await;
         }
         return Ok((route, worker));
     }
@@ -91,21 +91,21 @@ async fn ensure(
 /// worker can ([`crate::domain::recovery::resync`]), and is answered as it is
 /// now (the Manager stores the URL it is answered). Where no `Ready` worker
 /// can take it, it stays as it was (and the wait for its worker answers
-/// `E10001`). The worker it moved to must acknowledge it anew.
+/// `E10001`). A circuit that moved (here, or meanwhile by another re-sync or
+/// failover) must be acknowledged anew by its new worker.
 async fn recover(
     store: &Store,
     clock: &Clock,
     bai: &BackendAi,
     route: Route,
-    worker: Worker,
 ) -> Result<(Route, Worker), Error> {
-    if store.resync_circuit(route.id, clock.now()).await?.is_none() {
-        return Ok((route, worker));
+    store.resync_circuit(route.id, clock.now()).await?;
+    let now = store.get_route(route.id).await?;
+    if now.worker_id != route.worker_id {
+        bai.acks.forget(&[now.id]);
     }
-    bai.acks.forget(&[route.id]);
-    let route = store.get_route(route.id).await?;
-    let worker = worker_of(store, &route).await?;
-    Ok((route, worker))
+    let worker = worker_of(store, &now).await?;
+    Ok((now, worker))
 }
 
 /// A new endpoint's circuit, on `worker_id` at `frontend` when its
