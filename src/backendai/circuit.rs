@@ -102,8 +102,9 @@ pub struct Circuit {
 }
 
 /// A circuit as the workers' API answers it (`GET /api/circuit/{id}`, its
-/// statistics, `GET /api/worker/{id}/circuits`): the [`Circuit`] and, beyond
-/// upstream, its `status` (the real worker ignores keys it does not know).
+/// statistics, `GET /api/worker/{id}/circuits`): the `SerializableCircuit`
+/// and, beyond upstream, its `status` (the real worker ignores keys it does
+/// not know).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CircuitBody {
     #[serde(flatten)]
