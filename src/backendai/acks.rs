@@ -70,6 +70,18 @@ impl Acks {
         let _ = self.tx.send(Arc::new(circuits));
     }
 
+    /// Forgets the remembered acknowledgements of `circuits`: they moved to
+    /// another worker, which must acknowledge them anew (an acknowledgement
+    /// names the circuit, not where it is).
+    pub fn forget(&self, circuits: &[Uuid]) {
+        let mut recent = self.recent.lock().expect("never poisoned");
+        for id in circuits {
+            if recent.ids.remove(id) {
+                recent.order.retain(|o| o != id);
+            }
+        }
+    }
+
     /// Starts listening; call before committing what will be acknowledged.
     pub fn subscribe(&self) -> AckWaiter {
         AckWaiter {
@@ -204,6 +216,23 @@ mod tests {
                 .await
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_acknowledgement_is_waited_for_again() {
+        let acks = Acks::default();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        acks.heard(vec![a, b]);
+        acks.forget(&[a]);
+        // Nobody acknowledges `a` again: the wait gives up on it, however long.
+        let waiter = acks.subscribe();
+        assert_eq!(
+            waiter.wait(&[a, b], Duration::from_millis(20)).await,
+            vec![a]
+        );
+        let waiter = acks.subscribe();
+        acks.heard(vec![a]);
+        assert!(waiter.wait(&[a], Duration::from_secs(30)).await.is_empty());
     }
 
     #[tokio::test]

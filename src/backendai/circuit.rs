@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::domain::recovery::CircuitState;
 use crate::domain::{AppMode, Protocol, Route, Target, Worker, WorkerFrontend};
 
 /// `traffic_ratio` 1.0 is this target weight: ratios keep two decimals.
@@ -98,6 +99,32 @@ pub struct Circuit {
     #[serde(with = "iso")]
     #[schemars(with = "DateTime<Utc>")]
     pub updated_at: DateTime<Utc>,
+}
+
+/// A circuit as the workers' API answers it (`GET /api/circuit/{id}`, its
+/// statistics, `GET /api/worker/{id}/circuits`): the `SerializableCircuit`
+/// and, beyond upstream, its `status` (the real worker ignores keys it does
+/// not know).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CircuitBody {
+    #[serde(flatten)]
+    pub circuit: Circuit,
+    /// Whether its worker serves it: `active` (its worker is `Ready` and
+    /// holds it), `propagating` (`Ready`, not acknowledged yet),
+    /// `worker_not_ready`, `worker_lost` (not served: it waits for its worker,
+    /// fails over, or moves when the Manager re-syncs its endpoint) or
+    /// `worker_draining` (moving away).
+    pub status: CircuitState,
+}
+
+impl CircuitBody {
+    /// Route `route`, placed on `worker`, as the workers' API answers it.
+    pub fn of(route: &Route, worker: &Worker) -> CircuitBody {
+        CircuitBody {
+            circuit: Circuit::of(route, worker),
+            status: CircuitState::of(route.status, worker.status),
+        }
+    }
 }
 
 /// ISO-8601 with microseconds and `Z`, as upstream writes datetimes.

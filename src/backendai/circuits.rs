@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::circuit::Circuit;
+use super::circuit::CircuitBody;
 use super::{BackendAi, Error, live};
 use crate::clock::Clock;
 use crate::domain::{AppMode, Route, Worker};
@@ -99,7 +99,7 @@ pub async fn delete_many(store: &Store, clock: &Clock, ids: Vec<Uuid>) -> Result
 /// A circuit and the traffic its worker counted.
 #[derive(Debug)]
 pub struct Statistics {
-    pub circuit: Circuit,
+    pub circuit: CircuitBody,
     /// Requests the worker counted (`circuit.<id>.requests` in Redis DB 2).
     pub requests: i64,
     /// Last request, unix milliseconds (the creation time before the first).
@@ -122,12 +122,13 @@ pub async fn statistics(
         tracing::warn!(error = %e, circuit = %id, "cannot read circuit statistics from Redis");
         Error::Unavailable("Redis does not answer".into())
     })?;
-    let circuit = Circuit::of(&route, &worker);
+    let circuit = CircuitBody::of(&route, &worker);
     let last_access = traffic
         .last_access
         .unwrap_or(unix_seconds(route.created_at));
     let now = unix_seconds(clock.now());
-    let collected = circuit.app_mode == AppMode::Interactive && circuit.protocol == "http";
+    let collected =
+        circuit.circuit.app_mode == AppMode::Interactive && circuit.circuit.protocol == "http";
     let ttl = collected.then(|| {
         let idle = (now - last_access).max(0.0);
         (bai.settings.idle_timeout.as_secs_f64() - idle)

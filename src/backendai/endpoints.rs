@@ -19,7 +19,7 @@ use super::{BackendAi, Error, jwt};
 use crate::clock::Clock;
 use crate::domain::{
     Access, AppMode, CircuitInfo, FrontendRequest, Protocol, Route, RouteSpec, Target,
-    ValidationError, Worker, app_filter,
+    ValidationError, Worker, WorkerStatus, app_filter,
 };
 use crate::store::{Store, StoreError};
 
@@ -43,13 +43,22 @@ pub struct NewEndpoint {
     pub properties: BTreeMap<String, String>,
 }
 
-/// The endpoint's circuit: the existing one unchanged, or a new one.
-async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, Worker), Error> {
+/// The endpoint's circuit: the existing one unchanged (moved first if its
+/// worker is `Lost`, see [`recover`]), or a new one.
+async fn ensure(
+    store: &Store,
+    clock: &Clock,
+    bai: &BackendAi,
+    e: NewEndpoint,
+) -> Result<(Route, Worker), Error> {
     if let Some((route, worker)) = store.route_by_endpoint(e.deployment_id).await? {
         let worker = match worker {
             Some(w) => w,
             None => worker_of(store, &route).await?,
         };
+        if worker.status == WorkerStatus::Lost {
+            return recover(store, clock, bai, route).await;
+        }
         return Ok((route, worker));
     }
     let deployment_id = e.deployment_id;
@@ -86,6 +95,28 @@ async fn ensure(store: &Store, clock: &Clock, e: NewEndpoint) -> Result<(Route, 
     };
     let worker = worker_of(store, &route).await?;
     Ok((route, worker))
+}
+
+/// The Manager re-syncs an endpoint whose circuit sits on a `Lost` worker:
+/// the circuit moves where it is served again, keeping its URL where a
+/// worker can ([`crate::domain::recovery::resync`]), and is answered as it is
+/// now (the Manager stores the URL it is answered). Where no `Ready` worker
+/// can take it, it stays as it was (and the wait for its worker answers
+/// `E10001`). A circuit that moved (here, or meanwhile by another re-sync or
+/// failover) must be acknowledged anew by its new worker.
+async fn recover(
+    store: &Store,
+    clock: &Clock,
+    bai: &BackendAi,
+    route: Route,
+) -> Result<(Route, Worker), Error> {
+    store.resync_circuit(route.id, clock.now()).await?;
+    let now = store.get_route(route.id).await?;
+    if now.worker_id != route.worker_id {
+        bai.acks.forget(&[now.id]);
+    }
+    let worker = worker_of(store, &now).await?;
+    Ok((now, worker))
 }
 
 /// A new endpoint's circuit, placed anywhere (its `existing_url` may pin
@@ -139,7 +170,7 @@ pub async fn create_many(
     let mut expected = bai.acks.expect();
     let mut urls = Vec::with_capacity(endpoints.len());
     for e in endpoints {
-        let (route, worker) = ensure(store, clock, e).await?;
+        let (route, worker) = ensure(store, clock, bai, e).await?;
         expected.add(&route, &worker)?;
         urls.push(url_of(&route, &worker)?);
     }
@@ -156,7 +187,7 @@ pub async fn create_one(
     e: NewEndpoint,
 ) -> Result<String, Error> {
     let mut expected = bai.acks.expect();
-    let (route, worker) = ensure(store, clock, e).await?;
+    let (route, worker) = ensure(store, clock, bai, e).await?;
     expected.add(&route, &worker)?;
     expected.wait(store, bai.settings.ack_timeout).await?;
     url_of(&route, &worker)

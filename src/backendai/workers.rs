@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::circuit::Circuit;
+use super::circuit::{Circuit, CircuitBody};
 use super::worker::{RegistrationError, SlotModel, WorkerRequest, slots_of};
 use super::{BackendAi, Error, live};
 use crate::domain::health::Observation;
@@ -158,17 +158,17 @@ pub async fn deregister(store: &Store, id: Uuid, now: DateTime<Utc>) -> Result<(
     Ok(())
 }
 
-/// Every circuit on Backend.AI worker `id`, which the worker registers as
-/// it reads them: they count as delivered ([`BackendAi::fetched`]).
-pub async fn circuits(store: &Store, bai: &BackendAi, id: Uuid) -> Result<Vec<Circuit>, Error> {
+/// Every circuit on Backend.AI worker `id`, with its status. The worker
+/// registers each as it reads them: they count as delivered
+/// ([`BackendAi::fetched`]).
+pub async fn circuits(store: &Store, bai: &BackendAi, id: Uuid) -> Result<Vec<CircuitBody>, Error> {
     let (worker, routes) = with_routes(store, id).await?;
-    let circuits: Vec<Circuit> = routes.iter().map(|r| Circuit::of(r, &worker)).collect();
-    let fetched = circuits
+    let fetched = routes
         .iter()
-        .map(|c| serde_json::to_value(c).expect("circuits serialise"))
+        .map(|r| serde_json::to_value(Circuit::of(r, &worker)).expect("circuits serialise"))
         .collect();
     bai.fetched(&worker.name, fetched).await;
-    Ok(circuits)
+    Ok(routes.iter().map(|r| CircuitBody::of(r, &worker)).collect())
 }
 
 /// The slots of the Backend.AI worker named `authority` (`No such worker.`

@@ -14,6 +14,7 @@ use super::sql::{Arg, Conn};
 use super::{Moved, Removal, Result, Store, StoreError, StrandedRoute, db_time, sql};
 use crate::domain::events::ChangeKind;
 use crate::domain::failover::{self, Fallback, relocation_spec};
+use crate::domain::recovery;
 use crate::domain::{Assignment, PlacementError, RouteSpec, StoredRoute, Worker, WorkerStatus};
 
 impl Store {
@@ -167,6 +168,84 @@ impl Store {
         span.record("pending", pending);
         span.record("stranded", stranded);
         Ok(moved)
+    }
+
+    /// Moves Backend.AI circuit `id` off its `Lost` worker because the Manager
+    /// re-syncs its endpoint ([`crate::domain::recovery::resync`]): to a
+    /// worker that keeps its URL where one can take it, else wherever
+    /// placement puts a new circuit (a new URL). Like a failover move, a
+    /// `delete` for the old worker and an `upsert` for the new one, in one
+    /// transaction; the stranded mark goes. Answers the move, or `None` when
+    /// the circuit stays: its worker is not `Lost` (any more), or no `Ready`
+    /// worker can take it (it keeps waiting for its worker, URL unchanged).
+    #[tracing::instrument(name = "resync_move", skip_all, fields(route = %id))]
+    pub async fn resync_circuit(&self, id: Uuid, now: DateTime<Utc>) -> Result<Option<Moved>> {
+        let now = db_time(now);
+        let mut cache = self.relocations.lock().await;
+        let mut tx = self.write().await?;
+        let Some(mut r) = rows::route_by_id(&mut tx.conn(), id).await? else {
+            return Err(StoreError::NotFound);
+        };
+        let Some(from) = r.worker_id else {
+            return Ok(None);
+        };
+        let Some(from_worker) = rows::worker(&mut tx.conn(), from).await? else {
+            return Ok(None);
+        };
+        let mut lease = cache.lease(&mut tx).await?;
+        let Some(relocation) = recovery::resync(&r, &from_worker, lease.placer.workers()) else {
+            return Ok(None);
+        };
+        let placed = match keep_url(&mut tx.conn(), &mut lease, &relocation.same_url).await? {
+            Some(kept) => kept,
+            None => {
+                let Fallback::Replace(spec) = relocation.otherwise else {
+                    return Ok(None);
+                };
+                match rows::place(&mut tx.conn(), &mut lease.placer, &spec).await? {
+                    Ok(placed) => placed,
+                    Err(why) => {
+                        tracing::warn!(route = %id, worker = %from_worker.name, error = %why,
+                            "a re-synced circuit stays on its lost worker: no ready worker can take it");
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        tx.log_route_deleted(r.id, Some(from), now);
+        r.revision = tx.next_revision();
+        r.updated_at = now;
+        let target = seat(&mut r, Ok(placed));
+        if let Some(worker) = &target {
+            lease.touched.push(worker.id);
+        }
+        tx.log(
+            r.revision,
+            ChangeKind::RouteUpsert,
+            Some(r.id),
+            r.worker_id,
+            Arg::json(&r.to_route(target.as_ref())),
+            now,
+        );
+        rows::update_route(&mut tx.conn(), &r).await?;
+        tx.conn()
+            .execute(
+                "UPDATE routes SET stranded_reason = NULL WHERE id = $1",
+                &[id.into()],
+            )
+            .await?;
+        let revision = tx.commit().await?;
+        lease.committed(revision);
+        tracing::info!(route = %id, from = %from_worker.name,
+            to = %target.as_ref().map_or("", |w| w.name.as_str()),
+            "circuit moved off its lost worker for the Manager's re-sync");
+        Ok(Some(Moved {
+            route_id: id,
+            from: Some(from),
+            to: r.worker_id,
+            reason: None,
+            stranded: false,
+        }))
     }
 
     /// The Backend.AI circuits that stay on their `Lost` worker because a move

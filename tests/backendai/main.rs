@@ -11,6 +11,7 @@ mod bus;
 mod filters;
 mod health_detail;
 mod manager;
+mod recovery;
 mod resend;
 mod security;
 mod tls;

@@ -480,7 +480,8 @@ async fn circuits_are_serializable_circuits_of_routes(b: Backend) {
             "route_info": [{"route_id": null, "session_id": session, "session_name": null,
                             "kernel_host": "10.0.1.7", "kernel_port": 8888,
                             "protocol": "http", "traffic_ratio": 0.01}],
-            "session_ids": [session], "created_at": created, "updated_at": c["updated_at"]
+            "session_ids": [session], "created_at": created, "updated_at": c["updated_at"],
+            "status": "propagating"
         })
     );
     // The worker's /setup reads the same circuit.

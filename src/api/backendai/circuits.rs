@@ -20,7 +20,7 @@ use super::{BaiError, BaiPath, SUCCESS, SuccessModel, validation_error};
 use crate::api::AppState;
 use crate::api::openapi::backendai::{operation, raises};
 use crate::api::openapi::{json_response, respond};
-use crate::backendai::circuit::Circuit;
+use crate::backendai::circuit::CircuitBody;
 use crate::backendai::circuits;
 
 type Op<'a> = TransformOperation<'a>;
@@ -60,7 +60,7 @@ pub struct CircuitIdPath {
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CircuitStatistics {
     #[serde(flatten)]
-    pub circuit: Circuit,
+    pub circuit: CircuitBody,
     /// Requests the worker counted (`circuit.<id>.requests` in Redis DB 2).
     pub requests: i64,
     /// Last request, unix milliseconds (`circuit.<id>.last_access`; the
@@ -75,9 +75,9 @@ async fn get(
     State(state): State<AppState>,
     Authorized(_): Authorized,
     BaiPath(CircuitIdPath { circuit_id }): BaiPath<CircuitIdPath>,
-) -> Result<Json<Circuit>, BaiError> {
+) -> Result<Json<CircuitBody>, BaiError> {
     let (route, worker) = circuits::placed(&state.store, circuit_id).await?;
-    Ok(Json(Circuit::of(&route, &worker)))
+    Ok(Json(CircuitBody::of(&route, &worker)))
 }
 
 fn get_docs(op: Op<'_>) -> Op<'_> {
@@ -85,7 +85,12 @@ fn get_docs(op: Op<'_>) -> Op<'_> {
     let op = respond(
         op,
         200,
-        json_response::<Circuit>("The circuit (`SerializableCircuit`)"),
+        json_response::<CircuitBody>(
+            "The circuit (`SerializableCircuit`) with, beyond upstream, its `status`: `active` \
+             when its worker is `Ready` and holds it; `propagating` (`Ready`, not acknowledged \
+             yet), `worker_not_ready`, `worker_lost` (not served until its worker returns, it \
+             fails over, or the Manager re-syncs its endpoint) or `worker_draining` otherwise",
+        ),
     );
     raises(op, 404, NO_CIRCUIT)
 }
@@ -247,7 +252,10 @@ fn statistics_docs(op: Op<'_>) -> Op<'_> {
     let op = respond(
         op,
         200,
-        json_response::<CircuitStatistics>("The circuit with `requests`, `last_access`, `ttl`"),
+        json_response::<CircuitStatistics>(
+            "The circuit (with its `status`, as `GET /api/circuit/{circuit_id}`) and \
+             `requests`, `last_access`, `ttl`",
+        ),
     );
     let op = raises(op, 404, NO_CIRCUIT);
     raises(op, 503, "service-unavailable: Redis does not answer")

@@ -283,12 +283,22 @@ fn bulk_create_docs(op: Op<'_>) -> Op<'_> {
         "backendaiBulkCreateEndpoints",
         "Backend.AI: create (or find) inference endpoints, answering their URLs in request order",
     );
+    let op = op.description(
+        "An endpoint that already has a circuit is answered its URL and nothing changes \
+         (the Manager's retries and re-syncs), but for one whose circuit sits on a `Lost` \
+         worker (beyond upstream, which answers 503 until the worker returns): that circuit \
+         moves at once to a `Ready` worker that serves the same URL where one can take it, \
+         else to the worker a new circuit would get, and the answer is its URL there (a new \
+         URL, which the Manager stores), once that worker holds it. Where no `Ready` worker \
+         can take it, it stays and the answer is 503 `E10001`.",
+    );
     let op = create_errors(op);
     respond(
         op,
         200,
         json_response::<BulkCreateResponse>(
-            "The endpoints' URLs in request order; an existing endpoint keeps its URL",
+            "The endpoints' URLs in request order; an existing endpoint keeps its URL unless \
+             its worker is `Lost` and no other worker serves that URL",
         ),
     )
 }

@@ -2,11 +2,14 @@
 //! check the database and Redis (each with a short timeout, Redis on the
 //! coordinator's one shared connection, a result answered again for a
 //! second so a flood of calls costs one check), `/health/livez`
-//! only that the process answers. `/health/status` lists the workers as
-//! upstream does and, beyond upstream, the Backend.AI circuits stranded on
+//! only that the process answers. `/health/status` lists the workers that
+//! can serve (`Ready`) as upstream's active workers and, beyond upstream,
+//! the others with their status, and the Backend.AI circuits stranded on
 //! Lost workers (failover keeps them there because a move would change the
-//! URL the Manager holds; not served until the worker returns). Upstream's `/health/summary`, `/health/endpoints` and
-//! `/health/circuits/{id}` always fail there; here they are [`super::health_detail`].
+//! URL the Manager holds; not served until the worker returns or the
+//! Manager re-syncs the endpoint). Upstream's `/health/summary`,
+//! `/health/endpoints` and `/health/circuits/{id}` always fail there; here
+//! they are [`super::health_detail`].
 
 use aide::axum::ApiRouter;
 use aide::axum::routing::get_with;
@@ -25,7 +28,7 @@ use crate::api::openapi::backendai::operation;
 use crate::api::openapi::{json_response, respond};
 use crate::backendai::BackendAi;
 use crate::backendai::circuit::{endpoint_url, iso_time};
-use crate::domain::WorkerFrontend;
+use crate::domain::{WorkerFrontend, WorkerStatus};
 
 type Op<'a> = TransformOperation<'a>;
 
@@ -76,6 +79,19 @@ pub struct WorkerSlots {
     pub ha_setup: bool,
 }
 
+/// A worker that cannot serve now, and why.
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
+pub struct UnavailableWorker {
+    pub authority: String,
+    /// `NotReady` (alive, takes no new circuits), `Lost` (silent: its
+    /// circuits are not served) or `Draining` (being removed).
+    pub status: WorkerStatus,
+    /// Circuits still on it.
+    pub occupied_slots: u64,
+    /// Its last heartbeat (ISO-8601).
+    pub last_heartbeat: String,
+}
+
 /// A circuit kept on its Lost worker because a move would change its URL.
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct StrandedCircuit {
@@ -94,7 +110,10 @@ pub struct StrandedCircuit {
 pub struct HealthStatusResponse {
     pub coordinator_version: &'static str,
     pub appproxy_api_version: &'static str,
+    /// The workers that can serve (`Ready`): upstream's active workers.
     pub workers: Vec<WorkerSlots>,
+    /// The other workers, with their status (beyond upstream).
+    pub unavailable_workers: Vec<UnavailableWorker>,
     pub stranded_circuits: Vec<StrandedCircuit>,
 }
 
@@ -198,15 +217,28 @@ fn readyz_docs(op: Op<'_>) -> Op<'_> {
     )
 }
 
-/// `GET /health/status`: every worker's slots, and the stranded circuits.
+/// `GET /health/status`: the slots of the workers that can serve, the
+/// others with their status, and the stranded circuits.
 async fn status(
     State(state): State<AppState>,
     Authorized(_): Authorized,
 ) -> Result<Json<HealthStatusResponse>, BaiError> {
-    let workers = state
+    let (ready, unavailable): (Vec<_>, Vec<_>) = state
         .store
         .list_workers()
         .await?
+        .into_iter()
+        .partition(|w| w.status == WorkerStatus::Ready);
+    let unavailable_workers = unavailable
+        .into_iter()
+        .map(|w| UnavailableWorker {
+            status: w.status,
+            occupied_slots: w.route_count,
+            last_heartbeat: iso_time(w.last_heartbeat),
+            authority: w.name,
+        })
+        .collect();
+    let workers = ready
         .into_iter()
         .map(|w| WorkerSlots {
             available_slots: match &w.frontend {
@@ -238,6 +270,7 @@ async fn status(
         coordinator_version: env!("CARGO_PKG_VERSION"),
         appproxy_api_version: "v2",
         workers,
+        unavailable_workers,
         stranded_circuits,
     }))
 }
@@ -246,7 +279,18 @@ fn status_docs(op: Op<'_>) -> Op<'_> {
     let op = operation(
         op,
         "backendaiHealthStatus",
-        "Backend.AI: workers' slots and the circuits stranded on Lost workers",
+        "Backend.AI: the slots of the workers that can serve, the others, and the circuits \
+         stranded on Lost workers",
+    );
+    let op = op.description(
+        "`workers` lists only the workers that can serve (`Ready`), as upstream documents the \
+         list (its active workers; upstream 26.9.6 lists every worker whatever its state). \
+         Beyond upstream: `unavailable_workers` lists the others (`NotReady`, `Lost`, \
+         `Draining`) with their status, the circuits still on them and their last heartbeat; \
+         `stranded_circuits` the circuits kept on a `Lost` worker because a failover would \
+         change their URL (they are served again when the worker returns, and move to a \
+         `Ready` worker when the Manager re-syncs their endpoint with `POST \
+         /v2/endpoints/bulk`). Needs the api_secret, as upstream.",
     );
     respond(op, 200, json_response::<HealthStatusResponse>("The status"))
 }

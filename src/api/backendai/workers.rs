@@ -17,7 +17,7 @@ use super::{BaiError, BaiJson, BaiPath, BaiQuery, SUCCESS, SuccessModel};
 use crate::api::AppState;
 use crate::api::openapi::backendai::{operation, raises};
 use crate::api::openapi::{json_response, respond};
-use crate::backendai::circuit::Circuit;
+use crate::backendai::circuit::CircuitBody;
 use crate::backendai::worker::{
     SlotModel, SlotV1, WorkerRequest, WorkerResponseModel, WorkerV1, worker_response,
 };
@@ -66,7 +66,7 @@ pub struct WorkerListModel {
 /// `GET /api/worker/{worker_id}/circuits`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CircuitListModel {
-    pub circuits: Vec<Circuit>,
+    pub circuits: Vec<CircuitBody>,
 }
 
 /// `GET /api/slots`.
@@ -246,7 +246,12 @@ fn circuits_docs(op: Op<'_>) -> Op<'_> {
     let op = respond(
         op,
         200,
-        json_response::<CircuitListModel>("`{\"circuits\": [SerializableCircuit, ...]}`"),
+        json_response::<CircuitListModel>(
+            "`{\"circuits\": [SerializableCircuit, ...]}`; each circuit also has `status` \
+             (beyond upstream; the worker ignores it): `active`, `propagating`, \
+             `worker_not_ready`, `worker_lost` or `worker_draining`, the same for every \
+             circuit of the worker but `active`/`propagating`",
+        ),
     );
     raises(op, 404, NO_WORKER)
 }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod limits;
 pub mod placement;
 pub mod placer;
+pub mod recovery;
 pub mod route;
 pub mod route_json;
 pub mod schemas;
