@@ -10,5 +10,6 @@ mod common;
 mod bus;
 mod manager;
 mod security;
+mod sessions;
 mod tls;
 mod workers;
