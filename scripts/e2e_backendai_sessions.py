@@ -16,6 +16,7 @@ Uses the harness of scripts/e2e_backendai.py (same needs).
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,23 @@ async def main(stream, session_id, reason):
 
 asyncio.run(main(*sys.argv[1:4]))
 """
+
+
+def producer(session, reason="user-requested"):
+    """The real producer, started and ready: it writes the entry once told
+    (a line on its stdin), so the moment of writing is ours to choose."""
+    go = PRODUCER.replace(
+        "    await producer.anycast_event(",
+        "    print('ready', flush=True)\n    sys.stdin.readline()\n    await producer.anycast_event(",
+    )
+    p = subprocess.Popen(
+        [os.path.join(VENV, "bin", "python"), "-c", go, STREAM, session, reason],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    expect(p.stdout.readline().strip() == "ready", "the producer starts")
+    return p
 
 
 def terminate_session(session, reason="user-requested"):
@@ -203,7 +221,83 @@ def scenario(h):
     metrics = http("GET", f"{h.url}/metrics").raw.decode()
     expect("appproxy_backendai_sessions_terminated_total 1" in metrics, "one session handled")
     expect("appproxy_backendai_session_circuits_removed_total 2" in metrics, "two circuits removed")
+    killed_before_ack(h, kept, live)
     log("all passed")
+
+
+def redis_ports_of(pid):
+    """The local ports of process pid's connections to Redis (port 6379)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == 6379:
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def blocked_reading(h, pid):
+    """Whether process pid waits in XREADGROUP (its core bus consumer)."""
+    ports = redis_ports_of(pid)
+    for line in h.redis.cmd("CLIENT", "LIST").splitlines():
+        kv = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        port = int(kv.get("addr", ":0").rsplit(":", 1)[1])
+        if port in ports and kv.get("cmd") == "xreadgroup" and "b" in kv.get("flags", ""):
+            return True
+    return False
+
+
+def killed_before_ack(h, session, apps):
+    """A coordinator receives the entry and is killed before XACK: the next
+    one claims it after the claim idle time and removes the circuits."""
+    log("sessions: a coordinator killed between receiving the entry and acknowledging it")
+    go = producer(session)
+    coordinator = h.procs["coordinator"]
+    # Stopped while it waits in XREADGROUP, it is handed the entry (Redis
+    # writes it to the blocked connection) and never acknowledges it.
+    for _ in range(50):
+        os.kill(coordinator.pid, signal.SIGSTOP)
+        if blocked_reading(h, coordinator.pid):
+            break
+        os.kill(coordinator.pid, signal.SIGCONT)
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the coordinator never waited in XREADGROUP")
+    go.stdin.write("go\n")
+    go.stdin.close()
+    expect(go.wait(timeout=60) == 0, "the producer wrote the entry")
+    h.redis.cmd("SELECT", 4)
+    ((entry, _),) = h.redis.cmd("XREVRANGE", STREAM, "+", "-", "COUNT", 1)
+    held = [p for p in h.redis.cmd("XPENDING", STREAM, GROUP, "-", "+", 10) if p[0] == entry]
+    expect(len(held) == 1 and held[0][1].startswith(GROUP + ":"), f"the stopped coordinator holds {entry}: {held}")
+    h.stop("coordinator", signal.SIGKILL)
+    expect(len(routes_of_db(h, session)) == 2, "nothing removed by the killed coordinator")
+    h.start_coordinator({"APPPROXY_BACKENDAI_CORE_CLAIM_IDLE": "2s"})
+    wait_for("the session's circuits gone", lambda: routes_of(h, session) == [])
+    wait_for("the claimed entry acknowledged", lambda: pending(h) == 0)
+    expect("claimed entries another consumer left unacknowledged" in h.log_of("coordinator"), "claimed, not read anew")
+    wait_for("its URL to stop serving", lambda: proxied(apps["http"]["url"], cookie=apps["http"]["cookie"]).status != 200)
+    wait_for("its tcp gateway to stop serving", lambda: not through_tcp(apps["tcp"]))
+    log("sessions: the next coordinator claimed the entry and removed the circuits")
+
+
+def routes_of_db(h, session):
+    """The session's routes, read from the SQLite file (no coordinator runs)."""
+    import sqlite3
+
+    with sqlite3.connect(os.path.join(h.tmp, "data", "coordinator.db")) as db:
+        return db.execute("SELECT id FROM routes WHERE session_id = ?", (uuid.UUID(session).bytes,)).fetchall()
 
 
 def group_exists(h):
