@@ -8,6 +8,7 @@
 //! Redis) and deletes it at the end.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use appproxy_coordinator::backendai::bus;
@@ -26,6 +27,7 @@ use crate::common::{self, Backend, PATIENCE, REDIS_URL, TestApp, wait_for};
 crate::on_both_backends!(
     a_terminated_session_loses_its_http_and_tcp_circuits_and_nothing_else,
     an_entry_a_dead_consumer_left_pending_is_handled_by_another_after_the_idle_time,
+    an_unreachable_core_bus_stops_nothing,
 );
 
 /// The core bus: DB 4 of the test Redis.
@@ -373,4 +375,44 @@ async fn an_entry_a_dead_consumer_left_pending_is_handled_by_another_after_the_i
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+async fn an_unreachable_core_bus_stops_nothing(backend: Backend) {
+    let app = TestApp::start_backendai(backend).await;
+    let worker = bai_worker(&app, &authority("unreachable"), [10205, 10220]).await;
+    // A "Redis" that hangs up on every connection, counting them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let _hang_up = common::Task::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let consumer = Consumer::start(
+        &app,
+        SessionsConfig {
+            core_redis_url: Some(format!("redis://:core-secret@127.0.0.1:{port}/4")),
+            ..config("events", Duration::from_secs(3600))
+        },
+    );
+    // It tries again after each failure (with a backoff) instead of ending,
+    // and the API keeps serving meanwhile; it stops on shutdown.
+    wait_for("three attempts", async || {
+        attempts.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert!(
+        !consumer.handle.is_finished(),
+        "the consumer keeps retrying"
+    );
+    let route = create(
+        &app,
+        session_circuit(worker, Uuid::new_v4(), "jupyter", "http"),
+    )
+    .await;
+    assert!(exists(&app, &id(&route)).await);
+    consumer.stop().await;
 }
