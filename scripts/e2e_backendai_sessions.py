@@ -11,6 +11,10 @@ SessionTerminatedAnycastEvent, into Redis DB 4, stream `events`). Asserts that
 the first session's circuits are gone from the coordinator and its URL and TCP
 gateway stop serving through the real workers, while the second session's keep
 serving; and that the entry was acknowledged by the coordinator's consumer group.
+Then the second session ends while the coordinator is stopped in its XREADGROUP
+(Redis hands it the entry) and is killed before acknowledging it: the next
+coordinator (another consumer of the group) claims the entry once it is idle
+for APPPROXY_BACKENDAI_CORE_CLAIM_IDLE (2 s here) and removes those circuits.
 
 Uses the harness of scripts/e2e_backendai.py (same needs).
 """
