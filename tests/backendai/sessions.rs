@@ -214,27 +214,14 @@ async fn a_terminated_session_loses_its_http_and_tcp_circuits_and_nothing_else(b
     let consumer = Consumer::start(&app, config(&stream, Duration::from_secs(3600)));
     group_exists(&mut conn, &stream).await;
     // Another event and a malformed one first: acknowledged, ignored.
-    xadd(
-        &mut conn,
-        &stream,
-        "session_started",
-        &format!(r#"{{"session_id":"{ended}","creation_id":"c"}}"#),
-    )
-    .await;
-    xadd(
-        &mut conn,
-        &stream,
-        sessions::SESSION_TERMINATED,
-        "{not json",
-    )
-    .await;
-    xadd(
-        &mut conn,
-        &stream,
-        sessions::SESSION_TERMINATED,
-        &terminated(ended),
-    )
-    .await;
+    let started = format!(r#"{{"session_id":"{ended}","creation_id":"c"}}"#);
+    for (name, payload) in [
+        ("session_started", started),
+        (sessions::SESSION_TERMINATED, "{not json".to_owned()),
+        (sessions::SESSION_TERMINATED, terminated(ended)),
+    ] {
+        xadd(&mut conn, &stream, name, &payload).await;
+    }
 
     let mut removed = [events.next().await, events.next().await];
     removed.sort_by_key(|h| h.circuit()["id"].as_str().unwrap().to_owned());
