@@ -609,8 +609,11 @@ BACKENDAI_SECRET_ENV = {
     "APPPROXY_REDIS_URL": "redis-url",
 }
 BACKENDAI_PLAIN_ENV = {"APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS", "APPPROXY_BACKENDAI_ACK_TIMEOUT",
-                       "APPPROXY_BACKENDAI_IDLE_TIMEOUT", "APPPROXY_ADVERTISED_URL"}
-BACKENDAI_ENV = set(BACKENDAI_SECRET_ENV) | BACKENDAI_PLAIN_ENV | {
+                       "APPPROXY_BACKENDAI_IDLE_TIMEOUT", "APPPROXY_BACKENDAI_CORE_CLAIM_IDLE",
+                       "APPPROXY_BACKENDAI_RESYNC_PERIOD", "APPPROXY_ADVERTISED_URL"}
+# The Manager's core bus: from the Secret when it holds the key (optional).
+BACKENDAI_OPTIONAL_SECRET_ENV = {"APPPROXY_BACKENDAI_CORE_REDIS_URL": "backendai-core-redis-url"}
+BACKENDAI_ENV = set(BACKENDAI_SECRET_ENV) | BACKENDAI_PLAIN_ENV | set(BACKENDAI_OPTIONAL_SECRET_ENV) | {
     "APPPROXY_BACKENDAI_API_SECRET_FILE", "APPPROXY_BACKENDAI_JWT_SECRET_FILE"}
 
 
@@ -622,7 +625,7 @@ def no_secret_in_plain_text(label, docs, secrets):
         for key, value in secrets.items():
             ensure(value not in text, f"{label}: the value of {key} is in the {doc['kind']} {doc['metadata']['name']}")
     for e in container_of(one(docs, "Deployment"))["env"]:
-        if e["name"] in BACKENDAI_SECRET_ENV:
+        if e["name"] in BACKENDAI_SECRET_ENV or e["name"] in BACKENDAI_OPTIONAL_SECRET_ENV:
             ensure("value" not in e, f"{label}: {e['name']} is a plain value")
 
 
@@ -634,23 +637,31 @@ def backendai_install():
     env = {e["name"]: e for e in container_of(dep)["env"]}
     secret = one(docs, "Secret")
     data = secret_data(secret)
-    ensure(set(data) == {"manager-token", "worker-token", *BACKENDAI_SECRET_ENV.values()}, f"Secret keys {sorted(data)}")
+    ensure(set(data) == {"manager-token", "worker-token", *BACKENDAI_SECRET_ENV.values(),
+                         *BACKENDAI_OPTIONAL_SECRET_ENV.values()}, f"Secret keys {sorted(data)}")
     for key in ("backendai-api-secret", "backendai-jwt-secret"):
         ensure(len(data[key]) >= 32 and data[key].isalnum(), f"{key} is not a long random secret ({len(data[key])} characters)")
     ensure(len({data["backendai-api-secret"], data["backendai-jwt-secret"], data["manager-token"], data["worker-token"]}) == 4,
            "two of the generated secrets are equal")
     ensure(data["redis-url"] == values["redisUrl"], "redis-url is not backendai.redisUrl")
+    ensure(data["backendai-core-redis-url"] == values["coreRedisUrl"], "backendai-core-redis-url is not backendai.coreRedisUrl")
     for var, key in BACKENDAI_SECRET_ENV.items():
         ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
         ensure(ref == {"name": FULLNAME, "key": key}, f"{var} from {ref}")
+    for var, key in BACKENDAI_OPTIONAL_SECRET_ENV.items():
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        ensure(ref == {"name": FULLNAME, "key": key, "optional": True}, f"{var} from {ref}")
     no_secret_in_plain_text("backendai", docs, {k: v for k, v in data.items()})
-    password = values["redisUrl"].split("://", 1)[1].split("@")[0].lstrip(":")
-    no_secret_in_plain_text("backendai", docs, {"the Redis password": password})
+    for url in (values["redisUrl"], values["coreRedisUrl"]):
+        password = url.split("://", 1)[1].split("@")[0].lstrip(":")
+        no_secret_in_plain_text("backendai", docs, {"a Redis password": password})
     plain = {name: env.get(name, {}).get("value") for name in BACKENDAI_PLAIN_ENV}
     expected = {
         "APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS": ",".join(values["confAllowedNetworks"]),
         "APPPROXY_BACKENDAI_ACK_TIMEOUT": values["ackTimeout"],
         "APPPROXY_BACKENDAI_IDLE_TIMEOUT": values["idleTimeout"],
+        "APPPROXY_BACKENDAI_CORE_CLAIM_IDLE": values["coreClaimIdle"],
+        "APPPROXY_BACKENDAI_RESYNC_PERIOD": values["resyncPeriod"],
         "APPPROXY_ADVERTISED_URL": values["advertisedUrl"],
     }
     ensure(plain == expected, f"plain env {plain}, expected {expected}")
@@ -670,7 +681,8 @@ def backendai_install():
         ensure(not names & BACKENDAI_ENV, f"{label}: {sorted(names & BACKENDAI_ENV)} set without backendai.enabled")
         ensure(len(one(d, "Service")["spec"]["ports"]) == 1, f"{label}: a second Service port without backendai.enabled")
         for s in find(d, "Secret"):
-            ensure(not set(s.get("data", {})) & set(BACKENDAI_SECRET_ENV.values()), f"{label}: Backend.AI keys in the Secret")
+            keys = set(BACKENDAI_SECRET_ENV.values()) | set(BACKENDAI_OPTIONAL_SECRET_ENV.values())
+            ensure(not set(s.get("data", {})) & keys, f"{label}: Backend.AI keys in the Secret")
         ensure("Backend.AI mode" not in raw[label]["appproxy-coordinator/templates/NOTES.txt"], f"{label}: NOTES.txt speaks of Backend.AI")
     # The least Backend.AI install: the Service's in-cluster URL advertised, no
     # token-less networks (and NOTES.txt warns about both).
@@ -682,6 +694,10 @@ def backendai_install():
     ensure("APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS" not in menv, "APPPROXY_BACKENDAI_CONF_ALLOWED_NETWORKS set for an empty list")
     ensure(menv["APPPROXY_BACKENDAI_ACK_TIMEOUT"].get("value") == "15s" and menv["APPPROXY_BACKENDAI_IDLE_TIMEOUT"].get("value") == "1h",
            "default timeouts are not 15s and 1h")
+    ensure(menv["APPPROXY_BACKENDAI_CORE_CLAIM_IDLE"].get("value") == "5m", "the default core claim idle is not 5m")
+    ensure(menv["APPPROXY_BACKENDAI_RESYNC_PERIOD"].get("value") == "5m", "the default resync period is not 5m")
+    ensure("backendai-core-redis-url" not in secret_data(one(mdocs, "Secret")),
+           "a core Redis URL in the Secret without backendai.coreRedisUrl (the default: redisUrl with DB 4)")
     ensure(len(one(mdocs, "Service")["spec"]["ports"]) == 1, "a second Service port without backendai.servicePort")
     mnotes = minimal["appproxy-coordinator/templates/NOTES.txt"]
     ensure("backendai.advertisedUrl" in mnotes and "confAllowedNetworks is empty" in mnotes,
@@ -1313,6 +1329,8 @@ def run_backendai_install():
     values = load_values(*backendai)["backendai"]
     secret = {k: base64.b64decode(v) for k, v in one(rendered["backendai"], "Secret")["data"].items()}
     secret["redis-url"] = redis_url.encode()  # the rendered one names the cluster's Redis
+    if "backendai-core-redis-url" in secret:  # the Manager's, likewise
+        secret["backendai-core-redis-url"] = redis_url.encode()
     tokens = {k: v.decode() for k, v in secret.items()}
     with tempfile.TemporaryDirectory() as tmp:
         with Pod("backendai", tmp, secrets={FULLNAME: secret}) as pod:

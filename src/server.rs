@@ -167,6 +167,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             ..backendai::bus::BusConfig::default()
         };
         backendai::bus::spawn(ctx.clone(), bai.clone(), bus);
+        // The Manager's core bus: session_terminated, on every replica.
+        backendai::sessions::spawn(ctx.clone(), bai.clone(), sessions_settings(&config))?;
     }
     tokio::spawn(health::run(ctx, health_settings(&config)));
     let state = AppState {
@@ -273,6 +275,15 @@ pub fn backendai_settings(
             client_key: config.redis_client_key.clone(),
         },
     }
+}
+
+/// The session consumer's settings (Backend.AI mode).
+pub fn sessions_settings(config: &Config) -> backendai::sessions::SessionsConfig {
+    backendai::sessions::SessionsConfig {
+        core_redis_url: config.backendai_core_redis_url.clone(),
+        ..Default::default()
+    }
+    .with_claim_idle(config.backendai_core_claim_idle)
 }
 
 /// The hub's settings.

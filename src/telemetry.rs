@@ -260,6 +260,11 @@ pub struct Metrics {
     pub backendai_resent: Family<ResentLabels, Counter>,
     /// Idle interactive Backend.AI circuits collected.
     pub backendai_idle_collected: Counter,
+    /// `session_terminated` entries of the Manager's core bus handled
+    /// (their deletion committed and the entry acknowledged).
+    pub backendai_sessions_terminated: Counter,
+    /// Interactive circuits deleted because their session ended.
+    pub backendai_session_circuits_removed: Counter,
     /// Refused credentials and requests refused for too many of them.
     pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
@@ -294,6 +299,8 @@ impl Metrics {
             backendai_republished: Counter::default(),
             backendai_resent: Family::default(),
             backendai_idle_collected: Counter::default(),
+            backendai_sessions_terminated: Counter::default(),
+            backendai_session_circuits_removed: Counter::default(),
             auth_failures: Family::default(),
         };
         Arc::new(metrics.registered(store))
@@ -345,6 +352,11 @@ impl Metrics {
                 => self.backendai_resent;
             "backendai_idle_collected", "Interactive Backend.AI circuits deleted after going unused \
                 for the idle timeout" => self.backendai_idle_collected;
+            "backendai_sessions_terminated", "session_terminated events of the Backend.AI Manager's \
+                core bus handled (the session's circuits deleted, the entry acknowledged)"
+                => self.backendai_sessions_terminated;
+            "backendai_session_circuits_removed", "Interactive Backend.AI circuits deleted because \
+                their session ended (session_terminated)" => self.backendai_session_circuits_removed;
             "auth_failures", "Requests whose credentials were refused (outcome=refused, 401) and \
                 requests refused because their address failed too often (outcome=limited, 429), by \
                 API" => self.auth_failures;

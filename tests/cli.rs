@@ -1014,3 +1014,61 @@ async fn redis_over_tls_with_the_ca_file_and_a_wrong_ca_in_the_log() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-client-key"));
 }
+
+/// The Backend.AI Manager's core bus: a setting of its own, shown with its
+/// password redacted; a URL that is no Redis URL stops the start, naming
+/// the setting and not the password.
+#[test]
+fn the_manager_s_core_redis_is_a_setting_whose_password_never_shows() {
+    let secret = "core-redis-password";
+    let out = run_to_exit(
+        &["config", "--backendai-core-claim-idle", "90s"],
+        &[(
+            "APPPROXY_BACKENDAI_CORE_REDIS_URL",
+            "redis://:core-redis-password@core.backendai:6379/4",
+        )],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: toml::Table = text.parse().unwrap();
+    assert_eq!(
+        shown["backendai_core_redis_url"].as_str(),
+        Some("redis://:<redacted>@core.backendai:6379/4")
+    );
+    assert_eq!(shown["backendai_core_claim_idle"].as_str(), Some("1m 30s"));
+    assert!(!text.contains(secret), "{text}");
+    let defaults: toml::Table = String::from_utf8_lossy(&run_to_exit(&["config"], &[]).stdout)
+        .parse()
+        .unwrap();
+    assert!(!defaults.contains_key("backendai_core_redis_url"));
+    assert_eq!(defaults["backendai_core_claim_idle"].as_str(), Some("5m"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_to_exit(
+        &[
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--bind",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("APPPROXY_BACKENDAI_API_SECRET", common::API_SECRET),
+            ("APPPROXY_BACKENDAI_JWT_SECRET", common::JWT_SECRET),
+            ("APPPROXY_REDIS_URL", common::REDIS_URL),
+            (
+                "APPPROXY_BACKENDAI_CORE_REDIS_URL",
+                "redis://:core-redis-password@core.backendai:port/4",
+            ),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("APPPROXY_BACKENDAI_CORE_REDIS_URL") && !err.contains(secret),
+        "{err}"
+    );
+}

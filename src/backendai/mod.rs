@@ -33,6 +33,8 @@
 //! - [`bus`]: the Redis event bus (envelopes, which change becomes which
 //!   event, the acknowledgement listener), [`publish`] (the leader's
 //!   publisher, fed from the change log) and [`idle`] (idle collection);
+//! - [`sessions`]: the Manager's core bus (`session_terminated` removes the
+//!   session's circuits), on every replica;
 //! - [`live`]: what the workers keep in Redis DB 2 (last seen, per-circuit
 //!   traffic), read and written for the worker API.
 //!
@@ -57,6 +59,7 @@ pub mod jwt;
 pub mod live;
 pub mod proxy;
 pub mod publish;
+pub mod sessions;
 pub mod worker;
 pub mod workers;
 

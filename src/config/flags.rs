@@ -340,6 +340,26 @@ pub struct Options {
         default
     )]
     pub backendai_resync_period: Option<Duration>,
+    /// redis://… of the Backend.AI Manager's core event bus (stream `events`,
+    /// where it announces `session_terminated`), when it is not the App
+    /// Proxy's Redis [default: --redis-url with DB 4].
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_CORE_REDIS_URL",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_core_redis_url: Option<String>,
+    /// A core bus entry left unacknowledged this long by a replica (one that
+    /// died while handling it) is claimed by another [default: 5m].
+    #[arg(long, global = true, env = "APPPROXY_BACKENDAI_CORE_CLAIM_IDLE", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub backendai_core_claim_idle: Option<Duration>,
     /// The coordinator's own URL as clients reach it (Backend.AI `/status`)
     /// [default: http(s)://<bind address>].
     #[arg(long, global = true, env = "APPPROXY_ADVERTISED_URL")]

@@ -105,6 +105,11 @@ pub struct Config {
     pub backendai_conf_token_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub backendai_resync_period: Duration,
+    /// The Manager's core bus; `None`: `redis_url` with DB 4.
+    #[serde(serialize_with = "redact_url")]
+    pub backendai_core_redis_url: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub backendai_core_claim_idle: Duration,
     pub advertised_url: Option<String>,
 }
 
@@ -155,6 +160,8 @@ impl Default for Config {
             backendai_idle_timeout: Duration::from_secs(3600),
             backendai_conf_token_ttl: Duration::from_secs(600),
             backendai_resync_period: Duration::from_secs(300),
+            backendai_core_redis_url: None,
+            backendai_core_claim_idle: Duration::from_secs(300),
             advertised_url: None,
         }
     }

@@ -15,6 +15,7 @@
 //! | `changes.rs` | the change log: reading after a revision, snapshots, compaction |
 //! | `bus.rs` | the Backend.AI event bus's position and published circuits |
 //! | `backendai.rs` | Backend.AI's conf tokens, routes by its keys, spec edits in one transaction |
+//! | `sessions.rs` | a Backend.AI session's circuits, deleted when the session ends |
 //!
 //! The store fetches and writes; what to decide (placement, status,
 //! failover) it asks of [`crate::domain`].
@@ -48,6 +49,7 @@ mod moves;
 mod placer_cache;
 mod routes;
 mod rows;
+mod sessions;
 mod sql;
 mod tx;
 mod workers;

@@ -14,5 +14,6 @@ mod manager;
 mod recovery;
 mod resend;
 mod security;
+mod sessions;
 mod tls;
 mod workers;

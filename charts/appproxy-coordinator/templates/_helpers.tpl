@@ -136,6 +136,9 @@ and the workers' backs. */}}
 {{- end }}
 {{- if .Values.backendai.enabled }}
 {{- $_ := set $data "redis-url" (b64enc .Values.backendai.redisUrl) }}
+{{- with .Values.backendai.coreRedisUrl }}
+{{- $_ := set $data "backendai-core-redis-url" (b64enc .) }}
+{{- end }}
 {{- end }}
 {{- $_ := set . "appproxyCoordinatorSecretData" (toYaml $data) }}
 {{- end }}

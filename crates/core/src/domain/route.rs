@@ -222,6 +222,21 @@ impl RouteSpec {
             && self.protocol == other.protocol
     }
 
+    /// Whether this route is an interactive Backend.AI circuit of session
+    /// `session` (one the Manager's `session_terminated` takes away): an
+    /// interactive route of that session with circuit fields, whose
+    /// `session_ids` (as the worker sees them: the route's session when
+    /// empty) name it. Whatever its protocol; native routes (no circuit
+    /// fields) and inference circuits are not.
+    pub fn is_circuit_of_session(&self, session: Uuid) -> bool {
+        self.app_mode == AppMode::Interactive
+            && self.session_id == Some(session)
+            && self
+                .circuit
+                .as_ref()
+                .is_some_and(|c| c.session_ids.is_empty() || c.session_ids.contains(&session))
+    }
+
     /// Applies a patch, returning the new spec.
     pub fn patched(&self, patch: RoutePatch) -> RouteSpec {
         let mut spec = self.clone();
@@ -450,6 +465,33 @@ mod tests {
         assert_eq!(spec.protocol, Protocol::Http);
         assert_eq!(spec.targets[0].weight, 1);
         assert!(!spec.access.open_to_public);
+    }
+
+    #[test]
+    fn a_session_s_circuits_are_its_interactive_routes_with_circuit_fields() {
+        let session: Uuid = "3f6c9a52-0d61-4a6d-9b59-2f3d6c0a1e11".parse().unwrap();
+        let other = Uuid::new_v4();
+        let native: RouteSpec = serde_json::from_value(spec_json()).unwrap();
+        assert!(!native.is_circuit_of_session(session), "no circuit fields");
+        let mut circuit = native.clone();
+        circuit.protocol = Protocol::Tcp;
+        circuit.circuit = Some(CircuitInfo::default());
+        assert!(
+            circuit.is_circuit_of_session(session),
+            "empty session_ids: its session"
+        );
+        assert!(!circuit.is_circuit_of_session(other));
+        circuit.circuit.as_mut().unwrap().session_ids = vec![session];
+        assert!(circuit.is_circuit_of_session(session));
+        circuit.circuit.as_mut().unwrap().session_ids = vec![other];
+        assert!(
+            !circuit.is_circuit_of_session(session),
+            "session_ids name another"
+        );
+        let mut inference = circuit.clone();
+        inference.app_mode = AppMode::Inference;
+        inference.circuit.as_mut().unwrap().session_ids = vec![session];
+        assert!(!inference.is_circuit_of_session(session));
     }
 
     #[test]
