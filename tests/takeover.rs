@@ -9,6 +9,7 @@ mod common;
 
 use std::process::Output;
 
+use appproxy_coordinator::backendai::bus;
 use common::{API_SECRET, Backend, TestApp, TestDb, backendai_settings, manual_clock};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -295,6 +296,29 @@ async fn imported_workers_and_circuits_read_back_as_upstream_served_them(b: Back
     );
     let listed = app.manager(Method::GET, "/routes", None).await;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 2);
+
+    // The workers hold their circuits already: the bus state records each
+    // as published and acknowledged, as the publisher would write it, so
+    // the publisher has nothing to send for them.
+    let state = app.store.bus_state().await.unwrap();
+    assert_eq!(state.circuits.len(), 2);
+    for published in &state.circuits {
+        let (_, mut served) = bai(
+            &app,
+            Method::GET,
+            &format!("/api/circuit/{}", published.route_id),
+        )
+        .await;
+        served.as_object_mut().unwrap().remove("status");
+        assert_eq!(published.circuit, served);
+        assert!(published.acked, "{}", published.route_id);
+        let now = bus::Placed {
+            worker_id: published.worker_id,
+            authority: published.authority.clone(),
+            circuit: served,
+        };
+        assert_eq!(bus::plan(Some(published), Some(&now)), vec![]);
+    }
 
     // A worker that keeps running heartbeats with the id upstream gave it.
     let (status, body) = bai(&app, Method::PATCH, &format!("/api/worker/{port_worker}")).await;
