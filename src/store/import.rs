@@ -369,7 +369,9 @@ async fn insert_bus(conn: &mut sql::Conn<'_>, bus: &[BusRow]) -> Result<()> {
     for (route, worker, authority, circuit, revision) in bus {
         conn.execute(
             "INSERT INTO bus_circuits (route_id, worker_id, authority, circuit, revision, acked) \
-             VALUES ($1, $2, $3, $4, $5, 1)",
+             VALUES ($1, $2, $3, $4, $5, 1) ON CONFLICT (route_id) DO UPDATE SET \
+             worker_id = excluded.worker_id, authority = excluded.authority, \
+             circuit = excluded.circuit, revision = excluded.revision, acked = 1",
             &[
                 (*route).into(),
                 (*worker).into(),
