@@ -18,12 +18,17 @@ use uuid::Uuid;
 
 on_both_backends!(
     imported_workers_and_circuits_read_back_as_upstream_served_them,
+    an_installation_upgraded_by_alembic_reads_back_the_same,
     an_unknown_schema_revision_is_refused_and_named,
     a_dry_run_writes_nothing_and_a_second_run_changes_nothing,
     routes_of_its_own_are_refused_without_merge_and_clashes_reported_with_it,
 );
 
+/// A new installation's schema (upstream's `schema oneshot`).
 const SCHEMA: &str = include_str!("fixtures/backendai-26.9.6-schema.sql");
+/// An upgraded installation's (its alembic migrations): other column order,
+/// defaults and enum members.
+const UPGRADED: &str = include_str!("fixtures/backendai-26.9.6-schema-upgraded.sql");
 const PASSWORD: &str = "upstream-password-never-printed";
 
 /// Upstream's database: a scratch PostgreSQL database with upstream's
@@ -35,10 +40,17 @@ struct Upstream {
 
 impl Upstream {
     async fn new() -> Upstream {
+        Upstream::with_schema(SCHEMA).await
+    }
+
+    async fn with_schema(schema: &str) -> Upstream {
         let db = TestDb::new(Backend::Postgres).await;
         // Its own connection: the dump empties the search_path.
         let mut load = PgConnection::connect(&db.url).await.unwrap();
-        sqlx::raw_sql(SCHEMA).execute(&mut load).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema.to_owned()))
+            .execute(&mut load)
+            .await
+            .unwrap();
         load.close().await.unwrap();
         let pool = PgPool::connect(&db.url).await.unwrap();
         Upstream { db, pool }
@@ -197,7 +209,14 @@ async fn route(app: &TestApp, id: Uuid) -> Value {
 }
 
 async fn imported_workers_and_circuits_read_back_as_upstream_served_them(b: Backend) {
-    let upstream = Upstream::new().await;
+    read_back(b, Upstream::new().await).await;
+}
+
+async fn an_installation_upgraded_by_alembic_reads_back_the_same(b: Backend) {
+    read_back(b, Upstream::with_schema(UPGRADED).await).await;
+}
+
+async fn read_back(b: Backend, upstream: Upstream) {
     let (port_worker, wild_worker) = (Uuid::new_v4(), Uuid::new_v4());
     let (model, jupyter, endpoint, session) = (
         Uuid::new_v4(),
@@ -226,27 +245,7 @@ async fn imported_workers_and_circuits_read_back_as_upstream_served_them(b: Back
     }
     let app = serve(target).await;
 
-    // The workers' API: the same ids, as upstream described them.
-    let (status, body) = bai(&app, Method::GET, &format!("/api/worker/{port_worker}")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["authority"], "worker-port");
-    assert_eq!(body["frontend_mode"], "port");
-    assert_eq!(body["port_range"], json!([10205, 10300]));
-    assert_eq!(
-        (body["nodes"].clone(), body["filtered_apps_only"].clone()),
-        (json!(2), json!(true))
-    );
-    assert_eq!(
-        body["accepted_traffics"],
-        json!(["interactive", "inference"])
-    );
-    assert_eq!(body["created_at"], "2026-01-02T03:04:05.123456Z");
-    assert_eq!(body["occupied_slots"], 1);
-    let (_, body) = bai(&app, Method::GET, &format!("/api/worker/{wild_worker}")).await;
-    assert_eq!(body["wildcard_domain"], ".apps.example.com");
-    assert_eq!(body["wildcard_traffic_port"], 8080);
-    let (_, all) = bai(&app, Method::GET, "/api/worker").await;
-    assert_eq!(all["workers"].as_array().unwrap().len(), 2);
+    workers_read_back(&app, port_worker, wild_worker).await;
 
     // The circuits: the same ids, workers, slots and fields.
     let (status, c) = bai(&app, Method::GET, &format!("/api/circuit/{model}")).await;
@@ -297,14 +296,47 @@ async fn imported_workers_and_circuits_read_back_as_upstream_served_them(b: Back
     let listed = app.manager(Method::GET, "/routes", None).await;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 2);
 
-    // The workers hold their circuits already: the bus state records each
-    // as published and acknowledged, as the publisher would write it, so
-    // the publisher has nothing to send for them.
+    published_as_served(&app).await;
+
+    // A worker that keeps running heartbeats with the id upstream gave it.
+    let (status, body) = bai(&app, Method::PATCH, &format!("/api/worker/{port_worker}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The workers' API answers the imported workers with the same ids, as
+/// upstream described them.
+async fn workers_read_back(app: &TestApp, port_worker: Uuid, wild_worker: Uuid) {
+    let (status, body) = bai(app, Method::GET, &format!("/api/worker/{port_worker}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["authority"], "worker-port");
+    assert_eq!(body["frontend_mode"], "port");
+    assert_eq!(body["port_range"], json!([10205, 10300]));
+    assert_eq!(
+        (body["nodes"].clone(), body["filtered_apps_only"].clone()),
+        (json!(2), json!(true))
+    );
+    assert_eq!(
+        body["accepted_traffics"],
+        json!(["interactive", "inference"])
+    );
+    assert_eq!(body["created_at"], "2026-01-02T03:04:05.123456Z");
+    assert_eq!(body["occupied_slots"], 1);
+    let (_, body) = bai(app, Method::GET, &format!("/api/worker/{wild_worker}")).await;
+    assert_eq!(body["wildcard_domain"], ".apps.example.com");
+    assert_eq!(body["wildcard_traffic_port"], 8080);
+    let (_, all) = bai(app, Method::GET, "/api/worker").await;
+    assert_eq!(all["workers"].as_array().unwrap().len(), 2);
+}
+
+/// The workers hold their circuits already: the bus state records each as
+/// published and acknowledged, as the publisher would write it, so the
+/// publisher has nothing to send for them.
+async fn published_as_served(app: &TestApp) {
     let state = app.store.bus_state().await.unwrap();
     assert_eq!(state.circuits.len(), 2);
     for published in &state.circuits {
         let (_, mut served) = bai(
-            &app,
+            app,
             Method::GET,
             &format!("/api/circuit/{}", published.route_id),
         )
@@ -319,10 +351,6 @@ async fn imported_workers_and_circuits_read_back_as_upstream_served_them(b: Back
         };
         assert_eq!(bus::plan(Some(published), Some(&now)), vec![]);
     }
-
-    // A worker that keeps running heartbeats with the id upstream gave it.
-    let (status, body) = bai(&app, Method::PATCH, &format!("/api/worker/{port_worker}")).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 async fn an_unknown_schema_revision_is_refused_and_named(b: Backend) {
