@@ -9,8 +9,8 @@ mod common;
 
 use std::process::Output;
 
-use appproxy_coordinator::backendai::bus;
-use common::{API_SECRET, Backend, TestApp, TestDb, backendai_settings, manual_clock};
+use appproxy_coordinator::backendai::{bus, jwt};
+use common::{API_SECRET, Backend, JWT_SECRET, TestApp, TestDb, backendai_settings, manual_clock};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -19,6 +19,7 @@ use uuid::Uuid;
 on_both_backends!(
     imported_workers_and_circuits_read_back_as_upstream_served_them,
     an_installation_upgraded_by_alembic_reads_back_the_same,
+    the_managers_calls_on_an_imported_endpoint_work_at_once,
     an_unknown_schema_revision_is_refused_and_named,
     a_dry_run_writes_nothing_and_a_second_run_changes_nothing,
     routes_of_its_own_are_refused_without_merge_and_clashes_reported_with_it,
@@ -190,13 +191,24 @@ async fn serve(target: TestDb) -> TestApp {
 }
 
 async fn bai(app: &TestApp, method: Method, path: &str) -> (StatusCode, Value) {
-    let r = app
+    bai_with(app, method, path, None).await
+}
+
+/// `X-BackendAI-Token: <api_secret>`, as the Manager and the workers send it.
+async fn bai_with(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = app
         .http
         .request(method, format!("{}{path}", app.url))
-        .header("x-backendai-token", API_SECRET)
-        .send()
-        .await
-        .unwrap();
+        .header("x-backendai-token", API_SECRET);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let r = req.send().await.unwrap();
     (r.status(), r.json().await.unwrap_or(Value::Null))
 }
 
@@ -351,6 +363,38 @@ async fn published_as_served(app: &TestApp) {
         };
         assert_eq!(bus::plan(Some(published), Some(&now)), vec![]);
     }
+}
+
+async fn the_managers_calls_on_an_imported_endpoint_work_at_once(b: Backend) {
+    let upstream = Upstream::new().await;
+    let (worker, model, endpoint) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    upstream.port_worker(worker, "worker-port").await;
+    upstream.inference(model, worker, 10207, endpoint).await;
+    let target = TestDb::new(b).await;
+    succeeded(&import(&upstream, &target, &[]).await);
+    let app = serve(target).await;
+
+    // The endpoint token names the imported circuit at upstream's URL.
+    let user = Uuid::new_v4();
+    let (status, body) = bai_with(
+        &app,
+        Method::POST,
+        &format!("/v2/endpoints/{endpoint}/token"),
+        Some(json!({"user_uuid": user, "exp": 1_893_456_000})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let claims = jwt::decode(body["token"].as_str().unwrap(), JWT_SECRET, 0).unwrap();
+    assert_eq!(claims["id"], json!(model));
+    assert_eq!(claims["worker"], json!(worker));
+    assert_eq!(claims["app_url"], "http://proxy.example.com:10207");
+    // And the Manager deletes it like any other.
+    let (status, body) = bai(&app, Method::DELETE, &format!("/v2/endpoints/{endpoint}")).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"success": true})));
+    let gone = app
+        .manager(Method::GET, &format!("/routes/{model}"), None)
+        .await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
 }
 
 async fn an_unknown_schema_revision_is_refused_and_named(b: Backend) {
