@@ -20,6 +20,7 @@ on_both_backends!(
     imported_workers_and_circuits_read_back_as_upstream_served_them,
     an_installation_upgraded_by_alembic_reads_back_the_same,
     the_managers_calls_on_an_imported_endpoint_work_at_once,
+    a_worker_registered_here_under_another_id_is_a_conflict_with_its_circuits,
     an_unknown_schema_revision_is_refused_and_named,
     a_dry_run_writes_nothing_and_a_second_run_changes_nothing,
     routes_of_its_own_are_refused_without_merge_and_clashes_reported_with_it,
@@ -395,6 +396,38 @@ async fn the_managers_calls_on_an_imported_endpoint_work_at_once(b: Backend) {
         .manager(Method::GET, &format!("/routes/{model}"), None)
         .await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
+}
+
+async fn a_worker_registered_here_under_another_id_is_a_conflict_with_its_circuits(b: Backend) {
+    let upstream = Upstream::new().await;
+    let (worker, model) = (Uuid::new_v4(), Uuid::new_v4());
+    upstream.port_worker(worker, "worker-port").await;
+    upstream
+        .inference(model, worker, 10207, Uuid::new_v4())
+        .await;
+    let app = serve(TestDb::new(b).await).await;
+    let here = common::register_backendai_worker(
+        &app,
+        "worker-port",
+        json!({"frontend_mode": "port", "port_range": [10205, 10300]}),
+    )
+    .await;
+    let stdout = succeeded(&import(&upstream, &app.db, &[]).await);
+    for line in [
+        format!(
+            "conflict worker {worker}: authority \"worker-port\" is worker {} here",
+            here.id
+        ),
+        format!("conflict route {model}: its worker {worker} is not imported"),
+        "workers: 0 new, 0 already here, 1 in conflict".to_owned(),
+        "circuits: 0 new, 0 already here, 1 in conflict".to_owned(),
+    ] {
+        assert!(stdout.contains(&line), "{line:?} in\n{stdout}");
+    }
+    let (status, _) = bai(&app, Method::GET, &format!("/api/worker/{worker}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let listed = app.manager(Method::GET, "/routes", None).await;
+    assert_eq!(listed.body["items"], json!([]));
 }
 
 async fn an_unknown_schema_revision_is_refused_and_named(b: Backend) {
