@@ -28,6 +28,8 @@
 //!   knows only [`wire`] and [`domain`], never the server side.
 //! - [`config`]: plain configuration data (defaults, file, environment,
 //!   flags); imports no subsystem.
+//! - [`takeover`]: `import-backendai`: a Backend.AI App Proxy coordinator's
+//!   workers, circuits and tokens read from its PostgreSQL and written here.
 //! - [`server`]: turns the configuration into each subsystem's settings and
 //!   runs them; `main.rs` is command-line wiring only.
 
@@ -41,6 +43,7 @@ pub mod leader;
 pub mod request_id;
 pub mod server;
 pub mod store;
+pub mod takeover;
 pub mod telemetry;
 pub mod tls;
 

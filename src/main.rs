@@ -1,6 +1,7 @@
 //! `appproxy-coordinator`: command-line wiring only.
 
 use appproxy_coordinator::config::{self, Cli, Command, Config, LogFormat};
+use appproxy_coordinator::store::ImportMode;
 use appproxy_coordinator::{server, telemetry};
 use clap::Parser;
 
@@ -46,6 +47,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => server::serve(config).await,
         Command::Migrate => migrate(&config).await,
+        Command::ImportBackendai(flags) => import_backendai(&config, &flags).await,
         Command::Config => {
             print!("{}", config.to_redacted_toml());
             Ok(())
@@ -69,4 +71,23 @@ async fn migrate(config: &Config) -> anyhow::Result<()> {
     tracing::info!(database = store.backend(), "migrations applied");
     store.close().await;
     Ok(())
+}
+
+async fn import_backendai(config: &Config, flags: &config::ImportFlags) -> anyhow::Result<()> {
+    let store = server::open_store(config).await?;
+    server::migrate(&store).await?;
+    let mode = ImportMode {
+        dry_run: flags.dry_run,
+        merge: flags.merge,
+    };
+    let result = appproxy_coordinator::takeover::import_backendai(
+        &store,
+        &flags.from,
+        mode,
+        chrono::Utc::now(),
+        &mut std::io::stdout(),
+    )
+    .await;
+    store.close().await;
+    result.map(drop)
 }

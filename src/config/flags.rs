@@ -22,7 +22,7 @@ pub struct Cli {
     pub options: Options,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Subcommand)]
+#[derive(Clone, Debug, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the coordinator (the default).
     Serve,
@@ -32,6 +32,26 @@ pub enum Command {
     Config,
     /// Print the AppProxyRoute CustomResourceDefinition (YAML) and exit.
     Crdgen,
+    /// Import a Backend.AI App Proxy coordinator's (26.9.x) workers, circuits,
+    /// endpoints and conf tokens from its PostgreSQL into this database, with
+    /// their ids, ports and subdomains, in one transaction.
+    ImportBackendai(ImportFlags),
+}
+
+/// `import-backendai`'s own flags.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct ImportFlags {
+    /// Upstream's database: postgres://user:password@host:port/database
+    /// (read only; the password is never printed).
+    #[arg(long, env = "APPPROXY_IMPORT_FROM", hide_env_values = true)]
+    pub from: String,
+    /// Print what would be imported and every conflict; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Import into a database that holds routes of its own; a port or
+    /// subdomain taken here is reported, not overwritten.
+    #[arg(long)]
+    pub merge: bool,
 }
 
 /// Flags; each falls back to its `APPPROXY_*` variable, then the config file.

@@ -45,6 +45,7 @@ mod backendai;
 mod bus;
 mod changes;
 mod create_writer;
+mod import;
 mod moves;
 mod placer_cache;
 mod routes;
@@ -56,6 +57,7 @@ mod workers;
 
 pub use backendai::ConfToken;
 pub use bus::{BusCircuit, BusRemoval, BusState, BusWrite};
+pub use import::{Conflict, Import, ImportMode, ImportReport, ImportedWorker};
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};
 

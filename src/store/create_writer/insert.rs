@@ -138,7 +138,7 @@ fn insert_values(created: &[(StoredRoute, Route)]) -> (String, Vec<Arg>) {
 
 /// The statement inserting the batch's routes in one go (with `suffix`
 /// after its rows), and its arguments.
-pub(super) fn insert_statement(
+pub(in crate::store) fn insert_statement(
     created: &[(StoredRoute, Route)],
     suffix: &str,
 ) -> (String, Vec<Arg>) {

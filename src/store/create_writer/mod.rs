@@ -11,7 +11,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
 
-mod insert;
+pub(super) mod insert;
 
 use self::insert::{PG_LOCKED_INSERT, PG_UNLOCKED_INSERT, insert_statement, unnest_args};
 use super::placer_cache::WorkerCache;
