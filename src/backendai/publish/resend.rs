@@ -265,7 +265,8 @@ impl Publisher<'_> {
         if upto <= s.done {
             return Ok(());
         }
-        let held = self.held_slots();
+        // The slots held now, built once a pass reaches a removal.
+        let mut held = None;
         for i in s.done..upto {
             let item = self.swept.as_ref().expect("a sweep").items[i].clone();
             match item {
@@ -274,7 +275,10 @@ impl Publisher<'_> {
                         self.send_again(&c, Why::Sweep).await?;
                     }
                 }
-                Item::Removed(r) => self.remove_again(&r, &held, Why::Sweep).await?,
+                Item::Removed(r) => {
+                    let held = held.get_or_insert_with(|| self.held_slots());
+                    self.remove_again(&r, held, Why::Sweep).await?;
+                }
             }
             let s = self.swept.as_mut().expect("a sweep");
             s.done = i + 1;
