@@ -139,46 +139,29 @@ impl Publisher<'_> {
     /// Sends the follow-ups that are due.
     pub(super) async fn follow_up(&mut self) -> Result<(), Failure> {
         let now = self.clock.now();
-        let last = self.config.resend_after.len();
-        let updates: Vec<Uuid> = self
-            .follow
-            .updates
-            .iter()
-            .filter(|(_, s)| self.due(s, now))
-            .map(|(id, _)| *id)
+        let updates: Vec<usize> = (0..self.follow.updates.len())
+            .filter(|&i| self.due(&self.follow.updates[i].1, now))
             .collect();
-        for id in &updates {
-            if let Some(c) = self.circuits.get(id).cloned() {
+        let removals: Vec<usize> = (0..self.follow.removals.len())
+            .filter(|&i| self.due(&self.follow.removals[i].1, now))
+            .collect();
+        // Nothing changes `follow` while sending: the indices hold.
+        for &i in &updates {
+            let id = self.follow.updates[i].0;
+            if let Some(c) = self.circuits.get(&id).cloned() {
                 self.send_again(&c, Why::AfterChange).await?;
             }
+            self.follow.updates[i].1.next += 1;
         }
-        let removals: Vec<BusRemoval> = self
-            .follow
-            .removals
-            .iter()
-            .filter(|(_, s)| self.due(s, now))
-            .map(|(r, _)| r.clone())
-            .collect();
         if !removals.is_empty() {
             let held = self.held_slots();
-            for r in &removals {
-                self.remove_again(r, &held, Why::AfterChange).await?;
+            for &i in &removals {
+                let r = self.follow.removals[i].0.clone();
+                self.remove_again(&r, &held, Why::AfterChange).await?;
+                self.follow.removals[i].1.next += 1;
             }
         }
-        // Step on (only once sent: a Redis failure above returned early).
-        for (id, s) in &mut self.follow.updates {
-            if updates.contains(id) {
-                s.next += 1;
-            }
-        }
-        for (r, s) in &mut self.follow.removals {
-            if removals
-                .iter()
-                .any(|x| x.route_id == r.route_id && x.revision == r.revision)
-            {
-                s.next += 1;
-            }
-        }
+        let last = self.config.resend_after.len();
         self.follow.updates.retain(|(_, s)| s.next < last);
         self.follow.removals.retain(|(_, s)| s.next < last);
         Ok(())
