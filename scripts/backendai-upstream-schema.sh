@@ -12,8 +12,7 @@
 #
 #   scripts/backendai-upstream-schema.sh
 #
-# Needs Python 3.13 ($BACKENDAI_PYTHON, else python3.13 on PATH, else
-# ~/.pyenv/versions/3.13*/bin/python3), psql and pg_dump, and a PostgreSQL
+# Needs Python 3.13 (found as scripts/backendai-worker.sh finds it), psql and pg_dump, and a PostgreSQL
 # server where the role may create databases: $APPPROXY_TEST_DATABASE_URL
 # [postgres://postgres@127.0.0.1:5432/postgres]. The venv lives outside the
 # repository: ${BACKENDAI_COORDINATOR_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/appproxy-coordinator/upstream-coord-26.9.6}.
@@ -32,19 +31,11 @@ die() {
     exit 1
 }
 
-find_python() {
-    if [[ -n ${BACKENDAI_PYTHON:-} ]]; then
-        echo "$BACKENDAI_PYTHON"
-    elif command -v python3.13 >/dev/null; then
-        command -v python3.13
-    else
-        compgen -G "$HOME/.pyenv/versions/3.13*/bin/python3" | head -n1
-    fi
-}
 
 if [[ ! -f $MARKER ]]; then
-    python=$(find_python)
-    [[ -n $python ]] || die "no Python 3.13 found (set BACKENDAI_PYTHON)"
+    # The worker's script knows how to find a working Python 3.13 (a pyenv
+    # shim named python3.13 may exist and fail).
+    python=$(bash "$ROOT/scripts/backendai-worker.sh" python) || die "no Python 3.13 found (set BACKENDAI_PYTHON)"
     "$python" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet "$PKG"
     touch "$MARKER"

@@ -11,6 +11,10 @@
 #       complete (the marker file .installed-backend-ai-appproxy-worker==VERSION is
 #       written last, so an interrupted build is redone).
 #
+#   scripts/backendai-worker.sh python
+#       Prints the Python 3.13 the venvs are built from (the same search as `venv`);
+#       scripts/backendai-upstream-schema.sh uses it too.
+#
 #   scripts/backendai-worker.sh config OUT.toml [options]
 #       Writes a worker config (TOML). Options (defaults in brackets):
 #         --coordinator URL       coordinator base URL [http://127.0.0.1:10200]
@@ -274,6 +278,9 @@ cmd_run() {
 }
 
 case "${1:-}" in
+python)
+    find_python
+    ;;
 venv)
     shift
     cmd_venv "$@"
