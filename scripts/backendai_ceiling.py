@@ -5,6 +5,10 @@ worker_ceiling   what the real worker can take without any coordinator: created
                  acknowledgement timed (publish -> the worker's added event),
                  then removed again. The ceiling is the best acknowledged
                  circuits/s of the steps.
+creates          the Manager's creates alone (POST /v2/endpoints/bulk, one endpoint
+                 each, answered after the worker's ack) from `clients` threads:
+                 creates/s and latency, the figure the ceiling bounds; the
+                 endpoints are deleted afterwards, untimed.
 create_delete    the Manager's create (POST /v2/endpoints/bulk, answered after the
                  worker's ack) then delete (DELETE /v2/endpoints/bulk) through the
                  coordinator, from `clients` threads with the harness's Python
@@ -12,6 +16,7 @@ create_delete    the Manager's create (POST /v2/endpoints/bulk, answered after t
 """
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -99,6 +104,7 @@ def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_ste
         circuits = [_circuit(worker["id"], lo + i, h.kernel_port) for i in range(per_step)]
         ids = [c["id"] for c in circuits]
         sent = {}
+        cpu0 = _cpu(h)["worker"]
         t0 = time.monotonic()
         for i, c in enumerate(circuits):
             if rate:
@@ -111,7 +117,9 @@ def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_ste
         with acks.lock:
             lat = [acks.at[i] - sent[i] for i in ids]
             last = max(acks.at[i] for i in ids)
+        worker_cpu = _cpu(h)["worker"] - cpu0
         steps.append({
+            "worker_cpu_ms_per_event": round(worker_cpu * 1000 / per_step, 2),
             "offered_per_second": rate or "max",
             "acked_per_second": round(per_step / (last - t0), 1),
             "ack_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
@@ -128,6 +136,81 @@ def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_ste
     return steps, max(s["acked_per_second"] for s in steps)
 
 
+def _endpoint(i, prefix):
+    dep = str(uuid.uuid4())
+    return {
+        "deployment_id": dep, "version": "v2", "service_name": f"{prefix}-{i}",
+        "tags": {"session": {"user_uuid": str(uuid.uuid4()), "project_id": str(uuid.uuid4()),
+                             "domain_name": "default"},
+                 "endpoint": {"id": dep, "runtime_variant": "custom", "existing_url": None}},
+        "open_to_public": False, "health_check": None,
+    }
+
+
+def _group_cpu(pgid):
+    """CPU seconds (user + system) of every process in group `pgid`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def _cpu(h):
+    """CPU seconds so far of the coordinator, the workers and this client."""
+    own = os.times()
+    workers = sum(_group_cpu(p.pid) for name, p in h.procs.items() if name.startswith("worker"))
+    return {
+        "coordinator": _group_cpu(h.procs["coordinator"].pid),
+        "worker": workers,
+        "client": own.user + own.system,
+    }
+
+
+def creates(h, clients, n):
+    """`n` creates of one endpoint each from `clients` threads; creates/s,
+    their latency, and the CPU time each took in the coordinator, the worker
+    and the client (a figure the machine's load barely moves). Deletes them
+    afterwards (not timed)."""
+    lat = []
+    deps = []
+    lock = threading.Lock()
+
+    def one(i):
+        item = _endpoint(i, "create")
+        t = time.monotonic()
+        a = h.manager("POST", "/v2/endpoints/bulk", {"endpoints": [item]})
+        took = time.monotonic() - t
+        expect(a.status == 200, f"create: {a}")
+        with lock:
+            lat.append(took)
+            deps.append(item["deployment_id"])
+
+    cpu0 = _cpu(h)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(n)))
+    elapsed = time.monotonic() - t0
+    cpu1 = _cpu(h)
+    for i in range(0, len(deps), 50):
+        d = h.manager("DELETE", "/v2/endpoints/bulk", {"endpoints": [{"deployment_id": x} for x in deps[i:i + 50]]})
+        expect(d.status == 200 and all(e["success"] for e in d.json["endpoints"]), f"delete: {d}")
+    return {
+        "creates_per_second": round(n / elapsed, 1),
+        "create_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+        "create_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        **{f"cpu_ms_per_create_{k}": round((cpu1[k] - cpu0[k]) * 1000 / n, 2) for k in cpu0},
+    }
+
+
 def create_delete(h, clients, pairs):
     """`pairs` create+delete pairs from `clients` threads; pairs/s and the
     creates' latency."""
@@ -135,14 +218,8 @@ def create_delete(h, clients, pairs):
     lock = threading.Lock()
 
     def one(i):
-        dep = str(uuid.uuid4())
-        item = {
-            "deployment_id": dep, "version": "v2", "service_name": f"pair-{i}",
-            "tags": {"session": {"user_uuid": str(uuid.uuid4()), "project_id": str(uuid.uuid4()),
-                                 "domain_name": "default"},
-                     "endpoint": {"id": dep, "runtime_variant": "custom", "existing_url": None}},
-            "open_to_public": False, "health_check": None,
-        }
+        item = _endpoint(i, "pair")
+        dep = item["deployment_id"]
         t = time.monotonic()
         a = h.manager("POST", "/v2/endpoints/bulk", {"endpoints": [item]})
         took = time.monotonic() - t

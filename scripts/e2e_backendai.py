@@ -572,12 +572,21 @@ def bench(h, out_path):
     # The create path against its real bound: what the worker alone takes
     # (created events straight to Redis), then the Manager's create + delete
     # through the coordinator from 1 and 16 clients.
-    from backendai_ceiling import create_delete, worker_ceiling
+    from backendai_ceiling import create_delete, creates, worker_ceiling
 
     steps, ceiling = worker_ceiling(h, "e2e-bench-1", worker["range"])
     for s in steps:
         log(f"worker alone: offered {s['offered_per_second']}/s -> {s}")
     results["backendai.worker_ceiling.acked_per_second"] = ceiling
+    # The figure the ceiling bounds: creates alone (each is one created event
+    # the worker acknowledges), 16 clients, twice (the worker holds at most
+    # its port range at once).
+    for run in (1, 2):
+        r = creates(h, 16, 280)
+        key = f"backendai.creates_16_clients_run{run}"
+        for k, v in r.items():
+            results[f"{key}.{k}"] = v
+        results[f"{key}.ratio_to_worker_ceiling"] = round(r["creates_per_second"] / ceiling, 2)
     for clients, pairs in ((1, 100), (16, 400)):
         r = create_delete(h, clients, pairs)
         key = f"backendai.create_delete_{clients}_clients"
@@ -585,6 +594,8 @@ def bench(h, out_path):
         results[f"{key}.create_p50_ms"] = r["create_p50_ms"]
         results[f"{key}.create_p99_ms"] = r["create_p99_ms"]
         results[f"{key}.ratio_to_worker_ceiling"] = round(r["pairs_per_second"] / ceiling, 2)
+        # A pair is two of the worker's events (created, removed).
+        results[f"{key}.events_per_second"] = round(2 * r["pairs_per_second"], 1)
 
     # Bulk create of 100 endpoints, answered once the worker acknowledged
     # each; baseline: 100 native creates (published to the same worker, no wait).

@@ -48,6 +48,22 @@ pub struct BusWrite {
     pub removals: Vec<BusRemoval>,
     /// Drop every circuit first (a republish from a snapshot).
     pub reset: bool,
+    /// Created events acknowledged: (route, worker) as published.
+    pub acked: Vec<(Uuid, Uuid)>,
+    /// Workers' acknowledged revisions raised (never lowered) to these.
+    pub acked_revisions: Vec<(Uuid, Revision)>,
+}
+
+impl BusWrite {
+    /// Nothing to write but, perhaps, the position.
+    pub fn is_empty(&self) -> bool {
+        self.put.is_empty()
+            && self.removed.is_empty()
+            && self.removals.is_empty()
+            && !self.reset
+            && self.acked.is_empty()
+            && self.acked_revisions.is_empty()
+    }
 }
 
 /// A removed event as published: the circuit (a worker removes by port or
@@ -98,8 +114,9 @@ impl Store {
         Ok(BusState { position, circuits })
     }
 
-    /// Records what was published up to `to`, if the position is still
-    /// `from` (else another leader moved it: `false`, nothing written).
+    /// Records what was published up to `to` and what was heard with it, if
+    /// the position is still `from` (else another leader moved it: `false`,
+    /// nothing written), in one transaction.
     pub async fn bus_advance(
         &self,
         from: Revision,
@@ -162,6 +179,22 @@ impl Store {
                 )
                 .await?;
         }
+        for (route, worker) in &write.acked {
+            tx.conn()
+                .execute(
+                    "UPDATE bus_circuits SET acked = 1 WHERE route_id = $1 AND worker_id = $2",
+                    &[(*route).into(), (*worker).into()],
+                )
+                .await?;
+        }
+        for (worker, revision) in &write.acked_revisions {
+            tx.conn()
+                .execute(
+                    "UPDATE workers SET acked_revision = $2 WHERE id = $1 AND acked_revision < $2",
+                    &[(*worker).into(), (*revision).into()],
+                )
+                .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -198,22 +231,6 @@ impl Store {
                 },
             )
             .collect())
-    }
-
-    /// Marks the created events of these (route, worker) pairs
-    /// acknowledged, in one transaction.
-    pub async fn bus_acked(&self, acked: &[(Uuid, Uuid)]) -> Result<()> {
-        let mut tx = Tx::write(&self.db).await?;
-        for (route, worker) in acked {
-            tx.conn()
-                .execute(
-                    "UPDATE bus_circuits SET acked = 1 WHERE route_id = $1 AND worker_id = $2",
-                    &[(*route).into(), (*worker).into()],
-                )
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Raises worker `id`'s acknowledged revision to `revision` (never

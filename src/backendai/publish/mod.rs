@@ -5,9 +5,13 @@
 //! **State.** The publisher's position (the last revision published) and,
 //! per route on a Backend.AI worker, the circuit as last published (with its
 //! worker's authority, the revision of its created event and whether the
-//! worker acknowledged it) are stored (`crate::store::BusState`) and written
-//! in one transaction after each stretch of the log is published. A new
-//! leader loads them and resumes. A moved or deleted route therefore finds
+//! worker acknowledged it) are stored (`crate::store::BusState`). A pass
+//! publishes, then writes everything it changed — the position, the
+//! circuits, the removals, the acknowledgements heard since the last pass
+//! and the workers' acknowledged revisions — in one transaction: one write
+//! per pass, however many changes and acknowledgements it covers, so the
+//! publisher takes little from the creates' writer. A new leader loads them
+//! and resumes. A moved or deleted route therefore finds
 //! the worker that held it, and the exact circuit it was told about, in that
 //! table: the change log's delete rows carry no route, and its upserts are
 //! compacted after an hour, while a removal must name the port or subdomain
@@ -137,12 +141,18 @@ async fn publish(
     // A deadline, not a sleep restarted on every acknowledgement: a steady
     // stream of them must not hold passes off.
     let mut next_pass = tokio::time::Instant::now();
+    // When the next pass that reads the change log is due at the latest.
+    let mut next_read = next_pass;
     let mut backing_off = false;
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(next_pass) => {}
-            _ = commits.changed(), if !backing_off => {}
+            _ = commits.changed(), if !backing_off => next_read = tokio::time::Instant::now(),
             a = acks.recv() => match a {
+                // Recorded in memory and stored by a pass soon after, with
+                // whatever else it writes: under load, acknowledgements ride
+                // on the passes the commits make; alone, they wait at most
+                // ACK_FLUSH.
                 Some(mut a) => {
                     // Whatever else came meanwhile is recorded with it.
                     while let Ok(more) = acks.try_recv() {
@@ -151,8 +161,9 @@ async fn publish(
                             break;
                         }
                     }
-                    if let Err(e) = publisher.acknowledged(a).await {
-                        tracing::warn!(error = %e, "Backend.AI bus: cannot record an acknowledgement");
+                    publisher.acknowledged(a);
+                    if !backing_off {
+                        next_pass = next_pass.min(tokio::time::Instant::now() + ACK_FLUSH);
                     }
                     continue;
                 }
@@ -160,9 +171,13 @@ async fn publish(
             },
             () = &mut *stop => return true,
         }
+        let now = tokio::time::Instant::now();
+        // A pass only to store acknowledgements reads the log only if
+        // something was committed since it was last read.
+        let read = now >= next_read || *commits.borrow() > publisher.position;
         let mut wait = poll;
         backing_off = false;
-        match publisher.pass().await {
+        match publisher.pass(read).await {
             Ok(()) => reconnect.succeeded(),
             Err(Failure::Redis(e)) => {
                 publisher.conn = None;
@@ -174,11 +189,19 @@ async fn publish(
             }
         }
         next_pass = tokio::time::Instant::now() + wait;
+        if read {
+            next_read = next_pass;
+        }
         if publisher.stale {
             return false;
         }
     }
 }
+
+/// How long an acknowledgement heard between passes waits to be stored
+/// (its route to become `Active`) at most; the Manager's call it answers
+/// does not wait for that.
+const ACK_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 enum Failure {
@@ -195,7 +218,12 @@ struct Publisher<'a> {
     clock: &'a Clock,
     config: &'a BusConfig,
     conn: Option<redis::aio::MultiplexedConnection>,
+    /// Every change up to here has been published.
     position: Revision,
+    /// The position as stored; what is in `unstored` brings it to `position`.
+    stored: Revision,
+    /// What was published or heard since the last write.
+    unstored: BusWrite,
     circuits: HashMap<Uuid, BusCircuit>,
     retries: HashMap<Uuid, Retry>,
     workers: HashMap<Uuid, Worker>,
@@ -229,6 +257,8 @@ impl<'a> Publisher<'a> {
             config,
             conn: None,
             position: state.position,
+            stored: state.position,
+            unstored: BusWrite::default(),
             circuits: HashMap::new(),
             retries: HashMap::new(),
             workers: HashMap::new(),
@@ -286,9 +316,29 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
-    /// Publishes what changed since the position, re-publishes what is due
-    /// and moves acknowledged revisions forward.
-    async fn pass(&mut self) -> Result<(), Failure> {
+    /// Publishes what changed since the position (when `read`), re-publishes
+    /// what is due and moves acknowledged revisions forward; then stores all
+    /// of it in one write (also what was published before a failure).
+    async fn pass(&mut self, read: bool) -> Result<(), Failure> {
+        let published = self.publish_all(read).await;
+        self.acked_revisions();
+        let stored = self.store_unstored().await;
+        published?;
+        stored
+    }
+
+    async fn publish_all(&mut self, read: bool) -> Result<(), Failure> {
+        if read {
+            self.publish_log().await?;
+        }
+        self.republish_due().await?;
+        self.follow_up().await?;
+        self.sweep().await?;
+        Ok(())
+    }
+
+    /// Publishes what the change log holds after the position.
+    async fn publish_log(&mut self) -> Result<(), Failure> {
         let (compacted, _) = self.store.log_horizon().await?;
         if self.position < compacted {
             self.republish_all().await?;
@@ -307,10 +357,6 @@ impl<'a> Publisher<'a> {
                 break;
             }
         }
-        self.republish_due().await?;
-        self.follow_up().await?;
-        self.sweep().await?;
-        self.advance_acked().await?;
         Ok(())
     }
 
@@ -342,9 +388,8 @@ impl<'a> Publisher<'a> {
     }
 
     async fn publish_changes(&mut self, changes: Vec<Change>) -> Result<(), Failure> {
-        let from = self.position;
-        let mut to = from;
-        let mut write = BusWrite::default();
+        let mut to = self.position;
+        let mut write = std::mem::take(&mut self.unstored);
         let mut failed = None;
         for change in changes {
             let (route_id, new) = match (change.kind, &change.route, change.route_id) {
@@ -408,9 +453,8 @@ impl<'a> Publisher<'a> {
                 }
             }
         }
-        if to > from {
-            self.commit(from, to, &write).await?;
-        }
+        self.unstored = write;
+        self.position = to;
         match failed {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -446,15 +490,23 @@ impl<'a> Publisher<'a> {
         }
     }
 
-    async fn commit(
-        &mut self,
-        from: Revision,
-        to: Revision,
-        write: &BusWrite,
-    ) -> Result<(), Failure> {
-        match self.store.bus_advance(from, to, write).await {
+    /// Stores what was published and heard since the last write, if there
+    /// is anything, in one transaction.
+    async fn store_unstored(&mut self) -> Result<(), Failure> {
+        let write = std::mem::take(&mut self.unstored);
+        if self.position == self.stored && write.is_empty() {
+            return Ok(());
+        }
+        match self
+            .store
+            .bus_advance(self.stored, self.position, &write)
+            .await
+        {
             Ok(true) => {
-                self.position = to;
+                self.stored = self.position;
+                for (worker, revision) in &write.acked_revisions {
+                    self.acked.insert(*worker, *revision);
+                }
                 Ok(())
             }
             Ok(false) => {
@@ -506,6 +558,8 @@ impl<'a> Publisher<'a> {
                 });
             }
         }
+        // Whatever was waiting to be stored is replaced: every circuit is
+        // written anew, unacknowledged.
         let mut write = BusWrite {
             reset: true,
             removals: removals.clone(),
@@ -528,8 +582,9 @@ impl<'a> Publisher<'a> {
         for event in &events {
             self.send(event).await?;
         }
-        let from = self.position;
-        self.commit(from, head, &write).await?;
+        self.unstored = write.clone();
+        self.position = head;
+        self.store_unstored().await?;
         if !self.stale {
             for r in removals {
                 self.follow_removal(r);

@@ -98,9 +98,10 @@ impl Publisher<'_> {
         chrono::Duration::from_std(jittered).unwrap_or_default()
     }
 
-    /// Records acknowledgements (the circuit as published, on its worker).
-    pub(super) async fn acknowledged(&mut self, acks: Vec<Ack>) -> Result<(), Failure> {
-        let mut acked = Vec::new();
+    /// Records acknowledgements (the circuit as published, on its worker)
+    /// in memory; the next pass stores them.
+    pub(super) fn acknowledged(&mut self, acks: Vec<Ack>) {
+        let mut acked: Vec<(Uuid, Uuid)> = Vec::new();
         for ack in acks {
             let Some(id) = ack.id() else { continue };
             let Some(c) = self.circuits.get(&id) else {
@@ -111,22 +112,19 @@ impl Publisher<'_> {
             }
             acked.push((id, c.worker_id));
         }
-        if acked.is_empty() {
-            return Ok(());
-        }
-        self.store.bus_acked(&acked).await?;
         for (id, _) in &acked {
             if let Some(c) = self.circuits.get_mut(id) {
                 c.acked = true;
             }
             self.retries.remove(id);
         }
-        self.advance_acked().await
+        self.unstored.acked.extend(acked);
     }
 
     /// Moves each Backend.AI worker's acknowledged revision to just before
-    /// its oldest unacknowledged created event, or to the position.
-    pub(super) async fn advance_acked(&mut self) -> Result<(), Failure> {
+    /// its oldest unacknowledged created event, or to the position, with the
+    /// pass's write.
+    pub(super) fn acked_revisions(&mut self) {
         let mut oldest: HashMap<Uuid, Revision> = HashMap::new();
         for c in self.circuits.values().filter(|c| !c.acked) {
             let o = oldest.entry(c.worker_id).or_insert(c.revision);
@@ -138,14 +136,13 @@ impl Publisher<'_> {
             .filter(|w| w.backendai.is_some())
             .map(|w| (w.id, w.acked_revision))
             .collect();
+        self.unstored.acked_revisions.clear();
         for (id, stored) in workers {
             let target = oldest.get(&id).map_or(self.position, |r| r - 1);
             let last = self.acked.get(&id).copied().unwrap_or(stored);
             if target > last {
-                self.store.advance_acked_revision(id, target).await?;
-                self.acked.insert(id, target);
+                self.unstored.acked_revisions.push((id, target));
             }
         }
-        Ok(())
     }
 }
