@@ -10,7 +10,8 @@
 # `import-backendai`'s tests load the file into a scratch database, so the
 # Rust tests need no Python.
 #
-#   scripts/backendai-upstream-schema.sh
+#   scripts/backendai-upstream-schema.sh        # the fixtures
+#   scripts/backendai-upstream-schema.sh venv   # only the venv; prints its path
 #
 # Needs Python 3.13 ($BACKENDAI_PYTHON, else python3.13 on PATH, else
 # ~/.pyenv/versions/3.13*/bin/python3), psql and pg_dump, and a PostgreSQL
@@ -32,22 +33,45 @@ die() {
     exit 1
 }
 
+# A Python that really runs and is 3.13.x. A pyenv shim for python3.13 can be on
+# PATH without being runnable, so each candidate is executed, not just looked up.
 find_python() {
+    local c check='import sys, venv, ensurepip; sys.exit(0 if sys.version_info[:2] == (3, 13) else 1)'
+    local -a cands=()
     if [[ -n ${BACKENDAI_PYTHON:-} ]]; then
+        "$BACKENDAI_PYTHON" -c "$check" >/dev/null 2>&1 ||
+            die "BACKENDAI_PYTHON=$BACKENDAI_PYTHON is not a working Python 3.13 with venv"
         echo "$BACKENDAI_PYTHON"
-    elif command -v python3.13 >/dev/null; then
-        command -v python3.13
-    else
-        compgen -G "$HOME/.pyenv/versions/3.13*/bin/python3" | head -n1
+        return 0
     fi
+    if command -v python3.13 >/dev/null 2>&1; then
+        cands+=("$(command -v python3.13)")
+    fi
+    for c in "$HOME"/.pyenv/versions/3.13*/bin/python3 /usr/local/bin/python3.13 /usr/bin/python3.13; do
+        [[ -x $c ]] && cands+=("$c")
+    done
+    for c in "${cands[@]}"; do
+        if "$c" -c "$check" >/dev/null 2>&1; then
+            echo "$c"
+            return 0
+        fi
+    done
+    die "no working Python 3.13 found (tried: ${cands[*]:-nothing}); set BACKENDAI_PYTHON"
 }
 
-if [[ ! -f $MARKER ]]; then
+if [[ ! -f $MARKER || ! -x $VENV/bin/backend.ai ]]; then
     python=$(find_python)
-    [[ -n $python ]] || die "no Python 3.13 found (set BACKENDAI_PYTHON)"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
     "$python" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "$PKG"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "$PKG" >&2
+    "$VENV/bin/python" -c 'import ai.backend.appproxy.coordinator.server' >&2
     touch "$MARKER"
+fi
+if [[ ${1:-} == venv ]]; then
+    # Only the venv (for scripts/e2e_takeover.py): print its path.
+    echo "$VENV"
+    exit 0
 fi
 
 base=${ADMIN%/*}
