@@ -426,6 +426,10 @@ def scenario(h):
         expect(a.status == 200, f"/workers: {a}")
         return {w["name"]: w for w in a.json["items"]}
 
+    # Every circuit upstream made, for the Redis cleanup (the worker's counters).
+    a = http("GET", f"{h.url}/routes", headers=native)
+    expect(a.status == 200 and len(a.json["items"]) == 3, f"imported routes: {a}")
+    h.circuits.update(r["id"] for r in a.json["items"])
     first_seen = {n: w["last_heartbeat"] for n, w in workers().items()}
     expect(set(first_seen) == set(h.authorities), f"imported workers: {first_seen}")
     # Heartbeats accepted: each worker's last heartbeat moves on, and the
