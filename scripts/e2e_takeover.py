@@ -312,12 +312,12 @@ class Url:
 
 def endpoint(h, name, kernel_port):
     """An inference endpoint with one route to `kernel_port`, and a token."""
-    user, (ep,), _ = h.create_endpoints(1, name)
+    user, (ep,), items = h.create_endpoints(1, name)
     dep = ep["deployment_id"]
     h.kernel_port = kernel_port
     route = h.register_route(dep)
     token = h.token(dep, user)
-    e = {"dep": dep, "user": user, "route": route, "token": token, "url": Url(ep["url"])}
+    e = {"dep": dep, "user": user, "route": route, "token": token, "url": Url(ep["url"]), "item": items[0]}
     wait_for(f"{name}: 200 through the worker", lambda: e["url"].get(token).status == 200)
     return e
 
@@ -449,6 +449,12 @@ def scenario(h):
     expect(not lost, f"a worker went Lost after the switch: {lost}")
     all_serve(eps, app, expected)
 
+    log("ours: the Manager's re-sync of an imported endpoint (bulk create with existing_url) keeps its URL")
+    item = dict(eps["first"]["item"])
+    item["tags"] = {**item["tags"], "endpoint": {**item["tags"]["endpoint"], "existing_url": eps["first"]["url"].url}}
+    (again,) = h.bulk_create([item])
+    expect(again["url"] == eps["first"]["url"].url, f"re-sync answered another URL: {again}")
+    all_serve(eps, app, expected)
     log("ours: route register/unregister on an imported endpoint moves the traffic")
     first = eps["first"]
     h.kernel_port = k2
