@@ -526,3 +526,7 @@ async fn write(
     )?;
     Ok(true)
 }
+
+#[cfg(test)]
+#[path = "export_tests.rs"]
+mod tests;
