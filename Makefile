@@ -51,6 +51,10 @@ e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (ne
 	python3 scripts/e2e_backendai.py
 	for s in scripts/e2e_backendai_*.py; do [ -e "$$s" ] || continue; python3 "$$s" || exit 1; done
 
+.PHONY: e2e-takeover
+e2e-takeover: ## Switch the REAL upstream coordinator 26.9.6 (venv under ~/.cache, built by scripts/backendai-upstream-schema.sh venv) and its running workers to this coordinator (import-backendai) and back (export-backendai), every URL checked; needs PostgreSQL, Redis, Python 3.13; about a minute
+	python3 scripts/e2e_takeover.py
+
 bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); writes bench/backendai.json
 	cargo build --release --locked --bin appproxy-coordinator
 	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/e2e_backendai.py --bench

@@ -10,7 +10,8 @@
 # `import-backendai`'s tests load the file into a scratch database, so the
 # Rust tests need no Python.
 #
-#   scripts/backendai-upstream-schema.sh
+#   scripts/backendai-upstream-schema.sh        # the fixtures
+#   scripts/backendai-upstream-schema.sh venv   # only the venv; prints its path
 #
 # Needs Python 3.13 (found as scripts/backendai-worker.sh finds it), psql and pg_dump, and a PostgreSQL
 # server where the role may create databases: $APPPROXY_TEST_DATABASE_URL
@@ -31,14 +32,21 @@ die() {
     exit 1
 }
 
-
-if [[ ! -f $MARKER ]]; then
+if [[ ! -f $MARKER || ! -x $VENV/bin/backend.ai ]]; then
     # The worker's script knows how to find a working Python 3.13 (a pyenv
     # shim named python3.13 may exist and fail).
     python=$(bash "$ROOT/scripts/backendai-worker.sh" python) || die "no Python 3.13 found (set BACKENDAI_PYTHON)"
+    rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
     "$python" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet "$PKG"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input "$PKG" >&2
+    "$VENV/bin/python" -c 'import ai.backend.appproxy.coordinator.server' >&2
     touch "$MARKER"
+fi
+if [[ ${1:-} == venv ]]; then
+    # Only the venv (for scripts/e2e_takeover.py): print its path.
+    echo "$VENV"
+    exit 0
 fi
 
 base=${ADMIN%/*}

@@ -11,7 +11,11 @@
 //! route, and handed back when a worker keeps its URL).
 //!
 //! The time of day comes from a [`Clock`]: every timeout, grace and TTL is
-//! measured against it.
+//! measured against it. A worker's heartbeat deadline counts from the later
+//! of its last heartbeat and the moment this process began leading
+//! (`domain::health::silence_cutoff`): a worker is never `Lost` merely
+//! because no coordinator ran for a while (a restart, or the switch from
+//! Backend.AI's coordinator, whose workers' last heartbeats went to it).
 
 use std::time::Duration;
 
@@ -21,7 +25,7 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::domain::failover;
-use crate::domain::health::{Observation, statuses_that_time_out};
+use crate::domain::health::{Observation, silence_cutoff, statuses_that_time_out};
 use crate::domain::{Revision, WorkerStatus};
 use crate::leader::Context;
 use crate::store::{Moved, Store, StoreError};
@@ -88,11 +92,17 @@ impl HealthConfig {
 /// The leader's loops: liveness sweep, failover, placing pending routes and
 /// collecting expired ones, a pass every [`HealthConfig::tick`] while this
 /// process leads (through [`Context::every`]), at the time `ctx.clock` shows.
+/// Heartbeat deadlines count from the first pass at the earliest
+/// ([`pass_watching`]).
 pub async fn run(ctx: Context, config: HealthConfig) {
     let tick = config.tick();
-    ctx.every("health", tick, (ctx.clone(), config), |(ctx, config)| {
+    let state = (ctx.clone(), config, None);
+    ctx.every("health", tick, state, |(ctx, config, since)| {
         Box::pin(async move {
-            if let Err(e) = pass(&ctx.store, &ctx.metrics, config, &ctx.clock).await {
+            let started = *since.get_or_insert_with(|| ctx.clock.now());
+            let result =
+                pass_watching(&ctx.store, &ctx.metrics, config, &ctx.clock, Some(started)).await;
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "health pass failed; retrying");
             }
         })
@@ -100,19 +110,35 @@ pub async fn run(ctx: Context, config: HealthConfig) {
     .await;
 }
 
-/// One pass of every loop, at the time `clock` shows.
+/// One pass of every loop, at the time `clock` shows, with plain heartbeat
+/// deadlines (one timeout after each worker's last heartbeat).
 pub async fn pass(
     store: &Store,
     metrics: &Metrics,
     config: &HealthConfig,
     clock: &Clock,
 ) -> Result<(), StoreError> {
+    pass_watching(store, metrics, config, clock, None).await
+}
+
+/// One pass of every loop, at the time `clock` shows, by a leader that began
+/// watching the workers at `watching_since`: nobody is silent until one
+/// heartbeat timeout after it.
+pub async fn pass_watching(
+    store: &Store,
+    metrics: &Metrics,
+    config: &HealthConfig,
+    clock: &Clock,
+    watching_since: Option<DateTime<Utc>>,
+) -> Result<(), StoreError> {
     let timeout = chrono::Duration::from_std(config.heartbeat_timeout).unwrap_or_default();
-    for worker in store
-        .silent_workers(&statuses_that_time_out(), clock.now() - timeout)
-        .await?
-    {
-        observe(store, worker, Observation::HeartbeatTimeout, clock.now()).await?;
+    if let Some(cutoff) = silence_cutoff(clock.now(), timeout, watching_since) {
+        for worker in store
+            .silent_workers(&statuses_that_time_out(), cutoff)
+            .await?
+        {
+            observe(store, worker, Observation::HeartbeatTimeout, clock.now()).await?;
+        }
     }
     release_stranded(store).await?;
     let now = clock.now();

@@ -29,7 +29,8 @@
 //! - [`config`]: plain configuration data (defaults, file, environment,
 //!   flags); imports no subsystem.
 //! - [`takeover`]: `import-backendai`: a Backend.AI App Proxy coordinator's
-//!   workers, circuits and tokens read from its PostgreSQL and written here.
+//!   workers, circuits and tokens read from its PostgreSQL and written here;
+//!   `export-backendai`: ours written back into its schema (the way back).
 //! - [`server`]: turns the configuration into each subsystem's settings and
 //!   runs them; `main.rs` is command-line wiring only.
 

@@ -48,6 +48,7 @@ async fn main() -> std::process::ExitCode {
         Command::Serve => server::serve(config).await,
         Command::Migrate => migrate(&config).await,
         Command::ImportBackendai(flags) => import_backendai(&config, &flags).await,
+        Command::ExportBackendai(flags) => export_backendai(&config, &flags).await,
         Command::Config => {
             print!("{}", config.to_redacted_toml());
             Ok(())
@@ -85,6 +86,22 @@ async fn import_backendai(config: &Config, flags: &config::ImportFlags) -> anyho
         &flags.from,
         mode,
         chrono::Utc::now(),
+        &mut std::io::stdout(),
+    )
+    .await;
+    store.close().await;
+    result.map(drop)
+}
+
+async fn export_backendai(config: &Config, flags: &config::ExportFlags) -> anyhow::Result<()> {
+    let store = server::open_store(config).await?;
+    server::migrate(&store).await?;
+    let result = appproxy_coordinator::takeover::export::export_backendai(
+        &store,
+        &flags.to,
+        flags.dry_run,
+        chrono::Utc::now(),
+        config.backendai_conf_token_ttl,
         &mut std::io::stdout(),
     )
     .await;

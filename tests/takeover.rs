@@ -3,13 +3,21 @@
 //! its schema, `tests/fixtures/backendai-26.9.6-schema.sql`, with rows
 //! written as upstream writes them) imported into this coordinator's, on
 //! SQLite and on PostgreSQL; then read back through the real router's
-//! Backend.AI and native APIs.
+//! Backend.AI and native APIs. And the way back: `export-backendai` into
+//! another scratch database of upstream's schema, compared row by row with
+//! the original.
 
 mod common;
 
 use std::process::Output;
 
+use std::time::Duration;
+
+use appproxy_coordinator::backendai::circuit::RouteInfo;
 use appproxy_coordinator::backendai::{bus, jwt};
+use appproxy_coordinator::domain::WorkerStatus;
+use appproxy_coordinator::health::{HealthConfig, pass_watching};
+use appproxy_coordinator::takeover::read;
 use common::{API_SECRET, Backend, JWT_SECRET, TestApp, TestDb, backendai_settings, manual_clock};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -24,6 +32,11 @@ on_both_backends!(
     an_unknown_schema_revision_is_refused_and_named,
     a_dry_run_writes_nothing_and_a_second_run_changes_nothing,
     routes_of_its_own_are_refused_without_merge_and_clashes_reported_with_it,
+    an_imported_alive_worker_gets_a_full_heartbeat_timeout_from_the_start,
+    exported_rows_equal_the_imported_ones_field_by_field,
+    an_upgraded_installation_round_trips_the_same,
+    export_refuses_a_database_not_empty_or_at_an_unknown_revision,
+    an_export_dry_run_writes_nothing,
 );
 
 /// A new installation's schema (upstream's `schema oneshot`).
@@ -150,12 +163,32 @@ async fn import(upstream: &Upstream, target: &TestDb, extra: &[&str]) -> Output 
         target.url.clone(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
+    run(args, None).await
+}
+
+/// Runs `export-backendai [extra]` from `source` into `upstream`, its URL
+/// (with the password) in `APPPROXY_EXPORT_TO`.
+async fn export(source: &TestDb, upstream: &Upstream, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "export-backendai".to_owned(),
+        "--database-url".to_owned(),
+        source.url.clone(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    run(args, Some(upstream.url())).await
+}
+
+/// The binary with `args` (and `APPPROXY_EXPORT_TO=to`); checks that no
+/// password was printed.
+async fn run(args: Vec<String>, to: Option<String>) -> Output {
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(common::BIN)
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
+        let mut cmd = std::process::Command::new(common::BIN);
+        cmd.args(&args).env_remove("RUST_LOG");
+        match to {
+            Some(to) => cmd.env("APPPROXY_EXPORT_TO", to),
+            None => cmd.env_remove("APPPROXY_EXPORT_TO"),
+        };
+        cmd.output().unwrap()
     })
     .await
     .unwrap();
@@ -535,4 +568,214 @@ async fn routes_of_its_own_are_refused_without_merge_and_clashes_reported_with_i
         .await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
     assert_eq!(route(&app, other).await["frontend"]["port"], 10209);
+}
+
+async fn an_imported_alive_worker_gets_a_full_heartbeat_timeout_from_the_start(b: Backend) {
+    let upstream = Upstream::new().await;
+    let worker = Uuid::new_v4();
+    upstream.port_worker(worker, "worker-port").await;
+    upstream
+        .inference(Uuid::new_v4(), worker, 10207, Uuid::new_v4())
+        .await;
+    let target = TestDb::new(b).await;
+    succeeded(&import(&upstream, &target, &[]).await);
+    let app = serve(target).await;
+    let status = |app: &TestApp| {
+        let store = app.store.clone();
+        async move {
+            let w = store.list_workers().await.unwrap();
+            w.iter().find(|w| w.id == worker).unwrap().status
+        }
+    };
+    let health = HealthConfig {
+        heartbeat_timeout: Duration::from_secs(30),
+        failover_grace: Duration::from_secs(10),
+        batch_size: 100,
+        route_idle_ttl: None,
+    };
+    // Our coordinator starts an hour after the import: the worker's last
+    // heartbeat (the import's time) is far older than the timeout, yet it
+    // could not have reached anyone meanwhile.
+    app.clock.advance(Duration::from_secs(3600));
+    let started = app.clock.now();
+    pass_watching(&app.store, &app.metrics, &health, &app.clock, Some(started))
+        .await
+        .unwrap();
+    assert_eq!(status(&app).await, WorkerStatus::Ready);
+    app.clock.advance(Duration::from_secs(30));
+    pass_watching(&app.store, &app.metrics, &health, &app.clock, Some(started))
+        .await
+        .unwrap();
+    assert_eq!(status(&app).await, WorkerStatus::Ready, "a full timeout");
+    // Past one timeout from the start without a heartbeat: it is Lost.
+    app.clock.advance(Duration::from_secs(1));
+    pass_watching(&app.store, &app.metrics, &health, &app.clock, Some(started))
+        .await
+        .unwrap();
+    assert_eq!(status(&app).await, WorkerStatus::Lost);
+}
+
+/// Upstream's rows as its coordinator reads them back: `route_info` as its
+/// `list[RouteInfo]` (it ignores keys it does not know and fills absent
+/// ones with their defaults).
+fn as_upstream_reads(mut u: read::Upstream) -> (read::Upstream, Vec<Vec<RouteInfo>>) {
+    let infos = u
+        .circuits
+        .iter_mut()
+        .map(|c| {
+            let info = serde_json::from_value(c.route_info.0.clone()).unwrap();
+            c.route_info.0 = Value::Null;
+            info
+        })
+        .collect();
+    (u, infos)
+}
+
+async fn exported_rows_equal_the_imported_ones_field_by_field(b: Backend) {
+    round_trip(b, SCHEMA).await;
+}
+
+/// From and back into the schema upstream's alembic migrations leave (its
+/// `proxyprotocol` without `PREOPEN`, `VNC`, `RDP`; other column order).
+async fn an_upgraded_installation_round_trips_the_same(b: Backend) {
+    round_trip(b, UPGRADED).await;
+}
+
+async fn round_trip(b: Backend, schema: &str) {
+    let upstream = Upstream::with_schema(schema).await;
+    let (port_worker, wild_worker) = (Uuid::new_v4(), Uuid::new_v4());
+    upstream.port_worker(port_worker, "worker-port").await;
+    upstream.wildcard_worker(wild_worker, "worker-wild").await;
+    // Not dedicated: it takes a native route below as well.
+    upstream
+        .exec(&format!(
+            "UPDATE workers SET filtered_apps_only = false WHERE id = '{port_worker}'"
+        ))
+        .await;
+    upstream
+        .inference(Uuid::new_v4(), port_worker, 10207, Uuid::new_v4())
+        .await;
+    upstream
+        .interactive(Uuid::new_v4(), wild_worker, "s1-jupyter", Uuid::new_v4())
+        .await;
+    let target = TestDb::new(b).await;
+    succeeded(&import(&upstream, &target, &[]).await);
+    let app = serve(target).await;
+    let native = app
+        .create(json!({"session_id": Uuid::new_v4(), "service": "native",
+                       "targets": [{"host": "10.0.0.1", "port": 80}],
+                       "worker_id": port_worker, "frontend": {"port": 10208}}))
+        .await;
+    assert_eq!(native.status, StatusCode::CREATED, "{}", native.body);
+
+    let back = Upstream::with_schema(schema).await;
+    let stdout = succeeded(&export(&app.db, &back, &[]).await);
+    for line in [
+        "this coordinator: 2 workers, 3 routes, 1 conf tokens in use",
+        "not exported: 1 native routes and 0 native workers",
+        "at alembic revision a1b2c3d4e5f6 in one transaction: 2 workers, 1 app filters, \
+         2 circuits, 1 endpoints, 1 conf tokens",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in\n{stdout}");
+    }
+    let original = read::read(&upstream.pool).await.unwrap();
+    let exported = read::read(&back.pool).await.unwrap();
+    let (original, original_info) = as_upstream_reads(original);
+    let (exported, exported_info) = as_upstream_reads(exported);
+    assert_eq!(exported.workers, original.workers);
+    assert_eq!(exported.circuits, original.circuits);
+    assert_eq!(exported_info, original_info);
+    assert_eq!(exported.endpoints, original.endpoints);
+    assert_eq!(exported.tokens, original.tokens);
+    // The slot counters as upstream keeps them: the native route is not one.
+    let slots: Vec<(String, i32, i32)> = sqlx::query_as(
+        "SELECT authority, available_slots, occupied_slots FROM workers ORDER BY authority",
+    )
+    .fetch_all(&back.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        slots,
+        vec![
+            ("worker-port".to_owned(), 96, 1),
+            ("worker-wild".to_owned(), -1, 1)
+        ]
+    );
+}
+
+async fn export_refuses_a_database_not_empty_or_at_an_unknown_revision(b: Backend) {
+    let upstream = Upstream::new().await;
+    let worker = Uuid::new_v4();
+    upstream.port_worker(worker, "worker-port").await;
+    upstream
+        .inference(Uuid::new_v4(), worker, 10207, Uuid::new_v4())
+        .await;
+    let target = TestDb::new(b).await;
+    succeeded(&import(&upstream, &target, &[]).await);
+
+    // Into a live upstream database (the one imported from): refused.
+    let out = export(&target, &upstream, &[]).await;
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("is not empty (1 workers, 1 worker_app_filters, 1 circuits, 1 endpoints)")
+            && stderr.contains("nothing written"),
+        "{stderr}"
+    );
+    let count = |pool: PgPool| async move {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM circuits")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    assert_eq!(count(upstream.pool.clone()).await, 1);
+
+    // Into an empty database at a revision this coordinator does not know.
+    let other = Upstream::new().await;
+    other
+        .exec("UPDATE alembic_version SET version_num = 'fedcba987654'")
+        .await;
+    let out = export(&target, &other, &[]).await;
+    let (_, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("alembic revision fedcba987654"), "{stderr}");
+    assert_eq!(count(other.pool.clone()).await, 0);
+}
+
+async fn an_export_dry_run_writes_nothing(b: Backend) {
+    let upstream = Upstream::new().await;
+    let worker = Uuid::new_v4();
+    upstream.port_worker(worker, "worker-port").await;
+    upstream
+        .inference(Uuid::new_v4(), worker, 10207, Uuid::new_v4())
+        .await;
+    let target = TestDb::new(b).await;
+    succeeded(&import(&upstream, &target, &[]).await);
+    let back = Upstream::new().await;
+    let stdout = succeeded(&export(&target, &back, &["--dry-run"]).await);
+    assert!(
+        stdout.contains("dry run: 1 workers, 1 app filters, 1 circuits, 1 endpoints, 0 conf tokens would be written"),
+        "{stdout}"
+    );
+    let exported = read::read(&back.pool).await.unwrap();
+    assert_eq!(
+        (
+            exported.workers.len(),
+            exported.circuits.len(),
+            exported.endpoints.len()
+        ),
+        (0, 0, 0)
+    );
+    // And the real one after it writes them.
+    succeeded(&export(&target, &back, &[]).await);
+    let exported = read::read(&back.pool).await.unwrap();
+    assert_eq!(
+        (
+            exported.workers.len(),
+            exported.circuits.len(),
+            exported.endpoints.len()
+        ),
+        (1, 1, 1)
+    );
 }

@@ -36,6 +36,10 @@ pub enum Command {
     /// endpoints and conf tokens from its PostgreSQL into this database, with
     /// their ids, ports and subdomains, in one transaction.
     ImportBackendai(ImportFlags),
+    /// Export this coordinator's Backend.AI workers, circuits, endpoints and
+    /// conf tokens into an empty Backend.AI App Proxy coordinator (26.9.x)
+    /// database made by its own migrations, in one transaction (the way back).
+    ExportBackendai(ExportFlags),
 }
 
 /// `import-backendai`'s own flags.
@@ -52,6 +56,20 @@ pub struct ImportFlags {
     /// subdomain taken here is reported, not overwritten.
     #[arg(long)]
     pub merge: bool,
+}
+
+/// `export-backendai`'s own flags.
+#[derive(Clone, Debug, PartialEq, Eq, Args)]
+pub struct ExportFlags {
+    /// Upstream's database: postgres://user:password@host:port/database, empty,
+    /// made by upstream's `schema oneshot` (the password is never printed;
+    /// prefer the environment variable, which `ps` does not show).
+    #[arg(long, env = "APPPROXY_EXPORT_TO", hide_env_values = true)]
+    pub to: String,
+    /// Check everything and run the inserts in a transaction that is rolled
+    /// back; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Flags; each falls back to its `APPPROXY_*` variable, then the config file.

@@ -17,7 +17,7 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize, Serializer};
 
-pub use self::flags::{Cli, Command, ImportFlags, Options};
+pub use self::flags::{Cli, Command, ExportFlags, ImportFlags, Options};
 pub use self::secrets::{
     MIN_TOKEN_LEN, check_secrets, create_private_dir, resolve_backendai, resolve_tokens,
     secrets_on_command_line,

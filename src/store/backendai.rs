@@ -29,7 +29,7 @@ pub struct ConfToken {
 }
 
 #[derive(sqlx::FromRow)]
-struct ConfTokenRow {
+pub(super) struct ConfTokenRow {
     id: Uuid,
     login_session_token: Option<String>,
     kernel_host: String,
@@ -61,7 +61,7 @@ impl From<ConfTokenRow> for ConfToken {
 }
 
 /// A TTL as a calendar duration (saturating: a huge TTL never expires).
-fn ttl_of(ttl: Duration) -> chrono::Duration {
+pub(super) fn ttl_of(ttl: Duration) -> chrono::Duration {
     let century = chrono::Duration::days(36_500);
     chrono::Duration::from_std(ttl).map_or(century, |t| t.min(century))
 }

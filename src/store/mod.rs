@@ -16,6 +16,7 @@
 //! | `bus.rs` | the Backend.AI event bus's position and published circuits |
 //! | `backendai.rs` | Backend.AI's conf tokens, routes by its keys, spec edits in one transaction |
 //! | `sessions.rs` | a Backend.AI session's circuits, deleted when the session ends |
+//! | `import.rs`, `export.rs` | taking a Backend.AI coordinator's state over, and reading ours to hand it back |
 //!
 //! The store fetches and writes; what to decide (placement, status,
 //! failover) it asks of [`crate::domain`].
@@ -45,6 +46,7 @@ mod backendai;
 mod bus;
 mod changes;
 mod create_writer;
+mod export;
 mod import;
 mod moves;
 mod placer_cache;
@@ -57,6 +59,7 @@ mod workers;
 
 pub use backendai::ConfToken;
 pub use bus::{BusCircuit, BusRemoval, BusState, BusWrite};
+pub use export::ExportState;
 pub use import::{Conflict, Import, ImportMode, ImportReport, ImportedWorker};
 pub use routes::RouteFilter;
 pub use workers::{TOKEN_CACHE_TTL, Transition};

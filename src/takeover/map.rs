@@ -44,33 +44,66 @@ pub struct Mapped {
     pub refused: Vec<Refused>,
 }
 
+/// Upstream's PostgreSQL enum members (the Python members' *names*) and
+/// Backend.AI's wire values, both ways: the one table import and export
+/// read (`proxyprotocol`, `frontendmode`, `appmode`).
+const PROTOCOLS: &[(&str, &str)] = &[
+    ("HTTP", "http"),
+    ("GRPC", "grpc"),
+    ("HTTP2", "h2"),
+    ("TCP", "tcp"),
+    ("PREOPEN", "preopen"),
+    ("VNC", "vnc"),
+    ("RDP", "rdp"),
+];
+const FRONTEND_MODES: &[(&str, &str)] = &[("PORT", "port"), ("WILDCARD_DOMAIN", "wildcard")];
+const APP_MODES: &[(&str, AppMode)] = &[
+    ("INTERACTIVE", AppMode::Interactive),
+    ("INFERENCE", AppMode::Inference),
+];
+
+fn by_name<T: Copy>(table: &[(&'static str, T)], name: &str) -> Option<T> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
+fn by_value<T: PartialEq>(table: &[(&'static str, T)], value: &T) -> Option<&'static str> {
+    table.iter().find(|(_, v)| v == value).map(|(n, _)| *n)
+}
+
 /// An upstream enum member's name as Backend.AI's wire value.
 fn protocol_value(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "HTTP" => "http",
-        "GRPC" => "grpc",
-        "HTTP2" => "h2",
-        "TCP" => "tcp",
-        "PREOPEN" => "preopen",
-        "VNC" => "vnc",
-        "RDP" => "rdp",
-        _ => return None,
-    })
+    by_name(PROTOCOLS, name)
+}
+
+/// A Backend.AI protocol (`http`, `h2`, …) as upstream's enum member.
+pub fn protocol_name(value: &str) -> Option<&'static str> {
+    by_value(PROTOCOLS, &value)
 }
 
 fn frontend_value(name: &str) -> Option<&'static str> {
-    match name {
-        "PORT" => Some("port"),
-        "WILDCARD_DOMAIN" => Some("wildcard"),
-        _ => None,
-    }
+    by_name(FRONTEND_MODES, name)
+}
+
+/// A Backend.AI frontend mode (`port`, `wildcard`) as upstream's enum member.
+pub fn frontend_name(value: &str) -> Option<&'static str> {
+    by_value(FRONTEND_MODES, &value)
 }
 
 fn app_mode(name: &str) -> Option<AppMode> {
-    match name {
-        "INTERACTIVE" => Some(AppMode::Interactive),
-        "INFERENCE" => Some(AppMode::Inference),
-        _ => None,
+    by_name(APP_MODES, name)
+}
+
+/// An app mode as upstream's enum member.
+pub fn app_mode_name(mode: AppMode) -> &'static str {
+    by_value(APP_MODES, &mode).expect("every app mode is in the table")
+}
+
+/// Our worker status as upstream's (`ALIVE` is the only one its workers'
+/// heartbeats keep; the import reads any other as `Lost`).
+pub fn status_name(status: WorkerStatus) -> &'static str {
+    match status {
+        WorkerStatus::Ready | WorkerStatus::NotReady => "ALIVE",
+        _ => "LOST",
     }
 }
 

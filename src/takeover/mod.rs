@@ -1,5 +1,6 @@
 //! Taking over a Backend.AI App Proxy coordinator's state
-//! (`appproxy-coordinator import-backendai --from <its PostgreSQL URL>`):
+//! (`appproxy-coordinator import-backendai --from <its PostgreSQL URL>`),
+//! and handing it back ([`export`]: `export-backendai --to <URL>`):
 //! [`read`] reads upstream 26.9.x's rows (refusing an alembic revision it does
 //! not know), [`map`] turns them into ours, and [`crate::store::Store::import`]
 //! writes them in one transaction, with their ids, ports and subdomains, so
@@ -10,6 +11,7 @@
 //! printed without its password. Progress goes to stderr when that is a
 //! terminal.
 
+pub mod export;
 pub mod map;
 pub mod read;
 

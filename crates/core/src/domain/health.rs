@@ -3,6 +3,8 @@
 //! Heartbeats (standalone) and pod readiness (Kubernetes) both arrive here as
 //! [`Observation`]s, so the two sources can never disagree about the rules.
 
+use chrono::{DateTime, Utc};
+
 use super::types::WorkerStatus;
 
 /// Something the coordinator learned about a worker.
@@ -113,11 +115,49 @@ pub fn statuses_that_time_out() -> Vec<WorkerStatus> {
         .collect()
 }
 
+/// Workers last heard from before this cutoff are silent (`None`: none is).
+/// A worker's heartbeat deadline is one `timeout` after the later of its
+/// last heartbeat and `watching_since`, the time this coordinator began
+/// watching: a worker cannot have heartbeated to a coordinator that was not
+/// running (stopped for an upgrade, or just switched to, with imported
+/// workers whose last heartbeat went to another one), so it gets a full
+/// timeout from that moment, never fails over merely for the gap.
+pub fn silence_cutoff(
+    now: DateTime<Utc>,
+    timeout: chrono::Duration,
+    watching_since: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let cutoff = now - timeout;
+    match watching_since {
+        Some(since) if since >= cutoff => None,
+        _ => Some(cutoff),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Observation::*;
     use WorkerStatus::*;
+
+    #[test]
+    fn nobody_is_silent_until_a_timeout_after_watching_began() {
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let timeout = chrono::Duration::seconds(30);
+        let s = chrono::Duration::seconds;
+        // Without a start (tests, a pass on its own): the plain deadline.
+        assert_eq!(silence_cutoff(t0, timeout, None), Some(t0 - timeout));
+        // Within one timeout of the start: nobody, however old the heartbeat.
+        assert_eq!(silence_cutoff(t0 + s(29), timeout, Some(t0)), None);
+        assert_eq!(silence_cutoff(t0 + s(30), timeout, Some(t0)), None);
+        // After it: the plain deadline again.
+        assert_eq!(
+            silence_cutoff(t0 + s(31), timeout, Some(t0)),
+            Some(t0 + s(1))
+        );
+    }
 
     #[test]
     fn ready_and_not_ready_workers_time_out() {
