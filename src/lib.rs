@@ -9,7 +9,8 @@
 //!   shared bearer tokens; the shapes a worker and the coordinator exchange;
 //!   the time of day every time-based decision reads (the system clock in
 //!   production, a manual one in tests); what a failed TLS handshake to
-//!   PostgreSQL or Redis means.
+//!   PostgreSQL or Redis means; [`request_id`] and [`trace_context`]: the
+//!   request id and the W3C trace context a task's work carries.
 //! - [`store`]: PostgreSQL and embedded SQLite persistence, with the change
 //!   log every mutation appends to in the same transaction.
 //! - [`telemetry`]: logs and Prometheus metrics.
@@ -47,6 +48,7 @@ pub mod store;
 pub mod takeover;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 
 // The pure core and the worker library are crates of their own; their
 // modules keep their paths here.

@@ -624,6 +624,176 @@ async fn spans_are_exported_to_the_otlp_endpoint() {
     assert!(c.terminate().success());
 }
 
+/// One exported span: its name, trace, id and parent (hex).
+#[derive(Debug)]
+struct ExportedSpan {
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+}
+
+/// Every span in the OTLP/HTTP protobuf exports a collector received.
+fn exported_spans(exports: &[(String, Vec<u8>)]) -> Vec<ExportedSpan> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for (_, body) in exports {
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+        for resource in request.resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    out.push(ExportedSpan {
+                        name: span.name,
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A Manager's request with a W3C `traceparent` is a span of the Manager's
+/// trace; the created event it causes carries that trace on to the worker
+/// (our span's child); a worker's acknowledgement in a trace of its own is a
+/// span of that trace. All of it as exported over OTLP.
+#[tokio::test]
+async fn traces_join_the_manager_the_coordinator_and_the_workers() {
+    use futures::StreamExt;
+    let (collector, received, _collector) = otlp_collector().await;
+    let redis = common::PrivateRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--otlp-endpoint",
+            &collector,
+        ],
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("APPPROXY_REDIS_URL", &redis.url()),
+            ("APPPROXY_BACKENDAI_API_SECRET", common::API_SECRET),
+            ("APPPROXY_BACKENDAI_JWT_SECRET", common::JWT_SECRET),
+        ],
+        "http",
+    );
+    let http = common::http_client();
+    let token = ("X-BackendAI-Token", common::API_SECRET);
+    let r = http
+        .put(format!("{}/api/worker", c.url))
+        .header(token.0, token.1)
+        .json(&json!({
+            "authority": "traced-worker", "protocol": "http", "hostname": "127.0.0.1",
+            "tls_listen": false, "tls_advertised": false, "api_port": 10201,
+            "frontend_mode": "port", "port_range": [10205, 10300],
+            "filtered_apps_only": false, "traefik_last_used_marker_path": null,
+            "accepted_traffics": ["interactive", "inference"], "app_filters": []
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+
+    // The worker's side of the bus.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("events_all-appproxy").await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    let mut publisher = client.get_multiplexed_async_connection().await.unwrap();
+
+    let manager_trace = "5b8efff798038103d269b633813fc60c";
+    let deployment = uuid::Uuid::new_v4();
+    let create = {
+        let http = http.clone();
+        let url = c.url.clone();
+        tokio::spawn(async move {
+            http.post(format!("{url}/v2/endpoints/bulk"))
+                .header(token.0, token.1)
+                .header(
+                    "traceparent",
+                    format!("00-{manager_trace}-eee19b7ec3c1b174-01"),
+                )
+                .json(&json!({"endpoints": [{
+                    "deployment_id": deployment, "version": "v2", "service_name": "traced",
+                    "tags": {"session": {"user_uuid": uuid::Uuid::new_v4(),
+                                         "project_id": uuid::Uuid::new_v4(), "domain_name": "default"},
+                             "endpoint": {"id": deployment, "runtime_variant": "custom",
+                                          "existing_url": null}},
+                    "open_to_public": false, "health_check": null}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    // The created event, in the Manager's trace, from a span of ours.
+    let (circuit, metadata) = loop {
+        let m = tokio::time::timeout(common::PATIENCE, messages.next())
+            .await
+            .expect("a created event")
+            .unwrap();
+        let envelope: Value = serde_json::from_str(&m.get_payload::<String>().unwrap()).unwrap();
+        if envelope["name"] != "appproxy_circuit_created_event" {
+            continue;
+        }
+        let payload: Value = serde_json::from_str(envelope["payload"].as_str().unwrap()).unwrap();
+        let metadata: Value = serde_json::from_str(envelope["metadata"].as_str().unwrap()).unwrap();
+        break (payload["circuits"][0].clone(), metadata);
+    };
+    let traceparent = metadata["traceparent"].as_str().expect("a traceparent");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    assert_eq!(parts[1], manager_trace, "the Manager's trace goes on");
+    assert_ne!(parts[2], "eee19b7ec3c1b174", "from a span of ours");
+
+    // The worker acknowledges in a trace of its own.
+    let worker_trace = "0af7651916cd43dd8448eb211c80319c";
+    let added = json!({
+        "name": "appproxy_worker_circuit_added_event", "source": "appproxy-worker",
+        "payload": json!({"target_worker_authority": "traced-worker", "circuits": [circuit]}).to_string(),
+        "metadata": json!({"request_id": null, "user": null, "triggered_user": null,
+                           "traceparent": format!("00-{worker_trace}-b7ad6b7169203331-01")}).to_string(),
+    });
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("events_all-appproxy")
+        .arg(added.to_string())
+        .query_async(&mut publisher)
+        .await
+        .unwrap();
+    let answered = create.await.unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+
+    // Both traces reach the collector: the request's span is the Manager's
+    // span's child, the created event named our publish span, in the same
+    // trace; the acknowledgement is a span of the worker's trace.
+    let spans = || exported_spans(&received.lock().unwrap());
+    let find = |name: &str, trace: &str| {
+        spans()
+            .into_iter()
+            .find(|s| s.name == name && s.trace_id == trace)
+    };
+    common::wait_for("the Manager's trace exported", async || {
+        find("POST /v2/endpoints/bulk", manager_trace).is_some()
+            && find("publish", manager_trace).is_some()
+            && find("circuits_acknowledged", worker_trace).is_some()
+    })
+    .await;
+    let request = find("POST /v2/endpoints/bulk", manager_trace).unwrap();
+    assert_eq!(request.parent_span_id, "eee19b7ec3c1b174");
+    let publish = find("publish", manager_trace).unwrap();
+    assert_eq!(
+        publish.span_id, parts[2],
+        "the event names the publish span"
+    );
+    let ack = find("circuits_acknowledged", worker_trace).unwrap();
+    assert_eq!(ack.parent_span_id, "b7ad6b7169203331");
+    assert!(c.terminate().success());
+}
+
 /// Runs the binary with `args` and `envs` to its exit (within the patience).
 fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(BIN);

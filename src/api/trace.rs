@@ -6,7 +6,9 @@
 //! the answer carries it back in `X-Request-Id`, and the request runs in a
 //! `request` span with `method`, `route` (the template, `/routes/{id}`),
 //! `request_id`, then `status` and `latency_ms` once answered. Work it hands
-//! to another task finds the id with [`crate::request_id::current`].
+//! to another task finds the id with [`crate::request_id::current`]. A W3C
+//! `traceparent` header makes the request span a child of the caller's
+//! trace ([`crate::trace_context`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +29,9 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// What Backend.AI clients send their request id as; taken as `X-Request-Id`
 /// when that is absent.
 pub const X_BACKENDAI_REQUEST_ID: HeaderName = HeaderName::from_static("x-backendai-requestid");
+
+/// The W3C trace context a request may arrive with.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace_context::TRACEPARENT);
 
 /// Longest request id taken from a client.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -83,7 +88,7 @@ fn request_span(request: &Request) -> Span {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let method = request.method().as_str();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method,
         route,
@@ -92,7 +97,15 @@ fn request_span(request: &Request) -> Span {
         latency_ms = Empty,
         "otel.name" = format!("{method} {route}"),
         "otel.kind" = "server",
-    )
+    );
+    // A trace the caller is part of (the Manager's, a worker's) is this
+    // span's parent.
+    crate::trace_context::adopt(&span, incoming_traceparent(request));
+    span
+}
+
+fn incoming_traceparent(request: &Request) -> Option<&str> {
+    request.headers().get(TRACEPARENT)?.to_str().ok()
 }
 
 fn on_response(response: &Response, latency: Duration, span: &Span) {
@@ -102,7 +115,7 @@ fn on_response(response: &Response, latency: Duration, span: &Span) {
 }
 
 /// Runs the rest of the request where [`crate::request_id::current`]
-/// answers its id.
+/// answers its id and [`crate::trace_context::current`] its trace context.
 async fn in_request_scope(request: Request, next: Next) -> Response {
     let id: Arc<str> = request
         .headers()
@@ -110,7 +123,10 @@ async fn in_request_scope(request: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .into();
-    crate::request_id::scope(id, next.run(request)).await
+    let incoming: Option<Arc<str>> = incoming_traceparent(&request)
+        .filter(|t| crate::trace_context::parse(t).is_some())
+        .map(Into::into);
+    crate::request_id::scope(id, crate::trace_context::scope(incoming, next.run(request))).await
 }
 
 #[cfg(test)]

@@ -53,9 +53,24 @@ use crate::store::BusCircuit;
 pub const CHANNEL: &str = "events_all-appproxy";
 /// Our `source`.
 pub const SOURCE: &str = "appproxy-coordinator";
-/// The metadata upstream sends (a JSON string inside the envelope).
+/// The metadata upstream sends when nothing is set (a JSON string inside the
+/// envelope): [`Metadata::default`] as written.
 pub const METADATA: &str =
     r#"{"request_id":null,"user":null,"triggered_user":null,"traceparent":null}"#;
+
+/// The metadata upstream sends (a JSON string inside the envelope), with
+/// `traceparent` set when the event is part of a trace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub request_id: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub triggered_user: Option<String>,
+    #[serde(default)]
+    pub traceparent: Option<String>,
+}
 pub const CREATED: &str = "appproxy_circuit_created_event";
 pub const ROUTE_UPDATED: &str = "appproxy_circuit_route_updated_event";
 pub const REMOVED: &str = "appproxy_circuit_removed_event";
@@ -75,12 +90,27 @@ pub struct Envelope {
 impl Envelope {
     /// Our envelope around `payload`.
     pub fn new(name: &str, payload: &Value) -> Envelope {
+        Envelope::traced(name, payload, None)
+    }
+
+    /// Our envelope around `payload`, in the trace `traceparent` names.
+    pub fn traced(name: &str, payload: &Value, traceparent: Option<String>) -> Envelope {
+        let metadata = Metadata {
+            traceparent,
+            ..Metadata::default()
+        };
         Envelope {
             name: name.to_owned(),
             source: SOURCE.to_owned(),
             payload: payload.to_string(),
-            metadata: Some(METADATA.to_owned()),
+            metadata: Some(serde_json::to_string(&metadata).expect("metadata serialises")),
         }
+    }
+
+    /// The trace the sender was in, if its metadata says one.
+    pub fn traceparent(&self) -> Option<String> {
+        let metadata: Metadata = serde_json::from_str(self.metadata.as_deref()?).ok()?;
+        metadata.traceparent
     }
 
     pub fn to_json(&self) -> String {
@@ -140,6 +170,11 @@ impl Event {
 
     pub fn envelope(&self) -> Envelope {
         Envelope::new(self.name, &self.payload)
+    }
+
+    /// Its envelope in the trace `traceparent` names.
+    pub fn envelope_traced(&self, traceparent: Option<String>) -> Envelope {
+        Envelope::traced(self.name, &self.payload, traceparent)
     }
 }
 
@@ -212,21 +247,32 @@ impl Ack {
     }
 }
 
+/// An `added` event heard on the channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Acked {
+    pub authority: String,
+    pub acks: Vec<Ack>,
+    /// The trace the worker was in when it sent it.
+    pub traceparent: Option<String>,
+}
+
 /// The acknowledged circuits in a message heard on the channel, if it is an
 /// `added` event.
-pub fn parse_ack(message: &str) -> Option<Vec<Ack>> {
+pub fn parse_ack(message: &str) -> Option<Acked> {
     let envelope: Envelope = serde_json::from_str(message).ok()?;
     if envelope.name != ADDED {
         return None;
     }
     let payload: CircuitsPayload = serde_json::from_str(&envelope.payload).ok()?;
-    Some(
-        payload
+    Some(Acked {
+        traceparent: envelope.traceparent(),
+        authority: payload.target_worker_authority,
+        acks: payload
             .circuits
             .into_iter()
             .map(|circuit| Ack { circuit })
             .collect(),
-    )
+    })
 }
 
 /// How the bus loops pace themselves.
@@ -396,12 +442,28 @@ async fn listen(
             let Ok(text) = message.get_payload::<String>() else {
                 continue;
             };
-            let Some(acks) = parse_ack(&text) else {
+            let Some(Acked {
+                authority,
+                acks,
+                traceparent,
+            }) = parse_ack(&text)
+            else {
                 continue;
             };
-            backendai
-                .acks
-                .heard(acks.iter().filter_map(Ack::id).collect());
+            // Part of the worker's trace when it said which.
+            let span = tracing::info_span!(
+                "circuits_acknowledged",
+                worker = %authority,
+                circuits = acks.len(),
+                "otel.kind" = "consumer",
+            );
+            crate::trace_context::adopt(&span, traceparent.as_deref());
+            span.in_scope(|| {
+                tracing::debug!("Backend.AI bus: a worker acknowledged circuits");
+                backendai
+                    .acks
+                    .heard(acks.iter().filter_map(Ack::id).collect());
+            });
             // A full queue means the publisher is not reading (not leading,
             // or stuck on the database): it re-publishes what stays unacked.
             let _ = to_publisher.try_send(acks);
@@ -414,14 +476,16 @@ async fn listen(
     }
 }
 
-/// Publishes `event`'s envelope on [`CHANNEL`].
+/// Publishes `event`'s envelope on [`CHANNEL`], in the trace `traceparent`
+/// names.
 pub(crate) async fn publish(
     conn: &mut redis::aio::MultiplexedConnection,
     event: &Event,
+    traceparent: Option<String>,
 ) -> redis::RedisResult<()> {
     let _receivers: i64 = redis::cmd("PUBLISH")
         .arg(CHANNEL)
-        .arg(event.envelope().to_json())
+        .arg(event.envelope_traced(traceparent).to_json())
         .query_async(conn)
         .await?;
     Ok(())
@@ -503,8 +567,13 @@ mod tests {
             payload,
             json!({"target_worker_authority": "w1", "circuits": [{"id": 1}]})
         );
+        assert_eq!(wire["metadata"], METADATA);
+        let t = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = e.envelope_traced(Some(t.into()));
+        let wire: Value = serde_json::from_str(&traced.to_json()).unwrap();
         let metadata: Value = serde_json::from_str(wire["metadata"].as_str().unwrap()).unwrap();
-        assert_eq!(metadata["request_id"], Value::Null);
+        assert_eq!(metadata["traceparent"], t);
+        assert_eq!(traced.traceparent().as_deref(), Some(t));
     }
 
     #[test]
@@ -515,7 +584,10 @@ mod tests {
             ADDED,
             &json!({"target_worker_authority": "w1", "circuits": [circuit.circuit]}),
         );
-        let acks = parse_ack(&added.to_json()).unwrap();
+        let acked = parse_ack(&added.to_json()).unwrap();
+        assert_eq!(acked.authority, "w1");
+        assert_eq!(acked.traceparent, None);
+        let acks = acked.acks;
         assert_eq!(acks[0].id(), Some(Uuid::nil()));
         assert!(acks[0].matches(&circuit));
         assert!(!acks[0].matches(&published(worker, 10206, "app")));

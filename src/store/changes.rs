@@ -109,10 +109,11 @@ type ChangeRow = (
     Option<Uuid>,
     Option<Json<serde_json::Value>>,
     DateTime<Utc>,
+    Option<String>,
 );
 
 fn decode(row: ChangeRow) -> Result<Change> {
-    let (revision, kind, route_id, worker_id, payload, created_at) = row;
+    let (revision, kind, route_id, worker_id, payload, created_at, trace) = row;
     let kind = ChangeKind::parse(&kind).ok_or_else(|| {
         StoreError::Database(sqlx::Error::Decode(
             format!("unknown change kind {kind}").into(),
@@ -132,6 +133,7 @@ fn decode(row: ChangeRow) -> Result<Change> {
         worker_id,
         route,
         created_at,
+        trace,
     })
 }
 
@@ -148,7 +150,7 @@ impl Store {
         let rows: Vec<ChangeRow> = c
             .conn()
             .fetch_all(
-                "SELECT revision, kind, route_id, worker_id, payload, created_at FROM change_log \
+                "SELECT revision, kind, route_id, worker_id, payload, created_at, trace FROM change_log \
                  WHERE revision > $1 AND ($2 IS NULL OR worker_id = $2) ORDER BY revision LIMIT $3",
                 &[after.into(), worker.into(), i64::from(limit).into()],
             )

@@ -18,7 +18,9 @@ use super::{Db, NOTIFY_CHANNEL, Result, Store};
 use crate::domain::Revision;
 use crate::domain::events::ChangeKind;
 
-/// Change-log rows per `INSERT` (6 values each, well under both backends'
+/// Values per change-log row.
+const LOG_COLUMNS: usize = 7;
+/// Change-log rows per `INSERT` (7 values each, well under both backends'
 /// limits on statement parameters).
 const LOG_ROWS_PER_INSERT: usize = 1000;
 
@@ -32,6 +34,9 @@ pub struct WriteTx<'s> {
     head: Revision,
     last: Revision,
     log: Vec<Arg>,
+    /// The trace context of the work this transaction does, logged with
+    /// each change ([`crate::trace_context::current`] where it began).
+    trace: Option<String>,
 }
 
 impl Store {
@@ -58,6 +63,7 @@ impl Store {
             head,
             last: head,
             log: Vec::new(),
+            trace: crate::trace_context::current(),
         })
     }
 }
@@ -91,6 +97,23 @@ impl WriteTx<'_> {
         payload: Arg,
         at: DateTime<Utc>,
     ) {
+        let trace = self.trace.clone();
+        self.log_traced(revision, kind, route, worker, payload, at, trace);
+    }
+
+    /// [`WriteTx::log`] for work done for someone else (the create writer
+    /// commits many requests' creates): the change carries `trace`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn log_traced(
+        &mut self,
+        revision: Revision,
+        kind: ChangeKind,
+        route: Option<Uuid>,
+        worker: Option<Uuid>,
+        payload: Arg,
+        at: DateTime<Utc>,
+        trace: Option<String>,
+    ) {
         self.log.extend([
             revision.into(),
             kind.as_str().into(),
@@ -98,6 +121,7 @@ impl WriteTx<'_> {
             worker.into(),
             payload,
             at.into(),
+            Arg::Text(trace),
         ]);
     }
 
@@ -133,10 +157,10 @@ impl WriteTx<'_> {
     pub async fn commit(mut self) -> Result<Revision> {
         let mut rows = std::mem::take(&mut self.log);
         while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_INSERT * 6));
+            let rest = rows.split_off(rows.len().min(LOG_ROWS_PER_INSERT * LOG_COLUMNS));
             let insert = format!(
-                "INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) VALUES {}",
-                sql::values(rows.len() / 6, 6, 1)
+                "INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at, trace) VALUES {}",
+                sql::values(rows.len() / LOG_COLUMNS, LOG_COLUMNS, 1)
             );
             self.tx
                 .conn()

@@ -306,8 +306,17 @@ impl<'a> Publisher<'a> {
     }
 
     async fn send(&mut self, event: &Event) -> redis::RedisResult<()> {
+        self.send_traced(event, None).await
+    }
+
+    /// Publishes `event` in the trace `traceparent` names.
+    async fn send_traced(
+        &mut self,
+        event: &Event,
+        traceparent: Option<String>,
+    ) -> redis::RedisResult<()> {
         let conn = self.conn().await?;
-        bus::publish(conn, event).await?;
+        bus::publish(conn, event, traceparent).await?;
         self.metrics
             .backendai_events
             .get_or_create(&crate::telemetry::EventLabels { event: event.name })
@@ -407,11 +416,9 @@ impl<'a> Publisher<'a> {
             // Follow-ups count from before the send (a worker may act on it
             // at once).
             let sent_at = self.clock.now();
-            for event in &events {
-                if let Err(e) = self.send(event).await {
-                    failed = Some(e);
-                    break;
-                }
+            if let Err(e) = self.send_change(&change, route_id, &events).await {
+                failed = Some(e);
+                break;
             }
             if failed.is_some() {
                 break;
@@ -459,6 +466,41 @@ impl<'a> Publisher<'a> {
             Some(e) => Err(e.into()),
             None => Ok(()),
         }
+    }
+
+    /// Publishes the events of one change in a `publish` span that is part
+    /// of the change's trace (the request or message that made it); the
+    /// events carry that span on to the worker (or, when spans are not
+    /// exported, the change's own trace context).
+    async fn send_change(
+        &mut self,
+        change: &Change,
+        route_id: Uuid,
+        events: &[Event],
+    ) -> redis::RedisResult<()> {
+        use tracing::Instrument;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if events.is_empty() {
+            return Ok(());
+        }
+        let span = tracing::info_span!(
+            "publish",
+            circuit = %route_id,
+            revision = change.revision,
+            events = events.len(),
+            "otel.kind" = "producer",
+        );
+        crate::trace_context::adopt(&span, change.trace.as_deref());
+        let carried =
+            crate::trace_context::format(&span.context()).or_else(|| change.trace.clone());
+        async {
+            for event in events {
+                self.send_traced(event, carried.clone()).await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
     }
 
     /// Schedules the follow-ups of the route-updated and removed events just

@@ -390,10 +390,20 @@ async fn handle(
 ) -> Result<(), Failure> {
     match entry.meaning() {
         Meaning::Terminated(session) => {
-            let removed = ctx
-                .store
-                .delete_session_circuits(session, ctx.clock.now())
-                .await?;
+            // Part of the Manager's trace when it said which; the removed
+            // events published for its circuits carry it on.
+            let span = tracing::info_span!(
+                "session_terminated",
+                %session,
+                entry = %entry.id,
+                "otel.kind" = "consumer",
+            );
+            let removed = crate::trace_context::within(
+                span,
+                entry.traceparent().as_deref(),
+                ctx.store.delete_session_circuits(session, ctx.clock.now()),
+            )
+            .await?;
             ctx.metrics.backendai_sessions_terminated.inc();
             ctx.metrics
                 .backendai_session_circuits_removed

@@ -42,6 +42,13 @@ impl Entry {
             .map(|(_, v)| v.as_slice())
     }
 
+    /// The trace its producer was in, if its metadata says one.
+    pub fn traceparent(&self) -> Option<String> {
+        let metadata: crate::backendai::bus::Metadata =
+            serde_json::from_slice(self.field("metadata")?).ok()?;
+        metadata.traceparent
+    }
+
     /// What the entry means.
     pub fn meaning(&self) -> Meaning {
         if self.fields.is_none() {
@@ -221,6 +228,7 @@ mod tests {
         assert_eq!(read.len(), 2);
         assert_eq!(read[0].id, "1-0");
         assert_eq!(read[0].meaning(), Meaning::Terminated(session));
+        assert_eq!(read[0].traceparent(), None);
         assert_eq!(read[1].meaning(), Meaning::Other);
         assert!(read_reply(&Value::Nil).is_empty(), "a BLOCK that timed out");
     }

@@ -19,15 +19,16 @@ const ROUTE_COLUMNS: &str = "id, app_mode, session_id, endpoint_id, service, pro
      frontend_port, frontend_subdomain, spec, spec_wire, expires_at, revision, created_at, updated_at";
 
 /// A batch's routes and change-log rows, from the arrays of [`unnest_args`]
-/// (`$3`…`$18`): one statement text whatever the batch's size, so each
+/// (`$3`…`$19`): one statement text whatever the batch's size, so each
 /// connection parses and plans it once.
 const PG_UNNEST: &str = "ins AS (INSERT INTO routes ({ROUTE_COLUMNS}) \
      SELECT * FROM unnest($3::uuid[], $4::text[], $5::uuid[], $6::uuid[], $7::text[], $8::text[], \
      $9::uuid[], $10::int[], $11::text[], $12::jsonb[], $13::text[], $14::timestamptz[], \
      $15::bigint[], $16::timestamptz[], $17::timestamptz[]) {GUARD} {ON_CONFLICT} RETURNING 1), \
-     log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at) \
-     SELECT r, 'route_upsert', i, w, p, c \
-     FROM unnest($15::bigint[], $3::uuid[], $9::uuid[], $18::jsonb[], $16::timestamptz[]) AS l(r, i, w, p, c) {GUARD})";
+     log AS (INSERT INTO change_log (revision, kind, route_id, worker_id, payload, created_at, trace) \
+     SELECT r, 'route_upsert', i, w, p, c, t \
+     FROM unnest($15::bigint[], $3::uuid[], $9::uuid[], $18::jsonb[], $16::timestamptz[], $19::text[]) \
+     AS l(r, i, w, p, c, t) {GUARD})";
 
 /// The unlocked write ([`Store::prepare_unlocked`]): moves the revision from
 /// `$1` to `$2` only if it is still `$1`, and writes the batch only then.
@@ -67,11 +68,13 @@ fn to_raw<T: serde::Serialize>(value: &T) -> Box<RawValue> {
 
 /// The arguments of [`PG_UNLOCKED_INSERT`] and [`PG_LOCKED_INSERT`]: the
 /// revision the batch starts from and the one it ends at, then one array per
-/// route column ([`ROUTE_COLUMNS`]) and the change-log payloads.
+/// route column ([`ROUTE_COLUMNS`]), the change-log payloads and the
+/// changes' trace contexts (one per route).
 pub(super) fn unnest_args(
     head: Revision,
     last: Revision,
     created: &[(StoredRoute, Route)],
+    traces: Vec<Option<String>>,
 ) -> Vec<Arg> {
     let column = |f: &dyn Fn(&StoredRoute) -> Option<Uuid>| {
         Arg::Column(Column::Uuid(created.iter().map(|(r, _)| f(r)).collect()))
@@ -106,6 +109,7 @@ pub(super) fn unnest_args(
         time(&|r| Some(r.created_at)),
         time(&|r| Some(r.updated_at)),
         json(created.iter().map(|(_, wire)| to_raw(wire)).collect()),
+        Arg::Column(Column::Text(traces)),
     ]
 }
 

@@ -36,6 +36,8 @@ pub(super) struct NewRoute {
     /// The caller's span and request id, for the batch's span.
     span: tracing::Span,
     request_id: Option<Arc<str>>,
+    /// The caller's trace context, for the route's change.
+    trace: Option<String>,
 }
 
 impl std::fmt::Debug for NewRoute {
@@ -85,6 +87,7 @@ impl Store {
             reply,
             span: tracing::Span::current(),
             request_id: crate::request_id::current(),
+            trace: crate::trace_context::current(),
         };
         let Some(queue) = &self.creates else {
             return self.create_one(request).await;
@@ -223,6 +226,8 @@ impl Store {
         };
         let mut c = sql::acquire(&self.db).await?;
         let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        // Each created route's change carries its request's trace context.
+        let mut traces: Vec<Option<String>> = Vec::new();
         let mut answers = Vec::with_capacity(requests.len());
         let mut last = head;
         for request in requests {
@@ -246,8 +251,9 @@ impl Store {
             let placed = placed_route(request, &worker, &assignment, last);
             answers.push(Ok(placed.1.clone()));
             created.push(placed);
+            traces.push(request.trace.clone());
         }
-        let args = unnest_args(head, last, &created);
+        let args = unnest_args(head, last, &created, traces);
         let query = PG_UNLOCKED_INSERT.as_str();
         let touched = std::mem::take(&mut lease.touched);
         lease.committed(last);
@@ -271,6 +277,8 @@ impl Store {
         let mut tx = self.write().await?;
         let mut lease = cache.lease(&mut tx).await?;
         let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        // Each created route's change carries its request's trace context.
+        let mut traces: Vec<Option<String>> = Vec::new();
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             let spec = &request.spec;
@@ -299,6 +307,7 @@ impl Store {
             let placed = placed_route(request, &worker, &assignment, tx.next_revision());
             answers.push(Ok(placed.1.clone()));
             created.push(placed);
+            traces.push(request.trace.clone());
         }
         if created.is_empty() {
             let head = tx.head();
@@ -307,7 +316,7 @@ impl Store {
             return Ok(Some(answers));
         }
         let last = created.last().map_or(tx.head(), |(r, _)| r.revision);
-        let args = unnest_args(tx.head(), last, &created);
+        let args = unnest_args(tx.head(), last, &created, traces);
         // The transaction holds the revision lock, so the guard always holds.
         let (inserted, _): (i64, i64) = tx
             .conn()
@@ -333,6 +342,8 @@ impl Store {
         let mut lease = cache.lease(&mut tx).await?;
         let stored = claimed_keys(&mut tx.conn(), requests).await?;
         let mut created: Vec<(StoredRoute, Route)> = Vec::new();
+        // Each created route's change carries its request's trace context.
+        let mut traces: Vec<Option<String>> = Vec::new();
         let mut answers = Vec::with_capacity(requests.len());
         for request in requests {
             let spec = &request.spec;
@@ -383,6 +394,7 @@ impl Store {
             let placed = placed_route(request, &worker, &assignment, tx.next_revision());
             answers.push(Ok(placed.1.clone()));
             created.push(placed);
+            traces.push(request.trace.clone());
         }
         if created.is_empty() {
             let head = tx.head();
@@ -392,14 +404,15 @@ impl Store {
         }
         let (query, args) = insert_statement(&created, "");
         tx.conn().execute(sqlx::AssertSqlSafe(query), &args).await?;
-        for (r, wire) in &created {
-            tx.log(
+        for ((r, wire), trace) in created.iter().zip(traces) {
+            tx.log_traced(
                 r.revision,
                 ChangeKind::RouteUpsert,
                 Some(r.id),
                 r.worker_id,
                 Arg::json(wire),
                 r.created_at,
+                trace,
             );
         }
         let revision = tx.commit().await?;

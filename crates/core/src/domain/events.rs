@@ -51,6 +51,9 @@ pub struct Change {
     pub worker_id: Option<Uuid>,
     pub route: Option<Route>,
     pub created_at: DateTime<Utc>,
+    /// The W3C `traceparent` of the request or message that made it, when
+    /// there was one.
+    pub trace: Option<String>,
 }
 
 /// A full table at `revision`.
@@ -185,6 +188,7 @@ mod tests {
             worker_id: worker,
             route: None,
             created_at: Utc::now(),
+            trace: None,
         }
     }
 
