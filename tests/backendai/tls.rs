@@ -100,11 +100,11 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
         .query_async(&mut db2)
         .await
         .unwrap();
-    let traffic = live::circuit_traffic(&bai.redis, id.parse().unwrap())
+    let traffic = live::circuit_traffic(&bai.live, id.parse().unwrap())
         .await
         .unwrap();
     assert_eq!((traffic.requests, traffic.last_access), (7, None));
-    live::record_last_seen(&bai.redis, &name, 1_764_000_000.5).await;
+    live::record_last_seen(&bai.live, &name, 1_764_000_000.5).await;
     let seen: Option<String> = redis::cmd("HGET")
         .arg(live::LAST_SEEN)
         .arg(&name)
@@ -193,7 +193,7 @@ async fn a_server_requiring_client_certificates_gets_the_configured_one() {
     assert!(healthy, "{error}\n{}", redis.log());
     // The derived DB 2 client presents it too.
     let bai = with.backendai.as_ref().unwrap();
-    let traffic = live::circuit_traffic(&bai.redis, uuid::Uuid::new_v4())
+    let traffic = live::circuit_traffic(&bai.live, uuid::Uuid::new_v4())
         .await
         .unwrap();
     assert_eq!(traffic.requests, 0);
