@@ -257,7 +257,7 @@ pub struct RedisTarget {
 
 #[derive(Clone)]
 enum Target {
-    Direct(redis::Client),
+    Direct(Box<redis::Client>),
     Sentinel(Arc<Sentinel>),
 }
 
@@ -381,7 +381,7 @@ impl RedisTarget {
 
     pub fn direct(client: redis::Client) -> RedisTarget {
         RedisTarget {
-            inner: Target::Direct(client),
+            inner: Target::Direct(Box::new(client)),
         }
     }
 
@@ -416,7 +416,7 @@ impl RedisTarget {
     /// The one server's client, when this is not a Sentinel setup.
     pub fn direct_client(&self) -> Option<&redis::Client> {
         match &self.inner {
-            Target::Direct(client) => Some(client),
+            Target::Direct(client) => Some(client.as_ref()),
             Target::Sentinel(_) => None,
         }
     }
@@ -429,7 +429,7 @@ impl RedisTarget {
     /// the sentinels name (checked with `ROLE`), within `timeout`.
     pub async fn client(&self, timeout: Duration) -> redis::RedisResult<redis::Client> {
         match &self.inner {
-            Target::Direct(client) => Ok(client.clone()),
+            Target::Direct(client) => Ok(client.as_ref().clone()),
             Target::Sentinel(s) => {
                 let ask = async { s.client.lock().await.async_get_client().await };
                 tokio::time::timeout(timeout, ask)

@@ -225,6 +225,12 @@ impl Config {
             .context("invalid configuration")?;
         // An empty value (a chart's unset `otlpEndpoint`) means off.
         config.otlp_endpoint = config.otlp_endpoint.filter(|u| !u.trim().is_empty());
+        // And an empty Redis URL (the chart's Secret with Redis Sentinel set
+        // separately) means none.
+        config.redis_url = config.redis_url.filter(|u| !u.trim().is_empty());
+        config.backendai_core_redis_url = config
+            .backendai_core_redis_url
+            .filter(|u| !u.trim().is_empty());
         config.check()?;
         Ok(config)
     }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use appproxy_coordinator::backendai::{self, RedisTls, bus, live};
+use appproxy_coordinator::backendai::{self, RedisTarget, RedisTls, bus, live};
 use reqwest::Method;
 
 use crate::bus::{
@@ -90,8 +90,7 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
     // The live data in DB 2, through the client derived from the bus's
     // (it keeps the TLS settings): what a worker counted is read, a
     // heartbeat's last_seen is written.
-    let mut db2 = live::client(&client)
-        .get_multiplexed_async_connection()
+    let mut db2 = live::connect(&live::client(&RedisTarget::direct(client.clone())))
         .await
         .unwrap();
     let _: () = redis::cmd("SET")
