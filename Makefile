@@ -46,7 +46,10 @@ fuzz: ## Schemathesis (all checks) against a coordinator it starts, with each ki
 faults: ## Fault tests, including a PostgreSQL restart under load (stops the local server briefly)
 	cargo test --locked --test faults -- --include-ignored --test-threads=1
 
-.PHONY: e2e-backendai bench-backendai bench-backendai-resend
+.PHONY: e2e-backendai bench-backendai bench-backendai-resend redis-sentinel
+redis-sentinel: ## Installs Redis Sentinel (Debian redis-sentinel) when missing, for scripts/e2e_backendai_sentinel.py
+	bash scripts/redis-sentinel.sh
+
 e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (needs Redis on 127.0.0.1:6379, Python 3.13; builds its venv under ~/.cache): the main scenario, then every scripts/e2e_backendai_*.py
 	python3 scripts/e2e_backendai.py
 	for s in scripts/e2e_backendai_*.py; do [ -e "$$s" ] || continue; python3 "$$s" || exit 1; done

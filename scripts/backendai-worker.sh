@@ -30,6 +30,9 @@
 #         --traffics LIST         interactive,inference [interactive,inference]
 #         --redis URL             redis://[:PASSWORD@]HOST[:PORT][/DB] [redis://127.0.0.1:6379]
 #                                 (the DB number is ignored: the worker picks its own DBs)
+#         --redis-sentinel LIST   HOST:PORT,... of Redis Sentinels: [redis] sentinel (the
+#                                 host of --redis is then not used, its password is) []
+#         --redis-service-name N  [redis] service_name, with --redis-sentinel []
 #         --api-secret S          [secrets] api_secret, sent as X-BackendAI-Token [some_api_secret]
 #         --jwt-secret S          [secrets] jwt_secret (setup/inference JWTs) [some_jwt_secret]
 #         --permit-secret S       [permit_hash] secret (interactive cookie) [some_permit_hash_secret]
@@ -137,6 +140,8 @@ cmd_config() {
     local protocol=${BACKENDAI_WORKER_PROTOCOL:-http}
     local traffics=${BACKENDAI_WORKER_TRAFFICS:-interactive,inference}
     local redis=${BACKENDAI_WORKER_REDIS:-redis://127.0.0.1:6379}
+    local sentinel=${BACKENDAI_WORKER_REDIS_SENTINEL:-}
+    local service_name=${BACKENDAI_WORKER_REDIS_SERVICE_NAME:-}
     local api_secret=${BACKENDAI_WORKER_API_SECRET:-some_api_secret}
     local jwt_secret=${BACKENDAI_WORKER_JWT_SECRET:-some_jwt_secret}
     local permit_secret=${BACKENDAI_WORKER_PERMIT_SECRET:-some_permit_hash_secret}
@@ -158,6 +163,8 @@ cmd_config() {
         --protocol) protocol=$2 ;;
         --traffics) traffics=$2 ;;
         --redis) redis=$2 ;;
+        --redis-sentinel) sentinel=$2 ;;
+        --redis-service-name) service_name=$2 ;;
         --api-secret) api_secret=$2 ;;
         --jwt-secret) jwt_secret=$2 ;;
         --permit-secret) permit_secret=$2 ;;
@@ -183,6 +190,21 @@ cmd_config() {
     local redis_pw_line=""
     if [[ -n "$redis_pw" ]]; then
         redis_pw_line="password = $(tq "$redis_pw")"
+    fi
+    # [redis] addr, or sentinel + service_name (upstream ignores addr then).
+    local redis_addr_lines="addr = { host = $(tq "$redis_host"), port = $redis_port }"
+    if [[ -n "$sentinel" || -n "$service_name" ]]; then
+        [[ -n "$sentinel" && -n "$service_name" ]] ||
+            die "--redis-sentinel and --redis-service-name go together"
+        local s list=""
+        local -a sl
+        IFS=, read -r -a sl <<<"$sentinel"
+        for s in "${sl[@]}"; do
+            [[ "$s" =~ ^([^:]+):([0-9]+)$ ]] || die "--redis-sentinel: $s is not HOST:PORT"
+            list+="${list:+, }{ host = $(tq "${BASH_REMATCH[1]}"), port = ${BASH_REMATCH[2]} }"
+        done
+        redis_addr_lines="sentinel = [$list]
+service_name = $(tq "$service_name")"
     fi
 
     local traffics_toml="" t
@@ -215,7 +237,7 @@ bind_port_range = [${BASH_REMATCH[1]}, ${BASH_REMATCH[2]}]"
     cat >"$tmp" <<EOF
 # Backend.AI App Proxy worker $VERSION, written by scripts/backendai-worker.sh config
 [redis]
-addr = { host = $(tq "$redis_host"), port = $redis_port }
+$redis_addr_lines
 $redis_pw_line
 
 [proxy_worker]

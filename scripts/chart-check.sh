@@ -718,6 +718,54 @@ def backendai_install():
 check("Backend.AI install: secrets in the Secret only, plain env for the rest, the upstream port", backendai_install)
 
 
+def backendai_sentinel_and_discovery():
+    values = {"backendai": {
+        "enabled": True,
+        "redisSentinel": ["sentinel-0.redis:26379", "sentinel-1.redis:26379"],
+        "redisServiceName": "mymaster",
+        "coreRedisSentinel": ["core-sentinel.backendai:26379"],
+        "coreRedisServiceName": "core",
+        "serviceDiscovery": {"enabled": True},
+    }}
+    docs = documents(render(values))
+    entries = container_of(one(docs, "Deployment"))["env"]
+    env = {e["name"]: e for e in entries}
+    want = {
+        "APPPROXY_REDIS_SENTINEL": "sentinel-0.redis:26379,sentinel-1.redis:26379",
+        "APPPROXY_REDIS_SERVICE_NAME": "mymaster",
+        "APPPROXY_BACKENDAI_CORE_REDIS_SENTINEL": "core-sentinel.backendai:26379",
+        "APPPROXY_BACKENDAI_CORE_REDIS_SERVICE_NAME": "core",
+        "APPPROXY_ANNOUNCE_ADDR": "$(POD_IP):6030",
+        "APPPROXY_ANNOUNCE_INTERVAL": "60s",
+    }
+    got = {k: env.get(k, {}).get("value") for k in want}
+    ensure(got == want, f"env {got}, expected {want}")
+    ensure(env["POD_IP"].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP", "POD_IP")
+    names = [e["name"] for e in entries]
+    ensure(names.index("POD_IP") < names.index("APPPROXY_ANNOUNCE_ADDR"), "POD_IP must come before $(POD_IP) uses it")
+    # The coordinator takes them as the kubelet passes them (redis-url empty
+    # in the Secret, $(POD_IP) expanded).
+    redis_url = secret_data(one(docs, "Secret"))["redis-url"]
+    ensure(redis_url == "", f"redis-url {redis_url!r} without backendai.redisUrl")
+    cenv = {k: v for k, v in os.environ.items() if not k.startswith("APPPROXY_")}
+    cenv.update({**want, "APPPROXY_REDIS_URL": redis_url, "APPPROXY_ANNOUNCE_ADDR": "10.244.1.7:6030"})
+    out = subprocess.run([COORDINATOR_BIN, "config"], env=cenv, capture_output=True, text=True, timeout=60)
+    ensure(out.returncode == 0, f"the coordinator refuses the rendered settings: {out.stderr.strip()}")
+    ensure('announce_addr = "10.244.1.7:6030"' in out.stdout and "sentinel-0.redis:26379" in out.stdout
+           and "redis_url" not in out.stdout, f"config: {out.stdout}")
+    off = {e["name"] for e in container_of(one(documents(render({"backendai": {"enabled": True, "redisUrl": "redis://r:6379"}})), "Deployment"))["env"]}
+    ensure(not off & {*want, "POD_IP"}, f"set by default: {sorted(off & {*want, 'POD_IP'})}")
+    r1 = expect_rejected({"backendai": {"enabled": True, "redisSentinel": ["s:26379"]}}, "redisServiceName")
+    r2 = expect_rejected({"backendai": {"enabled": True, "redisSentinel": ["no-port"], "redisServiceName": "m"}},
+                         "redisSentinel", by_schema=True)
+    return ("APPPROXY_REDIS_SENTINEL, _SERVICE_NAME, the core bus's and APPPROXY_ANNOUNCE_ADDR=$(POD_IP):6030 as "
+            f"plain env, accepted by the coordinator, none by default; sentinels without a service name {r1}; "
+            f"a sentinel without a port {r2}")
+
+
+check("Backend.AI Redis Sentinel and service discovery values", backendai_sentinel_and_discovery)
+
+
 # TLS to the backing stores: where each file is mounted, which variable
 # points at it.
 DB_TLS_DIR, REDIS_TLS_DIR = "/etc/appproxy-db-tls", "/etc/appproxy-redis-tls"

@@ -274,9 +274,10 @@ class Harness:
         self._spawn("coordinator", [self.bin], env=env)
         wait_for("the coordinator", lambda: http("GET", f"{self.url}/readyz").status == 200)
 
-    def start_worker(self, name, authority, heartbeat=1.0, config_of=None, ports=20):
+    def start_worker(self, name, authority, heartbeat=1.0, config_of=None, ports=20, extra_config=()):
         """Starts a worker; `config_of` names an earlier one whose config
-        (ports included) it reuses, as a restarted worker does."""
+        (ports included) it reuses, as a restarted worker does;
+        `extra_config`: more options of `backendai-worker.sh config`."""
         if config_of is not None:
             cfg = os.path.join(self.tmp, config_of, "worker.toml")
             self._spawn(name, [self.worker_script, "run", cfg], cwd=os.path.join(self.tmp, config_of))
@@ -300,6 +301,7 @@ class Harness:
                 "--heartbeat", str(heartbeat),
                 "--aiomonitor-port", str(aiomon),
                 "--ipc-dir", os.path.join(self.tmp, name, "ipc"),
+                *extra_config,
             ],
             check=True,
             stdout=subprocess.DEVNULL,

@@ -121,6 +121,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ))?)),
         None => None,
     };
+    anyhow::ensure!(
+        config.announce_addr.is_none() || backendai.is_some(),
+        "announce_addr (APPPROXY_ANNOUNCE_ADDR) registers the coordinator in Backend.AI's Redis \
+         service discovery, which needs Backend.AI mode (backendai_api_secret and redis_url)"
+    );
     let clock = Clock::system();
     let metrics = Metrics::new(&store);
     let hub = Hub::start(store.clone(), hub_settings(&config), metrics.clone());
@@ -170,6 +175,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         // The Manager's core bus: session_terminated, on every replica.
         backendai::sessions::spawn(ctx.clone(), bai.clone(), sessions_settings(&config))?;
     }
+    let discovery = match (&backendai, &config.announce_addr) {
+        (Some(bai), Some(addr)) => Some(spawn_discovery(&config, bai, addr, &ctx)?),
+        _ => None,
+    };
     tokio::spawn(health::run(ctx, health_settings(&config)));
     let state = AppState {
         store: store.clone(),
@@ -194,6 +203,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.shutdown_timeout,
     ));
     let served = listen(&config, app, handle, store.backend()).await;
+    if let Some(discovery) = discovery {
+        // The record goes before the process does (it expires otherwise).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), discovery).await;
+    }
     served.with_context(|| format!("cannot serve on {}", config.bind))?;
     if let Some(k8s) = kubernetes {
         k8s_stop.send_replace(true);
@@ -268,7 +281,7 @@ pub fn backendai_settings(
             .unwrap_or_else(|| format!("{scheme}://{}", config.bind))
             .trim_end_matches('/')
             .to_owned(),
-        redis_url: config.redis_url.clone().unwrap_or_default(),
+        redis_url: config.redis_bus_url().ok().flatten().unwrap_or_default(),
         redis_tls: backendai::RedisTls {
             ca_file: config.redis_ca_file.clone(),
             client_cert: config.redis_client_cert.clone(),
@@ -277,10 +290,39 @@ pub fn backendai_settings(
     }
 }
 
+/// Registers this coordinator in Backend.AI's service discovery (DB 0 of
+/// the Manager's Redis, as upstream) under `addr` until shutdown.
+fn spawn_discovery(
+    config: &Config,
+    bai: &BackendAi,
+    addr: &str,
+    ctx: &crate::leader::Context,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use backendai::discovery::{self, Announcement, DiscoveryConfig};
+    let (core, _) =
+        backendai::sessions::core_redis(bai, sessions_settings(config).core_redis_url.as_deref())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let announcement = Announcement::new(
+        addr,
+        &discovery::instance_name(),
+        config.tls_cert.is_some(),
+        now,
+    )
+    .map_err(|e| anyhow::anyhow!("announce_addr (APPPROXY_ANNOUNCE_ADDR) {addr:?}: {e}"))?;
+    Ok(discovery::spawn(
+        core.with_db(discovery::DB),
+        announcement,
+        DiscoveryConfig::every(config.announce_interval),
+        ctx.shutdown.clone(),
+    ))
+}
+
 /// The session consumer's settings (Backend.AI mode).
 pub fn sessions_settings(config: &Config) -> backendai::sessions::SessionsConfig {
     backendai::sessions::SessionsConfig {
-        core_redis_url: config.backendai_core_redis_url.clone(),
+        core_redis_url: config.core_redis_url().ok().flatten(),
         ..Default::default()
     }
     .with_claim_idle(config.backendai_core_claim_idle)

@@ -1242,3 +1242,100 @@ fn the_manager_s_core_redis_is_a_setting_whose_password_never_shows() {
         "{err}"
     );
 }
+
+#[test]
+fn redis_sentinel_and_service_discovery_settings_are_checked_at_start_without_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let serve = |envs: &[(&str, &str)]| {
+        let mut all = vec![
+            ("APPPROXY_BACKENDAI_API_SECRET", common::API_SECRET),
+            ("APPPROXY_BACKENDAI_JWT_SECRET", common::JWT_SECRET),
+        ];
+        all.extend_from_slice(envs);
+        let out = run_to_exit(&["--data-dir", data, "--bind", "127.0.0.1:0"], &all);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A sentinel URL without a service name: the setting and what is wrong.
+    let err = serve(&[(
+        "APPPROXY_REDIS_URL",
+        "redis+sentinel://:hunter2-redis@127.0.0.1:26379/",
+    )]);
+    assert!(
+        err.contains("redis_url (APPPROXY_REDIS_URL)") && err.contains("no service name"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2-redis"), "{err}");
+    // The core bus's, likewise.
+    let err = serve(&[
+        ("APPPROXY_REDIS_URL", common::REDIS_URL),
+        (
+            "APPPROXY_BACKENDAI_CORE_REDIS_URL",
+            "redis+sentinel://:hunter2-core@s1:notaport/mymaster",
+        ),
+    ]);
+    assert!(
+        err.contains("APPPROXY_BACKENDAI_CORE_REDIS_URL") && err.contains("is not HOST[:PORT]"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2-core"), "{err}");
+    // Separate settings go together.
+    let out = run_to_exit(&["config", "--redis-sentinel", "s1:26379"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-service-name"));
+    let out = run_to_exit(
+        &[
+            "config",
+            "--redis-sentinel",
+            "s1:x",
+            "--redis-service-name",
+            "m",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("APPPROXY_REDIS_SENTINEL"),
+        "{err}"
+    );
+    // The effective configuration shows the sentinels, never a password.
+    let out = run_to_exit(
+        &["config"],
+        &[(
+            "APPPROXY_REDIS_URL",
+            "redis+sentinel://:hunter2-redis@s1:26379,s2:26380/mymaster/0?sentinel_password=hunter2-sentinel",
+        )],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("s1:26379,s2:26380/mymaster/0"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    // announce_addr: HOST:PORT, and only in Backend.AI mode.
+    let out = run_to_exit(&["config", "--announce-addr", "nohost"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("announce_addr (APPPROXY_ANNOUNCE_ADDR)"),
+        "{err}"
+    );
+    let out = run_to_exit(
+        &[
+            "--data-dir",
+            data,
+            "--bind",
+            "127.0.0.1:0",
+            "--announce-addr",
+            "127.0.0.1:10200",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("needs Backend.AI mode"),
+        "{err}"
+    );
+}

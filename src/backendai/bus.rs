@@ -380,17 +380,17 @@ impl Reconnect {
     }
 }
 
-/// Opens a connection for commands on `client` (its database).
+/// Opens a connection for commands on `target` (its database; through the
+/// sentinels with Sentinel, so a reconnection after a failover reaches the
+/// new primary).
 pub(crate) async fn connect(
-    client: &redis::Client,
+    target: &super::RedisTarget,
     timeout: Duration,
 ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
+    target.connect(&config, timeout).await
 }
 
 /// Hears acknowledgements on every replica until `shutdown`: passes their
@@ -406,12 +406,10 @@ async fn listen(
     let mut reconnect = Reconnect::new("the acknowledgement listener");
     loop {
         let subscribed = async {
-            let mut pubsub =
-                tokio::time::timeout(config.redis_timeout, backendai.redis.get_async_pubsub())
-                    .await
-                    .map_err(|_| {
-                        redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
-                    })??;
+            // Through the sentinels with Sentinel: after a failover (which
+            // closes this connection) the subscription moves to the new
+            // primary.
+            let mut pubsub = backendai.redis.pubsub(config.redis_timeout).await?;
             pubsub.subscribe(CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

@@ -118,7 +118,7 @@ pub async fn statistics(
     id: Uuid,
 ) -> Result<Statistics, Error> {
     let (route, worker) = placed(store, id).await?;
-    let traffic = live::circuit_traffic(&bai.redis, id).await.map_err(|e| {
+    let traffic = live::circuit_traffic(&bai.live, id).await.map_err(|e| {
         tracing::warn!(error = %e, circuit = %id, "cannot read circuit statistics from Redis");
         Error::Unavailable("Redis does not answer".into())
     })?;

@@ -52,7 +52,7 @@ pub fn parse_last_access(value: &str) -> Option<DateTime<Utc>> {
 struct Collector {
     ctx: Context,
     backendai: Arc<BackendAi>,
-    live: redis::Client,
+    live: super::RedisTarget,
     conn: Option<redis::aio::MultiplexedConnection>,
     reconnect: Reconnect,
     timeout: std::time::Duration,
@@ -63,7 +63,7 @@ struct Collector {
 pub async fn run(ctx: Context, backendai: Arc<BackendAi>, config: BusConfig) {
     let collector = Collector {
         ctx: ctx.clone(),
-        live: super::live::client(&backendai.redis),
+        live: backendai.live.clone(),
         backendai,
         conn: None,
         reconnect: Reconnect::new("idle collection"),

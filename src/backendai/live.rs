@@ -9,6 +9,8 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use uuid::Uuid;
 
+use super::RedisTarget;
+
 /// The database Backend.AI keeps live data in.
 pub const LIVE_DB: i64 = 2;
 /// The hash of the workers' last heartbeats (authority → unix seconds).
@@ -18,24 +20,22 @@ pub const LAST_SEEN_TTL_SECONDS: i64 = 172_800;
 /// The most a live-data read or write may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The client of DB 2 on the server `bus` (the event bus's client, from
-/// [`super::redis_client`]) points at: the same address, credentials and
-/// TLS settings (CA, client certificate); only the database differs. A
-/// dedicated client: a `SELECT` on a shared connection would move its other
-/// users.
-pub fn client(bus: &redis::Client) -> redis::Client {
-    let info = bus.get_connection_info().clone();
-    let settings = info.redis_settings().clone().set_db(LIVE_DB);
-    redis::Client::open(info.set_redis_settings(settings)).expect("a connection info always opens")
+/// DB 2 of the Redis `bus` (the event bus's, [`super::BackendAi::redis`])
+/// is: the same address or sentinels, credentials and TLS settings (CA,
+/// client certificate); only the database differs. A target of its own: a
+/// `SELECT` on a shared connection would move its other users. Built once
+/// ([`super::BackendAi::live`]).
+pub fn client(bus: &RedisTarget) -> RedisTarget {
+    bus.with_db(LIVE_DB)
 }
 
-/// A connection to DB 2 of the Redis `client` points at.
-pub async fn connect(
-    client: &redis::Client,
-) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    self::client(client)
-        .get_multiplexed_async_connection()
-        .await
+/// A connection to the Redis `live` (DB 2, from [`client`]) is, through the
+/// sentinels with Sentinel.
+pub async fn connect(live: &RedisTarget) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT));
+    live.connect(&config, TIMEOUT).await
 }
 
 async fn timed<T>(
@@ -56,7 +56,7 @@ static LAST_SEEN_FAILING: AtomicBool = AtomicBool::new(false);
 /// as upstream's coordinator does on every heartbeat. A failure is logged
 /// (at warn, once per streak of failures) and otherwise ignored: the
 /// heartbeat itself is the database's business.
-pub async fn record_last_seen(client: &redis::Client, authority: &str, unix_seconds: f64) {
+pub async fn record_last_seen(client: &RedisTarget, authority: &str, unix_seconds: f64) {
     let result = timed(async {
         let mut c = connect(client).await?;
         redis::pipe()
@@ -93,10 +93,7 @@ pub struct CircuitTraffic {
 }
 
 /// Reads circuit `id`'s traffic counters.
-pub async fn circuit_traffic(
-    client: &redis::Client,
-    id: Uuid,
-) -> redis::RedisResult<CircuitTraffic> {
+pub async fn circuit_traffic(client: &RedisTarget, id: Uuid) -> redis::RedisResult<CircuitTraffic> {
     timed(async {
         let mut c = connect(client).await?;
         let (requests, last_access): (Option<String>, Option<String>) = c
@@ -140,8 +137,14 @@ mod tests {
             ca_file: Some(ca),
             ..Default::default()
         };
-        let bus = super::super::redis_client("rediss://:pw@redis.test:6380/0", &tls).unwrap();
-        let live = client(&bus).get_connection_info().clone();
+        let bus = RedisTarget::direct(
+            super::super::redis_client("rediss://:pw@redis.test:6380/0", &tls).unwrap(),
+        );
+        let live = client(&bus)
+            .direct_client()
+            .unwrap()
+            .get_connection_info()
+            .clone();
         assert_eq!(live.redis_settings().db(), LIVE_DB);
         assert_eq!(live.redis_settings().password(), Some("pw"));
         match live.addr() {
@@ -156,9 +159,11 @@ mod tests {
             }
             other => panic!("not TLS: {other:?}"),
         }
-        let plain = client(&redis::Client::open("redis://127.0.0.1:6379/0").unwrap());
+        let plain = client(&RedisTarget::direct(
+            redis::Client::open("redis://127.0.0.1:6379/0").unwrap(),
+        ));
         assert!(matches!(
-            plain.get_connection_info().addr(),
+            plain.direct_client().unwrap().get_connection_info().addr(),
             redis::ConnectionAddr::Tcp(..)
         ));
     }

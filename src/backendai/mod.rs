@@ -49,6 +49,7 @@ pub mod acks;
 pub mod bus;
 pub mod circuit;
 pub mod circuits;
+pub mod discovery;
 pub mod endpoint;
 pub mod endpoints;
 mod error;
@@ -59,6 +60,7 @@ pub mod jwt;
 pub mod live;
 pub mod proxy;
 pub mod publish;
+pub mod redis_target;
 pub mod sessions;
 pub mod worker;
 pub mod workers;
@@ -74,6 +76,7 @@ use crate::secret::{BackendAiSecrets, redacted_url};
 
 pub use acks::Acks;
 pub use error::Error;
+pub use redis_target::RedisTarget;
 
 /// Backend.AI mode's settings.
 #[derive(Clone)]
@@ -135,10 +138,13 @@ pub struct BackendAi {
     /// Acknowledgements the workers sent, as this replica heard them.
     pub acks: Acks,
     /// The event bus's Redis (connections are opened by who needs one).
-    pub redis: redis::Client,
+    pub redis: RedisTarget,
+    /// Its DB 2 ([`live`]).
+    pub live: RedisTarget,
     /// One multiplexed connection for short commands on the request path
-    /// (health checks), opened on first use and re-established by itself.
-    commands: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+    /// (health checks), opened on first use and replaced (through the
+    /// sentinels, with Sentinel) when it breaks.
+    commands: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// The last check of the dependencies, answered again for
     /// [`PROBE_CACHE`] (one check at a time: callers meanwhile wait for it).
     probed: tokio::sync::Mutex<Option<(tokio::time::Instant, Probe)>>,
@@ -169,38 +175,60 @@ impl BackendAi {
     /// Fails on a malformed Redis URL or unusable TLS files; nothing
     /// connects yet.
     pub fn new(settings: Settings) -> anyhow::Result<BackendAi> {
-        let redis = redis_client(&settings.redis_url, &settings.redis_tls)?;
+        let redis = RedisTarget::open(
+            &settings.redis_url,
+            &settings.redis_tls,
+            "redis_url (APPPROXY_REDIS_URL)",
+        )?;
         Ok(BackendAi {
             settings,
             acks: Acks::default(),
+            live: live::client(&redis),
             redis,
-            commands: tokio::sync::OnceCell::new(),
+            commands: tokio::sync::Mutex::new(None),
             probed: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// The shared command connection, opened if it is not yet.
-    async fn commands(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
-        let config = redis::aio::ConnectionManagerConfig::new()
+    /// Runs `cmd` on the shared command connection, opened if it is not
+    /// yet; a broken one (or one to a server no longer the primary) is
+    /// replaced and the command tried once more.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(PROBE_TIMEOUT))
-            .set_response_timeout(Some(PROBE_TIMEOUT))
-            .set_number_of_retries(1);
-        self.commands
-            .get_or_try_init(|| self.redis.get_connection_manager_with_config(config))
-            .await
-            .cloned()
+            .set_response_timeout(Some(PROBE_TIMEOUT));
+        let mut tried = false;
+        loop {
+            let mut connection = {
+                let mut shared = self.commands.lock().await;
+                match shared.as_ref() {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = self.redis.connect(&config, PROBE_TIMEOUT).await?;
+                        *shared = Some(c.clone());
+                        c
+                    }
+                }
+            };
+            match cmd.query_async::<T>(&mut connection).await {
+                Err(e) if redis_target::must_reconnect(&e) => {
+                    *self.commands.lock().await = None;
+                    if tried {
+                        return Err(e);
+                    }
+                    tried = true;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// `PING` on the shared connection; a failed TLS handshake says so.
     async fn ping_redis(&self) -> Result<(), String> {
-        let ping = async {
-            let mut connection = self.commands().await?;
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-                .map(|_| ())
-        };
-        ping.await.map_err(|e| redis_error(&e))
+        self.command::<String>(&redis::cmd("PING"))
+            .await
+            .map(|_| ())
+            .map_err(|e| redis_error(&e))
     }
 
     /// Worker `authority` fetched `circuits` (`GET /api/worker/{id}/circuits`,
@@ -217,15 +245,9 @@ impl BackendAi {
             "target_worker_authority": authority, "circuits": circuits
         });
         let message = bus::Envelope::new(bus::ADDED, &payload).to_json();
-        let published = async {
-            let mut connection = self.commands().await?;
-            redis::cmd("PUBLISH")
-                .arg(bus::CHANNEL)
-                .arg(message)
-                .query_async::<i64>(&mut connection)
-                .await
-        };
-        if let Err(e) = published.await {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(bus::CHANNEL).arg(message);
+        if let Err(e) = self.command::<i64>(&publish).await {
             tracing::warn!(worker = authority, error = %redis_error(&e), "Backend.AI bus: cannot record the circuits a worker fetched as delivered");
         }
     }
@@ -292,6 +314,17 @@ pub fn redis_client(url: &str, tls: &RedisTls) -> anyhow::Result<redis::Client> 
         "redis_ca_file, redis_client_cert and redis_client_key are for TLS, which needs a \
          rediss:// URL; redis_url is {shown}"
     );
+    let certificates = tls_certificates(tls)?.expect("some TLS file is set");
+    redis::Client::build_with_tls(info, certificates)
+        .map_err(|e| anyhow::anyhow!("cannot use the Redis TLS files: {e}"))
+}
+
+/// The CA and client certificate of `tls`, read now; `None` when no file
+/// is set (the public roots, no client certificate).
+pub(crate) fn tls_certificates(tls: &RedisTls) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    if !tls.is_set() {
+        return Ok(None);
+    }
     let root_cert = match &tls.ca_file {
         Some(path) => {
             let pem = read_pem(path, "redis_ca_file")?;
@@ -317,14 +350,10 @@ pub fn redis_client(url: &str, tls: &RedisTls) -> anyhow::Result<redis::Client> 
         (None, None) => None,
         _ => anyhow::bail!("redis_client_cert and redis_client_key must be given together"),
     };
-    redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("cannot use the Redis TLS files: {e}"))
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
 }
 
 fn read_pem(path: &Path, setting: &str) -> anyhow::Result<Vec<u8>> {

@@ -133,7 +133,7 @@ pub async fn heartbeat(
         .map_err(no_worker)?;
     let authority = worker.name.clone();
     let seen = now.timestamp_micros() as f64 / 1e6;
-    let redis = bai.redis.clone();
+    let redis = bai.live.clone();
     tokio::spawn(async move { live::record_last_seen(&redis, &authority, seen).await });
     let worker = store.get_worker(id).await.map_err(no_worker)?;
     let routes = routes_of(store, id).await?;

@@ -300,7 +300,10 @@ pub struct Options {
     #[arg(long, global = true, env = "APPPROXY_BACKENDAI_JWT_SECRET_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backendai_jwt_secret_file: Option<PathBuf>,
-    /// redis://… of the Backend.AI event bus (required in Backend.AI mode).
+    /// redis://… of the Backend.AI event bus (required in Backend.AI mode,
+    /// unless --redis-sentinel is given), or a Sentinel setup's
+    /// redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]…]/SERVICE_NAME[/DB][?sentinel_password=…]
+    /// (rediss+sentinel:// for TLS).
     #[arg(
         long,
         global = true,
@@ -309,6 +312,28 @@ pub struct Options {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// Comma-separated HOST:PORT of the Redis Sentinels that monitor the
+    /// event bus's Redis (with --redis-service-name; --redis-url, if given,
+    /// then supplies only the password, database and TLS, as upstream's
+    /// `sentinel` setting).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_SENTINEL",
+        value_delimiter = ',',
+        requires = "redis_service_name"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_sentinel: Option<Vec<String>>,
+    /// The service (master) name the sentinels of --redis-sentinel monitor.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_REDIS_SERVICE_NAME",
+        requires = "redis_sentinel"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_service_name: Option<String>,
     /// PEM file of the CA that signed the Redis server's certificate, for
     /// rediss:// URLs [default: the public roots (webpki-roots)].
     #[arg(long, global = true, env = "APPPROXY_REDIS_CA_FILE")]
@@ -389,6 +414,42 @@ pub struct Options {
     )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backendai_core_redis_url: Option<String>,
+    /// Comma-separated HOST:PORT of the Redis Sentinels of the Manager's
+    /// core bus (with --backendai-core-redis-service-name; as --redis-sentinel).
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_CORE_REDIS_SENTINEL",
+        value_delimiter = ',',
+        requires = "backendai_core_redis_service_name"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_core_redis_sentinel: Option<Vec<String>>,
+    /// The service name of --backendai-core-redis-sentinel.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_BACKENDAI_CORE_REDIS_SERVICE_NAME",
+        requires = "backendai_core_redis_sentinel"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backendai_core_redis_service_name: Option<String>,
+    /// HOST:PORT under which the coordinator registers itself in Backend.AI's
+    /// Redis service discovery (group `appproxy-coordinator`, read by the
+    /// Manager's Prometheus HTTP-SD), as upstream's `announce_addr`
+    /// [default: not registered].
+    #[arg(long, global = true, env = "APPPROXY_ANNOUNCE_ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub announce_addr: Option<String>,
+    /// How often the service discovery record is refreshed; it expires after
+    /// three times this [default: 1m].
+    #[arg(long, global = true, env = "APPPROXY_ANNOUNCE_INTERVAL", value_parser = humantime::parse_duration)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option",
+        default
+    )]
+    pub announce_interval: Option<Duration>,
     /// A core bus entry left unacknowledged this long by a replica (one that
     /// died while handling it) is claimed by another [default: 5m].
     #[arg(long, global = true, env = "APPPROXY_BACKENDAI_CORE_CLAIM_IDLE", value_parser = humantime::parse_duration)]

@@ -92,6 +92,9 @@ pub struct Config {
     pub backendai_jwt_secret_file: Option<PathBuf>,
     #[serde(serialize_with = "redact_url")]
     pub redis_url: Option<String>,
+    /// Sentinels of the bus's Redis (`HOST:PORT`), with `redis_service_name`.
+    pub redis_sentinel: Vec<String>,
+    pub redis_service_name: Option<String>,
     /// TLS to Redis (rediss://): the CA, and a client certificate and key.
     pub redis_ca_file: Option<PathBuf>,
     pub redis_client_cert: Option<PathBuf>,
@@ -108,9 +111,15 @@ pub struct Config {
     /// The Manager's core bus; `None`: `redis_url` with DB 4.
     #[serde(serialize_with = "redact_url")]
     pub backendai_core_redis_url: Option<String>,
+    pub backendai_core_redis_sentinel: Vec<String>,
+    pub backendai_core_redis_service_name: Option<String>,
     #[serde(with = "humantime_serde")]
     pub backendai_core_claim_idle: Duration,
     pub advertised_url: Option<String>,
+    /// `HOST:PORT` registered in Backend.AI's service discovery; `None`: not.
+    pub announce_addr: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
 }
 
 impl Default for Config {
@@ -152,6 +161,8 @@ impl Default for Config {
             backendai_jwt_secret: None,
             backendai_jwt_secret_file: None,
             redis_url: None,
+            redis_sentinel: Vec::new(),
+            redis_service_name: None,
             redis_ca_file: None,
             redis_client_cert: None,
             redis_client_key: None,
@@ -161,9 +172,30 @@ impl Default for Config {
             backendai_conf_token_ttl: Duration::from_secs(600),
             backendai_resync_period: Duration::from_secs(300),
             backendai_core_redis_url: None,
+            backendai_core_redis_sentinel: Vec::new(),
+            backendai_core_redis_service_name: None,
             backendai_core_claim_idle: Duration::from_secs(300),
             advertised_url: None,
+            announce_addr: None,
+            announce_interval: Duration::from_secs(60),
         }
+    }
+}
+
+/// `url`, or the sentinel URL `sentinels` and `service_name` (named
+/// `settings` in errors) make with `url`'s credentials, database and TLS.
+fn combined_redis_url(
+    url: Option<&str>,
+    sentinels: &[String],
+    service_name: Option<&str>,
+    settings: &str,
+) -> anyhow::Result<Option<String>> {
+    match (sentinels.is_empty(), service_name) {
+        (true, None) => Ok(url.map(str::to_owned)),
+        (false, Some(name)) => crate::backendai::redis_target::sentinel_url(sentinels, name, url)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{settings}: {e:#}")),
+        _ => anyhow::bail!("{settings} must be given together"),
     }
 }
 
@@ -193,6 +225,12 @@ impl Config {
             .context("invalid configuration")?;
         // An empty value (a chart's unset `otlpEndpoint`) means off.
         config.otlp_endpoint = config.otlp_endpoint.filter(|u| !u.trim().is_empty());
+        // And an empty Redis URL (the chart's Secret with Redis Sentinel set
+        // separately) means none.
+        config.redis_url = config.redis_url.filter(|u| !u.trim().is_empty());
+        config.backendai_core_redis_url = config
+            .backendai_core_redis_url
+            .filter(|u| !u.trim().is_empty());
         config.check()?;
         Ok(config)
     }
@@ -218,7 +256,43 @@ impl Config {
                 redacted_url(url)
             );
         }
+        self.redis_bus_url()?;
+        self.core_redis_url()?;
+        anyhow::ensure!(
+            self.announce_interval >= Duration::from_secs(1),
+            "announce_interval must be at least 1s"
+        );
+        if let Some(addr) = &self.announce_addr {
+            crate::backendai::discovery::host_port(addr).map_err(|e| {
+                anyhow::anyhow!("announce_addr (APPPROXY_ANNOUNCE_ADDR) {addr:?}: {e}")
+            })?;
+        }
         Ok(())
+    }
+
+    /// The event bus's Redis URL: `redis_url`, or the sentinel URL
+    /// `redis_sentinel` and `redis_service_name` make (with `redis_url`'s
+    /// password, database and TLS).
+    pub fn redis_bus_url(&self) -> anyhow::Result<Option<String>> {
+        combined_redis_url(
+            self.redis_url.as_deref(),
+            &self.redis_sentinel,
+            self.redis_service_name.as_deref(),
+            "redis_sentinel (APPPROXY_REDIS_SENTINEL) and redis_service_name \
+             (APPPROXY_REDIS_SERVICE_NAME)",
+        )
+    }
+
+    /// The Manager's core bus URL, as [`Self::redis_bus_url`] from the
+    /// `backendai_core_redis_*` settings; `None`: the bus's Redis, DB 4.
+    pub fn core_redis_url(&self) -> anyhow::Result<Option<String>> {
+        combined_redis_url(
+            self.backendai_core_redis_url.as_deref(),
+            &self.backendai_core_redis_sentinel,
+            self.backendai_core_redis_service_name.as_deref(),
+            "backendai_core_redis_sentinel (APPPROXY_BACKENDAI_CORE_REDIS_SENTINEL) and \
+             backendai_core_redis_service_name (APPPROXY_BACKENDAI_CORE_REDIS_SERVICE_NAME)",
+        )
     }
 
     /// The configuration as TOML, secrets redacted.
@@ -405,6 +479,41 @@ mod tests {
             checked += 1;
         }
         assert!(checked >= 25, "only {checked} defaults found in --help");
+    }
+
+    #[test]
+    fn sentinel_settings_make_a_sentinel_url_and_a_bad_one_names_its_settings() {
+        let mut c = Config {
+            redis_url: Some("redis://:pw@ignored:6379/1".into()),
+            redis_sentinel: vec!["s1:26379".into(), "s2".into()],
+            redis_service_name: Some("mymaster".into()),
+            ..Config::default()
+        };
+        c.check().unwrap();
+        assert_eq!(
+            c.redis_bus_url().unwrap().as_deref(),
+            Some("redis+sentinel://:pw@s1:26379,s2/mymaster/1")
+        );
+        assert_eq!(c.core_redis_url().unwrap(), None);
+        c.redis_service_name = None;
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("redis_sentinel (APPPROXY_REDIS_SENTINEL) and redis_service_name"),
+            "{e}"
+        );
+        let c = Config {
+            backendai_core_redis_sentinel: vec!["s1:x".into()],
+            backendai_core_redis_service_name: Some("m".into()),
+            ..Config::default()
+        };
+        let e = format!("{:#}", c.check().unwrap_err());
+        assert!(e.contains("backendai_core_redis_sentinel"), "{e}");
+        let c = Config {
+            announce_addr: Some("10.0.0.5".into()),
+            ..Config::default()
+        };
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("announce_addr (APPPROXY_ANNOUNCE_ADDR)"), "{e}");
     }
 
     #[test]

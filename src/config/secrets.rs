@@ -89,8 +89,9 @@ pub fn resolve_backendai(
     let jwt_secret = read(&config.backendai_jwt_secret, &config.backendai_jwt_secret_file)?
         .context("Backend.AI mode (an api_secret is set) needs backendai_jwt_secret (APPPROXY_BACKENDAI_JWT_SECRET)")?;
     anyhow::ensure!(
-        config.redis_url.is_some(),
-        "Backend.AI mode (an api_secret is set) needs redis_url (APPPROXY_REDIS_URL): its workers learn their routes over Redis"
+        config.redis_bus_url()?.is_some(),
+        "Backend.AI mode (an api_secret is set) needs redis_url (APPPROXY_REDIS_URL), or \
+         redis_sentinel and redis_service_name: its workers learn their routes over Redis"
     );
     let secrets = BackendAiSecrets {
         api_secret,

@@ -8,6 +8,7 @@
 mod common;
 
 mod bus;
+mod discovery;
 mod filters;
 mod health_detail;
 mod manager;

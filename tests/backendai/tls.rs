@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use appproxy_coordinator::backendai::{self, RedisTls, bus, live};
+use appproxy_coordinator::backendai::{self, RedisTarget, RedisTls, bus, live};
 use reqwest::Method;
 
 use crate::bus::{
@@ -90,8 +90,7 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
     // The live data in DB 2, through the client derived from the bus's
     // (it keeps the TLS settings): what a worker counted is read, a
     // heartbeat's last_seen is written.
-    let mut db2 = live::client(&client)
-        .get_multiplexed_async_connection()
+    let mut db2 = live::connect(&live::client(&RedisTarget::direct(client.clone())))
         .await
         .unwrap();
     let _: () = redis::cmd("SET")
@@ -100,11 +99,11 @@ async fn the_bus_live_data_idle_collection_and_health_work_over_rediss() {
         .query_async(&mut db2)
         .await
         .unwrap();
-    let traffic = live::circuit_traffic(&bai.redis, id.parse().unwrap())
+    let traffic = live::circuit_traffic(&bai.live, id.parse().unwrap())
         .await
         .unwrap();
     assert_eq!((traffic.requests, traffic.last_access), (7, None));
-    live::record_last_seen(&bai.redis, &name, 1_764_000_000.5).await;
+    live::record_last_seen(&bai.live, &name, 1_764_000_000.5).await;
     let seen: Option<String> = redis::cmd("HGET")
         .arg(live::LAST_SEEN)
         .arg(&name)
@@ -193,7 +192,7 @@ async fn a_server_requiring_client_certificates_gets_the_configured_one() {
     assert!(healthy, "{error}\n{}", redis.log());
     // The derived DB 2 client presents it too.
     let bai = with.backendai.as_ref().unwrap();
-    let traffic = live::circuit_traffic(&bai.redis, uuid::Uuid::new_v4())
+    let traffic = live::circuit_traffic(&bai.live, uuid::Uuid::new_v4())
         .await
         .unwrap();
     assert_eq!(traffic.requests, 0);

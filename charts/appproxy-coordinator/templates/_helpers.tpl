@@ -155,11 +155,17 @@ skip schema validation, those it can), in a sentence.
 {{- if and $redisTls.caSecret $redisTls.caConfigMap }}
 {{- fail "backendai.redisTls: set caSecret or caConfigMap, not both" }}
 {{- end }}
-{{- if and (include "appproxy-coordinator.redisTls" .) .Values.backendai.redisUrl (not (regexMatch "^(rediss|valkeys)://" .Values.backendai.redisUrl)) }}
-{{- fail "backendai.redisTls is for TLS, which needs a rediss:// backendai.redisUrl (the coordinator refuses a CA or client certificate with redis://)" }}
+{{- if and (include "appproxy-coordinator.redisTls" .) .Values.backendai.redisUrl (not (regexMatch "^(rediss|valkeys)(\\+sentinel)?://" .Values.backendai.redisUrl)) }}
+{{- fail "backendai.redisTls is for TLS, which needs a rediss:// (or rediss+sentinel://) backendai.redisUrl (the coordinator refuses a CA or client certificate with redis://)" }}
 {{- end }}
-{{- if not (or .Values.backendai.redisUrl .Values.existingSecret) }}
-{{- fail "backendai.enabled needs backendai.redisUrl (redis://host:6379): the Backend.AI workers learn their circuits over Redis; or put it in existingSecret as redis-url" }}
+{{- if not (or .Values.backendai.redisUrl .Values.existingSecret .Values.backendai.redisSentinel) }}
+{{- fail "backendai.enabled needs backendai.redisUrl (redis://host:6379) or backendai.redisSentinel: the Backend.AI workers learn their circuits over Redis; or put it in existingSecret as redis-url" }}
+{{- end }}
+{{- if ne (empty .Values.backendai.redisSentinel) (empty .Values.backendai.redisServiceName) }}
+{{- fail "backendai.redisSentinel and backendai.redisServiceName go together" }}
+{{- end }}
+{{- if ne (empty .Values.backendai.coreRedisSentinel) (empty .Values.backendai.coreRedisServiceName) }}
+{{- fail "backendai.coreRedisSentinel and backendai.coreRedisServiceName go together" }}
 {{- end }}
 {{- if and .Values.backendai.servicePort (eq (int .Values.backendai.servicePort) (int .Values.service.port)) }}
 {{- fail (printf "backendai.servicePort (%d) is service.port already: leave it empty, or pick another port (e.g. 10200)" (int .Values.backendai.servicePort)) }}

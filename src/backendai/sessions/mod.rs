@@ -38,8 +38,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::BackendAi;
 use super::bus::Reconnect;
+use super::{BackendAi, RedisTarget};
 use crate::leader::{Context, stopped};
 use crate::secret::redacted_url;
 
@@ -138,33 +138,41 @@ pub fn consumer_name() -> String {
     format!("{GROUP}:{host}:{}:{}", std::process::id(), &random[..8])
 }
 
-/// The core bus's client and the URL to name in logs: `url` with the TLS
-/// files when it is `rediss://`; without one, the App Proxy's Redis (its
-/// address, credentials and TLS) with DB [`CORE_DB`].
-pub fn core_client(
+/// The Manager's Redis (its DB as `url` says, or the App Proxy's Redis
+/// with DB [`CORE_DB`]) and the URL to name in logs: `url` with the TLS
+/// files when it is `rediss://` or `rediss+sentinel://`; without one, the
+/// App Proxy's Redis (its address or sentinels, credentials and TLS).
+pub fn core_redis(
     backendai: &BackendAi,
     url: Option<&str>,
-) -> anyhow::Result<(redis::Client, String)> {
+) -> anyhow::Result<(RedisTarget, String)> {
     match url {
         Some(url) => {
-            let tls = if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+            let lower = url.to_ascii_lowercase();
+            let tls = if [
+                "rediss://",
+                "valkeys://",
+                "rediss+sentinel://",
+                "valkeys+sentinel://",
+            ]
+            .iter()
+            .any(|s| lower.starts_with(s))
+            {
                 backendai.settings.redis_tls.clone()
             } else {
                 super::RedisTls::default()
             };
-            let client = super::redis_client(url, &tls).map_err(|e| {
-                anyhow::anyhow!(
-                    "backendai_core_redis_url (APPPROXY_BACKENDAI_CORE_REDIS_URL): {e:#}"
-                )
-            })?;
-            Ok((client, url.to_owned()))
+            let target = RedisTarget::open(
+                url,
+                &tls,
+                "backendai_core_redis_url (APPPROXY_BACKENDAI_CORE_REDIS_URL)",
+            )?;
+            Ok((target, url.to_owned()))
         }
-        None => {
-            let info = backendai.redis.get_connection_info().clone();
-            let settings = info.redis_settings().clone().set_db(CORE_DB);
-            let client = redis::Client::open(info.set_redis_settings(settings))?;
-            Ok((client, backendai.settings.redis_url.clone()))
-        }
+        None => Ok((
+            backendai.redis.with_db(CORE_DB),
+            backendai.settings.redis_url.clone(),
+        )),
     }
 }
 
@@ -175,7 +183,7 @@ pub fn spawn(
     backendai: Arc<BackendAi>,
     config: SessionsConfig,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (client, url) = core_client(&backendai, config.core_redis_url.as_deref())?;
+    let (client, url) = core_redis(&backendai, config.core_redis_url.as_deref())?;
     tracing::debug!(?config, "Backend.AI core bus: consuming session_terminated");
     let consumer = Consumer {
         ctx,
@@ -201,7 +209,7 @@ enum Failure {
 /// The consumer's state between rounds.
 struct Consumer {
     ctx: Context,
-    client: redis::Client,
+    client: RedisTarget,
     /// Named (password redacted) when Redis fails.
     url: String,
     config: SessionsConfig,
@@ -284,15 +292,13 @@ impl Consumer {
 /// A connection whose answers may take a whole `BLOCK` (one per consumer:
 /// a blocked read holds its connection).
 async fn connect(
-    client: &redis::Client,
+    client: &RedisTarget,
     config: &SessionsConfig,
 ) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     let options = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.redis_timeout))
         .set_response_timeout(Some(config.block + config.redis_timeout));
-    client
-        .get_multiplexed_async_connection_with_config(&options)
-        .await
+    client.connect(&options, config.redis_timeout).await
 }
 
 /// `XGROUP CREATE <stream> <group> $ MKSTREAM`, unless the group exists.
