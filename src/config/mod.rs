@@ -49,6 +49,10 @@ pub struct Config {
     pub manager_token_file: Option<PathBuf>,
     pub worker_token: Option<Secret>,
     pub worker_token_file: Option<PathBuf>,
+    pub viewer_token: Option<Secret>,
+    pub viewer_token_file: Option<PathBuf>,
+    /// The status page at `/ui`.
+    pub ui: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -123,6 +127,9 @@ impl Default for Config {
             manager_token_file: None,
             worker_token: None,
             worker_token_file: None,
+            viewer_token: None,
+            viewer_token_file: None,
+            ui: true,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -327,6 +334,7 @@ mod tests {
         let tokens = Tokens {
             manager: Secret::new("0123456789abcdef-manager"),
             worker: Secret::new("0123456789abcdef-worker"),
+            viewer: Some(Secret::new("0123456789abcdef-viewer")),
         };
         let with = |api: &str, jwt: &str| Config {
             backendai_api_secret: Some(Secret::new(api)),
@@ -353,6 +361,7 @@ mod tests {
         ));
         assert!(refused("0123456789abcdef-manager", jwt).contains("manager_token"));
         assert!(refused(api, "0123456789abcdef-worker").contains("worker_token"));
+        assert!(refused(api, "0123456789abcdef-viewer").contains("viewer_token"));
         let secrets = resolve_backendai(&with(api, jwt), &tokens)
             .unwrap()
             .unwrap();
