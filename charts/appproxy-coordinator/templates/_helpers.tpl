@@ -121,6 +121,9 @@ tokens the Secret holds, not a second random draw.
 {{- if eq (index $data "manager-token") (index $data "worker-token") }}
 {{- fail "auth.managerToken and auth.workerToken must differ: a worker must not be able to act as the Manager" }}
 {{- end }}
+{{- with .Values.ui.viewerToken }}
+{{- $_ := set $data "viewer-token" (b64enc .) }}
+{{- end }}
 {{- /* Backend.AI: the same rules for its two secrets; while backendai.enabled
 is false, secrets a former install stored are carried over untouched, so
 turning the mode off and on again does not change them behind the Manager's
