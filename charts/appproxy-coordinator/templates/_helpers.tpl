@@ -87,6 +87,9 @@ schema validation.)
 {{- if or .Values.backendai.apiSecret .Values.backendai.jwtSecret .Values.backendai.redisUrl }}
 {{- fail "existingSecret is set: leave backendai.apiSecret, backendai.jwtSecret and backendai.redisUrl empty (the Secret holds them as backendai-api-secret, backendai-jwt-secret and redis-url)" }}
 {{- end }}
+{{- if .Values.ui.viewerToken }}
+{{- fail "existingSecret is set: leave ui.viewerToken empty (put it in the Secret as viewer-token)" }}
+{{- end }}
 {{- .Values.existingSecret }}
 {{- else }}
 {{- include "appproxy-coordinator.fullname" . }}
