@@ -327,6 +327,35 @@ mod tests {
             "{err}"
         );
         resolve_tokens(&with(long, "0123456789abcdef-worker")).unwrap();
+        // The viewer token, when given, follows the same rules.
+        let with_viewer = |viewer: &str| Config {
+            viewer_token: Some(Secret::new(viewer)),
+            ..with(long, "0123456789abcdef-worker")
+        };
+        let err = resolve_tokens(&with_viewer("short")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("viewer_token (APPPROXY_VIEWER_TOKEN) is 5 characters"),
+            "{err}"
+        );
+        let err = resolve_tokens(&with_viewer(long)).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "manager_token (APPPROXY_MANAGER_TOKEN) equals viewer_token (APPPROXY_VIEWER_TOKEN)"
+            ),
+            "{err}"
+        );
+        let tokens = resolve_tokens(&with_viewer("0123456789abcdef-viewer")).unwrap();
+        assert_eq!(
+            tokens.viewer.as_ref().map(|v| v.expose()),
+            Some("0123456789abcdef-viewer")
+        );
+        assert!(
+            resolve_tokens(&with(long, "0123456789abcdef-worker"))
+                .unwrap()
+                .viewer
+                .is_none()
+        );
     }
 
     #[test]
