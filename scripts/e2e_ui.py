@@ -15,7 +15,8 @@ venv that scripts/ui-browser.sh builds):
      list the failover;
   3. finds no console errors in the browser's log;
   4. saves docs/ui.png, then at 390 px wide checks there is no horizontal
-     scroll and saves docs/ui-phone.png.
+     scroll and saves docs/ui-phone.png;
+  5. logs out: the login form shows, also after a reload.
 
 When chromium cannot be installed here (no apt-get, not root) it says
 SKIPPED (not passed) and exits 0.
@@ -312,6 +313,16 @@ def main():
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         expect(not errors, f"console errors: {errors}")
         print(f"e2e-ui: no console errors; no horizontal scroll at 390 px ({widths[0]} <= {widths[1]}); saved {desktop} and {phone}")
+
+        # 5. Log out: the login form again, and a reload does not bring the page back.
+        driver.find_element(By.ID, "logout").click()
+        wait_for("the login form after logging out", lambda: driver.find_element(By.ID, "login").is_displayed(), timeout=WAIT_S)
+        driver.refresh()
+        wait_for("the login form after a reload", lambda: driver.find_element(By.ID, "login").is_displayed(), timeout=WAIT_S)
+        expect(not driver.find_element(By.ID, "status").is_displayed(), "the status shows after logging out")
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        expect(not errors, f"console errors after logging out: {errors}")
+        print("e2e-ui: logged out: the login form shows, also after a reload")
         print("e2e-ui: passed")
     finally:
         for b in beats:
