@@ -119,6 +119,8 @@ struct Recent {
     /// A route deleted from a worker at the last revision seen: the upsert
     /// at the next revision, if any, is its move.
     deleted: Option<(Revision, Uuid, Option<Uuid>)>,
+    /// The workers have been read once: what was there before is no news.
+    seeded: bool,
 }
 
 impl Recent {
@@ -139,10 +141,15 @@ impl Recent {
         }
     }
 
-    /// Takes in the workers as read now, telling each status change.
+    /// Takes in the workers as read now, telling each status change (and,
+    /// after the first read, each new worker).
     fn workers_now(&mut self, workers: &[crate::domain::Worker], at: DateTime<Utc>) {
+        let news = std::mem::replace(&mut self.seeded, true);
         for w in workers {
             let before = self.workers.insert(w.id, (w.name.clone(), w.status));
+            if !news {
+                continue;
+            }
             match before {
                 Some((_, was)) if was != w.status => self.push(Activity {
                     at,
@@ -444,6 +451,44 @@ mod tests {
             change(9, ChangeKind::RouteUpsert, r, Some(b)),
         ]);
         assert!(recent.events.is_empty());
+    }
+
+    fn worker(name: &str, status: WorkerStatus) -> crate::domain::Worker {
+        let registration: crate::domain::WorkerRegistration =
+            serde_json::from_value(serde_json::json!({"name": name, "api_url": "http://w:1",
+                "frontend": {"mode": "port", "host": "h", "port_range": [1000, 1001]}}))
+            .unwrap();
+        let now = Utc::now();
+        crate::domain::Worker::from_parts(
+            Uuid::new_v4(),
+            registration,
+            status,
+            now,
+            0,
+            0,
+            0,
+            now,
+            now,
+        )
+    }
+
+    #[test]
+    fn workers_there_at_the_first_read_are_no_news_and_later_changes_are() {
+        let mut recent = Recent::default();
+        let mut a = worker("a", WorkerStatus::Ready);
+        recent.workers_now(std::slice::from_ref(&a), Utc::now());
+        assert!(recent.events.is_empty());
+        a.status = WorkerStatus::Lost;
+        let b = worker("b", WorkerStatus::Ready);
+        recent.workers_now(&[a, b], Utc::now());
+        let texts: Vec<&str> = recent.events.iter().map(|e| e.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "worker b registered (Ready)",
+                "worker a is Lost (was Ready)"
+            ]
+        );
     }
 
     #[test]
