@@ -637,14 +637,18 @@ def no_secret_in_plain_text(label, docs, secrets):
 
 def status_page():
     viewer = "chart-check-viewer-token-0123456789"
-    docs = documents(render({"ui": {"enabled": False, "viewerToken": viewer}}))
+    raw = render({"ui": {"enabled": False, "viewerToken": viewer}})
+    ensure("/ui" not in raw["appproxy-coordinator/templates/NOTES.txt"], "NOTES.txt points at the status page when it is off")
+    ensure("127.0.0.1:6030/ui" in render({})["appproxy-coordinator/templates/NOTES.txt"], "NOTES.txt does not point at the status page")
+    docs = documents(raw)
     env = {e["name"]: e for e in container_of(one(docs, "Deployment"))["env"]}
     ensure(env["APPPROXY_UI"].get("value") == "false", f"APPPROXY_UI {env['APPPROXY_UI']}")
     tokens = secret_data(one(docs, "Secret"))
     ensure(tokens.get("viewer-token") == viewer, f"Secret keys {sorted(tokens)}")
     no_secret_in_plain_text("ui", docs, {"viewer-token": viewer})
     ensure("value" not in env["APPPROXY_VIEWER_TOKEN"], "APPPROXY_VIEWER_TOKEN is a plain value")
-    return "ui.enabled=false sets APPPROXY_UI=false; ui.viewerToken goes into the Secret as viewer-token, nowhere in plain text"
+    return ("ui.enabled=false sets APPPROXY_UI=false (and NOTES.txt no longer points at /ui); "
+            "ui.viewerToken goes into the Secret as viewer-token, nowhere in plain text")
 
 
 check("status page: ui.enabled, ui.viewerToken in the Secret only", status_page)
