@@ -18,6 +18,7 @@ use crate::on_both_backends;
 on_both_backends!(
     the_events_stream_sends_the_state_at_once_and_after_each_change,
     a_failover_shows_on_the_page_with_its_moves_among_the_recent_events,
+    a_route_no_worker_can_take_shows_as_pending_with_its_reason,
 );
 
 /// The `state` events of an open `/ui/events` stream.
@@ -207,4 +208,51 @@ async fn a_failover_shows_on_the_page_with_its_moves_among_the_recent_events(
         "{}",
         state["recent"]
     );
+}
+
+/// A lost worker's route that no other worker can take waits: the page
+/// lists it without a worker or URL, with the reason, and tells the move.
+async fn a_route_no_worker_can_take_shows_as_pending_with_its_reason(b: crate::common::Backend) {
+    let app = TestApp::builder(b)
+        .health(HealthConfig {
+            heartbeat_timeout: TIMEOUT,
+            failover_grace: GRACE,
+            batch_size: 4,
+            route_idle_ttl: None,
+        })
+        .start()
+        .await;
+    app.register("only", [20000, 20100]).await;
+    let created = app.create(route(Uuid::new_v4(), "jupyter")).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    for wait in [TIMEOUT, GRACE] {
+        app.clock.advance(wait + Duration::from_secs(1));
+        app.health_pass().await;
+    }
+    let mut states = States::open(&app).await;
+    let state = states
+        .until("the route Pending", |s| {
+            s["routes"][0]["status"] == "Pending"
+        })
+        .await;
+    let shown = &state["routes"][0];
+    assert_eq!(shown["id"], created.body["id"]);
+    assert_eq!(shown["worker_id"], Value::Null);
+    assert_eq!(shown["url"], Value::Null);
+    assert!(shown["pending_reason"].is_string(), "{shown}");
+    let told = state["recent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "pending")
+        .unwrap_or_else(|| panic!("no pending event in {}", state["recent"]));
+    assert_eq!(told["route_id"], created.body["id"]);
+    assert!(
+        told["text"]
+            .as_str()
+            .unwrap()
+            .contains("left only (its worker is Lost) and waits"),
+        "{told}"
+    );
+    assert_eq!(state["stranded"], json!([]));
 }
