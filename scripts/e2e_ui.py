@@ -67,13 +67,10 @@ def expect(condition, message):
 
 
 def ensure_venv():
-    """Re-runs this script with the venv's Python (selenium) if needed."""
-    try:
-        import selenium  # noqa: F401
-
+    """Installs what is missing (scripts/ui-browser.sh), then runs this
+    script again with the venv's Python (selenium)."""
+    if os.environ.get("E2E_UI_IN_VENV") == "1":
         return
-    except ImportError:
-        pass
     script = os.path.join(ROOT, "scripts", "ui-browser.sh")
     p = subprocess.run([script, "venv"], stdout=subprocess.PIPE, text=True)
     if p.returncode == 3:
@@ -81,7 +78,7 @@ def ensure_venv():
         sys.exit(0)
     expect(p.returncode == 0, "scripts/ui-browser.sh venv failed")
     python = os.path.join(p.stdout.strip(), "bin", "python")
-    os.execv(python, [python, *sys.argv])
+    os.execve(python, [python, *sys.argv], {**os.environ, "E2E_UI_IN_VENV": "1"})
 
 
 def free_port():
