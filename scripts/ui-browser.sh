@@ -16,7 +16,7 @@ VENV=${UI_BROWSER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/appproxy-coordinator/ui-
 MARKER="$VENV/.installed-selenium==$SELENIUM"
 
 die() {
-    echo "ui-browser.sh: $*" >&2
+    echo "ui-browser.sh: $1" >&2
     exit "${2:-1}"
 }
 
