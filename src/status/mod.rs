@@ -284,7 +284,7 @@ impl Board {
         loop {
             tokio::select! {
                 received = batches.recv() => match received {
-                    Ok(batch) => {
+                    Ok(batch) if !batch.changes.is_empty() => {
                         if batch.changes.iter().any(|c| {
                             matches!(c.kind, ChangeKind::WorkerUpsert | ChangeKind::WorkerDelete)
                         }) {
@@ -292,7 +292,10 @@ impl Board {
                         }
                         self.inner.recent.lock().expect("recent lock").changes(&batch.changes);
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Changes were skipped (an empty batch: the log was
+                    // compacted under the tailer; or this receiver lagged):
+                    // no move spans the gap, and the workers are read again.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.inner.recent.lock().expect("recent lock").deleted = None;
                         self.read_workers().await;
                     }
