@@ -62,7 +62,7 @@ const STYLE: &str = include_str!("assets/app.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
-/// The page's routes (served only when the page is on; see [`Ui`]).
+/// The page's routes; each answers 404 while the page is off (no [`Ui`]).
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/ui", get(index))
