@@ -65,3 +65,7 @@ bench-backendai: ## Backend.AI measurements through the real worker (bulk create
 bench-backendai-resend: ## What the Backend.AI anti-entropy sweep costs Redis at 10,000 circuits (a Redis of its own, one sweep period of 60 s); writes bench/backendai-resend.json
 	cargo build --release --locked --bin appproxy-coordinator
 	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/bench_backendai_resend.py
+
+.PHONY: e2e-ui
+e2e-ui: ## The status page in a real headless Chromium (installs Debian chromium + chromium-driver when missing, selenium into a venv under ~/.cache); saves docs/ui.png and docs/ui-phone.png
+	python3 scripts/e2e_ui.py

@@ -30,6 +30,8 @@
 #     in one projected volume per store, PGSSLMODE (verify-full with a CA),
 #     PGSSLROOTCERT/PGSSLCERT/PGSSLKEY and APPPROXY_REDIS_CA_FILE pointing
 #     into them; nothing of it in the other configurations
+#   - the status page: ui.enabled sets APPPROXY_UI, ui.viewerToken goes into
+#     the Secret (viewer-token, read by an optional secretKeyRef) only
 #   - the Backend.AI install: its secrets and Redis URL in the Secret and
 #     read from it (never plain env values, nor in the ConfigMap), the other
 #     backendai values as plain env, the second Service port; nothing of it
@@ -414,6 +416,10 @@ def first_install():
     for var, key in (("APPPROXY_MANAGER_TOKEN", "manager-token"), ("APPPROXY_WORKER_TOKEN", "worker-token")):
         ref = env[var].get("valueFrom", {}).get("secretKeyRef")
         ensure(ref == {"name": secret["metadata"]["name"], "key": key}, f"{var} from {ref}")
+    # The status page: on, and its viewer token only when the Secret has one.
+    ensure(env["APPPROXY_UI"].get("value") == "true", f"APPPROXY_UI {env['APPPROXY_UI']}")
+    ref = env["APPPROXY_VIEWER_TOKEN"].get("valueFrom", {}).get("secretKeyRef")
+    ensure(ref == {"name": secret["metadata"]["name"], "key": "viewer-token", "optional": True}, f"APPPROXY_VIEWER_TOKEN from {ref}")
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     for name, annotation in (("secret.yaml", "checksum/secret"), ("configmap.yaml", "checksum/config")):
         digest = hashlib.sha256(template("default", name).encode()).hexdigest()
@@ -627,6 +633,25 @@ def no_secret_in_plain_text(label, docs, secrets):
     for e in container_of(one(docs, "Deployment"))["env"]:
         if e["name"] in BACKENDAI_SECRET_ENV or e["name"] in BACKENDAI_OPTIONAL_SECRET_ENV:
             ensure("value" not in e, f"{label}: {e['name']} is a plain value")
+
+
+def status_page():
+    viewer = "chart-check-viewer-token-0123456789"
+    raw = render({"ui": {"enabled": False, "viewerToken": viewer}})
+    ensure("/ui" not in raw["appproxy-coordinator/templates/NOTES.txt"], "NOTES.txt points at the status page when it is off")
+    ensure("127.0.0.1:6030/ui" in render({})["appproxy-coordinator/templates/NOTES.txt"], "NOTES.txt does not point at the status page")
+    docs = documents(raw)
+    env = {e["name"]: e for e in container_of(one(docs, "Deployment"))["env"]}
+    ensure(env["APPPROXY_UI"].get("value") == "false", f"APPPROXY_UI {env['APPPROXY_UI']}")
+    tokens = secret_data(one(docs, "Secret"))
+    ensure(tokens.get("viewer-token") == viewer, f"Secret keys {sorted(tokens)}")
+    no_secret_in_plain_text("ui", docs, {"viewer-token": viewer})
+    ensure("value" not in env["APPPROXY_VIEWER_TOKEN"], "APPPROXY_VIEWER_TOKEN is a plain value")
+    return ("ui.enabled=false sets APPPROXY_UI=false (and NOTES.txt no longer points at /ui); "
+            "ui.viewerToken goes into the Secret as viewer-token, nowhere in plain text")
+
+
+check("status page: ui.enabled, ui.viewerToken in the Secret only", status_page)
 
 
 def backendai_install():
@@ -857,6 +882,9 @@ def rejections():
         ("replicaCount 0", deep_merge(base, {"replicaCount": 0}), ["replicaCount"]),
         ("non-postgres URL", deep_merge(base, {"database": {"url": "sqlite://data/x.db"}}), ["database"]),
         ("short token", deep_merge(base, {"auth": {"managerToken": "short"}}), ["managerToken"]),
+        ("short viewer token (schema)", {"ui": {"viewerToken": "short"}}, ["/ui/viewerToken"]),
+        ("existingSecret and ui.viewerToken",
+         {"existingSecret": "creds", "ui": {"viewerToken": "0123456789abcdef-viewer"}}, ["ui.viewerToken"]),
         ("equal tokens", deep_merge(base, {"auth": {"workerToken": base["auth"]["managerToken"]}}), ["must differ"]),
         ("existingSecret and inline values", deep_merge(base, {"existingSecret": "creds"}), ["existingSecret is set"]),
         ("grace period <= shutdown timeout",
@@ -1157,7 +1185,10 @@ class Pod:
                 value = self.local(e["value"])
             elif "secretKeyRef" in e.get("valueFrom", {}):
                 ref = e["valueFrom"]["secretKeyRef"]
-                value = self.secret(ref["name"])[ref["key"]].decode()
+                data = self.secret(ref["name"])
+                if ref.get("optional") and ref["key"] not in data:
+                    continue  # as Kubernetes does: an optional key that is absent sets nothing
+                value = data[ref["key"]].decode()
             elif "fieldRef" in e.get("valueFrom", {}):
                 value = {"metadata.name": f"{FULLNAME}-0", "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
             else:

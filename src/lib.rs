@@ -17,6 +17,8 @@
 //! - [`leader`]: who runs the singleton loops (advisory lock, sole process,
 //!   or a Kubernetes Lease through [`k8s`]).
 //! - [`hub`]: tails the change log and fans events out to watch streams.
+//! - [`status`]: the status page's read model (workers, routes, recent
+//!   failovers and moves, followed from the hub).
 //! - [`health`]: the leader's loops: heartbeat timeouts, failover, pending
 //!   placement, expiry and idle collection.
 //! - [`k8s`]: the `AppProxyRoute` mirror, worker-pod health, Lease, Events.
@@ -44,6 +46,7 @@ pub mod k8s;
 pub mod leader;
 pub mod request_id;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod takeover;
 pub mod telemetry;

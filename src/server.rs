@@ -106,6 +106,10 @@ pub async fn migrate(store: &Store) -> anyhow::Result<()> {
         .with_context(|| format!("cannot migrate the {} database", store.backend()))
 }
 
+/// How often an open status page is refreshed with what the change log does
+/// not carry (acknowledgements, heartbeats).
+const UI_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the coordinator until a shutdown signal.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
@@ -129,12 +133,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock = Clock::system();
     let metrics = Metrics::new(&store);
     let hub = Hub::start(store.clone(), hub_settings(&config), metrics.clone());
+    // The status page (/ui): its read model follows the hub on every replica.
+    let board = config
+        .ui
+        .then(|| crate::status::Board::start(&hub, UI_REFRESH));
     // Kubernetes mode (src/k8s): a Lease elects the leader, which also runs
     // the AppProxyRoute mirror and the worker-pod watcher. Otherwise the
     // PostgreSQL advisory lock (or, with SQLite, the one process) leads.
     let (k8s_stop, k8s_stopped) = tokio::sync::watch::channel(false);
     let kubernetes = match kubernetes_settings(&config) {
-        Some(settings) => {
+        Some(mut settings) => {
+            settings.mirror.repairs = board.clone();
             let client = crate::k8s::client()
                 .await
                 .context("Kubernetes mode is on, but no cluster configuration was found")?;
@@ -180,6 +189,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         _ => None,
     };
     tokio::spawn(health::run(ctx, health_settings(&config)));
+    let ui = board.map(|board| {
+        Arc::new(api::ui::Ui {
+            board,
+            secure: config.tls_cert.is_some(),
+        })
+    });
     let state = AppState {
         store: store.clone(),
         hub: hub.clone(),
@@ -193,6 +208,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )),
         clock,
         backendai,
+        ui,
     };
     let app = api::router(state, config.max_body_bytes);
 

@@ -1,9 +1,14 @@
 //! Who may do what, over HTTP against the real router on both backends:
-//! the three kinds of token on every endpoint, worker registration (and why a
-//! leaked bootstrap token cannot take over a live worker), and what a flood
-//! of made-up worker tokens costs.
+//! the kinds of token on every endpoint, worker registration (and why a
+//! leaked bootstrap token cannot take over a live worker), what a flood
+//! of made-up worker tokens costs, and the status page's viewer token and
+//! session cookie (`ui_*`).
 
 mod common;
+
+/// The status page: the viewer token and the session cookie.
+#[path = "auth/ui.rs"]
+mod ui;
 
 use common::{BOOTSTRAP, Backend, MANAGER, TestApp, route};
 use reqwest::{Method, StatusCode};

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and scopes.
 //!
-//! Three kinds of token: the manager token (routes, sessions, workers), the
-//! worker bootstrap token (registration only), and per-worker tokens issued at
+//! Four kinds of token: the manager token (routes, sessions, workers), the
+//! worker bootstrap token (registration only), the viewer token (the status
+//! page only, read-only; see `ui`), and per-worker tokens issued at
 //! registration (that worker's own endpoints only). A per-worker token names its
 //! worker (`apw.<id>.<secret>`); the store keeps only its SHA-256.
 
@@ -20,6 +21,8 @@ use super::error::ApiError;
 pub enum Caller {
     Manager,
     Bootstrap,
+    /// The viewer token: the status page and nothing else.
+    Viewer,
     Worker(Uuid),
 }
 
@@ -68,11 +71,24 @@ async fn identify(header: &axum::http::HeaderValue, state: &AppState) -> Result<
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::unauthorized("the Authorization header is not a bearer token"))?;
+    identify_token(token, state).await
+}
+
+/// Who `token` belongs to; `unauthorized` when nobody.
+pub(super) async fn identify_token(token: &str, state: &AppState) -> Result<Caller, ApiError> {
     if state.tokens.manager.matches(token) {
         return Ok(Caller::Manager);
     }
     if state.tokens.worker.matches(token) {
         return Ok(Caller::Bootstrap);
+    }
+    if state
+        .tokens
+        .viewer
+        .as_ref()
+        .is_some_and(|v| v.matches(token))
+    {
+        return Ok(Caller::Viewer);
     }
     if let Some(worker_id) = token
         .strip_prefix("apw.")
@@ -112,7 +128,7 @@ impl FromRequestParts<AppState> for Registrant {
         match authenticate(parts, state).await? {
             Caller::Bootstrap => Ok(Registrant(None)),
             Caller::Worker(id) => Ok(Registrant(Some(id))),
-            Caller::Manager => Err(ApiError::forbidden(
+            Caller::Manager | Caller::Viewer => Err(ApiError::forbidden(
                 "registration needs the worker bootstrap token or the worker's own token",
             )),
         }

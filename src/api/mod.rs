@@ -12,6 +12,7 @@ pub mod openapi;
 mod probes;
 mod routes;
 pub mod trace;
+pub mod ui;
 mod watch;
 mod workers;
 
@@ -49,6 +50,8 @@ pub struct AppState {
     pub backendai: Option<Arc<crate::backendai::BackendAi>>,
     /// Failed authentications per client address ([`limit`]).
     pub auth_limit: Arc<limit::AuthLimiter>,
+    /// The status page, when on ([`ui`]); its paths answer 404 otherwise.
+    pub ui: Option<Arc<ui::Ui>>,
 }
 
 impl AppState {
@@ -160,6 +163,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (router, document) = openapi::finish(endpoints);
     let router = router
         .layer(Extension(Arc::new(document)))
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

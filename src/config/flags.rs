@@ -122,6 +122,31 @@ pub struct Options {
     #[arg(long, global = true, env = "APPPROXY_WORKER_TOKEN_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_token_file: Option<PathBuf>,
+    /// Token of the read-only status page (/ui) [default: none; the manager
+    /// token logs in too].
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_VIEWER_TOKEN",
+        hide_env_values = true
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewer_token: Option<String>,
+    /// File holding the viewer token.
+    #[arg(long, global = true, env = "APPPROXY_VIEWER_TOKEN_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub viewer_token_file: Option<PathBuf>,
+    /// Serve the status page at /ui [default: true]; `--ui=false` turns it off.
+    #[arg(
+        long,
+        global = true,
+        env = "APPPROXY_UI",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ui: Option<bool>,
     /// PEM certificate chain; serves HTTPS when given with --tls-key.
     #[arg(long, global = true, env = "APPPROXY_TLS_CERT", requires = "tls_key")]
     #[serde(skip_serializing_if = "Option::is_none")]

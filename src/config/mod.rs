@@ -49,6 +49,10 @@ pub struct Config {
     pub manager_token_file: Option<PathBuf>,
     pub worker_token: Option<Secret>,
     pub worker_token_file: Option<PathBuf>,
+    pub viewer_token: Option<Secret>,
+    pub viewer_token_file: Option<PathBuf>,
+    /// The status page at `/ui`.
+    pub ui: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -132,6 +136,9 @@ impl Default for Config {
             manager_token_file: None,
             worker_token: None,
             worker_token_file: None,
+            viewer_token: None,
+            viewer_token_file: None,
+            ui: true,
             tls_cert: None,
             tls_key: None,
             log_format: LogFormat::Text,
@@ -394,6 +401,35 @@ mod tests {
             "{err}"
         );
         resolve_tokens(&with(long, "0123456789abcdef-worker")).unwrap();
+        // The viewer token, when given, follows the same rules.
+        let with_viewer = |viewer: &str| Config {
+            viewer_token: Some(Secret::new(viewer)),
+            ..with(long, "0123456789abcdef-worker")
+        };
+        let err = resolve_tokens(&with_viewer("short")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("viewer_token (APPPROXY_VIEWER_TOKEN) is 5 characters"),
+            "{err}"
+        );
+        let err = resolve_tokens(&with_viewer(long)).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "manager_token (APPPROXY_MANAGER_TOKEN) equals viewer_token (APPPROXY_VIEWER_TOKEN)"
+            ),
+            "{err}"
+        );
+        let tokens = resolve_tokens(&with_viewer("0123456789abcdef-viewer")).unwrap();
+        assert_eq!(
+            tokens.viewer.as_ref().map(|v| v.expose()),
+            Some("0123456789abcdef-viewer")
+        );
+        assert!(
+            resolve_tokens(&with(long, "0123456789abcdef-worker"))
+                .unwrap()
+                .viewer
+                .is_none()
+        );
     }
 
     #[test]
@@ -401,6 +437,7 @@ mod tests {
         let tokens = Tokens {
             manager: Secret::new("0123456789abcdef-manager"),
             worker: Secret::new("0123456789abcdef-worker"),
+            viewer: Some(Secret::new("0123456789abcdef-viewer")),
         };
         let with = |api: &str, jwt: &str| Config {
             backendai_api_secret: Some(Secret::new(api)),
@@ -427,6 +464,7 @@ mod tests {
         ));
         assert!(refused("0123456789abcdef-manager", jwt).contains("manager_token"));
         assert!(refused(api, "0123456789abcdef-worker").contains("worker_token"));
+        assert!(refused(api, "0123456789abcdef-viewer").contains("viewer_token"));
         let secrets = resolve_backendai(&with(api, jwt), &tokens)
             .unwrap()
             .unwrap();

@@ -34,9 +34,15 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
         tracing::warn!(path = %path.display(), "no {name} token configured; generated one (read it from this file)");
         read_token(&path)
     };
+    let viewer = match (&config.viewer_token, &config.viewer_token_file) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(path)) => Some(read_token(path)?),
+        (None, None) => None,
+    };
     let tokens = Tokens {
         manager: resolve(&config.manager_token, &config.manager_token_file, "manager")?,
         worker: resolve(&config.worker_token, &config.worker_token_file, "worker")?,
+        viewer,
     };
     check_secrets(&tokens, None)?;
     Ok(tokens)
@@ -46,9 +52,10 @@ pub fn resolve_tokens(config: &Config) -> anyhow::Result<Tokens> {
 /// anyone on the host can read them in `ps`, unlike a file or the
 /// environment.
 pub fn secrets_on_command_line(args: impl IntoIterator<Item = String>) -> Vec<&'static str> {
-    const FLAGS: [&str; 4] = [
+    const FLAGS: [&str; 5] = [
         "--manager-token",
         "--worker-token",
+        "--viewer-token",
         "--backendai-api-secret",
         "--backendai-jwt-secret",
     ];
@@ -110,6 +117,9 @@ fn named_secrets<'a>(
         ("manager_token (APPPROXY_MANAGER_TOKEN)", &tokens.manager),
         ("worker_token (APPPROXY_WORKER_TOKEN)", &tokens.worker),
     ];
+    if let Some(viewer) = &tokens.viewer {
+        all.push(("viewer_token (APPPROXY_VIEWER_TOKEN)", viewer));
+    }
     if let Some(b) = backendai {
         all.push((
             "backendai_api_secret (APPPROXY_BACKENDAI_API_SECRET)",

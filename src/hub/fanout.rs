@@ -265,12 +265,19 @@ async fn hand_out_after(inner: &Inner, cursor: &mut Revision) -> Result<bool, St
         streams = subs.count(),
     );
     span.in_scope(|| {
-        if skipped {
+        let batch = if skipped {
             // The log was compacted past the tailer's cursor.
             subs.skip_to(*cursor);
+            Arc::new(Batch {
+                changes: Vec::new(),
+            })
         } else {
-            subs.hand_out(Arc::new(Batch { changes }));
-        }
+            let batch = Arc::new(Batch { changes });
+            subs.hand_out(batch.clone());
+            batch
+        };
+        // No receiver (no status page) is no error.
+        let _ = inner.batches.send(batch);
         tracing::debug!("changes handed to the streams");
     });
     Ok(full)

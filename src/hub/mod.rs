@@ -70,6 +70,9 @@ struct Inner {
     config: HubConfig,
     metrics: Arc<Metrics>,
     subscribers: Mutex<fanout::Subscribers>,
+    /// Every batch handed out, for read models that want each change
+    /// ([`Hub::batches`]); an empty batch means "re-read, some were skipped".
+    batches: tokio::sync::broadcast::Sender<Arc<Batch>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -88,6 +91,7 @@ impl Hub {
                 config,
                 metrics,
                 subscribers: Mutex::default(),
+                batches: tokio::sync::broadcast::channel(64).0,
                 shutdown: watch::channel(false).0,
             }),
         };
@@ -119,6 +123,14 @@ impl Hub {
             .lock()
             .expect("subscribers lock")
             .cursor
+    }
+
+    /// Every batch of changes the tailer hands out from now on, in order (the
+    /// status page's read model follows them). A receiver that falls behind
+    /// gets `Lagged`; an empty batch means the tailer skipped ahead past a
+    /// compacted log. Either way, what came before may be incomplete.
+    pub fn batches(&self) -> tokio::sync::broadcast::Receiver<Arc<Batch>> {
+        self.inner.batches.subscribe()
     }
 
     pub fn store(&self) -> &Store {

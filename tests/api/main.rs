@@ -9,5 +9,6 @@ mod openapi;
 mod placement;
 mod routes;
 mod sessions;
+mod ui;
 mod validation;
 mod workers;

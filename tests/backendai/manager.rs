@@ -1158,5 +1158,15 @@ async fn health_answers_and_lists_workers_and_stranded_circuits(b: Backend) {
         json!({"id": route["id"], "endpoint_id": deployment, "session_id": null,
                "worker": "worker-1", "url": "http://127.0.0.1:10205/"})
     );
+    // The status page lists it too, with the route's URL as the native API
+    // has it.
+    let page = app
+        .call(Method::GET, "/ui/state", Some(crate::common::VIEWER), None)
+        .await;
+    assert_eq!(
+        page.body["stranded"],
+        json!([{"route_id": route["id"], "worker": "worker-1",
+                "url": route["frontend"]["url"], "reason": stranded[0]["reason"]}])
+    );
     // (The Manager's re-sync of it: tests/backendai/recovery.rs.)
 }

@@ -294,6 +294,8 @@ pub fn backendai_settings() -> backendai::Settings {
     }
 }
 pub const BOOTSTRAP: &str = "worker-bootstrap-test-token";
+/// The status page's read-only token.
+pub const VIEWER: &str = "viewer-test-token-for-the-ui";
 
 /// The real router, served on 127.0.0.1:<free port>; made by
 /// [`TestApp::builder`] (or [`TestApp::start`] with every default). The
@@ -350,6 +352,7 @@ pub struct TestAppBuilder {
     hub: HubConfig,
     db: Option<(Arc<TestDb>, Store)>,
     auth_failures_per_minute: u32,
+    ui: bool,
 }
 
 impl TestAppBuilder {
@@ -397,6 +400,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Serves the status page (`/ui`); on unless turned off here.
+    pub fn ui(mut self, on: bool) -> Self {
+        self.ui = on;
+        self
+    }
+
     pub async fn start(self) -> TestApp {
         let (db, store) = match self.db {
             Some(existing) => existing,
@@ -430,12 +439,22 @@ impl TestAppBuilder {
             tokens: Arc::new(Tokens {
                 manager: Secret::new(MANAGER),
                 worker: Secret::new(BOOTSTRAP),
+                viewer: Some(Secret::new(VIEWER)),
             }),
             backendai: backendai.clone(),
             auth_limit: Arc::new(api::limit::AuthLimiter::new(
                 self.auth_failures_per_minute,
                 clock.clone(),
             )),
+            ui: self.ui.then(|| {
+                Arc::new(api::ui::Ui {
+                    board: appproxy_coordinator::status::Board::start(
+                        &hub,
+                        std::time::Duration::from_secs(5),
+                    ),
+                    secure: false,
+                })
+            }),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -482,6 +501,7 @@ impl TestApp {
             db: None,
             // The production default.
             auth_failures_per_minute: 30,
+            ui: true,
         }
     }
 

@@ -213,3 +213,48 @@ async fn an_expired_watch_relists_and_converges() {
         "expected a relist after 410, saw {lists} list(s)"
     );
 }
+
+/// The status page lists each repair among its recent events (the mirror
+/// tells the replica's read model, `MirrorConfig::repairs`).
+#[tokio::test]
+async fn repairs_show_among_the_status_pages_recent_events() {
+    let e = env().await;
+    e.app.register("worker-1", [20000, 20100]).await;
+    let board =
+        appproxy_coordinator::status::Board::start(&e.app.hub, std::time::Duration::from_secs(5));
+    let _mirror = e.start_mirror_with(appproxy_coordinator::k8s::mirror::MirrorConfig {
+        repairs: Some(board.clone()),
+        ..crate::fast_mirror()
+    });
+    let id = e.create_route("jupyter").await;
+    e.cr_where(id, "the CR", |c| c["status"]["phase"].is_string())
+        .await;
+    let crs: Api<AppProxyRoute> = Api::namespaced(e.client.clone(), NS);
+    crs.delete(&cr_name(id), &DeleteParams::default())
+        .await
+        .unwrap();
+    let told = |kind: &'static str| {
+        let board = board.clone();
+        async move {
+            let state: serde_json::Value =
+                serde_json::from_str(&board.state_json().await.unwrap()).unwrap();
+            state["recent"].as_array().unwrap().iter().any(|a| {
+                a["kind"] == kind
+                    && a["route_id"] == json!(id)
+                    && a["text"].as_str().unwrap().contains(&cr_name(id))
+            })
+        }
+    };
+    wait_for("the restore among the recent events", async || {
+        told("restored").await
+    })
+    .await;
+    let edit = json!({"spec": {"service": "ssh"}});
+    crs.patch(&cr_name(id), &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
+    wait_for("the drift repair among the recent events", async || {
+        told("drift-repaired").await
+    })
+    .await;
+}

@@ -87,6 +87,9 @@ schema validation.)
 {{- if or .Values.backendai.apiSecret .Values.backendai.jwtSecret .Values.backendai.redisUrl }}
 {{- fail "existingSecret is set: leave backendai.apiSecret, backendai.jwtSecret and backendai.redisUrl empty (the Secret holds them as backendai-api-secret, backendai-jwt-secret and redis-url)" }}
 {{- end }}
+{{- if .Values.ui.viewerToken }}
+{{- fail "existingSecret is set: leave ui.viewerToken empty (put it in the Secret as viewer-token)" }}
+{{- end }}
 {{- .Values.existingSecret }}
 {{- else }}
 {{- include "appproxy-coordinator.fullname" . }}
@@ -120,6 +123,9 @@ tokens the Secret holds, not a second random draw.
 {{- end }}
 {{- if eq (index $data "manager-token") (index $data "worker-token") }}
 {{- fail "auth.managerToken and auth.workerToken must differ: a worker must not be able to act as the Manager" }}
+{{- end }}
+{{- with .Values.ui.viewerToken }}
+{{- $_ := set $data "viewer-token" (b64enc .) }}
 {{- end }}
 {{- /* Backend.AI: the same rules for its two secrets; while backendai.enabled
 is false, secrets a former install stored are carried over untouched, so

@@ -60,13 +60,15 @@ impl Serialize for Secret {
     }
 }
 
-/// The two shared bearer tokens.
+/// The shared bearer tokens.
 #[derive(Clone, Debug)]
 pub struct Tokens {
     /// For managers: routes, sessions, workers.
     pub manager: Secret,
     /// For workers to register with.
     pub worker: Secret,
+    /// For the status page only (`/ui`), read-only; none unless configured.
+    pub viewer: Option<Secret>,
 }
 
 /// The two secrets a Backend.AI installation shares with its coordinator.

@@ -296,3 +296,19 @@ fn the_document_refuses_what_the_server_refuses() {
     assert!(!pattern(&registration["api_url"]).is_match(""));
     assert!(!pattern(&schemas["DnsName"]).is_match(""));
 }
+
+/// The status page (`crate::api::ui`) is a page with its own cookie session
+/// for a browser, not part of the API: its paths are merged into the router
+/// beside the documented ones (`api::router`), never through `api_route`,
+/// and the document leaves them out on purpose.
+#[test]
+fn the_status_page_is_left_out_of_the_document_on_purpose() {
+    let doc = spec();
+    for path in crate::api::ui::PATHS {
+        assert!(doc["paths"].get(path).is_none(), "{path} is documented");
+    }
+    assert!(
+        routed().iter().all(|(_, path)| !path.starts_with("/ui")),
+        "a /ui path went through api_route"
+    );
+}

@@ -63,6 +63,8 @@ pub struct MirrorConfig {
     /// The first and the longest delay before retrying a CR whose write failed.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Where repairs are told besides the CR's Events: the status page.
+    pub repairs: Option<crate::status::Board>,
 }
 
 impl MirrorConfig {
@@ -79,6 +81,7 @@ impl MirrorConfig {
             call_timeout: Duration::from_secs(10),
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(300),
+            repairs: None,
         }
     }
 }

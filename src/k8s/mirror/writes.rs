@@ -109,6 +109,17 @@ impl Mirror {
                 }
                 if let Some((reason, note)) = repair {
                     tracing::info!(cr = %name, reason = reason.as_str(), "repaired an AppProxyRoute");
+                    if let Some(board) = &self.config.repairs {
+                        board.record(crate::status::Activity {
+                            at: chrono::Utc::now(),
+                            kind: match reason {
+                                Reason::Restored => "restored",
+                                _ => "drift-repaired",
+                            },
+                            route_id: route_id_of(&name),
+                            text: format!("AppProxyRoute {name}: {note}"),
+                        });
+                    }
                     self.events
                         .entry(name.clone())
                         .or_default()
