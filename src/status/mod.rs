@@ -427,6 +427,7 @@ mod tests {
             worker_id: worker,
             route: None,
             created_at: Utc::now(),
+            trace: None,
         }
     }
 
