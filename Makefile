@@ -66,6 +66,9 @@ bench-backendai-resend: ## What the Backend.AI anti-entropy sweep costs Redis at
 	cargo build --release --locked --bin appproxy-coordinator
 	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/bench_backendai_resend.py
 
-.PHONY: e2e-ui
-e2e-ui: ## The status page in a real headless Chromium (installs Debian chromium + chromium-driver when missing, selenium into a venv under ~/.cache); saves docs/ui.png and docs/ui-phone.png
+.PHONY: e2e-ui ui-screenshots
+e2e-ui: ## The status page in a real headless Chromium (installs Debian chromium + chromium-driver when missing, selenium into a venv under ~/.cache)
 	python3 scripts/e2e_ui.py
+
+ui-screenshots: ## As e2e-ui, and saves its screenshots as docs/ui.png and docs/ui-phone.png (the README's)
+	E2E_UI_SCREENSHOTS=$(CURDIR)/docs python3 scripts/e2e_ui.py

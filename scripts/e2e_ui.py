@@ -14,8 +14,9 @@ venv that scripts/ui-browser.sh builds):
      without a reload (a marker set in the page survives); the recent events
      list the failover;
   3. finds no console errors in the browser's log;
-  4. saves docs/ui.png, then at 390 px wide checks there is no horizontal
-     scroll and saves docs/ui-phone.png;
+  4. saves ui.png, then at 390 px wide checks there is no horizontal scroll
+     and saves ui-phone.png, into $E2E_UI_SCREENSHOTS (`make ui-screenshots`
+     sets docs/, the pictures the README shows), else its scratch directory;
   5. logs out: the login form shows, also after a reload.
 
 When chromium cannot be installed here (no apt-get, not root) it says
@@ -292,8 +293,9 @@ def main():
 
         # 4. Screenshots; no horizontal scroll at phone width.
         driver.execute_script("window.scrollTo(0, 0)")
-        os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
-        desktop = os.path.join(ROOT, "docs", "ui.png")
+        shots = os.environ.get("E2E_UI_SCREENSHOTS") or tmp
+        os.makedirs(shots, exist_ok=True)
+        desktop = os.path.join(shots, "ui.png")
         driver.save_screenshot(desktop)
         driver.execute_cdp_cmd(
             "Emulation.setDeviceMetricsOverride",
@@ -305,7 +307,7 @@ def main():
         )
         expect(widths[1] == 390, f"the phone viewport is {widths[1]} px wide, not 390")
         expect(widths[0] <= widths[1], f"horizontal scroll at 390 px: content {widths[0]} px in {widths[1]} px")
-        phone = os.path.join(ROOT, "docs", "ui-phone.png")
+        phone = os.path.join(shots, "ui-phone.png")
         driver.save_screenshot(phone)
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         expect(not errors, f"console errors: {errors}")
