@@ -58,9 +58,9 @@ e2e-backendai: ## End to end with the unmodified Backend.AI worker from PyPI (ne
 e2e-takeover: ## Switch the REAL upstream coordinator 26.9.6 (venv under ~/.cache, built by scripts/backendai-upstream-schema.sh venv) and its running workers to this coordinator (import-backendai) and back (export-backendai), every URL checked; needs PostgreSQL, Redis, Python 3.13; about a minute
 	python3 scripts/e2e_takeover.py
 
-bench-backendai: ## Backend.AI measurements through the real worker (bulk create, route calls/s, create to first 200); writes bench/backendai.json
+bench-backendai: ## Backend.AI measurements through the real worker (the worker's own ceiling, creates at 16 clients with CPU per create, bulk create, route calls/s, create to first 200); writes bench/backendai.json; BENCH_ARGS=--postgres=postgres://postgres@127.0.0.1:5432/postgres for PostgreSQL
 	cargo build --release --locked --bin appproxy-coordinator
-	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/e2e_backendai.py --bench
+	APPPROXY_COORDINATOR_BIN=$${CARGO_TARGET_DIR:-target}/release/appproxy-coordinator python3 scripts/e2e_backendai.py --bench $(BENCH_ARGS)
 
 bench-backendai-resend: ## What the Backend.AI anti-entropy sweep costs Redis at 10,000 circuits (a Redis of its own, one sweep period of 60 s); writes bench/backendai-resend.json
 	cargo build --release --locked --bin appproxy-coordinator

@@ -270,6 +270,8 @@ class Harness:
             "APPPROXY_FAILOVER_GRACE": "1s",
             "RUST_LOG": os.environ.get("RUST_LOG", "info"),
         }
+        if getattr(self, "database_url", None):
+            env["APPPROXY_DATABASE_URL"] = self.database_url
         env.update(extra_env or {})
         self._spawn("coordinator", [self.bin], env=env)
         wait_for("the coordinator", lambda: http("GET", f"{self.url}/readyz").status == 200)
@@ -684,17 +686,30 @@ def main():
     ap.add_argument("--bench", action="store_true", help="measure instead of testing")
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "backendai.json"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument(
+        "--postgres",
+        metavar="ADMIN_URL",
+        help="with --bench: the coordinator on a scratch database of this PostgreSQL server "
+        "(e.g. postgres://postgres@127.0.0.1:5432/postgres) instead of the embedded SQLite",
+    )
     args = ap.parse_args()
     h = Harness(keep=args.keep)
     failed = True
+    scratch = None
     try:
         if args.bench:
+            if args.postgres:
+                scratch = f"bench_backendai_{os.getpid()}"
+                subprocess.run(["psql", "-q", args.postgres, "-c", f"CREATE DATABASE {scratch}"], check=True)
+                h.database_url = args.postgres.rsplit("/", 1)[0] + f"/{scratch}?sslmode=disable"
             bench(h, args.results)
         else:
             scenario(h)
         failed = False
     finally:
         h.close(failed)
+        if scratch:
+            subprocess.run(["psql", "-q", args.postgres, "-c", f"DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"])
 
 
 if __name__ == "__main__":
