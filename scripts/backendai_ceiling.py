@@ -1,5 +1,9 @@
 """The Backend.AI create path against its real bound, for `make bench-backendai`.
 
+worker_in_flight the real worker without any coordinator, kept at 16 created
+                 events in flight (the next published when one is acknowledged),
+                 as 16 Manager clients keep it: the ceiling a 16-client create
+                 run is compared with.
 worker_ceiling   what the real worker can take without any coordinator: created
                  events published straight to Redis at increasing rates, each
                  acknowledgement timed (publish -> the worker's added event),
@@ -32,11 +36,14 @@ def _pct(xs, p):
 
 
 class _Acks:
-    """Times each circuit's acknowledgement on the bus."""
+    """Times each circuit's acknowledgement on the bus (`at`, by circuit id)
+    and each created event the coordinator publishes (`created`, by endpoint
+    id: the circuit id and when)."""
 
     def __init__(self, authority):
         self.authority = authority
         self.at = {}
+        self.created = {}
         self.lock = threading.Lock()
         self.r = Redis()
         self.r.sock.settimeout(None)
@@ -51,10 +58,17 @@ class _Acks:
                 return
             if kind != "message":
                 continue
+            now = time.monotonic()
             env = json.loads(message)
+            if env.get("name") == "appproxy_circuit_created_event":
+                payload = json.loads(env["payload"])
+                with self.lock:
+                    for c in payload["circuits"]:
+                        if c.get("endpoint_id"):
+                            self.created.setdefault(c["endpoint_id"], (c["id"], now))
+                continue
             if env.get("name") != "appproxy_worker_circuit_added_event":
                 continue
-            now = time.monotonic()
             payload = json.loads(env["payload"])
             if payload.get("target_worker_authority") != self.authority:
                 continue
@@ -182,17 +196,30 @@ def creates(h, clients, n):
     afterwards (not timed)."""
     lat = []
     deps = []
+    # Where each create's time went: request -> created event published
+    # (the coordinator), -> acknowledged (the worker and Redis), -> answered
+    # (the coordinator and the client).
+    parts = {"to_publish": [], "to_ack": [], "to_answer": []}
     lock = threading.Lock()
+    bus = _Acks(h.authorities[0])
 
     def one(i):
         item = _endpoint(i, "create")
         t = time.monotonic()
         a = h.manager("POST", "/v2/endpoints/bulk", {"endpoints": [item]})
-        took = time.monotonic() - t
+        done = time.monotonic()
         expect(a.status == 200, f"create: {a}")
         with lock:
-            lat.append(took)
+            lat.append(done - t)
             deps.append(item["deployment_id"])
+        with bus.lock:
+            circuit, published = bus.created.get(item["deployment_id"], (None, None))
+            acked = bus.at.get(circuit)
+        if published is not None and acked is not None:
+            with lock:
+                parts["to_publish"].append(published - t)
+                parts["to_ack"].append(acked - published)
+                parts["to_answer"].append(done - acked)
 
     cpu0 = _cpu(h)
     t0 = time.monotonic()
@@ -208,6 +235,57 @@ def creates(h, clients, n):
         "create_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
         "create_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
         **{f"cpu_ms_per_create_{k}": round((cpu1[k] - cpu0[k]) * 1000 / n, 2) for k in cpu0},
+        **{f"{k}_p50_ms": round(_pct(v, 0.5) * 1000, 1) for k, v in parts.items()},
+        **{f"{k}_p99_ms": round(_pct(v, 0.99) * 1000, 1) for k, v in parts.items()},
+        "timed_parts": len(parts["to_ack"]),
+    }
+
+
+def worker_in_flight(h, authority, ports, window=16, n=120):
+    """What the real worker takes with `window` created events in flight at
+    a time, as `window` Manager clients keep it: the next is published when
+    one is acknowledged. Answers circuits/s and ack latency."""
+    a = h.manager("GET", "/api/worker")
+    expect(a.status == 200, f"workers: {a}")
+    (worker,) = [w for w in a.json["workers"] if w["authority"] == authority]
+    acks = _Acks(authority)
+    pub = Redis()
+    lo, hi = ports
+    expect(hi - lo >= n, "enough ports")
+    circuits = [_circuit(worker["id"], lo + i, h.kernel_port) for i in range(n)]
+    ids = [c["id"] for c in circuits]
+    sent = {}
+    cpu0 = _cpu(h)["worker"]
+    t0 = time.monotonic()
+    i = 0
+    while True:
+        done = acks.count(ids)
+        if done == n:
+            break
+        if i < n and i - done < window:
+            c = circuits[i]
+            sent[c["id"]] = time.monotonic()
+            pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, c))
+            i += 1
+            continue
+        expect(time.monotonic() - t0 < 120, "the worker stopped acknowledging")
+        time.sleep(0.0005)
+    worker_cpu = _cpu(h)["worker"] - cpu0
+    with acks.lock:
+        lat = [acks.at[x] - sent[x] for x in ids]
+        last = max(acks.at[x] for x in ids)
+    for c in circuits:
+        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, c))
+    marker = _circuit(worker["id"], hi, h.kernel_port)
+    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, marker))
+    wait_for("the removals handled", lambda: acks.count([marker["id"]]) == 1, patience=120)
+    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, marker))
+    return {
+        "in_flight": window,
+        "acked_per_second": round(n / (last - t0), 1),
+        "ack_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+        "ack_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        "worker_cpu_ms_per_event": round(worker_cpu * 1000 / n, 2),
     }
 
 

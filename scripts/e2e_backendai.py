@@ -576,21 +576,29 @@ def bench(h, out_path):
     # The create path against its real bound: what the worker alone takes
     # (created events straight to Redis), then the Manager's create + delete
     # through the coordinator from 1 and 16 clients.
-    from backendai_ceiling import create_delete, creates, worker_ceiling
+    from backendai_ceiling import create_delete, creates, worker_ceiling, worker_in_flight
 
     steps, ceiling = worker_ceiling(h, "e2e-bench-1", worker["range"])
     for s in steps:
         log(f"worker alone: offered {s['offered_per_second']}/s -> {s}")
     results["backendai.worker_ceiling.acked_per_second"] = ceiling
-    # The figure the ceiling bounds: creates alone (each is one created event
+    # The figure the ceilings bound: creates alone (each is one created event
     # the worker acknowledges), 16 clients, twice (the worker holds at most
-    # its port range at once).
+    # its port range at once), each after the worker alone kept at 16 events
+    # in flight.
     for run in (1, 2):
+        alone = worker_in_flight(h, "e2e-bench-1", worker["range"])
+        log(f"worker alone, 16 in flight: {alone}")
+        for k, v in alone.items():
+            results[f"backendai.worker_16_in_flight_run{run}.{k}"] = v
         r = creates(h, 16, 280)
         key = f"backendai.creates_16_clients_run{run}"
         for k, v in r.items():
             results[f"{key}.{k}"] = v
         results[f"{key}.ratio_to_worker_ceiling"] = round(r["creates_per_second"] / ceiling, 2)
+        results[f"{key}.ratio_to_worker_16_in_flight"] = round(
+            r["creates_per_second"] / alone["acked_per_second"], 2
+        )
     for clients, pairs in ((1, 100), (16, 400)):
         r = create_delete(h, clients, pairs)
         key = f"backendai.create_delete_{clients}_clients"
