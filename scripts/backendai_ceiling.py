@@ -103,6 +103,18 @@ def _event(name, authority, circuit):
     })
 
 
+def _remove_all(h, pub, acks, authority, worker, circuits, marker_port):
+    """Removes `circuits` from the worker and waits until it handled that."""
+    for c in circuits:
+        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, c))
+    # The worker handles the bus in order: once a created event published
+    # after the removals is acknowledged, they are behind it.
+    marker = _circuit(worker["id"], marker_port, h.kernel_port)
+    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, marker))
+    wait_for("the removals handled", lambda: acks.count([marker["id"]]) == 1, patience=120)
+    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, marker))
+
+
 def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_step=120):
     """Created events straight to Redis at each rate (None: as fast as one
     connection publishes); answers the steps and the best circuits/s."""
@@ -139,14 +151,7 @@ def worker_ceiling(h, authority, ports, rates=(50, 100, 200, 400, None), per_ste
             "ack_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
             "ack_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
         })
-        for c in circuits:
-            pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, c))
-        # The worker handles the bus in order: once a created event published
-        # after the removals is acknowledged, they are behind it.
-        marker = _circuit(worker["id"], hi, h.kernel_port)
-        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, marker))
-        wait_for("the step's removals handled", lambda: acks.count([marker["id"]]) == 1, patience=120)
-        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, marker))
+        _remove_all(h, pub, acks, authority, worker, circuits, hi)
     return steps, max(s["acked_per_second"] for s in steps)
 
 
@@ -274,12 +279,7 @@ def worker_in_flight(h, authority, ports, window=16, n=120):
     with acks.lock:
         lat = [acks.at[x] - sent[x] for x in ids]
         last = max(acks.at[x] for x in ids)
-    for c in circuits:
-        pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, c))
-    marker = _circuit(worker["id"], hi, h.kernel_port)
-    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_created_event", authority, marker))
-    wait_for("the removals handled", lambda: acks.count([marker["id"]]) == 1, patience=120)
-    pub.cmd("PUBLISH", "events_all-appproxy", _event("appproxy_circuit_removed_event", authority, marker))
+    _remove_all(h, pub, acks, authority, worker, circuits, hi)
     return {
         "in_flight": window,
         "acked_per_second": round(n / (last - t0), 1),

@@ -141,27 +141,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // the AppProxyRoute mirror and the worker-pod watcher. Otherwise the
     // PostgreSQL advisory lock (or, with SQLite, the one process) leads.
     let (k8s_stop, k8s_stopped) = tokio::sync::watch::channel(false);
-    let kubernetes = match kubernetes_settings(&config) {
-        Some(mut settings) => {
-            settings.mirror.repairs = board.clone();
-            let client = crate::k8s::client()
-                .await
-                .context("Kubernetes mode is on, but no cluster configuration was found")?;
-            tracing::info!(namespace = %settings.namespace, identity = %settings.identity, "Kubernetes mode");
-            let mut stopped = k8s_stopped;
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            Some(crate::k8s::start(
-                client,
-                settings,
-                hub.clone(),
-                clock.clone(),
-                shutdown,
-            ))
-        }
-        None => None,
-    };
+    let kubernetes = start_kubernetes(&config, board.clone(), &hub, &clock, k8s_stopped).await?;
     let leadership = match &kubernetes {
         Some(k8s) => k8s.leadership.clone(),
         None => elect_leader(&store, &config, hub.stopped()),
@@ -173,20 +153,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.log_retention_revisions,
         config.log_retention,
     ));
-    if let Some(bai) = &backendai {
-        // The Backend.AI event bus: acknowledgements on every replica, the
-        // publisher and idle collection on the leader.
-        let bus = backendai::bus::BusConfig {
-            sweep_period: config.backendai_resync_period,
-            ..backendai::bus::BusConfig::default()
-        };
-        backendai::bus::spawn(ctx.clone(), bai.clone(), bus);
-        // The Manager's core bus: session_terminated, on every replica.
-        backendai::sessions::spawn(ctx.clone(), bai.clone(), sessions_settings(&config))?;
-    }
-    let discovery = match (&backendai, &config.announce_addr) {
-        (Some(bai), Some(addr)) => Some(spawn_discovery(&config, bai, addr, &ctx)?),
-        _ => None,
+    let discovery = match &backendai {
+        Some(bai) => start_backendai(&config, bai, &ctx)?,
+        None => None,
     };
     tokio::spawn(health::run(ctx, health_settings(&config)));
     let ui = board.map(|board| {
@@ -308,6 +277,58 @@ pub fn backendai_settings(
 
 /// Registers this coordinator in Backend.AI's service discovery (DB 0 of
 /// the Manager's Redis, as upstream) under `addr` until shutdown.
+/// Kubernetes mode, when configured: the Lease, the AppProxyRoute mirror
+/// (reporting its repairs to the status page's `board`) and the worker-pod
+/// watcher, until `stopped` says so.
+async fn start_kubernetes(
+    config: &Config,
+    board: Option<crate::status::Board>,
+    hub: &Hub,
+    clock: &Clock,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<crate::k8s::Running>> {
+    let Some(mut settings) = kubernetes_settings(config) else {
+        return Ok(None);
+    };
+    settings.mirror.repairs = board;
+    let client = crate::k8s::client()
+        .await
+        .context("Kubernetes mode is on, but no cluster configuration was found")?;
+    tracing::info!(namespace = %settings.namespace, identity = %settings.identity, "Kubernetes mode");
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    Ok(Some(crate::k8s::start(
+        client,
+        settings,
+        hub.clone(),
+        clock.clone(),
+        shutdown,
+    )))
+}
+
+/// The Backend.AI side: the event bus (acknowledgements on every replica,
+/// the publisher and idle collection on the leader), the Manager's core bus
+/// (`session_terminated`, on every replica) and, with `announce_addr`, the
+/// service discovery record (its task answered, to be awaited at shutdown).
+fn start_backendai(
+    config: &Config,
+    bai: &Arc<BackendAi>,
+    ctx: &crate::leader::Context,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let bus = backendai::bus::BusConfig {
+        sweep_period: config.backendai_resync_period,
+        ..backendai::bus::BusConfig::default()
+    };
+    backendai::bus::spawn(ctx.clone(), bai.clone(), bus);
+    backendai::sessions::spawn(ctx.clone(), bai.clone(), sessions_settings(config))?;
+    config
+        .announce_addr
+        .as_deref()
+        .map(|addr| spawn_discovery(config, bai, addr, ctx))
+        .transpose()
+}
+
 fn spawn_discovery(
     config: &Config,
     bai: &BackendAi,
