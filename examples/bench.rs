@@ -950,8 +950,9 @@ async fn scale_part(size: &ScaleSize) -> ScaleResult {
     out
 }
 
-/// Creates from 32 clients on one replica, then spread over two replicas of
-/// the same database: (one, two).
+/// Creates from 32 clients on the leader alone, then spread over both
+/// replicas of the same database (the other sending its creates to the
+/// leader): (one, two).
 async fn replicas2(total: usize) -> (Load, Load) {
     let db = Database::create("replicas2");
     let a = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
@@ -960,11 +961,55 @@ async fn replicas2(total: usize) -> (Load, Load) {
     for i in 0..4 {
         register(&http, &a.url, &format!("w{i}"), [1, 65535]).await;
     }
-    let both = [a.url.clone(), b.url.clone()];
+    let started = std::time::Instant::now();
+    let leader = loop {
+        let url = psql(
+            &db.name,
+            "SELECT coalesce(max(peer_url), '') FROM leader_peer",
+        );
+        if !url.is_empty() {
+            break url;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no replica leads"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let follower = if leader == a.url { &b.url } else { &a.url };
+    // The follower sends its creates on once it has read who leads.
+    while forwarded(&http, follower).await == 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the follower never forwards"
+        );
+        create_load_over(std::slice::from_ref(follower), 1, 1).await;
+    }
+    let both = [leader.clone(), follower.clone()];
     create_load_over(&both, 32, 128).await;
     let one = create_load_over(&both[..1], 32, total).await;
     let two = create_load_over(&both, 32, total).await;
     (one, two)
+}
+
+/// Creates `url` sent to the leader and had answered.
+async fn forwarded(http: &reqwest::Client, url: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"appproxy_create_forwards_total{outcome="answered"}"#)?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// Prints a result as soon as it is measured, and keeps it for the summary.

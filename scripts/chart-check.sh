@@ -116,6 +116,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -596,6 +597,8 @@ def tls_install():
     ensure(endpoint.get("tlsConfig") == load_values(*tls)["serviceMonitor"]["tlsConfig"], "ServiceMonitor tlsConfig")
     ingress_ports = one(docs, "NetworkPolicy")["spec"]["ingress"][0]["ports"]
     ensure(ingress_ports == [{"port": "https", "protocol": "TCP"}], f"NetworkPolicy ports {ingress_ports}")
+    # The pod IP is not in the certificate: no peer URL unless one is given.
+    ensure("APPPROXY_PEER_URL" not in env, f"APPPROXY_PEER_URL {env.get('APPPROXY_PEER_URL')} with TLS")
     for label in ("default", "postgres", "production"):
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             get = container_of(one(rendered[label], "Deployment"))[probe]["httpGet"]
@@ -779,7 +782,7 @@ def backendai_sentinel_and_discovery():
     ensure('announce_addr = "10.244.1.7:6030"' in out.stdout and "sentinel-0.redis:26379" in out.stdout
            and "redis_url" not in out.stdout, f"config: {out.stdout}")
     off = {e["name"] for e in container_of(one(documents(render({"backendai": {"enabled": True, "redisUrl": "redis://r:6379"}})), "Deployment"))["env"]}
-    ensure(not off & {*want, "POD_IP"}, f"set by default: {sorted(off & {*want, 'POD_IP'})}")
+    ensure(not off & {*want}, f"set by default: {sorted(off & {*want})}")
     r1 = expect_rejected({"backendai": {"enabled": True, "redisSentinel": ["s:26379"]}}, "redisServiceName")
     r2 = expect_rejected({"backendai": {"enabled": True, "redisSentinel": ["no-port"], "redisServiceName": "m"}},
                          "redisSentinel", by_schema=True)
@@ -1063,9 +1066,23 @@ def deployment_properties():
     np = one(docs, "NetworkPolicy")["spec"]
     ensure(np["policyTypes"] == ["Ingress", "Egress"], f"NetworkPolicy policyTypes {np['policyTypes']}")
     ensure(np["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}], "NetworkPolicy ingress port")
+    # The replicas reach each other (the leader takes the others' creates).
+    selector = one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    ensure(np["ingress"][-1] == {"ports": [{"port": "http", "protocol": "TCP"}],
+                                 "from": [{"podSelector": {"matchLabels": selector}}]},
+           f"NetworkPolicy: the replicas do not reach each other: {np['ingress'][-1]}")
+    ensure(np["egress"][-1] == {"ports": [{"port": 6030, "protocol": "TCP"}],
+                                "to": [{"podSelector": {"matchLabels": selector}}]},
+           f"NetworkPolicy: no egress to the other replicas: {np['egress'][-1]}")
+    entries = container_of(one(docs, "Deployment"))["env"]
+    names = [e["name"] for e in entries]
+    peer = {e["name"]: e.get("value") for e in entries}.get("APPPROXY_PEER_URL")
+    ensure(peer == "http://$(POD_IP):6030" and names.index("POD_IP") < names.index("APPPROXY_PEER_URL"),
+           f"APPPROXY_PEER_URL {peer} (after POD_IP)")
     ensure(not find(rendered["default"], "ServiceMonitor") and not find(rendered["default"], "NetworkPolicy"),
            "ServiceMonitor/NetworkPolicy rendered although disabled by default")
-    return "security context, probes, env from Secret, grace > preStop + shutdown, PDB, ServiceMonitor, NetworkPolicy"
+    return ("security context, probes, env from Secret, grace > preStop + shutdown, PDB, ServiceMonitor, "
+            "NetworkPolicy (the replicas reach each other), APPPROXY_PEER_URL=http://$(POD_IP):6030")
 
 
 def resources_set(c):
@@ -1182,7 +1199,9 @@ class Pod:
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RUST_LOG": "warn"}
         for e in c["env"]:
             if "value" in e:
-                value = self.local(e["value"])
+                # $(NAME) of a variable defined before, as the kubelet expands it.
+                value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                               lambda m: self.env.get(m.group(1), m.group(0)), self.local(e["value"]))
             elif "secretKeyRef" in e.get("valueFrom", {}):
                 ref = e["valueFrom"]["secretKeyRef"]
                 data = self.secret(ref["name"])
@@ -1190,7 +1209,8 @@ class Pod:
                     continue  # as Kubernetes does: an optional key that is absent sets nothing
                 value = data[ref["key"]].decode()
             elif "fieldRef" in e.get("valueFrom", {}):
-                value = {"metadata.name": f"{FULLNAME}-0", "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+                value = {"metadata.name": f"{FULLNAME}-0", "metadata.namespace": NAMESPACE,
+                         "status.podIP": "127.0.0.1"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
             else:
                 raise CheckFailed(f"cannot stand in for the variable {e}")
             self.env[e["name"]] = value

@@ -119,6 +119,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         migrate(&store).await?;
     }
     let tokens = config::resolve_tokens(&config)?;
+    // With PostgreSQL, a replica that does not lead sends its route creates
+    // to the leader's writer (src/store/create_writer/forward.rs).
+    store.forward_creates(peers(&config, &tokens)?);
     let backendai = match config::resolve_backendai(&config, &tokens)? {
         Some(secrets) => Some(Arc::new(BackendAi::new(backendai_settings(
             &config, secrets,
@@ -146,7 +149,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(k8s) => k8s.leadership.clone(),
         None => elect_leader(&store, &config, hub.stopped()),
     };
-    let ctx = hub.context(clock.clone(), leadership);
+    let ctx = hub.context(clock.clone(), leadership.clone());
     tokio::spawn(hub::compact_periodically(
         ctx.clone(),
         config.compaction_interval,
@@ -182,6 +185,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let app = api::router(state, config.max_body_bytes);
 
     let handle = Handle::new();
+    tokio::spawn(follow_leader(&config, &handle, &store, leadership, &hub));
     tokio::spawn(shutdown_on_signal(
         handle.clone(),
         hub,
@@ -240,6 +244,43 @@ async fn listen(
                 .serve(service)
                 .await
         }
+    }
+}
+
+/// How this replica sends its creates to the leader: with the manager token
+/// (the same on every replica), trusting the certificates of `tls_cert`
+/// besides the platform's for a leader serving HTTPS.
+fn peers(config: &Config, tokens: &crate::secret::Tokens) -> anyhow::Result<crate::store::Peers> {
+    let roots = match &config.tls_cert {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the TLS certificate {}", path.display()))?;
+            reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("cannot read the TLS certificate {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    crate::store::Peers::new(tokens.manager.clone(), config.max_body_bytes, roots)
+        .context("cannot set up the HTTP client for the other replicas")
+}
+
+/// Once the listener is bound: keeps track of who leads, writing this
+/// replica's URL ([`Config::peer_url`]) while it does (until the hub stops).
+fn follow_leader(
+    config: &Config,
+    handle: &Handle,
+    store: &Store,
+    leadership: Leadership,
+    hub: &Hub,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (handle, store, stopped) = (handle.clone(), store.clone(), hub.stopped());
+    let config = config.clone();
+    async move {
+        let Some(bound) = handle.listening().await else {
+            return;
+        };
+        let own_url = config.peer_url(bound);
+        crate::store::follow_leader(store, own_url, move || leadership.is_leader(), stopped).await;
     }
 }
 

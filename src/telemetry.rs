@@ -317,6 +317,10 @@ impl Metrics {
         register! { self.registry;
             "create_batch_size", "Route creates committed together in one transaction by the create writer"
                 => store.create_batch_sizes();
+            "create_forwards", "Route creates this replica sent to the leader's create writer, by \
+                outcome: answered by the leader, not_sent (the leader could not be reached or \
+                refused them: committed here), unknown (no answer: committed here, after reading \
+                which the leader had created)" => store.create_forwards();
             "worker_token_reads", "Per-worker token hashes read from the database (the rest come \
                 from a short-lived cache)" => store.token_reads();
             "http_requests", "HTTP requests answered, by method, route template and status"

@@ -267,6 +267,13 @@ async fn auth_matrix(b: Backend) {
             [u, u, 200, f, f, f],
         ),
         (
+            // Another replica's creates, sent on to the leader.
+            Method::POST,
+            "/internal/creates".into(),
+            Some(json!([{"id": Uuid::new_v4(), "spec": route(Uuid::new_v4(), "x")}])),
+            [u, u, 200, f, f, f],
+        ),
+        (
             Method::DELETE,
             format!("/workers/{other}"),
             None,
@@ -298,6 +305,30 @@ async fn auth_matrix(b: Backend) {
             }
         }
     }
+    // Only the manager's token makes another replica's creates: no other
+    // credential creates anything there.
+    let id = Uuid::new_v4();
+    let item = json!([{"id": id, "spec": route(Uuid::new_v4(), "y")}]);
+    for token in [
+        None,
+        Some("bogus"),
+        Some(BOOTSTRAP),
+        Some(my_token.as_str()),
+        Some(common::VIEWER),
+    ] {
+        let a = app
+            .call(Method::POST, "/internal/creates", token, Some(item.clone()))
+            .await;
+        assert!(
+            a.status == 401 || a.status == 403,
+            "{token:?}: {:?}",
+            a.body
+        );
+    }
+    let route_now = app
+        .manager(Method::GET, &format!("/routes/{id}"), None)
+        .await;
+    assert_eq!(route_now.status, StatusCode::NOT_FOUND);
     // Probes and metrics need no token.
     for path in ["/livez", "/readyz", "/metrics", "/openapi.json"] {
         assert_eq!(

@@ -814,3 +814,191 @@ async fn a_quiet_worker_stream_follows_the_head_with_bookmarks(b: Backend) {
     assert_eq!(data, vec![mine_revision]);
     assert_eq!(table.routes.len(), 1);
 }
+
+/// A sample's value in `url`'s `/metrics` (0 when it is not there yet).
+async fn metric(url: &str, sample: &str) -> f64 {
+    let text = common::http_client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// `POST /routes` on `url`: status and body.
+async fn post_route(url: &str, body: &serde_json::Value) -> (StatusCode, serde_json::Value) {
+    let r = common::http_client()
+        .post(format!("{url}/routes"))
+        .bearer_auth(MANAGER)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+const FORWARDED: &str = r#"appproxy_create_forwards_total{outcome="answered"}"#;
+const UNKNOWN: &str = r#"appproxy_create_forwards_total{outcome="unknown"}"#;
+const COMMITTED: &str = "appproxy_create_batch_size_sum";
+
+/// Two replicas (the real binary) on one PostgreSQL: the one that does not
+/// lead sends its creates to the leader, whose one writer commits them all,
+/// and answers each as it would itself (created, conflict, no such pinned
+/// worker); a leader that stops answering costs no create and makes none
+/// twice; once it is gone the other replica leads and commits its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let envs = [
+        ("APPPROXY_MANAGER_TOKEN", MANAGER),
+        ("APPPROXY_WORKER_TOKEN", BOOTSTRAP),
+    ];
+    let mut replicas: Vec<Coordinator> = dirs
+        .iter()
+        .map(|dir| {
+            let args = [
+                "--database-url",
+                &db.url,
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "--heartbeat-timeout",
+                "1h",
+            ];
+            Coordinator::start(&args, &envs, "http")
+        })
+        .collect();
+    let store = db.store().await;
+    let Db::Postgres(pool) = store.db() else {
+        unreachable!()
+    };
+    let row = async || -> Option<String> {
+        sqlx::query_scalar::<_, Option<String>>("SELECT peer_url FROM leader_peer")
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+            .flatten()
+    };
+    let leader_url = wait_for("the leader to say where it takes creates", row).await;
+    let l = replicas
+        .iter()
+        .position(|r| r.url == leader_url)
+        .expect("the row names one of the replicas by its bound address");
+    let f = 1 - l;
+    let (leader, follower) = (replicas[l].url.clone(), replicas[f].url.clone());
+    let heard = std::fmt::from_fn(|out| {
+        write!(out, "the follower to read the row:\n{}", replicas[f].log())
+    });
+    wait_for(heard, async || {
+        let log = replicas[f].log();
+        log.lines()
+            .any(|line| line.contains("route creates go to") && line.contains(&leader))
+    })
+    .await;
+    let (_w, _) = connect(&follower, "w").await;
+
+    // 40 creates on each replica at once: every one committed by the leader.
+    let creates = (0..80).map(|i| {
+        let url = if i % 2 == 0 { &leader } else { &follower };
+        let body = route(Uuid::new_v4(), "jupyter");
+        async move { post_route(url, &body).await }
+    });
+    let answers = futures::future::join_all(creates).await;
+    assert!(
+        answers.iter().all(|(s, _)| *s == StatusCode::CREATED),
+        "{answers:?}"
+    );
+    assert_eq!(metric(&follower, FORWARDED).await, 40.0);
+    assert_eq!(
+        metric(&follower, COMMITTED).await,
+        0.0,
+        "the follower committed none"
+    );
+    assert_eq!(
+        metric(&leader, COMMITTED).await,
+        80.0,
+        "the leader committed all"
+    );
+    // What the follower answered is the route as stored.
+    let (_, from_follower) = &answers[1];
+    let stored: serde_json::Value = common::http_client()
+        .get(format!(
+            "{leader}/routes/{}",
+            from_follower["id"].as_str().unwrap()
+        ))
+        .bearer_auth(MANAGER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(&stored, from_follower);
+
+    // A refusal comes back as the leader words it.
+    let session = Uuid::new_v4();
+    let (status, first) = post_route(&follower, &route(session, "jupyter")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (here, there) = (
+        post_route(&follower, &route(session, "jupyter")).await,
+        post_route(&leader, &route(session, "jupyter")).await,
+    );
+    assert_eq!(here.0, StatusCode::CONFLICT);
+    assert_eq!(here.1["existing"], first);
+    assert_eq!((here.0, &here.1["detail"]), (there.0, &there.1["detail"]));
+    let mut pinned = route(Uuid::new_v4(), "jupyter");
+    pinned["worker_id"] = json!(Uuid::new_v4());
+    let (status, body) = post_route(&follower, &pinned).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(metric(&follower, FORWARDED).await, 43.0);
+
+    // The leader stops answering (SIGSTOP): the follower gives up waiting,
+    // finds the route not created there, and commits it itself.
+    replicas[l].signal("STOP");
+    let (status, during) = post_route(&follower, &route(Uuid::new_v4(), "jupyter")).await;
+    replicas[l].signal("CONT");
+    assert_eq!(status, StatusCode::CREATED, "{during}");
+    assert_eq!(metric(&follower, UNKNOWN).await, 1.0);
+    assert_eq!(metric(&follower, COMMITTED).await, 1.0);
+
+    // The leader, resumed, may yet read the request it was sent: it finds
+    // the id taken, and there is still one route of that create.
+    let count = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM routes")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    // 80 + 1 (the session's) + the one made while the leader was stopped.
+    assert_eq!(count().await, 82);
+    let (status, again) = post_route(&leader, &route(Uuid::new_v4(), "jupyter")).await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the leader serves again: {again}"
+    );
+    assert_eq!(count().await, 83);
+
+    // The leader dies: the follower takes over, and commits its own.
+    replicas[l].kill();
+    let follower_url = follower.clone();
+    wait_for("the follower to lead", async || {
+        row().await.as_deref() == Some(follower_url.as_str())
+    })
+    .await;
+    let (status, _) = post_route(&follower, &route(Uuid::new_v4(), "jupyter")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(count().await, 84);
+    assert!(metric(&follower, COMMITTED).await >= 2.0);
+}

@@ -9,6 +9,7 @@ mod body;
 pub mod error;
 pub mod limit;
 pub mod openapi;
+mod peers;
 mod probes;
 mod routes;
 pub mod trace;
@@ -181,6 +182,7 @@ fn endpoints() -> ApiRouter<AppState> {
     let router = workers::endpoints(router);
     let router = watch::endpoints(router);
     let router = routes::endpoints(router);
+    let router = peers::endpoints(router);
     backendai::endpoints(router)
 }
 

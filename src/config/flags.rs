@@ -489,4 +489,12 @@ pub struct Options {
     #[arg(long, global = true, env = "APPPROXY_ADVERTISED_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertised_url: Option<String>,
+    /// This replica's own URL as the other replicas of one installation reach
+    /// it (its pod's address): while it leads, they send it their route
+    /// creates, so one writer commits them all [default: http(s)://<bind
+    /// address> when that names a host; with 0.0.0.0 or ::, none: the other
+    /// replicas commit their own creates].
+    #[arg(long, global = true, env = "APPPROXY_PEER_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_url: Option<String>,
 }

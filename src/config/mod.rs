@@ -120,6 +120,9 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub backendai_core_claim_idle: Duration,
     pub advertised_url: Option<String>,
+    /// This replica's own URL as the other replicas reach it; `None`: the
+    /// bind address when it names one (see [`Config::peer_url`]).
+    pub peer_url: Option<String>,
     /// `HOST:PORT` registered in Backend.AI's service discovery; `None`: not.
     pub announce_addr: Option<String>,
     #[serde(with = "humantime_serde")]
@@ -183,6 +186,7 @@ impl Default for Config {
             backendai_core_redis_service_name: None,
             backendai_core_claim_idle: Duration::from_secs(300),
             advertised_url: None,
+            peer_url: None,
             announce_addr: None,
             announce_interval: Duration::from_secs(60),
         }
@@ -269,12 +273,42 @@ impl Config {
             self.announce_interval >= Duration::from_secs(1),
             "announce_interval must be at least 1s"
         );
+        if let Some(url) = &self.peer_url {
+            let ok = reqwest::Url::parse(url).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.path() == "/"
+                    && u.query().is_none()
+                    && u.username().is_empty()
+            });
+            anyhow::ensure!(
+                ok,
+                "peer_url (APPPROXY_PEER_URL) must be http(s)://HOST:PORT, the address the other \
+                 replicas reach this one at (e.g. http://10.0.3.7:6030), not {url:?}"
+            );
+        }
         if let Some(addr) = &self.announce_addr {
             crate::backendai::discovery::host_port(addr).map_err(|e| {
                 anyhow::anyhow!("announce_addr (APPPROXY_ANNOUNCE_ADDR) {addr:?}: {e}")
             })?;
         }
         Ok(())
+    }
+
+    /// Where the other replicas reach this one (to send it their route
+    /// creates while it leads): `peer_url`, else `scheme://bound` when the
+    /// bind address names a host (not 0.0.0.0 or ::); else `None`, and
+    /// this replica takes no other's creates while it leads.
+    pub fn peer_url(&self, bound: std::net::SocketAddr) -> Option<String> {
+        if let Some(url) = &self.peer_url {
+            return Some(url.trim_end_matches('/').to_owned());
+        }
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        (!bound.ip().is_unspecified()).then(|| format!("{scheme}://{bound}"))
     }
 
     /// The event bus's Redis URL: `redis_url`, or the sentinel URL

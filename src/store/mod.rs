@@ -59,6 +59,10 @@ mod workers;
 
 pub use backendai::ConfToken;
 pub use bus::{BusCircuit, BusRemoval, BusState, BusWrite};
+pub use create_writer::{
+    FOLLOW_EVERY, FORWARD_PATH, ForwardLabels, ForwardedAnswer, ForwardedCreate, Peers,
+    follow as follow_leader,
+};
 pub use export::ExportState;
 pub use import::{Conflict, Import, ImportMode, ImportReport, ImportedWorker};
 pub use routes::RouteFilter;
@@ -94,6 +98,14 @@ pub struct Store {
     creates: Option<mpsc::Sender<create_writer::NewRoute>>,
     /// How many creates each of the writer's transactions committed.
     create_batches: Histogram,
+    /// How this replica reaches the leader, to send it its creates
+    /// (PostgreSQL, once set at start: [`Store::forward_creates`]).
+    peers: Arc<std::sync::OnceLock<Arc<Peers>>>,
+    /// Creates sent to the leader, by outcome.
+    create_forwards: prometheus_client::metrics::family::Family<
+        ForwardLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     /// Recently read worker token hashes.
     tokens: Arc<workers::TokenCache>,
     /// What failover and the placing of pending routes know of the workers
@@ -233,6 +245,8 @@ impl Store {
             sqlite_writer: Arc::default(),
             creates: None,
             create_batches: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            peers: Arc::default(),
+            create_forwards: Default::default(),
             tokens: Arc::default(),
             relocations: Arc::default(),
         };
@@ -422,6 +436,16 @@ impl Store {
     /// Sizes of the create writer's batches, for `/metrics`.
     pub fn create_batch_sizes(&self) -> Histogram {
         self.create_batches.clone()
+    }
+
+    /// Creates sent to the leader, by outcome, for `/metrics`.
+    pub fn create_forwards(
+        &self,
+    ) -> prometheus_client::metrics::family::Family<
+        ForwardLabels,
+        prometheus_client::metrics::counter::Counter,
+    > {
+        self.create_forwards.clone()
     }
 }
 

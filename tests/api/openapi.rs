@@ -86,5 +86,5 @@ async fn every_documented_operation_is_served(b: Backend) {
             operations += 1;
         }
     }
-    assert_eq!(operations, 20);
+    assert_eq!(operations, 21);
 }

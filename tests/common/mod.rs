@@ -716,6 +716,15 @@ impl Coordinator {
         self.log.lock().unwrap().clone()
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        assert!(sent.unwrap().success(), "kill -{signal} {pid}");
+    }
+
     /// SIGKILL: no shutdown of any kind.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();

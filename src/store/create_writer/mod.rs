@@ -11,7 +11,12 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use uuid::Uuid;
 
+mod forward;
 pub(super) mod insert;
+
+pub use self::forward::{
+    FOLLOW_EVERY, FORWARD_PATH, ForwardLabels, ForwardedAnswer, ForwardedCreate, Peers, follow,
+};
 
 use self::insert::{PG_LOCKED_INSERT, PG_UNLOCKED_INSERT, insert_statement, unnest_args};
 use super::placer_cache::WorkerCache;
@@ -38,6 +43,8 @@ pub(super) struct NewRoute {
     request_id: Option<Arc<str>>,
     /// The caller's trace context, for the route's change.
     trace: Option<String>,
+    /// Sent by another replica ([`forward`]): committed here whoever leads.
+    here: bool,
 }
 
 impl std::fmt::Debug for NewRoute {
@@ -70,14 +77,38 @@ fn conflict_message(spec: &RouteSpec) -> String {
 
 impl Store {
     /// Validates `spec`, places it on a worker and stores it as route `id`.
-    /// The answer comes after the commit of the batch that carried it.
+    /// The answer comes after the commit of the batch that carried it (on
+    /// the leader, when another replica leads: see [`forward`]).
     pub async fn create_route(
         &self,
         id: Uuid,
         spec: RouteSpec,
         now: DateTime<Utc>,
     ) -> Result<Route> {
-        let now = db_time(now);
+        let trace = crate::trace_context::current();
+        self.queue_create(id, spec, db_time(now), trace, false)
+            .await
+    }
+
+    /// [`Store::create_route`], committed by this replica's own writer.
+    async fn create_here(
+        &self,
+        id: Uuid,
+        spec: RouteSpec,
+        now: DateTime<Utc>,
+        trace: Option<String>,
+    ) -> Result<Route> {
+        self.queue_create(id, spec, now, trace, true).await
+    }
+
+    async fn queue_create(
+        &self,
+        id: Uuid,
+        spec: RouteSpec,
+        now: DateTime<Utc>,
+        trace: Option<String>,
+        here: bool,
+    ) -> Result<Route> {
         validate::route_spec(&spec, now)?;
         let (reply, answer) = oneshot::channel();
         let request = NewRoute {
@@ -87,7 +118,8 @@ impl Store {
             reply,
             span: tracing::Span::current(),
             request_id: crate::request_id::current(),
-            trace: crate::trace_context::current(),
+            trace,
+            here,
         };
         let Some(queue) = &self.creates else {
             return self.create_one(request).await;
@@ -111,12 +143,30 @@ impl Store {
     }
 
     /// The create writer: takes whatever creates are queued (up to
-    /// [`BATCH_MAX`]) and commits them together.
+    /// [`BATCH_MAX`]) and commits them together; while another replica
+    /// leads, sends them to it instead ([`forward`]), up to
+    /// [`forward::IN_FLIGHT`] batches at a time.
     async fn write_creates(self, mut queue: mpsc::Receiver<NewRoute>) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         let mut cache = WorkerCache::default();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(forward::IN_FLIGHT));
         while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
-            let requests: Vec<NewRoute> = std::mem::take(&mut batch);
+            let mut requests: Vec<NewRoute> = std::mem::take(&mut batch);
+            if let Some((peers, leader)) = self.forward_target() {
+                let (here, away): (Vec<_>, Vec<_>) = requests.into_iter().partition(|r| r.here);
+                requests = here;
+                if !away.is_empty() {
+                    let permit = in_flight.clone().acquire_owned().await;
+                    let store = self.clone();
+                    tokio::spawn(async move {
+                        store.forward_batch(&peers, &leader, away).await;
+                        drop(permit);
+                    });
+                }
+                if requests.is_empty() {
+                    continue;
+                }
+            }
             self.create_batches.observe(requests.len() as f64);
             let span = batch_span(&requests);
             let answers = self
