@@ -848,8 +848,59 @@ async fn post_route(url: &str, body: &serde_json::Value) -> (StatusCode, serde_j
     (r.status(), r.json().await.unwrap())
 }
 
+/// A replica (the real binary) on `db` with `manager` as its manager token.
+fn replica(db: &TestDb, dir: &tempfile::TempDir, manager: &str) -> Coordinator {
+    let args = [
+        "--database-url",
+        &db.url,
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--heartbeat-timeout",
+        "1h",
+    ];
+    let envs = [
+        ("APPPROXY_MANAGER_TOKEN", manager),
+        ("APPPROXY_WORKER_TOKEN", BOOTSTRAP),
+    ];
+    Coordinator::start(&args, &envs, "http")
+}
+
+/// The URL the `leader_peer` row names.
+async fn leader_row(pool: &sqlx::PgPool) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>("SELECT peer_url FROM leader_peer")
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+/// Which of two `replicas` leads and which follows, once the follower has
+/// read the row (it says so in its log).
+async fn leader_and_follower(pool: &sqlx::PgPool, replicas: &[Coordinator]) -> (usize, usize) {
+    let leader = wait_for("the leader to say where it takes creates", async || {
+        leader_row(pool).await
+    })
+    .await;
+    let l = replicas
+        .iter()
+        .position(|r| r.url == leader)
+        .expect("the row names one of the replicas by its bound address");
+    let f = 1 - l;
+    let heard = std::fmt::from_fn(|out| {
+        write!(out, "the follower to read the row:\n{}", replicas[f].log())
+    });
+    wait_for(heard, async || {
+        replicas[f].log().lines().any(|line| {
+            line.contains("sending route creates to the leader") && line.contains(&leader)
+        })
+    })
+    .await;
+    (l, f)
+}
+
 const FORWARDED: &str = r#"appproxy_create_forwards_total{outcome="answered"}"#;
 const UNKNOWN: &str = r#"appproxy_create_forwards_total{outcome="unknown"}"#;
+const NOT_SENT: &str = r#"appproxy_create_forwards_total{outcome="not_sent"}"#;
 const COMMITTED: &str = "appproxy_create_batch_size_sum";
 
 /// Two replicas (the real binary) on one PostgreSQL: the one that does not
@@ -861,51 +912,14 @@ const COMMITTED: &str = "appproxy_create_batch_size_sum";
 async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
     let db = TestDb::new(Backend::Postgres).await;
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let envs = [
-        ("APPPROXY_MANAGER_TOKEN", MANAGER),
-        ("APPPROXY_WORKER_TOKEN", BOOTSTRAP),
-    ];
-    let mut replicas: Vec<Coordinator> = dirs
-        .iter()
-        .map(|dir| {
-            let args = [
-                "--database-url",
-                &db.url,
-                "--data-dir",
-                dir.path().to_str().unwrap(),
-                "--heartbeat-timeout",
-                "1h",
-            ];
-            Coordinator::start(&args, &envs, "http")
-        })
-        .collect();
+    let mut replicas: Vec<Coordinator> = dirs.iter().map(|d| replica(&db, d, MANAGER)).collect();
     let store = db.store().await;
     let Db::Postgres(pool) = store.db() else {
         unreachable!()
     };
-    let row = async || -> Option<String> {
-        sqlx::query_scalar::<_, Option<String>>("SELECT peer_url FROM leader_peer")
-            .fetch_optional(pool)
-            .await
-            .unwrap()
-            .flatten()
-    };
-    let leader_url = wait_for("the leader to say where it takes creates", row).await;
-    let l = replicas
-        .iter()
-        .position(|r| r.url == leader_url)
-        .expect("the row names one of the replicas by its bound address");
-    let f = 1 - l;
+    let row = async || leader_row(pool).await;
+    let (l, f) = leader_and_follower(pool, &replicas).await;
     let (leader, follower) = (replicas[l].url.clone(), replicas[f].url.clone());
-    let heard = std::fmt::from_fn(|out| {
-        write!(out, "the follower to read the row:\n{}", replicas[f].log())
-    });
-    wait_for(heard, async || {
-        let log = replicas[f].log();
-        log.lines()
-            .any(|line| line.contains("route creates go to") && line.contains(&leader))
-    })
-    .await;
     let (_w, _) = connect(&follower, "w").await;
 
     // 40 creates on each replica at once: every one committed by the leader.
@@ -1001,4 +1015,44 @@ async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(count().await, 84);
     assert!(metric(&follower, COMMITTED).await >= 2.0);
+}
+
+/// Replicas set up with different manager tokens: the leader refuses the
+/// other's batch (401) before creating anything, and the other commits it
+/// itself and says why in a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_leader_refuses_is_committed_by_the_replica_that_sent_it() {
+    const OTHER: &str = "another-manager-token-of-this-test";
+    let db = TestDb::new(Backend::Postgres).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let replicas = [
+        replica(&db, &dirs[0], MANAGER),
+        replica(&db, &dirs[1], OTHER),
+    ];
+    let store = db.store().await;
+    let Db::Postgres(pool) = store.db() else {
+        unreachable!()
+    };
+    let (_, f) = leader_and_follower(pool, &replicas).await;
+    let follower = &replicas[f];
+    let token = [MANAGER, OTHER][f];
+    let (_w, _) = connect(&follower.url, "w").await;
+    let create = async || {
+        common::http_client()
+            .post(format!("{}/routes", follower.url))
+            .bearer_auth(token)
+            .json(&route(Uuid::new_v4(), "jupyter"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(create().await, StatusCode::CREATED);
+    assert_eq!(metric(&follower.url, NOT_SENT).await, 1.0);
+    assert_eq!(metric(&follower.url, COMMITTED).await, 1.0);
+    let log = follower.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("401")),
+        "{log}"
+    );
 }

@@ -229,11 +229,12 @@ impl Peers {
         });
         self.leader.send_if_modified(|now| {
             let changed = *now != url;
-            if changed {
-                tracing::info!(
-                    leader = url.as_deref().unwrap_or("none"),
-                    "route creates go to"
-                );
+            match (&url, changed) {
+                (Some(leader), true) => {
+                    tracing::info!(%leader, "sending route creates to the leader");
+                }
+                (None, true) => tracing::info!("committing route creates here"),
+                (_, false) => {}
             }
             *now = url;
             changed
