@@ -345,6 +345,16 @@ impl Cpu {
 /// `total` creates from `concurrency` clients spread evenly over `urls`
 /// (client `i` talks to `urls[i % urls.len()]`).
 async fn create_load_over(urls: &[String], concurrency: usize, total: usize) -> Load {
+    create_load_by_url(urls, concurrency, total).await.0
+}
+
+/// [`create_load_over`], with the latencies of each URL's clients apart
+/// (their `throughput` is the whole run's).
+async fn create_load_by_url(
+    urls: &[String],
+    concurrency: usize,
+    total: usize,
+) -> (Load, Vec<Load>) {
     let http = http();
     let per = total / concurrency;
     let started = Instant::now();
@@ -363,17 +373,25 @@ async fn create_load_over(urls: &[String], concurrency: usize, total: usize) -> 
             })
         })
         .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
+    let mut by_url: Vec<Vec<f64>> = vec![Vec::new(); urls.len()];
+    for (i, t) in tasks.into_iter().enumerate() {
+        by_url[i % urls.len()].extend(t.await.unwrap());
     }
     let wall = started.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    Load {
-        throughput: lat.len() as f64 / wall,
-        p50_ms: percentile(&lat, 0.5),
-        p99_ms: percentile(&lat, 0.99),
-    }
+    let load = |mut lat: Vec<f64>| {
+        lat.sort_by(f64::total_cmp);
+        Load {
+            throughput: total as f64 / wall,
+            p50_ms: percentile(&lat, 0.5),
+            p99_ms: percentile(&lat, 0.99),
+        }
+    };
+    let all = load(by_url.concat());
+    let all = Load {
+        throughput: by_url.iter().map(Vec::len).sum::<usize>() as f64 / wall,
+        ..all
+    };
+    (all, by_url.into_iter().map(load).collect())
 }
 
 /// pgbench: `total` single-row inserts from `concurrency` clients, same database.
@@ -952,8 +970,8 @@ async fn scale_part(size: &ScaleSize) -> ScaleResult {
 
 /// Creates from 32 clients on the leader alone, then spread over both
 /// replicas of the same database (the other sending its creates to the
-/// leader): (one, two).
-async fn replicas2(total: usize) -> (Load, Load) {
+/// leader): (one, two, the latencies on the leader and on the other).
+async fn replicas2(total: usize) -> (Load, Load, Vec<Load>) {
     let db = Database::create("replicas2");
     let a = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
     let b = Coordinator::start(&["--database-url", &db.url(), "--heartbeat-timeout", "1h"]);
@@ -988,8 +1006,8 @@ async fn replicas2(total: usize) -> (Load, Load) {
     let both = [leader.clone(), follower.clone()];
     create_load_over(&both, 32, 128).await;
     let one = create_load_over(&both[..1], 32, total).await;
-    let two = create_load_over(&both, 32, total).await;
-    (one, two)
+    let (two, by_replica) = create_load_by_url(&both, 32, total).await;
+    (one, two, by_replica)
 }
 
 /// Creates `url` sent to the leader and had answered.
@@ -1178,23 +1196,31 @@ async fn main() {
         drop(db);
     }
     if runs("replicas2") {
-        let (one, two) = replicas2(8000 / scale).await;
+        let (one, two, by_replica) = replicas2(8000 / scale).await;
+        let (direct, forwarded) = (&by_replica[0], &by_replica[1]);
         report(
             &mut table,
             format!(
-                "replicas2 c32  {:>8.0} routes/s over two replicas (p99 {:.2} ms) against {:>8.0} on one (p99 {:.2} ms): ratio {:.2}",
+                "replicas2 c32  {:>8.0} routes/s over two replicas (p99 {:.2} ms) against {:>8.0} on one (p99 {:.2} ms): ratio {:.2}\n  \
+                 p50 {:.2} ms on the leader, {:.2} ms on the other (sent on to the leader); p99 {:.2} and {:.2} ms",
                 two.throughput,
                 two.p99_ms,
                 one.throughput,
                 one.p99_ms,
-                two.throughput / one.throughput
+                two.throughput / one.throughput,
+                direct.p50_ms,
+                forwarded.p50_ms,
+                direct.p99_ms,
+                forwarded.p99_ms,
             ),
         );
         results.insert(
             "replicas2".into(),
             json!({"create": {"throughput": two.throughput, "p50_ms": two.p50_ms, "p99_ms": two.p99_ms,
                 "one_replica_throughput": one.throughput, "one_replica_p99_ms": one.p99_ms,
-                "ratio": two.throughput / one.throughput, "requests": 8000 / scale}}),
+                "ratio": two.throughput / one.throughput, "requests": 8000 / scale,
+                "leader_p50_ms": direct.p50_ms, "leader_p99_ms": direct.p99_ms,
+                "forwarded_p50_ms": forwarded.p50_ms, "forwarded_p99_ms": forwarded.p99_ms}}),
         );
     }
     if runs("scale") {

@@ -136,17 +136,29 @@ impl Store {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         let mut cache = WorkerCache::default();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(forward::IN_FLIGHT));
-        while queue.recv_many(&mut batch, BATCH_MAX).await > 0 {
+        loop {
+            // While another replica leads, a free slot first: what queues
+            // while every slot is taken goes in the next batch, whole.
+            let slot = match self.forward_target() {
+                Some(_) => in_flight.clone().acquire_owned().await.ok(),
+                None => None,
+            };
+            if queue.recv_many(&mut batch, BATCH_MAX).await == 0 {
+                return;
+            }
             let mut requests: Vec<NewRoute> = std::mem::take(&mut batch);
             if let Some((peers, leader)) = self.forward_target() {
                 let (here, away): (Vec<_>, Vec<_>) = requests.into_iter().partition(|r| r.here);
                 requests = here;
                 if !away.is_empty() {
-                    let permit = in_flight.clone().acquire_owned().await;
+                    let slot = match slot {
+                        Some(slot) => Some(slot),
+                        None => in_flight.clone().acquire_owned().await.ok(),
+                    };
                     let store = self.clone();
                     tokio::spawn(async move {
                         store.forward_batch(&peers, &leader, away).await;
-                        drop(permit);
+                        drop(slot);
                     });
                 }
                 if requests.is_empty() {
