@@ -977,6 +977,46 @@ async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(metric(&follower, FORWARDED).await, 43.0);
 
+    // The asking request's trace context goes with its create to the leader
+    // (the route's change carries it); a malformed one sent there does not.
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let http = common::http_client();
+    let traced: serde_json::Value = http
+        .post(format!("{follower}/routes"))
+        .bearer_auth(MANAGER)
+        .header("traceparent", TRACEPARENT)
+        .json(&route(Uuid::new_v4(), "jupyter"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let trace_of = async |id: String| -> Option<String> {
+        sqlx::query_scalar("SELECT trace FROM change_log WHERE route_id = $1::uuid")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let id = traced["id"].as_str().unwrap().to_owned();
+    assert_eq!(trace_of(id).await.as_deref(), Some(TRACEPARENT));
+    let made_up = Uuid::new_v4();
+    let item =
+        json!([{"id": made_up, "spec": route(Uuid::new_v4(), "jupyter"), "trace": "00-made-up"}]);
+    let answer: serde_json::Value = http
+        .post(format!("{leader}/internal/creates"))
+        .bearer_auth(MANAGER)
+        .json(&item)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer[0]["outcome"], "created", "{answer}");
+    assert_eq!(trace_of(made_up.to_string()).await, None);
+
     // The leader stops answering (SIGSTOP): the follower gives up waiting,
     // finds the route not created there, and commits it itself.
     replicas[l].signal("STOP");
@@ -994,15 +1034,16 @@ async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
             .await
             .unwrap()
     };
-    // 80 + 1 (the session's) + the one made while the leader was stopped.
-    assert_eq!(count().await, 82);
+    // 80 + 1 (the session's) + 2 (traced) + the one made while the leader
+    // was stopped.
+    assert_eq!(count().await, 84);
     let (status, again) = post_route(&leader, &route(Uuid::new_v4(), "jupyter")).await;
     assert_eq!(
         status,
         StatusCode::CREATED,
         "the leader serves again: {again}"
     );
-    assert_eq!(count().await, 83);
+    assert_eq!(count().await, 85);
 
     // The leader dies: the follower takes over, and commits its own.
     replicas[l].kill();
@@ -1013,7 +1054,7 @@ async fn a_replica_that_does_not_lead_sends_its_creates_to_the_leader() {
     .await;
     let (status, _) = post_route(&follower, &route(Uuid::new_v4(), "jupyter")).await;
     assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(count().await, 84);
+    assert_eq!(count().await, 86);
     assert!(metric(&follower, COMMITTED).await >= 2.0);
 }
 

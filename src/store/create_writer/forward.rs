@@ -372,7 +372,11 @@ impl Store {
     ) -> Vec<ForwardedAnswer> {
         let now = db_time(now);
         let answers = items.into_iter().map(|item| async move {
-            self.create_here(item.id, item.spec, now, item.trace)
+            // Only a well-formed trace context goes on into the bus events.
+            let trace = item
+                .trace
+                .filter(|t| crate::trace_context::parse(t).is_some());
+            self.create_here(item.id, item.spec, now, trace)
                 .await
                 .into()
         });
