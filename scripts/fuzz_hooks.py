@@ -4,7 +4,8 @@ The document states three rules that JSON Schema has no keyword for (see
 crates/core/src/domain/schemas.rs): a health check's `timeout_s` is at most its
 `interval_s` (defaults: 10 and 5), a port range's low end is at most its high
 end, and `expires_at` is in the future; and target ids are unique within a
-route. Data generated as *valid* is made to keep them; data generated as
+route (a request body, or each `spec` of a list of creates). Data generated
+as *valid* is made to keep them; data generated as
 invalid is left alone, so the server must still refuse it.
 """
 
@@ -40,11 +41,8 @@ def _targets(targets):
                 seen.add(target["id"])
 
 
-@schemathesis.hook
-def map_case(context, case):
-    body = case.body
-    if not _positive(case) or not isinstance(body, dict):
-        return case
+def _keep_rules(body):
+    """Makes one route spec (or registration) keep the rules above."""
     if body.get("expires_at") is not None:
         body["expires_at"] = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
     _health_check(body.get("health_check"))
@@ -54,4 +52,18 @@ def map_case(context, case):
         port_range = frontend.get("port_range")
         if isinstance(port_range, list) and len(port_range) == 2 and port_range[0] > port_range[1]:
             frontend["port_range"] = [port_range[1], port_range[0]]
+
+
+@schemathesis.hook
+def map_case(context, case):
+    body = case.body
+    if not _positive(case):
+        return case
+    if isinstance(body, dict):
+        _keep_rules(body)
+    elif isinstance(body, list):
+        # Another replica's creates (`POST /internal/creates`): each item's spec.
+        for item in body:
+            if isinstance(item, dict) and isinstance(item.get("spec"), dict):
+                _keep_rules(item["spec"])
     return case

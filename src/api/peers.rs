@@ -10,6 +10,7 @@ use axum::extract::State;
 use super::auth::ManagerOnly;
 use super::openapi::{json_response, raises, respond};
 use super::{ApiError, ApiJson, AppState};
+use crate::domain::validate;
 use crate::store::{FORWARD_PATH, ForwardedAnswer, ForwardedCreate};
 
 /// Most creates one request may carry (the create writer's batch).
@@ -32,6 +33,15 @@ async fn creates(
         )));
     }
     let now = state.clock.now();
+    // A batch with a create that is not valid is refused whole, before
+    // anything is created: its sender validated each (so they differ in
+    // version or clock) and commits them itself, wording each refusal.
+    for (i, item) in items.iter().enumerate() {
+        validate::route_spec(&item.spec, now).map_err(|e| ApiError {
+            field: Some(format!("[{i}].spec.{}", e.field)),
+            ..ApiError::invalid(format!("create {i}: {e}"))
+        })?;
+    }
     Ok(axum::Json(state.store.create_forwarded(items, now).await))
 }
 
@@ -44,8 +54,9 @@ fn creates_docs(op: TransformOperation<'_>) -> TransformOperation<'_> {
             "A replica that does not lead sends the leader its queued creates, so one writer \
              commits every replica's creates. Each item is created as `POST /routes` would \
              (with the id the sending replica chose) and answered on its own, in order: \
-             `outcome` is `created` with the route, or says why not. Sent with the manager \
-             token; not for clients.",
+             `outcome` is `created` with the route, or says why not. A batch holding a create \
+             that is not valid is refused whole (400) and nothing of it is created. Sent with \
+             the manager token; not for clients.",
         );
     let op = respond(
         op,
@@ -55,6 +66,7 @@ fn creates_docs(op: TransformOperation<'_>) -> TransformOperation<'_> {
     raises(
         op,
         400,
-        "invalid-request: not a list of creates, or more than 64",
+        "invalid-request: not a list of creates, more than 64, or one of them not valid \
+         (`field` names it); nothing was created",
     )
 }

@@ -22,6 +22,7 @@ on_both_backends!(
     a_heartbeat_acknowledging_a_revision_not_issued_is_a_conflict,
     a_negative_acknowledged_revision_is_refused,
     bad_registrations_are_refused,
+    a_batch_of_creates_with_one_bad_create_is_refused_whole,
 );
 
 const JSON: Option<&str> = Some("application/json");
@@ -295,5 +296,42 @@ async fn bad_registrations_are_refused(b: Backend) {
         .await;
     assert_eq!(reg.status, StatusCode::BAD_REQUEST);
     assert_eq!(reg.problem(), "invalid-request");
+    held.changed_nothing().await;
+}
+
+/// Another replica's creates (`POST /internal/creates`): one that is not
+/// valid refuses the batch, naming its place, and none of it is created; so
+/// does a batch of more than 64.
+async fn a_batch_of_creates_with_one_bad_create_is_refused_whole(b: Backend) {
+    let held = Held::new(b).await;
+    let good = json!({"id": Uuid::new_v4(), "spec": route(Uuid::new_v4(), "a")});
+    let mut expired = route(Uuid::new_v4(), "b");
+    expired["expires_at"] = json!("2001-01-01T00:00:00Z");
+    let bad = json!({"id": Uuid::new_v4(), "spec": expired});
+    let body = serde_json::to_vec(&json!([good, bad])).unwrap();
+    let a = held
+        .refuses(
+            Method::POST,
+            "/internal/creates",
+            JSON,
+            body,
+            400,
+            "invalid-request",
+        )
+        .await;
+    assert_eq!(a.body["field"], "[1].spec.expires_at", "{:?}", a.body);
+    let many: Vec<Value> = (0..65)
+        .map(|_| json!({"id": Uuid::new_v4(), "spec": route(Uuid::new_v4(), "c")}))
+        .collect();
+    let body = serde_json::to_vec(&many).unwrap();
+    held.refuses(
+        Method::POST,
+        "/internal/creates",
+        JSON,
+        body,
+        400,
+        "invalid-request",
+    )
+    .await;
     held.changed_nothing().await;
 }
